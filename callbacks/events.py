@@ -1,0 +1,50 @@
+"""The event vocabulary (SPEC §3), declared once.
+
+Each event is tagged with the object that owns it, i.e. the object a callback receives.
+The order of this table is the firing order within one fit (validator events fire inside the
+trainer's epoch, between ``on_train_epoch_end`` and ``on_model_save``).
+"""
+
+TRAINER, VALIDATOR, PREDICTOR, EXPORTER = "trainer", "validator", "predictor", "exporter"
+
+EVENTS: dict[str, str] = {
+    "on_pretrain_routine_start": TRAINER,
+    "on_pretrain_routine_end": TRAINER,
+    "on_train_start": TRAINER,
+    "on_train_epoch_start": TRAINER,
+    "on_train_batch_start": TRAINER,
+    "optimizer_step": TRAINER,
+    "on_before_zero_grad": TRAINER,
+    "on_params_update": TRAINER,
+    "on_train_batch_end": TRAINER,
+    "on_train_epoch_end": TRAINER,
+    "on_model_save": TRAINER,
+    "on_fit_epoch_end": TRAINER,
+    "on_train_end": TRAINER,
+    "teardown": TRAINER,
+    "on_val_start": VALIDATOR,
+    "on_val_batch_start": VALIDATOR,
+    "on_val_batch_end": VALIDATOR,
+    "on_val_end": VALIDATOR,
+    "on_predict_start": PREDICTOR,
+    "on_predict_batch_start": PREDICTOR,
+    "on_predict_postprocess_end": PREDICTOR,
+    "on_predict_batch_end": PREDICTOR,
+    "on_predict_end": PREDICTOR,
+    "on_export_start": EXPORTER,
+    "on_export_end": EXPORTER,
+}
+
+# Events fired once per optimizer step or batch: the hot path, batched by the forwarder.
+STEP_EVENTS = frozenset({
+    "on_train_batch_start", "optimizer_step", "on_before_zero_grad", "on_params_update",
+    "on_train_batch_end", "on_val_batch_start", "on_val_batch_end",
+    "on_predict_batch_start", "on_predict_postprocess_end", "on_predict_batch_end",
+})
+
+
+def check_event(event: str) -> str:
+    """Return ``event`` if it is known, else raise ValueError listing the valid names."""
+    if event not in EVENTS:
+        raise ValueError(f"unknown event {event!r}; valid events: {', '.join(EVENTS)}")
+    return event

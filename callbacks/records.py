@@ -1,0 +1,58 @@
+"""The event record: what a worker forwards to the driver for each lifecycle event (SPEC §8).
+
+Records are plain dicts of JSON-like values (no tensors), small enough to batch by the
+thousand. Fields:
+
+- ``run_id``     str   the orchestrator's run id (stable across worker restarts)
+- ``event``      str   an event name from ``callbacks.events.EVENTS``
+- ``rank``       int   global rank of the sending worker (-1 for a single process)
+- ``attempt``    int   worker-group attempt (0, then +1 after each Ray Train restart)
+- ``seq``        int   per (run, rank, attempt) sequence number, from 0, no gaps
+- ``epoch``      int   0-based epoch (``epochs`` during the final evaluation)
+- ``step``       int   optimizer steps taken so far in the run (global, survives resume)
+- ``time``       float wall clock (``time.time()``) when the event fired
+- ``metrics``    dict[str, float]  what is known at that event (losses, lr, val metrics, fitness)
+- ``artifacts``  dict[str, str]    name -> local path or URI of a file made at that event
+- ``final_eval`` bool  True for events of the final evaluation of best.pt
+
+Driver callbacks receive one record. A driver callback is either a function registered for
+one event (``add_callback(event, fn, where="driver")``) or a *sink*: an object whose methods
+named after events take a record, plus optional ``flush()`` and ``close(status)`` where status
+is "FINISHED", "FAILED" or "KILLED".
+"""
+from __future__ import annotations
+
+import math
+import time
+
+FIELDS = ("run_id", "event", "rank", "attempt", "seq", "epoch", "step", "time",
+          "metrics", "artifacts", "final_eval")
+
+
+def make_record(*, run_id: str, event: str, rank: int, attempt: int, seq: int, epoch: int,
+                step: int, metrics: dict | None = None, artifacts: dict | None = None,
+                final_eval: bool = False, now: float | None = None) -> dict:
+    return {
+        "run_id": run_id, "event": event, "rank": int(rank), "attempt": int(attempt),
+        "seq": int(seq), "epoch": int(epoch), "step": int(step),
+        "time": time.time() if now is None else now,
+        "metrics": clean_metrics(metrics or {}), "artifacts": {k: str(v) for k, v in (artifacts or {}).items()},
+        "final_eval": bool(final_eval),
+    }
+
+
+def clean_metrics(metrics: dict) -> dict[str, float]:
+    """Floats only: tensors and numpy scalars become floats; non-numeric values are dropped."""
+    out = {}
+    for key, value in metrics.items():
+        try:
+            value = float(value.item() if hasattr(value, "item") else value)
+        except (TypeError, ValueError):
+            continue
+        out[str(key)] = value if math.isfinite(value) else float("nan")
+    return out
+
+
+def record_key(record: dict) -> tuple:
+    """Identity of a record for de-duplication: resends after an actor restart share it."""
+    return record["run_id"], record["rank"], record["attempt"], record["seq"]
