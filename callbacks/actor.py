@@ -1,0 +1,259 @@
+"""Driver side of event forwarding: ONE actor that dispatches worker records to driver callbacks.
+
+Driver callbacks are ``(event, fn)`` pairs (``fn(record)``) and sink objects (event-named
+methods taking a record, optional ``flush()`` and ``close(status)``); both run here, in
+registration order, so a slow or failing logger never runs in a training process.
+
+Each stream (run_id, rank, attempt) is dispatched strictly in ``seq`` order: early arrivals
+wait until the gap fills, duplicates are dropped. ``ingest`` returns only after dispatching and
+acknowledges the next expected ``seq`` per stream, so an acknowledged record has reached every
+callback. The actor is restartable (``max_restarts=-1``): Ray rebuilds it from the same
+constructor arguments, the forwarders resend what was not acknowledged, and each batch's
+``floors`` tell the new incarnation where each stream resumes.
+
+A failing callback is isolated: logged once per callback and event, counted, and listed in the
+report; it never raises into ``ingest``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterable
+
+import ray
+
+from callbacks.events import EVENTS, check_event
+from callbacks.registry import callback_name
+from callbacks.records import record_key
+from trainers.utils import LOGGER, UserError
+
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+class _Entry:
+    """One driver callback: a function for one event, or a sink with event-named methods."""
+
+    __slots__ = ("name", "obj", "handlers", "is_sink")
+
+    def __init__(self, name: str, obj, handlers: dict[str, Callable], is_sink: bool):
+        self.name, self.obj, self.handlers, self.is_sink = name, obj, handlers, is_sink
+
+
+def _entry(item, index: int) -> _Entry:
+    if isinstance(item, tuple):
+        if len(item) != 2 or not isinstance(item[0], str):
+            raise UserError(f"driver callback #{index}: expected (event, fn) or a sink object, got {item!r}")
+        event, fn = check_event(item[0]), item[1]
+        if not callable(fn):
+            raise UserError(f"driver callback #{index} for {event!r} is not callable: {fn!r}")
+        return _Entry(callback_name(fn), fn, {event: fn}, is_sink=False)
+    handlers = {e: getattr(item, e) for e in EVENTS if callable(getattr(item, e, None))}
+    if not handlers:
+        raise UserError(f"driver callback #{index} ({type(item).__name__}) is neither an (event, fn) "
+                        f"pair nor a sink with a method named after an event")
+    return _Entry(type(item).__name__, item, handlers, is_sink=True)
+
+
+def driver_entries(driver_callbacks: Iterable) -> list[_Entry]:
+    """Validate and normalize driver callbacks, keeping their registration order."""
+    return [_entry(item, i) for i, item in enumerate(driver_callbacks or ())]
+
+
+def listened_events(driver_callbacks: Iterable) -> set[str]:
+    """The events some driver callback handles: what forwarders need to send (``events=``)."""
+    return {event for entry in driver_entries(driver_callbacks) for event in entry.handlers}
+
+
+class _Stream:
+    __slots__ = ("next_seq", "pending")
+
+    def __init__(self, next_seq: int = 0):
+        self.next_seq = next_seq
+        self.pending: dict[int, dict] = {}
+
+
+class Dispatcher:
+    """The actor's logic, as a plain class (the Ray actor below adds nothing but ``ping``)."""
+
+    def __init__(self, driver_callbacks: Iterable = ()):
+        self._entries = driver_entries(driver_callbacks)
+        self._table: dict[str, list[tuple[int, Callable]]] = {}
+        for index, entry in enumerate(self._entries):
+            for event, fn in entry.handlers.items():
+                self._table.setdefault(event, []).append((index, fn))
+        self._streams: dict[tuple, _Stream] = {}
+        self._counts = dict(received=0, duplicates=0, dispatched=0, malformed=0,
+                            after_finish=0, gaps=0, batches=0)
+        self._failures: dict[tuple[int, str], list] = {}  # (entry, event) -> [count, first error]
+        self._status: str | None = None
+        self._restarted = _was_restarted()
+        if self._restarted:
+            LOGGER.warning("callback actor restarted: workers resend what was not acknowledged")
+
+    # ------------------------------------------------------------------ ingest
+    def ping(self) -> bool:
+        return True
+
+    def ingest(self, batch: list[dict], floors: dict | None = None) -> dict:
+        """Dispatch a batch in per-stream seq order; ack = next expected seq of each stream."""
+        touched: dict[tuple, _Stream] = {}
+        for key, floor in (floors or {}).items():
+            touched[key] = self._apply_floor(tuple(key), int(floor))
+        duplicates = self._counts["duplicates"]
+        self._counts["batches"] += 1
+        for record in batch:
+            stream = self._accept(record, touched)
+            if stream is not None and stream.pending:
+                self._drain(stream)
+        return {"received": len(batch), "duplicates": self._counts["duplicates"] - duplicates,
+                "next_seq": {key: stream.next_seq for key, stream in touched.items()}}
+
+    def _stream(self, key: tuple) -> _Stream:
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = _Stream()
+        return stream
+
+    def _apply_floor(self, key: tuple, floor: int) -> _Stream:
+        """Everything below ``floor`` was dispatched already (maybe by an earlier incarnation)."""
+        stream = self._stream(key)
+        if floor > stream.next_seq:
+            for seq in [s for s in stream.pending if s < floor]:
+                del stream.pending[seq]
+                self._counts["duplicates"] += 1
+            stream.next_seq = floor
+            self._drain(stream)
+        return stream
+
+    def _accept(self, record, touched: dict) -> _Stream | None:
+        self._counts["received"] += 1
+        try:
+            key = record_key(record)
+            stream_key, seq = key[:3], int(key[3])
+        except (KeyError, TypeError, ValueError, IndexError):
+            self._count_malformed(record)
+            return None
+        stream = touched.get(stream_key) or self._stream(stream_key)
+        touched[stream_key] = stream
+        if self._status is not None:  # sinks are closed: consume so senders stop resending
+            if self._counts["after_finish"] == 0:
+                LOGGER.warning(f"callback actor: records arrived after finish({self._status}); "
+                               f"they are counted, not dispatched")
+            self._counts["after_finish"] += 1
+            stream.next_seq = max(stream.next_seq, seq + 1)
+            return None
+        if seq < stream.next_seq or seq in stream.pending:
+            self._counts["duplicates"] += 1
+        elif seq == stream.next_seq and not stream.pending:
+            self._dispatch(record)
+            stream.next_seq += 1
+        else:
+            stream.pending[seq] = record
+        return stream
+
+    def _drain(self, stream: _Stream) -> None:
+        pending = stream.pending
+        while stream.next_seq in pending:
+            self._dispatch(pending.pop(stream.next_seq))
+            stream.next_seq += 1
+
+    def _count_malformed(self, record) -> None:
+        if self._counts["malformed"] == 0:
+            LOGGER.warning(f"callback actor: dropped a malformed record (further ones are counted): "
+                           f"{str(record)[:200]}")
+        self._counts["malformed"] += 1
+
+    # ------------------------------------------------------------------ dispatch
+    def _dispatch(self, record: dict) -> None:
+        event = record.get("event")
+        for index, fn in self._table.get(event, ()):
+            try:
+                fn(record)
+            except Exception as exc:  # isolate: a driver callback never breaks ingest
+                self._fail(index, event, exc)
+        self._counts["dispatched"] += 1
+
+    def _fail(self, index: int, event: str, exc: BaseException) -> None:
+        slot = self._failures.get((index, event))
+        if slot is None:
+            message = f"{type(exc).__name__}: {exc}"
+            self._failures[(index, event)] = [1, message]
+            LOGGER.warning(f"driver callback {self._entries[index].name} failed in {event}: {message} "
+                           f"(later failures are counted in the run report)")
+        else:
+            slot[0] += 1
+
+    def _call_sinks(self, method: str, *args) -> None:
+        for index, entry in enumerate(self._entries):
+            fn = getattr(entry.obj, method, None) if entry.is_sink else None
+            if callable(fn):
+                try:
+                    fn(*args)
+                except Exception as exc:
+                    self._fail(index, method, exc)
+
+    # ------------------------------------------------------------------ lifecycle
+    def flush(self) -> dict:
+        """Ask every sink to flush what it buffers."""
+        self._call_sinks("flush")
+        return self.stats()
+
+    def finish(self, status: str = "FINISHED") -> dict:
+        """Dispatch what waits behind a gap, flush, close sinks with ``status``; the report."""
+        if status not in STATUSES:
+            raise ValueError(f"finish status={status!r}: must be one of {', '.join(STATUSES)}")
+        if self._status is None:
+            self._release_pending()
+            self._call_sinks("flush")
+            self._call_sinks("close", status)
+            self._status = status
+        return self.report()
+
+    def _release_pending(self) -> None:
+        """At the end no resend can fill a gap: dispatch the rest in order, counting the holes."""
+        for key, stream in self._streams.items():
+            if stream.pending:
+                missing = max(stream.pending) + 1 - stream.next_seq - len(stream.pending)
+                LOGGER.warning(f"callback actor: stream {key} ends with {missing} missing records")
+                self._counts["gaps"] += missing
+                for seq in sorted(stream.pending):
+                    self._dispatch(stream.pending.pop(seq))
+                    stream.next_seq = seq + 1
+
+    def stats(self) -> dict:
+        out = dict(self._counts)
+        out.update(pending=sum(len(s.pending) for s in self._streams.values()),
+                   streams={key: s.next_seq for key, s in self._streams.items()},
+                   restarted=self._restarted, status=self._status,
+                   failed_calls=sum(count for count, _ in self._failures.values()))
+        return out
+
+    def report(self) -> dict:
+        """Counts plus, per failing callback and event, the failure count and first error."""
+        out = self.stats()
+        out["failures"] = [{"callback": self._entries[index].name, "event": event, "count": count,
+                            "first_error": first}
+                           for (index, event), (count, first) in sorted(self._failures.items())]
+        return out
+
+
+def _was_restarted() -> bool:
+    with warnings.catch_warnings():  # Ray's property warns about an internal deprecated call
+        warnings.simplefilter("ignore")
+        try:
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        except Exception:  # not inside an actor (plain Dispatcher)
+            return False
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
+class CallbackActor(Dispatcher):
+    """The Ray actor: one per run, on the driver's node; restarted by Ray if its process dies."""
+
+
+def start_callback_actor(driver_callbacks: Iterable, name: str | None = None,
+                         namespace: str | None = None):
+    """Validate driver callbacks here (errors surface on the driver) and start the actor."""
+    callbacks = list(driver_callbacks or ())
+    driver_entries(callbacks)
+    return CallbackActor.options(num_cpus=0, max_restarts=-1, max_task_retries=0, name=name,
+                                 namespace=namespace).remote(callbacks)

@@ -1,0 +1,285 @@
+"""Worker side of event forwarding: one record per event, sent to the callback actor in batches.
+
+Runs inside each Ray Train worker. The training step never waits for the driver: records are
+buffered, sent as ``actor.ingest.remote(batch, floors)`` calls, and at most ``max_inflight``
+calls are outstanding. Completion is checked with ``ray.wait(timeout=0)`` only at batch or
+time boundaries, because one ``ray.wait`` costs tens of microseconds and events can fire at
+tens of kHz.
+
+Delivery is at-least-once and ordered by ``seq``. A record stays in memory until the actor
+acknowledges it; the actor acknowledges only what it has dispatched, as the next expected
+``seq`` of the stream. If the actor dies (and Ray restarts it), the forwarder waits until it
+answers a ping, then resends everything not acknowledged; the actor drops duplicates by
+``record_key``. Each batch carries the stream's acknowledged floor so that a restarted actor,
+which has lost its state, knows where the stream resumes.
+
+Use one forwarder per (run_id, rank, attempt): sequence numbers restart at 0 in each.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import ray
+from ray.exceptions import RayActorError, RayError
+
+from callbacks.events import EVENTS, check_event
+from callbacks.records import make_record
+from trainers.utils import LOGGER
+
+# Calls that fail for these reasons are resent once the actor answers again.
+ACTOR_ERRORS = (RayActorError,)  # ActorDiedError and ActorUnavailableError derive from it
+
+FLUSH_EVENTS = frozenset({"on_train_epoch_end", "on_fit_epoch_end", "on_train_end",
+                          "on_val_end", "on_predict_end", "on_export_end"})
+CLOSE_EVENT = "teardown"
+PROBE_INTERVAL = 0.2        # seconds between pings while the actor does not answer
+MAX_TASK_ERRORS = 3         # consecutive non-actor failures of one batch before giving it up
+
+
+def _check_positive(name: str, value, minimum=1):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"EventForwarder {name}={value!r}: must be a number >= {minimum}")
+    return value
+
+
+def owner_fields(owner, event: str) -> dict:
+    """The event-dependent record fields, from ``owner.record_fields`` or its attributes."""
+    fields = getattr(owner, "record_fields", None)
+    if callable(fields):
+        return fields(event)
+    return {"epoch": getattr(owner, "epoch", 0) or 0, "step": getattr(owner, "step", 0) or 0,
+            "metrics": {}, "artifacts": {}, "final_eval": bool(getattr(owner, "final_eval", False))}
+
+
+class EventForwarder:
+    """Turns fired events into records and streams them, batched, to the callback actor."""
+
+    def __init__(self, actor, run_id: str, rank: int, attempt: int = 0,
+                 events: Iterable[str] | None = None, max_batch: int = 1000,
+                 flush_interval: float = 1.0, max_inflight: int = 4, max_buffer: int = 200_000,
+                 close_timeout: float = 60.0, give_up_after: float = 300.0):
+        self.actor, self.run_id, self.rank, self.attempt = actor, str(run_id), int(rank), int(attempt)
+        self.events = tuple(EVENTS) if events is None else tuple(check_event(e) for e in events)
+        self.max_batch = int(_check_positive("max_batch", max_batch))
+        self.flush_interval = float(_check_positive("flush_interval", flush_interval, 0))
+        self.max_inflight = int(_check_positive("max_inflight", max_inflight))
+        self.max_buffer = int(_check_positive("max_buffer", max_buffer, self.max_batch))
+        self.close_timeout = float(_check_positive("close_timeout", close_timeout, 0))
+        self.give_up_after = float(_check_positive("give_up_after", give_up_after, 0))
+        self.stream = (self.run_id, self.rank, self.attempt)
+        # Retained records: seq ``_seq0 + i`` is ``_records[i]``; all seq < _acked are done.
+        self._records: list[dict] = []
+        self._seq0 = 0
+        self._acked = 0          # every seq below this was dispatched by the actor
+        self._sent = 0           # next seq to send
+        self._inflight: list[tuple] = []  # (ref, first_seq, end_seq), oldest first
+        self._suspect = False    # a call failed: hold sending until the actor answers a ping
+        self._probe = None
+        self._next_probe = 0.0
+        self._task_errors = 0
+        self._pump_at = self.max_batch
+        self._next_flush = time.monotonic() + self.flush_interval
+        self._counts = dict(records=0, sent=0, acked=0, batches=0, backpressure_waits=0,
+                            backpressure_seconds=0.0, resends=0, failed_calls=0, lost=0)
+
+    # ----------------------------------------------------------------- registry side
+    def attach(self, registry: dict) -> "EventForwarder":
+        """Register on the forwarded events, plus flush-only hooks where a flush is due."""
+        for event in EVENTS:
+            forwarded = event in self.events
+            if forwarded or event in FLUSH_EVENTS or event == CLOSE_EVENT:
+                registry.setdefault(event, []).append(self._hook(event, forwarded))
+        return self
+
+    def _hook(self, event: str, forwarded: bool):
+        def hook(owner):
+            if forwarded:
+                self.emit(event, owner)
+            if event == CLOSE_EVENT:
+                self.close()
+            elif event in FLUSH_EVENTS:
+                self.flush()
+        hook.__qualname__ = hook.__name__ = f"EventForwarder.{event}"
+        return hook
+
+    # ----------------------------------------------------------------- hot path
+    def emit(self, event: str, owner) -> dict:
+        """Build the record for ``event`` fired by ``owner`` and queue it; sends when due."""
+        fields = owner_fields(owner, event)
+        seq = self._seq0 + len(self._records)
+        record = make_record(run_id=self.run_id, event=event, rank=self.rank, attempt=self.attempt,
+                             seq=seq, epoch=fields.get("epoch") or 0, step=fields.get("step") or 0,
+                             metrics=fields.get("metrics"), artifacts=fields.get("artifacts"),
+                             final_eval=bool(fields.get("final_eval", False)))
+        self._records.append(record)
+        self._counts["records"] += 1
+        if seq + 1 >= self._pump_at or time.monotonic() >= self._next_flush:
+            self._pump(force=time.monotonic() >= self._next_flush)
+        return record
+
+    # ----------------------------------------------------------------- sending
+    @property
+    def _next_seq(self) -> int:
+        return self._seq0 + len(self._records)
+
+    def _retained(self) -> int:
+        return self._next_seq - self._acked
+
+    def _pump(self, force: bool) -> None:
+        """Collect finished calls, send what is due, and apply backpressure if over budget."""
+        self._poll()
+        self._send_due(force)
+        if self._retained() > self.max_buffer:
+            self._backpressure()
+        now = time.monotonic()
+        if force or self._next_seq - self._sent == 0:
+            self._next_flush = now + self.flush_interval
+        unsent = self._next_seq - self._sent
+        # Blocked by the in-flight cap or a down actor: look again after a quarter batch.
+        self._pump_at = self._next_seq + max(1, self.max_batch // 4) if unsent >= self.max_batch \
+            else self._sent + self.max_batch
+
+    def _send_due(self, force: bool) -> None:
+        while not self._suspect and len(self._inflight) < self.max_inflight:
+            unsent = self._next_seq - self._sent
+            if unsent == 0 or (unsent < self.max_batch and not force):
+                return
+            self._send(min(unsent, self.max_batch))
+
+    def _send(self, n: int) -> None:
+        start = self._sent - self._seq0
+        batch = self._records[start:start + n]
+        ref = self.actor.ingest.remote(batch, {self.stream: self._acked})
+        self._inflight.append((ref, self._sent, self._sent + n))
+        self._sent += n
+        self._counts["sent"] += n
+        self._counts["batches"] += 1
+
+    # ----------------------------------------------------------------- acknowledgements
+    def _poll(self, timeout: float = 0.0) -> None:
+        refs = [entry[0] for entry in self._inflight]
+        if self._probe is not None:
+            refs.append(self._probe)
+        if refs:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+            ready = set(ready)
+            done = [entry for entry in self._inflight if entry[0] in ready]
+            self._inflight = [entry for entry in self._inflight if entry[0] not in ready]
+            for entry in done:
+                self._settle(*entry)
+            if self._probe is not None and self._probe in ready:
+                self._settle_probe()
+        self._recover()
+
+    def _settle(self, ref, first: int, end: int) -> None:
+        try:
+            ack = ray.get(ref)
+        except ACTOR_ERRORS:
+            self._counts["failed_calls"] += 1
+            self._suspect = True
+            return
+        except RayError as exc:  # ingest itself raised: should not happen, never loop forever
+            self._counts["failed_calls"] += 1
+            self._task_errors += 1
+            LOGGER.warning(f"event forwarder: ingest of seq {first}..{end - 1} failed: {exc}")
+            if self._task_errors >= MAX_TASK_ERRORS:
+                self._give_up(end, f"ingest failed {self._task_errors} times")
+            return
+        self._task_errors = 0
+        self._advance(int(ack["next_seq"].get(self.stream, 0)))
+
+    def _advance(self, watermark: int) -> None:
+        """Forget records below the actor's dispatched watermark."""
+        watermark = min(watermark, self._next_seq)
+        if watermark <= self._acked:
+            return
+        self._acked = watermark
+        self._counts["acked"] = watermark
+        self._sent = max(self._sent, watermark)
+        drop = watermark - self._seq0
+        if drop >= max(self.max_batch, len(self._records) // 2):
+            del self._records[:drop]
+            self._seq0 = watermark
+
+    def _settle_probe(self) -> None:
+        probe, self._probe = self._probe, None
+        try:
+            ray.get(probe)
+        except RayError:
+            self._next_probe = time.monotonic() + PROBE_INTERVAL
+            return
+        self._suspect = False
+        self._task_errors = 0
+
+    def _recover(self) -> None:
+        """Resend what was sent but not acknowledged once no call is outstanding."""
+        if self._inflight:
+            return
+        if self._suspect:
+            if self._probe is None and time.monotonic() >= self._next_probe:
+                self._probe = self.actor.ping.remote()
+            return
+        if self._sent > self._acked:
+            self._counts["resends"] += self._sent - self._acked
+            self._sent = self._acked
+
+    def _give_up(self, end: int, reason: str) -> None:
+        lost = end - self._acked
+        LOGGER.error(f"event forwarder rank {self.rank}: {lost} event records (seq "
+                     f"{self._acked}..{end - 1}) could not be delivered to the driver: {reason}")
+        self._counts["lost"] += lost
+        self._task_errors = 0
+        self._advance(end)
+
+    # ----------------------------------------------------------------- blocking paths
+    def _wait_some(self, deadline: float) -> None:
+        """Block until the oldest call or the ping completes (or the deadline)."""
+        remaining = max(0.0, deadline - time.monotonic())
+        if self._inflight:
+            ray.wait([self._inflight[0][0]], timeout=remaining)
+        elif self._probe is not None:
+            ray.wait([self._probe], timeout=min(remaining, 1.0))
+        else:
+            time.sleep(min(remaining, max(0.0, self._next_probe - time.monotonic()), PROBE_INTERVAL))
+        self._poll()
+
+    def _backpressure(self) -> None:
+        start = time.monotonic()
+        deadline = start + self.give_up_after
+        self._counts["backpressure_waits"] += 1
+        while self._retained() > self.max_buffer:
+            if time.monotonic() >= deadline:
+                self._give_up(self._next_seq, f"the callback actor did not answer for "
+                                              f"{self.give_up_after:.0f}s")
+                self._sent = self._next_seq
+                break
+            self._wait_some(deadline)
+            self._send_due(force=not self._inflight)
+        self._counts["backpressure_seconds"] += time.monotonic() - start
+
+    # ----------------------------------------------------------------- public controls
+    def flush(self, wait: bool = False, timeout: float | None = None) -> bool:
+        """Send everything buffered; with ``wait``, block (bounded) until all is acknowledged."""
+        self._pump(force=True)
+        if not wait:
+            return self._retained() == 0
+        deadline = time.monotonic() + (self.close_timeout if timeout is None else timeout)
+        while self._retained() and time.monotonic() < deadline:
+            self._wait_some(deadline)
+            self._send_due(force=True)
+        if self._retained():
+            LOGGER.warning(f"event forwarder rank {self.rank}: {self._retained()} event records "
+                           f"not yet acknowledged by the callback actor")
+        return self._retained() == 0
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Final flush at teardown: wait, bounded, for every acknowledgement."""
+        return self.flush(wait=True, timeout=timeout)
+
+    def stats(self) -> dict:
+        out = dict(self._counts)
+        out["acked"] -= out["lost"]
+        out.update(inflight=len(self._inflight), buffered=self._retained(),
+                   unsent=self._next_seq - self._sent, actor_suspect=self._suspect)
+        return out

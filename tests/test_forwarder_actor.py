@@ -1,0 +1,278 @@
+"""Worker-side EventForwarder and driver-side CallbackActor, on a real local Ray."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import pytest
+import ray
+from ray import cloudpickle
+
+from callbacks.actor import Dispatcher, listened_events, start_callback_actor
+from callbacks.forwarder import EventForwarder
+from callbacks.records import make_record, record_key
+from callbacks.registry import new_registry, run_callbacks
+from trainers.utils import UserError
+
+# The actor process cannot import this test module by name: ship its classes by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def ray_env():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    if started:
+        ray.shutdown()
+
+
+# ---------------------------------------------------------------- sinks and simulated ranks
+class FileSink:
+    """Appends one JSON line per record (line-buffered: survives a killed actor process)."""
+
+    def __init__(self, path, delay: float = 0.0):
+        self.path, self.delay = str(path), delay
+        self._file = None
+
+    def __getstate__(self):
+        return {"path": self.path, "delay": self.delay}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+        self._write({"init": os.getpid()})
+
+    def _write(self, obj):
+        if self._file is None:
+            self._file = open(self.path, "a", buffering=1)
+        self._file.write(json.dumps(obj) + "\n")
+
+    def _record(self, record):
+        if self.delay:
+            time.sleep(self.delay)
+        self._write(record)
+
+    on_train_batch_end = on_train_epoch_end = on_fit_epoch_end = teardown = _record
+
+    def close(self, status):
+        self._write({"closed": status})
+
+
+def read_lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def records_of(path):
+    return [line for line in read_lines(path) if "seq" in line]
+
+
+class StepSource:
+    """A stand-in owner: what the engine's trainer exposes to the forwarder."""
+
+    def __init__(self):
+        self.epoch, self.step = 0, 0
+
+    def record_fields(self, event):
+        return {"epoch": self.epoch, "step": self.step, "metrics": {"loss": 1.0 / (self.step + 1)},
+                "artifacts": {}, "final_eval": False}
+
+
+def fire_run(registry, epochs=2, batches=30, on_event=None):
+    """Fire a training-like sequence through a real registry; return the event names fired."""
+    owner, fired = StepSource(), []
+
+    def fire(event):
+        run_callbacks(registry, event, owner)
+        fired.append(event)
+        if on_event is not None:
+            on_event(len(fired))
+
+    for owner.epoch in range(epochs):
+        for _ in range(batches):
+            owner.step += 1
+            fire("on_train_batch_end")
+        fire("on_train_epoch_end")
+        fire("on_fit_epoch_end")
+    fire("teardown")
+    return fired
+
+
+@ray.remote(num_cpus=0)
+def run_rank(actor, run_id, rank, **kwargs):
+    registry = new_registry()
+    forwarder = EventForwarder(actor, run_id, rank, max_batch=16, flush_interval=0.05).attach(registry)
+    return fire_run(registry, **kwargs), forwarder.stats()
+
+
+def stream_records(lines, rank):
+    return [r for r in lines if r["rank"] == rank]
+
+
+# ---------------------------------------------------------------- tests
+def test_two_ranks_complete_ordered_and_duplicates_dropped(ray_env, tmp_path):
+    sink_path = tmp_path / "sink.jsonl"
+    seen_epochs = tmp_path / "epochs.jsonl"
+
+    def epoch_fn(record):  # a plain driver function for one event, after the sink
+        with open(seen_epochs, "a") as f:
+            f.write(json.dumps([record["rank"], record["seq"]]) + "\n")
+
+    actor = start_callback_actor([FileSink(sink_path), ("on_fit_epoch_end", epoch_fn)])
+    remote = run_rank.remote(actor, "run-a", 1, epochs=3, batches=25)  # rank 1: a Ray task
+    registry = new_registry()
+    forwarder = EventForwarder(actor, "run-a", 0, max_batch=16, flush_interval=0.05).attach(registry)
+    fired0 = fire_run(registry, epochs=3, batches=25)
+    fired1, stats1 = ray.get(remote)
+
+    stats0 = forwarder.stats()
+    for stats, fired in ((stats0, fired0), (stats1, fired1)):
+        assert stats["acked"] == stats["records"] == len(fired)
+        assert stats["buffered"] == 0 and stats["lost"] == 0
+
+    lines = records_of(sink_path)
+    for rank, fired in ((0, fired0), (1, fired1)):
+        mine = stream_records(lines, rank)
+        assert [r["seq"] for r in mine] == list(range(len(fired)))
+        assert [r["event"] for r in mine] == fired
+        assert [r["step"] for r in mine if r["event"] == "on_train_batch_end"] == list(range(1, 76))
+    assert len(read_lines(seen_epochs)) == 6
+
+    # Resend the same batch twice: nothing reaches the sink again.
+    again = stream_records(lines, 0)[10:40]
+    for _ in range(2):
+        ack = ray.get(actor.ingest.remote(again))
+        assert ack["duplicates"] == len(again)
+        assert ack["next_seq"][("run-a", 0, 0)] == len(fired0)
+    report = ray.get(actor.finish.remote("FINISHED"))
+    assert report["dispatched"] == len(fired0) + len(fired1)
+    assert report["duplicates"] >= 2 * len(again)
+    assert report["failures"] == [] and report["gaps"] == 0
+    assert records_of(sink_path) == lines
+    assert read_lines(sink_path)[-1] == {"closed": "FINISHED"}
+    ray.kill(actor)
+
+
+def test_out_of_order_batches_dispatch_in_order(ray_env, tmp_path):
+    sink_path = tmp_path / "sink.jsonl"
+    actor = start_callback_actor([FileSink(sink_path)])
+    records = [make_record(run_id="r", event="on_train_batch_end", rank=3, attempt=1, seq=s,
+                           epoch=0, step=s) for s in range(30)]
+    acks = [ray.get(actor.ingest.remote(records[a:b])) for a, b in ((20, 30), (10, 20), (0, 10))]
+    assert [ack["next_seq"][("r", 3, 1)] for ack in acks] == [0, 0, 30]
+    assert [r["seq"] for r in records_of(sink_path)] == list(range(30))
+    # A floor tells a fresh actor where a stream resumes (what a forwarder sends after a restart).
+    late = [make_record(run_id="r", event="on_train_batch_end", rank=4, attempt=0, seq=s,
+                        epoch=0, step=s) for s in range(50, 55)]
+    ack = ray.get(actor.ingest.remote(late, {("r", 4, 0): 50}))
+    assert ack["next_seq"][("r", 4, 0)] == 55
+    assert ray.get(actor.finish.remote())["gaps"] == 0
+    ray.kill(actor)
+
+
+def test_failing_driver_callback_is_isolated_and_reported(ray_env, tmp_path):
+    sink_path = tmp_path / "sink.jsonl"
+
+    def broken(record):
+        raise RuntimeError(f"boom at seq {record['seq']}")
+
+    class BrokenClose(FileSink):
+        def close(self, status):
+            raise OSError("disk gone")
+
+    actor = start_callback_actor([("on_train_batch_end", broken), BrokenClose(sink_path)])
+    registry = new_registry()
+    forwarder = EventForwarder(actor, "run-b", 0, max_batch=8).attach(registry)
+    fired = fire_run(registry, epochs=2, batches=10)
+    assert forwarder.stats()["acked"] == len(fired)
+    assert [r["event"] for r in records_of(sink_path)] == fired
+
+    report = ray.get(actor.finish.remote("FAILED"))
+    failures = {(f["callback"].rsplit(".", 1)[-1], f["event"]): f for f in report["failures"]}
+    batch_fail = failures[("broken", "on_train_batch_end")]
+    assert batch_fail["count"] == 20 and batch_fail["first_error"] == "RuntimeError: boom at seq 0"
+    assert failures[("BrokenClose", "close")]["first_error"] == "OSError: disk gone"
+    assert report["dispatched"] == len(fired)
+    ray.kill(actor)
+
+
+def test_backpressure_slow_sink_loses_nothing(ray_env, tmp_path):
+    sink_path = tmp_path / "sink.jsonl"
+    actor = start_callback_actor([FileSink(sink_path, delay=0.01)])
+    registry = new_registry()
+    forwarder = EventForwarder(actor, "run-c", 0, max_batch=5, max_inflight=1,
+                               max_buffer=12, flush_interval=10.0).attach(registry)
+    fired = fire_run(registry, epochs=2, batches=40)
+    stats = forwarder.stats()
+    assert stats["backpressure_waits"] > 0 and stats["backpressure_seconds"] > 0
+    assert stats["acked"] == len(fired) and stats["lost"] == 0
+    assert [r["seq"] for r in records_of(sink_path)] == list(range(len(fired)))
+    ray.kill(actor)
+
+
+def test_actor_killed_mid_stream_every_record_arrives(ray_env, tmp_path):
+    sink_path = tmp_path / "sink.jsonl"
+    # A slow sink keeps calls in flight, so the kill interrupts some of them.
+    actor = start_callback_actor([FileSink(sink_path, delay=0.003)])
+    ray.get(actor.ping.remote())  # killed while still starting, it would fail no call
+    registry = new_registry()
+    forwarder = EventForwarder(actor, "run-d", 2, attempt=1, max_batch=10, max_inflight=2,
+                               flush_interval=0.02).attach(registry)
+
+    def chaos(n):
+        if n == 100:
+            ray.kill(actor, no_restart=False)
+        if 100 < n <= 400:
+            time.sleep(0.01)  # keep training (about 3 s) while the actor restarts
+
+    fired = fire_run(registry, epochs=4, batches=100, on_event=chaos)  # teardown waits for acks
+    stats = forwarder.stats()
+    assert stats["failed_calls"] > 0 and stats["resends"] > 0
+    assert stats["acked"] == len(fired) and stats["buffered"] == 0
+
+    lines = read_lines(sink_path)
+    assert sum("init" in line for line in lines) == 2  # the sink was rebuilt once by Ray
+    by_key = {record_key(r): r for r in lines if "seq" in r}
+    assert sorted(k[3] for k in by_key) == list(range(len(fired)))
+    assert [by_key[("run-d", 2, 1, s)]["event"] for s in range(len(fired))] == fired
+    incarnations = []
+    for line in lines:
+        if "init" in line:
+            incarnations.append([])
+        elif "seq" in line:
+            incarnations[-1].append(line["seq"])
+    assert all(seqs == sorted(seqs) for seqs in incarnations)  # each dispatched in seq order
+    assert ray.get(actor.stats.remote())["restarted"] is True
+    ray.kill(actor)
+
+
+def test_forwarder_narrowed_to_listened_events(ray_env, tmp_path):
+    sink_path = tmp_path / "sink.jsonl"
+    callbacks = [("on_fit_epoch_end", lambda record: None), FileSink(sink_path)]
+    events = listened_events([("on_fit_epoch_end", print)])
+    assert events == {"on_fit_epoch_end"}
+    actor = start_callback_actor(callbacks)
+    registry = new_registry()
+    forwarder = EventForwarder(actor, "run-e", 0, events=events).attach(registry)
+    fired = fire_run(registry, epochs=3, batches=5)
+    assert forwarder.stats()["acked"] == fired.count("on_fit_epoch_end") == 3
+    assert [r["event"] for r in records_of(sink_path)] == ["on_fit_epoch_end"] * 3
+    ray.kill(actor)
+
+
+def test_bad_driver_callbacks_and_arguments_are_named():
+    with pytest.raises(ValueError, match="on_epoch_end"):
+        Dispatcher([("on_epoch_end", print)])
+    with pytest.raises(UserError, match="not callable"):
+        Dispatcher([("on_fit_epoch_end", 3)])
+    with pytest.raises(UserError, match="#1 \\(object\\)"):
+        Dispatcher([("on_fit_epoch_end", print), object()])
+    with pytest.raises(ValueError, match="max_batch=0"):
+        EventForwarder(None, "r", 0, max_batch=0)
+    with pytest.raises(ValueError, match="on_trian_end"):
+        EventForwarder(None, "r", 0, events=["on_trian_end"])
+    with pytest.raises(ValueError, match="status='DONE'"):
+        Dispatcher([]).finish("DONE")
