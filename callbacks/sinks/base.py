@@ -1,0 +1,55 @@
+"""What every driver-side sink shares: event-named methods, cheap pickling, a spool directory.
+
+Sinks are built on the driver and pickled into the callback actor; a restarted actor rebuilds
+them from the same arguments. So a sink pickles as its constructor arguments only, and opens
+clients, threads and directories lazily on first use.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from callbacks.events import EVENTS
+
+
+class Sink:
+    """Base: ``self.<event>(record)`` calls ``self.handle(event, record)`` for every event."""
+
+    def __init__(self, **args):
+        self._args = args
+
+    def __getstate__(self):
+        return {"_args": self._args}
+
+    def __setstate__(self, state):
+        self.__init__(**state["_args"])
+
+    def handle(self, event: str, record: dict) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Ask for delivery of what is queued; never blocks on the network."""
+
+    def close(self, status: str = "FINISHED") -> dict:
+        raise NotImplementedError
+
+
+def _event_method(event: str):
+    def method(self, record: dict) -> None:
+        self.handle(event, record)
+    method.__name__ = method.__qualname__ = event
+    method.__doc__ = f"Handle one ``{event}`` record."
+    return method
+
+
+for _event in EVENTS:
+    setattr(Sink, _event, _event_method(_event))
+
+
+def make_spool_dir(spool_dir: str | None, kind: str, run_id: str | None) -> Path:
+    """The sink's own directory for undelivered data (a fresh temp dir when none is given)."""
+    if spool_dir is None:
+        return Path(tempfile.mkdtemp(prefix=f"orchestrator-{kind}-"))
+    path = Path(spool_dir).expanduser() / f"{kind}-{run_id or 'new'}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

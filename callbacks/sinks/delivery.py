@@ -1,0 +1,142 @@
+"""A background delivery thread with backoff, so a sink's record methods never wait on a network.
+
+The sink owns its queues; ``Courier`` calls the sink's ``pump()`` when kicked or every
+``interval`` seconds. ``pump`` sends what is queued and returns True when nothing is left; when
+it raises, the courier waits (exponential backoff with jitter) and tries again, for as long as
+the sink lives. ``flush``/``close`` wait a bounded time for a pump that started after them.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from typing import Callable
+
+from trainers.utils import LOGGER
+
+
+class Backoff:
+    """Exponential delays ``initial * 2**n`` capped at ``maximum``, with +-25% jitter."""
+
+    def __init__(self, initial: float = 0.5, maximum: float = 30.0):
+        self.initial, self.maximum, self.failures = initial, maximum, 0
+
+    def next(self) -> float:
+        delay = min(self.maximum, self.initial * 2 ** self.failures)
+        self.failures += 1
+        return delay * random.uniform(0.75, 1.25)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class Courier:
+    """Runs ``pump`` on a daemon thread until it reports idle; retries failures with backoff."""
+
+    def __init__(self, name: str, pump: Callable[[], bool], interval: float = 2.0,
+                 backoff: Backoff | None = None):
+        self.name, self.pump, self.interval = name, pump, interval
+        self.backoff = backoff or Backoff()
+        self.last_error: str | None = None
+        self.failures = 0
+        self._cond = threading.Condition()
+        self._ticket = 0          # bumped by every kick
+        self._done = -1           # ticket of the latest pump that finished idle
+        self._retry_at = 0.0      # no attempt before this time (backoff after a failure)
+        self._deadline: float | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=f"sink-{self.name}", daemon=True)
+            self._thread.start()
+
+    def kick(self) -> int:
+        with self._cond:
+            self._ticket += 1
+            self._cond.notify_all()
+            return self._ticket
+
+    def flush(self, timeout: float) -> bool:
+        """Kick and wait up to ``timeout`` s for everything queued so far to be delivered."""
+        self.start()
+        ticket = self.kick()
+        end = time.monotonic() + timeout
+        with self._cond:
+            while self._done < ticket:
+                left = end - time.monotonic()
+                if left <= 0 or not self.running:
+                    return False
+                self._cond.wait(min(left, 0.5))
+        return True
+
+    def close(self, timeout: float) -> bool:
+        """Deliver what is left within ``timeout`` s (retrying), then stop; True if all went out."""
+        self.start()
+        with self._cond:
+            self._deadline = time.monotonic() + timeout
+            self._retry_at = min(self._retry_at, time.monotonic())
+        ok = self.flush(timeout)
+        with self._cond:
+            self._deadline = time.monotonic()
+            self._cond.notify_all()
+        self._thread.join(timeout=5.0)
+        return ok
+
+    def _loop(self) -> None:
+        while True:
+            ticket = self._wait()
+            if ticket is None:
+                return
+            try:
+                idle = self.pump()
+            except Exception as exc:  # any failure: keep data queued, retry later
+                self._failed(exc)
+                continue
+            self._succeeded(ticket if idle else None)
+
+    def _wait(self) -> int | None:
+        """Sleep until kicked / interval / backoff end; None once stopping time has come."""
+        with self._cond:
+            seen = self._ticket
+            while True:
+                now = time.monotonic()
+                if self._deadline is not None and now >= self._deadline:
+                    return None
+                wake = self._retry_at if self._retry_at > now else now + self.interval
+                if self._deadline is not None:
+                    wake = min(wake, self._deadline)
+                if self._retry_at <= now and (self._ticket != seen or self._done < seen):
+                    return self._ticket
+                self._cond.wait(max(0.0, wake - now))
+                if time.monotonic() >= wake and self._retry_at <= time.monotonic():
+                    return self._ticket
+
+    def _failed(self, exc: Exception) -> None:
+        if self.failures == 0:
+            LOGGER.warning(f"{self.name}: delivery failed ({type(exc).__name__}: {_short(exc)}); "
+                           f"keeping data queued and retrying")
+        self.failures += 1
+        self.last_error = f"{type(exc).__name__}: {_short(exc)}"
+        delay = self.backoff.next()
+        with self._cond:
+            self._retry_at = time.monotonic() + delay
+
+    def _succeeded(self, ticket: int | None) -> None:
+        if self.failures:
+            LOGGER.info(f"{self.name}: delivering again after {self.failures} failed attempts")
+        self.failures = 0
+        self.backoff.reset()
+        with self._cond:
+            if ticket is not None:
+                self._done = max(self._done, ticket)
+            self._cond.notify_all()
+
+
+def _short(exc: Exception, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -1,0 +1,228 @@
+"""Object storage behind one small interface: a local directory or ``s3://bucket/prefix``.
+
+Keys are relative posix paths chosen deterministically by callers, so an upload repeated after
+an uncertain failure just rewrites the same object. S3 goes through boto3 (managed multipart
+transfers, "standard" retries) with endpoint and credentials from the usual AWS environment and
+config files (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...). Stores pickle
+without their client, which is opened lazily in the process that uses it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
+
+from trainers.utils import UserError
+
+MiB = 1 << 20
+
+
+def check_key(key: str) -> str:
+    key = str(key).lstrip("/")
+    parts = PurePosixPath(key).parts
+    if not key or any(p in ("..", ".") for p in parts):
+        raise ValueError(f"bad object key {key!r}: must be a relative path without '.' or '..'")
+    return key
+
+
+class ObjectStore:
+    """Base and factory: ``ObjectStore.from_uri("s3://bucket/prefix")`` or a local path."""
+
+    @staticmethod
+    def from_uri(uri: str | os.PathLike) -> "ObjectStore":
+        text = str(uri)
+        parsed = urlparse(text)
+        if parsed.scheme == "s3":
+            if not parsed.netloc:
+                raise UserError(f"storage: {text!r} has no bucket (expected s3://bucket/prefix)")
+            return S3Store(parsed.netloc, parsed.path.strip("/"))
+        if parsed.scheme == "file":
+            return LocalStore(parsed.path)
+        if parsed.scheme and len(parsed.scheme) > 1:  # a one-letter scheme is a Windows drive
+            raise UserError(f"storage: unsupported URI scheme {parsed.scheme!r} in {text!r} "
+                            f"(use a local path or s3://bucket/prefix)")
+        return LocalStore(text)
+
+    def put_file(self, key: str, path: str | os.PathLike) -> str: ...
+    def put_bytes(self, key: str, data: bytes) -> str: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str = "") -> list[str]: ...
+    def uri(self, key: str = "") -> str: ...
+    def arrow_fs(self):
+        """(pyarrow filesystem, base path) for reading with ``pyarrow.dataset``."""
+    def check(self) -> None:
+        """Raise UserError naming the store when it cannot be reached or written."""
+
+
+class LocalStore(ObjectStore):
+    """A directory; writes go to a temp file first and are renamed, so readers never see halves."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def put_file(self, key, path) -> str:
+        dst = self._path(key)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".tmp-")
+        os.close(fd)
+        try:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, dst)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return str(dst)
+
+    def put_bytes(self, key, data: bytes) -> str:
+        dst = self._path(key)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, dst)
+        return str(dst)
+
+    def get_bytes(self, key) -> bytes:
+        return self._path(key).read_bytes()
+
+    def exists(self, key) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self.root / prefix.lstrip("/") if prefix else self.root
+        start = base if base.is_dir() else base.parent
+        if not start.is_dir():
+            return []
+        keys = (p.relative_to(self.root).as_posix() for p in start.rglob("*")
+                if p.is_file() and not p.name.startswith(".tmp-"))
+        return sorted(k for k in keys if k.startswith(prefix.lstrip("/")))
+
+    def uri(self, key: str = "") -> str:
+        return str(self._path(key)) if key else str(self.root)
+
+    def arrow_fs(self):
+        import pyarrow.fs as pafs
+        return pafs.LocalFileSystem(), str(self.root)
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"storage: cannot create directory {str(self.root)!r}: {exc.strerror}") from None
+
+
+def _is_aws(endpoint: str | None) -> bool:
+    return not endpoint or urlparse(endpoint).hostname.endswith(".amazonaws.com")
+
+
+class S3Store(ObjectStore):
+    """An S3 (or S3-compatible) bucket and key prefix, through boto3."""
+
+    def __init__(self, bucket: str, prefix: str = ""):
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self._client = self._session = None
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.uri()!r})"
+
+    def __getstate__(self):
+        return {"bucket": self.bucket, "prefix": self.prefix, "_client": None, "_session": None}
+
+    def _key(self, key: str) -> str:
+        key = check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = self._make_client()
+        return self._client
+
+    def _make_client(self):
+        import boto3
+        from botocore.config import Config
+        session = self._session = boto3.Session()
+        kwargs = dict(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5,
+                      read_timeout=60, max_pool_connections=16)
+        probe = session.client("s3", config=Config(**kwargs))
+        if not _is_aws(probe.meta.endpoint_url):
+            if "AWS_REQUEST_CHECKSUM_CALCULATION" not in os.environ:
+                kwargs["request_checksum_calculation"] = "when_required"
+            if "AWS_RESPONSE_CHECKSUM_VALIDATION" not in os.environ:
+                kwargs["response_checksum_validation"] = "when_required"
+            kwargs["s3"] = {"addressing_style": os.environ.get("AWS_S3_ADDRESSING_STYLE", "path")}
+        return session.client("s3", config=Config(**kwargs))
+
+    def put_file(self, key, path) -> str:
+        from boto3.s3.transfer import TransferConfig
+        config = TransferConfig(multipart_threshold=16 * MiB, multipart_chunksize=16 * MiB,
+                                max_concurrency=4)
+        self.client.upload_file(str(path), self.bucket, self._key(key), Config=config)
+        return self.uri(key)
+
+    def put_bytes(self, key, data: bytes) -> str:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        return self.uri(key)
+
+    def get_bytes(self, key) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+
+    def exists(self, key) -> bool:
+        from botocore.exceptions import ClientError
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def list(self, prefix: str = "") -> list[str]:
+        full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        if prefix.endswith("/") and not full.endswith("/"):
+            full += "/"
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        keys = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            keys.extend(obj["Key"][cut:] for obj in page.get("Contents", ()))
+        return sorted(keys)
+
+    def uri(self, key: str = "") -> str:
+        path = self._key(key) if key else self.prefix
+        return f"s3://{self.bucket}/{path}" if path else f"s3://{self.bucket}"
+
+    def arrow_fs(self):
+        """A pyarrow S3FileSystem with the endpoint, region and credentials boto3 resolved."""
+        import pyarrow.fs as pafs
+        meta = self.client.meta
+        creds = self._session.get_credentials()
+        kwargs = dict(region=meta.region_name or "us-east-1",
+                      retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
+        if creds is not None:
+            frozen = creds.get_frozen_credentials()
+            kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key,
+                          session_token=frozen.token)
+        if not _is_aws(meta.endpoint_url):
+            url = urlparse(meta.endpoint_url)
+            kwargs.update(endpoint_override=url.netloc, scheme=url.scheme)
+        base = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
+        return pafs.S3FileSystem(**kwargs), base
+
+    def check(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "?")
+            raise UserError(f"storage: bucket {self.bucket!r} of {self.uri()!r} is not usable "
+                            f"(S3 error {code})") from None
+        except BotoCoreError as exc:
+            raise UserError(f"storage: cannot reach the S3 endpoint for {self.uri()!r}: {exc}") from None
