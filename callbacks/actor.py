@@ -16,6 +16,7 @@ report; it never raises into ``ingest``.
 """
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Callable, Iterable
 
@@ -72,7 +73,7 @@ class _Stream:
 
 
 class Dispatcher:
-    """The actor's logic, as a plain class (the Ray actor below adds nothing but ``ping``)."""
+    """The actor's logic as a plain class; ``CallbackActor`` below is its Ray actor form."""
 
     def __init__(self, driver_callbacks: Iterable = ()):
         self._entries = driver_entries(driver_callbacks)
@@ -85,6 +86,7 @@ class Dispatcher:
                             after_finish=0, gaps=0, batches=0)
         self._failures: dict[tuple[int, str], list] = {}  # (entry, event) -> [count, first error]
         self._status: str | None = None
+        self._busy = 0.0  # seconds spent inside ingest (dispatch included)
         self._restarted = _was_restarted()
         if self._restarted:
             LOGGER.warning("callback actor restarted: workers resend what was not acknowledged")
@@ -95,6 +97,7 @@ class Dispatcher:
 
     def ingest(self, batch: list[dict], floors: dict | None = None) -> dict:
         """Dispatch a batch in per-stream seq order; ack = next expected seq of each stream."""
+        started = time.perf_counter()
         touched: dict[tuple, _Stream] = {}
         for key, floor in (floors or {}).items():
             touched[key] = self._apply_floor(tuple(key), int(floor))
@@ -104,6 +107,7 @@ class Dispatcher:
             stream = self._accept(record, touched)
             if stream is not None and stream.pending:
                 self._drain(stream)
+        self._busy += time.perf_counter() - started
         return {"received": len(batch), "duplicates": self._counts["duplicates"] - duplicates,
                 "next_seq": {key: stream.next_seq for key, stream in touched.items()}}
 
@@ -223,7 +227,7 @@ class Dispatcher:
         out = dict(self._counts)
         out.update(pending=sum(len(s.pending) for s in self._streams.values()),
                    streams={key: s.next_seq for key, s in self._streams.items()},
-                   restarted=self._restarted, status=self._status,
+                   restarted=self._restarted, status=self._status, busy_seconds=self._busy,
                    failed_calls=sum(count for count, _ in self._failures.values()))
         return out
 
@@ -237,6 +241,8 @@ class Dispatcher:
 
 
 def _was_restarted() -> bool:
+    if not ray.is_initialized():  # a plain Dispatcher: asking the runtime would start Ray
+        return False
     with warnings.catch_warnings():  # Ray's property warns about an internal deprecated call
         warnings.simplefilter("ignore")
         try:
