@@ -87,6 +87,7 @@ class Dispatcher:
         self._failures: dict[tuple[int, str], list] = {}  # (entry, event) -> [count, first error]
         self._status: str | None = None
         self._busy = 0.0  # seconds spent inside ingest (dispatch included)
+        self._sink_reports: dict = {}  # what each sink's close(status) returned
         self._restarted = _was_restarted()
         if self._restarted:
             LOGGER.warning("callback actor restarted: workers resend what was not acknowledged")
@@ -186,14 +187,18 @@ class Dispatcher:
         else:
             slot[0] += 1
 
-    def _call_sinks(self, method: str, *args) -> None:
+    def _call_sinks(self, method: str, *args) -> dict:
+        """Call ``method`` on every sink that has it; what each returned, by sink name."""
+        results = {}
         for index, entry in enumerate(self._entries):
             fn = getattr(entry.obj, method, None) if entry.is_sink else None
             if callable(fn):
+                name = entry.name if entry.name not in results else f"{entry.name}#{index}"
                 try:
-                    fn(*args)
+                    results[name] = fn(*args)
                 except Exception as exc:
                     self._fail(index, method, exc)
+        return results
 
     # ------------------------------------------------------------------ lifecycle
     def flush(self) -> dict:
@@ -202,13 +207,14 @@ class Dispatcher:
         return self.stats()
 
     def finish(self, status: str = "FINISHED") -> dict:
-        """Dispatch what waits behind a gap, flush, close sinks with ``status``; the report."""
+        """Dispatch what waits behind a gap, flush, close sinks with ``status``; the report
+        (with each sink's own close() result under ``sinks``)."""
         if status not in STATUSES:
             raise ValueError(f"finish status={status!r}: must be one of {', '.join(STATUSES)}")
         if self._status is None:
             self._release_pending()
             self._call_sinks("flush")
-            self._call_sinks("close", status)
+            self._sink_reports = self._call_sinks("close", status)
             self._status = status
         return self.report()
 
@@ -237,6 +243,7 @@ class Dispatcher:
         out["failures"] = [{"callback": self._entries[index].name, "event": event, "count": count,
                             "first_error": first}
                            for (index, event), (count, first) in sorted(self._failures.items())]
+        out["sinks"] = dict(self._sink_reports)
         return out
 
 
