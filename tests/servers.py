@@ -265,3 +265,100 @@ def _close(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
+
+
+# --------------------------------------------------------------------------------------------
+# A realistic record stream (what the callback forwarder sends), with real files on disk.
+
+def record_stream(save_dir: str | Path, run_id: str = "run-1", epochs: int = 2, steps: int = 6,
+                  ranks: tuple = (0, 1), attempt: int = 0, config: dict | None = None):
+    """Yield the records of one fit, as workers send them; artifact files are written just
+    before the record naming them, so each record sees the file as it was then."""
+    import json
+
+    import torch
+    from PIL import Image
+
+    from callbacks.records import make_record
+
+    save = Path(save_dir)
+    (save / "weights").mkdir(parents=True, exist_ok=True)
+    seq = {r: 0 for r in ranks}
+    clock = [1_700_000_000.0]
+
+    def rec(rank, event, epoch, step, **kw):
+        clock[0] += 0.25
+        r = make_record(run_id=run_id, event=event, rank=rank, attempt=attempt, seq=seq[rank],
+                        epoch=epoch, step=step, now=clock[0], **kw)
+        seq[rank] += 1
+        return r
+
+    def write_png(path: Path, shade: int):
+        Image.new("RGB", (8, 8), (shade % 256, 80, 160)).save(path)
+
+    (save / "args.yaml").write_text(
+        "".join(f"{k}: {json.dumps(v)}\n" for k, v in (config or {"epochs": epochs}).items()))
+    step = 0
+    for r in ranks:
+        yield rec(r, "on_pretrain_routine_start", 0, 0)
+        yield rec(r, "on_train_start", 0, 0)
+    for epoch in range(epochs):
+        for r in ranks:
+            yield rec(r, "on_train_epoch_start", epoch, step)
+        for b in range(steps):
+            step += 1
+            for r in ranks:
+                loss = 1.0 / step + 0.01 * r
+                yield rec(r, "on_train_batch_end", epoch, step,
+                          metrics={"train/box_loss": loss, "train/cls_loss": 2 * loss, "lr/pg0": 0.01 / step})
+        for r in ranks:
+            yield rec(r, "on_train_epoch_end", epoch, step, metrics={"train/box_loss": 0.5 / (epoch + 1)})
+        r0 = ranks[0]
+        yield rec(r0, "on_val_start", epoch, step)
+        yield rec(r0, "on_val_end", epoch, step, metrics={"metrics/mAP50(B)": 0.3 + 0.1 * epoch})
+        ckpt = {"epoch": epoch, "model": {"w": torch.full((4,), float(epoch))}, "args": dict(config or {})}
+        torch.save(ckpt, save / "weights" / "last.pt")
+        torch.save(ckpt, save / "weights" / "best.pt")
+        yield rec(r0, "on_model_save", epoch, step, artifacts={
+            "last": str(save / "weights" / "last.pt"), "best": str(save / "weights" / "best.pt")})
+        with open(save / "results.csv", "a") as fh:
+            fh.write(f"{epoch},{0.3 + 0.1 * epoch}\n")
+        write_png(save / "results.png", epoch * 40)
+        for r in ranks:
+            metrics = {"metrics/mAP50(B)": 0.3 + 0.1 * epoch, "val/box_loss": 0.9 - 0.1 * epoch,
+                       "fitness": 0.2 + 0.1 * epoch} if r == r0 else {}
+            artifacts = {"results.csv": str(save / "results.csv"), "results.png": str(save / "results.png")}
+            yield rec(r, "on_fit_epoch_end", epoch, step, metrics=metrics,
+                      artifacts=artifacts if r == r0 else None)
+    r0 = ranks[0]
+    write_png(save / "confusion_matrix.png", 7)
+    yield rec(r0, "on_fit_epoch_end", epochs, step, final_eval=True,
+              metrics={"metrics/mAP50(B)": 0.42, "fitness": 0.33},
+              artifacts={"confusion_matrix.png": str(save / "confusion_matrix.png")})
+    yield rec(r0, "on_train_end", epochs, step, artifacts={"args.yaml": str(save / "args.yaml"),
+                                                           "results.png": str(save / "results.png")})
+    for r in ranks:
+        yield rec(r, "teardown", epochs, step)
+
+
+def expected_metrics(records, step_prefix: str = "step/") -> dict[str, list[tuple[int, float, int]]]:
+    """What MLflowSink must log for ``records``: key -> sorted (step, value, timestamp_ms)."""
+    from callbacks.sinks.mlflow_sink import metric_key
+    out: dict[str, list] = {}
+    for r in records:
+        if r["rank"] > 0 or not r["metrics"]:
+            continue
+        if r["event"] == "on_train_batch_end":
+            prefix, step = step_prefix, r["step"]
+        elif r["event"] == "on_fit_epoch_end":
+            prefix, step = ("final/" if r["final_eval"] else ""), r["epoch"]
+        else:
+            continue
+        for k, v in r["metrics"].items():
+            out.setdefault(metric_key(prefix + k), []).append((step, v, int(r["time"] * 1000)))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def metric_histories(client, run_id: str, keys) -> dict[str, list[tuple[int, float, int]]]:
+    return {k: sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, k))
+            for k in keys}

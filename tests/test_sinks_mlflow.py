@@ -1,0 +1,231 @@
+"""MLflowSink against a real `mlflow server` subprocess: logging, outage survival, replay, secrets."""
+from __future__ import annotations
+
+import logging
+import pickle
+import threading
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from callbacks.sinks import EventLogSink, MLflowSink, create_run, replay_run
+from callbacks.sinks.redact import MASK
+from servers import MlflowServer, expected_metrics, free_port, metric_histories, record_stream
+from trainers.utils import LOGGER, UserError
+
+CONFIG = {"epochs": 2, "lr0": 0.01, "model": "det-n.yaml", "db_password": "hunter2-pass",
+          "data": {"path": "datasets/shapes8", "token": "tok-12345678"}}
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """Two servers started in parallel: the main one and a replay target."""
+    root = tmp_path_factory.mktemp("mlflow")
+    pair = [MlflowServer(root / "a"), MlflowServer(root / "b")]
+    errors = []
+
+    def start(srv):
+        try:
+            srv.start()
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in pair]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    try:
+        if errors:
+            raise errors[0]
+        yield pair
+    finally:
+        for srv in pair:
+            srv.stop()
+
+
+@pytest.fixture
+def server(servers):
+    return servers[0]
+
+
+class Lines(logging.Handler):
+    """Collects formatted log lines of the orchestrator and mlflow loggers."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+
+    def __enter__(self):
+        for name in ("orchestrator", "mlflow"):
+            logging.getLogger(name).addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        for name in ("orchestrator", "mlflow"):
+            logging.getLogger(name).removeHandler(self)
+
+
+def artifact_paths(client, run_id, path=None) -> list[str]:
+    out = []
+    for info in client.list_artifacts(run_id, path):
+        out.extend(artifact_paths(client, run_id, info.path) if info.is_dir else [info.path])
+    return out
+
+
+def test_logs_params_metrics_artifacts_status(server, tmp_path):
+    records = list(record_stream(tmp_path / "save", run_id="orch-1", config=CONFIG))
+    run_id = create_run(server.url, "proj", "exp-a", CONFIG, {"team": "vision"})
+    sink = MLflowSink(server.url, "proj", "exp-a", CONFIG, {"team": "vision"}, run_id=run_id,
+                      spool_dir=str(tmp_path / "spool"))
+    sink = pickle.loads(pickle.dumps(sink))  # as shipped into the actor
+    for record in records:
+        getattr(sink, record["event"])(record)
+    report = sink.close("FINISHED")
+    assert report["pending_points"] == 0 and report["pending_files"] == [] and report["status"] == "FINISHED"
+
+    client = MlflowClient(server.url)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "exp-a"
+    assert client.get_experiment(run.info.experiment_id).name == "proj"
+    assert run.data.params["lr0"] == "0.01" and run.data.params["data.path"] == "datasets/shapes8"
+    assert run.data.params["db_password"] == MASK and run.data.params["data.token"] == MASK
+    assert run.data.tags["team"] == "vision" and run.data.tags["orchestrator.run_id"] == "orch-1"
+
+    expected = expected_metrics(records)
+    assert set(run.data.metrics) == set(expected)
+    assert {"step/train/box_loss", "metrics/mAP50B", "final/metrics/mAP50B", "final/fitness"} <= set(expected)
+    assert metric_histories(client, run_id, expected) == expected
+    assert [s for s, _, _ in expected["metrics/mAP50B"]] == [0, 1]
+    assert [s for s, _, _ in expected["final/metrics/mAP50B"]] == [2]
+
+    paths = artifact_paths(client, run_id)
+    assert {"weights/best.pt", "results.csv", "results.png", "args.yaml", "confusion_matrix.png"} <= set(paths)
+    assert "weights/last.pt" not in paths
+    assert any(p.startswith("events/part-") and p.endswith(".parquet") for p in paths)
+    csv = (server.root / "artifacts").rglob("results.csv")
+    assert next(csv).read_text() == (tmp_path / "save" / "results.csv").read_text()  # latest wins
+
+
+def test_outage_mid_run_delivers_every_point_once(server, tmp_path):
+    records = list(record_stream(tmp_path / "save", run_id="orch-2", epochs=2, steps=40))
+    run_id = create_run(server.url, "proj", "exp-outage", {"epochs": 2}, {})
+    sink = MLflowSink(server.url, "proj", "exp-outage", {"epochs": 2}, {}, run_id=run_id,
+                      spool_dir=str(tmp_path / "spool"), max_queue=50, close_timeout=90)
+    half = len(records) // 2
+    with Lines() as log:
+        for record in records[:half]:
+            getattr(sink, record["event"])(record)
+        assert sink.flush(timeout=60)
+        server.stop()
+        for record in records[half:]:       # the server is gone: nothing blocks
+            getattr(sink, record["event"])(record)
+        assert not sink.flush(timeout=3)
+        outage = sink.report()
+        assert outage["pending_points"] > 50 and sink._points.on_disk > 0  # spilled beyond max_queue
+        time.sleep(7)                       # ~10 s down in total, with retries failing
+        server.start()
+        report = sink.close("FINISHED")
+    assert any("delivery failed" in line for line in log.lines)
+    assert report["pending_points"] == 0 and report["pending_files"] == []
+    client = MlflowClient(server.url)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    expected = expected_metrics(records)
+    assert metric_histories(client, run_id, expected) == expected  # every point exactly once
+    assert "weights/best.pt" in artifact_paths(client, run_id)
+
+
+def test_close_while_unreachable_reports_and_keeps_data(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens here
+    records = list(record_stream(tmp_path / "save", run_id="orch-3", epochs=1, steps=5, ranks=(0,)))
+    sink = MLflowSink(url, "proj", "down", {"epochs": 1}, {}, run_id="0" * 32, max_queue=4,
+                      spool_dir=str(tmp_path / "spool"), close_timeout=3)
+    with Lines() as log:
+        for record in records:
+            getattr(sink, record["event"])(record)
+        report = sink.close("FAILED")
+    assert report["pending_points"] == len([p for v in expected_metrics(records).values() for p in v])
+    assert "results.csv" in report["pending_files"] and "weights/best.pt" in report["pending_files"]
+    spool = report["spool_dir"]
+    assert spool and any(p.suffix == ".jsonl" for p in (tmp_path / "spool").rglob("*"))
+    assert any("not fully delivered" in line and spool in line for line in log.lines)
+    assert sink.close("FAILED") == report  # idempotent
+
+
+def test_create_run_unreachable_is_a_user_error():
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(UserError, match=f"tracking_uri={url}"):
+        create_run(url, "proj", "x", {}, {})
+
+
+def test_sink_without_run_id_creates_and_reattaches(server, tmp_path):
+    """A restarted actor re-creates the sink from the same args: it must find the same run."""
+    records = list(record_stream(tmp_path / "save", run_id="orch-4", epochs=1, steps=3, ranks=(0,)))
+    first = MLflowSink(server.url, "proj", "lazy", {"a": 1}, {}, event_log=False)
+    for record in records[:5]:
+        getattr(first, record["event"])(record)
+    assert first.flush(timeout=60)
+    again = pickle.loads(pickle.dumps(MLflowSink(server.url, "proj", "lazy", {"a": 1}, {}, event_log=False)))
+    for record in records:
+        getattr(again, record["event"])(record)
+    report = again.close("KILLED")
+    assert report["run_id"] == first.report()["run_id"]
+    client = MlflowClient(server.url)
+    assert client.get_run(report["run_id"]).info.status == "KILLED"
+    expected = expected_metrics(records)
+    assert metric_histories(client, report["run_id"], expected) == expected
+
+
+def test_replay_into_second_server_matches(servers, tmp_path):
+    source, target = servers
+    records = list(record_stream(tmp_path / "save", run_id="orch-5", epochs=2, steps=5))
+    store = tmp_path / "store"
+    sink = MLflowSink(source.url, "proj", "orig", {"epochs": 2}, {}, event_log=False)
+    log = EventLogSink(str(store), "orch-5", max_rows=17)
+    for record in records:
+        getattr(sink, record["event"])(record)
+        getattr(log, record["event"])(record)
+    original = sink.close("FINISHED")["run_id"]
+    log.close("FINISHED")
+
+    new_id = replay_run(str(store), "orch-5", target.url)
+    src, dst = MlflowClient(source.url), MlflowClient(target.url)
+    keys = src.get_run(original).data.metrics.keys()
+    assert set(dst.get_run(new_id).data.metrics) == set(keys)
+    assert metric_histories(dst, new_id, keys) == metric_histories(src, original, keys)
+    assert dst.get_run(new_id).info.status == "FINISHED"
+    assert dst.get_experiment(dst.get_run(new_id).info.experiment_id).name == "replay"
+
+
+def test_secrets_never_reach_params_tags_artifacts_or_logs(server, tmp_path, monkeypatch):
+    aws_secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY42"
+    password = "s3cr3t-Passw0rd"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", aws_secret)
+    config = {"epochs": 1, "password": password, "db": {"url": f"postgresql://me:{password}@db/x"},
+              "note": f"uses {aws_secret}", "storage": "s3://bucket/prefix"}
+    tags = {"creds": aws_secret, "owner": "me"}
+    records = list(record_stream(tmp_path / "save", run_id="orch-6", epochs=1, steps=3, ranks=(0,),
+                                 config=config))
+    with Lines() as log:
+        run_id = create_run(server.url, "proj", "secrets", config, tags)
+        sink = MLflowSink(server.url, "proj", "secrets", config, tags, run_id=run_id)
+        for record in records:
+            getattr(sink, record["event"])(record)
+        LOGGER.info(f"config password is {password}, key {aws_secret}")  # a careless log line
+        report = sink.close("FINISHED")
+    assert report["pending_files"] == []
+    run = MlflowClient(server.url).get_run(run_id)
+    assert run.data.params["password"] == MASK and run.data.params["storage"] == "s3://bucket/prefix"
+    visible = [*run.data.params.values(), *run.data.params.keys(), *run.data.tags.values()]
+    assert not [v for v in visible if password in v or aws_secret in v]
+    files = [p for p in (server.root / "artifacts").rglob("*") if p.is_file() and run_id in str(p)]
+    assert {p.name for p in files} >= {"args.yaml", "best.pt"}
+    for path in files:
+        data = path.read_bytes()
+        assert password.encode() not in data and aws_secret.encode() not in data, path
+    assert log.lines and not [line for line in log.lines if password in line or aws_secret in line]
+    server_log = server.log.read_text()
+    assert password not in server_log and aws_secret not in server_log
