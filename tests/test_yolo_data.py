@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -96,6 +98,21 @@ def test_generate_refuses_to_overwrite_and_ensure_reuses(tmp_path):
     assert ensure_shapes8(root) == yaml_path and yaml_path.stat().st_mtime_ns == stamp
 
 
+def test_concurrent_first_use_yields_one_complete_dataset(tmp_path):
+    root = tmp_path / "shapes8"
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(2, mp_context=ctx) as pool:
+        paths = list(pool.map(_ensure_small, [root, root, root]))
+    assert paths == [root / "data.yaml"] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes8"]  # no temp folders left
+    assert len(list((root / "images" / "train").glob("*.png"))) == 4
+    assert _files(root) == _files(generate_shapes(tmp_path / "ref", n_train=4, n_val=2).parent)
+
+
+def _ensure_small(root):
+    return ensure_shapes8(root, n_train=4, n_val=2)
+
+
 # ----------------------------------------------------------------------------- data YAML
 def _layout(root, splits=("train", "val")):
     for s in splits:
@@ -160,7 +177,8 @@ def test_strict_raises_with_file_and_line(tmp_path):
         YOLODataset(img_dir, 64, strict=True, nc=2)
     msg = str(e.value)
     assert "\n" not in msg
-    assert msg == f"{tmp_path / 'labels' / 'val' / 'ghost.txt'}: missing image for this label file (and 5 more problem(s))"
+    ghost = tmp_path / "labels" / "val" / "ghost.txt"
+    assert msg == f"{ghost}: missing image for this label file (and 5 more problem(s))"
 
 
 def test_default_skips_and_warns_once(tmp_path, warnings_seen):

@@ -50,14 +50,17 @@ def generate_shapes(out, n_train: int = 480, n_val: int = 120, imgsz: int = 96, 
     return out / "data.yaml"
 
 
-def ensure_shapes8(root="datasets/shapes8") -> Path:
-    """The built-in ``shapes8.yaml`` dataset: generated under ``root`` on first use."""
+def ensure_shapes8(root="datasets/shapes8", **kwargs) -> Path:
+    """The built-in ``shapes8.yaml`` dataset: generated under ``root`` on first use.
+
+    Safe when several processes call it at once; ``kwargs`` go to ``generate_shapes``.
+    """
     yaml_path = Path(root) / "data.yaml"
     if yaml_path.is_file():
         return yaml_path
     LOGGER.info(f"Generating the shapes8 dataset in {root} ...")
     try:
-        return generate_shapes(root)
+        return generate_shapes(root, **kwargs)
     except UserError:
         if yaml_path.is_file():  # another process finished first
             return yaml_path

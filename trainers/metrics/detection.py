@@ -326,7 +326,7 @@ def _match_image(pred, target) -> tuple:
     pred = torch.as_tensor(pred).detach().to("cpu", torch.float64).reshape(-1, 6)
     target = torch.as_tensor(target).detach().to("cpu", torch.float64).reshape(-1, 5)
     pred = pred[pred[:, 4].argsort(descending=True, stable=True)]
-    iou = box_iou(target[:, 1:], pred[:, :4]) if len(pred) and len(target) else torch.zeros(len(target), len(pred), dtype=torch.float64)
+    iou = box_iou(target[:, 1:], pred[:, :4])  # (m, n), empty when either side is
     tp = _greedy_match(pred[:, 5].numpy(), target[:, 0].numpy(), iou.numpy(), IOUV, np.arange(len(pred)))
     return tp, pred[:, 4].numpy().copy(), pred[:, 5].numpy().copy(), target[:, 0].numpy().copy()
 
