@@ -139,6 +139,8 @@ class MlflowServer(_Process):
     def env(self) -> dict:
         env = dict(os.environ)
         env.pop("MLFLOW_TRACKING_URI", None)
+        # The GenAI job runner (a dozen worker processes) is not needed for tracking.
+        env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
         return env
 
 

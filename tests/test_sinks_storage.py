@@ -1,0 +1,182 @@
+"""Object storage, event log and checkpoint sinks against a local dir and a real moto S3 server.
+
+The S3 endpoint is reached through a TCP proxy on 127.0.0.1 that the outage tests cut and
+restore: moto keeps its buckets in memory, so the server itself must stay up.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import pickle
+import time
+
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from callbacks.sinks import (EVENT_SCHEMA, CheckpointSink, EventLogSink, ObjectStore, checkpoint_key,
+                             read_event_log)
+from callbacks.sinks.event_log import run_prefix
+from servers import MotoServer, TcpProxy, record_stream
+from trainers.utils import UserError
+
+BUCKET = "orchestrator-test"
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    with MotoServer(tmp_path_factory.mktemp("moto")) as server:
+        server.create_bucket(BUCKET)
+        yield server
+
+
+@pytest.fixture
+def proxy(moto, monkeypatch):
+    """The S3 endpoint as clients see it (through the proxy); AWS env points there."""
+    with TcpProxy(moto.port) as p:
+        for key, value in moto.client_env().items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", p.url)
+        yield p
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_uri(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "store")
+    request.getfixturevalue("proxy")
+    return f"s3://{BUCKET}/{request.node.name.replace('[', '-').rstrip(']')}-{time.time_ns()}"
+
+
+def feed(sink, records):
+    for record in records:
+        getattr(sink, record["event"])(record)
+
+
+def test_object_store_roundtrip(store_uri, tmp_path):
+    store = pickle.loads(pickle.dumps(ObjectStore.from_uri(store_uri)))
+    store.check()
+    assert store.uri("a/b.txt").endswith("a/b.txt")
+    store.put_bytes("a/b.txt", b"hello")
+    store.put_bytes("a/b.txt", b"hello again")  # same key: rewrite, no duplicate
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(range(256)) * (17 * 4096 + 3))  # > 16 MiB: multipart on S3
+    store.put_file("c/big.bin", big)
+    assert store.get_bytes("a/b.txt") == b"hello again"
+    assert store.get_bytes("c/big.bin") == big.read_bytes()
+    assert store.exists("a/b.txt") and not store.exists("a/missing.txt")
+    assert store.list() == ["a/b.txt", "c/big.bin"]
+    assert store.list("a/") == ["a/b.txt"]
+    if store_uri.startswith("s3://"):
+        head = store.client.head_object(Bucket=BUCKET, Key=store._key("c/big.bin"))
+        assert "-" in head["ETag"]  # uploaded in parts
+    with pytest.raises(ValueError, match="bad object key"):
+        store.put_bytes("../escape", b"x")
+
+
+def test_bad_storage_uris_are_user_errors(proxy):
+    with pytest.raises(UserError, match="unsupported URI scheme 'gs'"):
+        ObjectStore.from_uri("gs://bucket/x")
+    with pytest.raises(UserError, match="no-such-bucket"):
+        ObjectStore.from_uri("s3://no-such-bucket/x").check()
+
+
+def test_event_log_roundtrip_one_schema(store_uri, tmp_path):
+    records = list(record_stream(tmp_path / "save", run_id="run-a", epochs=2, steps=7))
+    sink = pickle.loads(pickle.dumps(EventLogSink(store_uri, "run-a", max_rows=9,
+                                                  spool_dir=str(tmp_path / "spool"))))
+    feed(sink, records)
+    # an actor restart re-sends the last records: the log keeps one row per (rank, attempt, seq)
+    again = EventLogSink(store_uri, "run-a", max_rows=5)
+    feed(again, records[-12:])
+    assert sink.close("FINISHED")["pending_parts"] == []
+    assert again.close("FINISHED")["pending_parts"] == []
+
+    store = ObjectStore.from_uri(store_uri)
+    keys = store.list(run_prefix("run-a"))
+    assert len(keys) > 4 and all(k.split("/")[-1].startswith("part-") for k in keys)
+    for key in keys:  # every part has the one schema
+        assert pq.read_schema(io.BytesIO(store.get_bytes(key))).remove_metadata() == EVENT_SCHEMA
+    table = read_event_log(store_uri, "run-a")
+    assert table.num_rows == len(records)
+    rows = table.to_pylist()
+    assert {r["run_id"] for r in rows} == {"run-a"}
+    got = {(r["rank"], r["seq"]): r for r in rows}
+    for rec in records:
+        row = got[(rec["rank"], rec["seq"])]
+        assert (row["event"], row["step"], row["epoch"], row["time"], row["final_eval"]) == \
+            (rec["event"], rec["step"], rec["epoch"], rec["time"], rec["final_eval"])
+        assert dict(row["metrics"]) == rec["metrics"] and dict(row["artifacts"]) == rec["artifacts"]
+    # plain pyarrow.dataset over the whole events/ tree works too (hive partitioning by run)
+    fs, base = store.arrow_fs()
+    whole = ds.dataset(f"{base}/events", filesystem=fs, format="parquet", partitioning="hive")
+    assert whole.to_table(filter=ds.field("run_id") == "run-a").num_rows >= len(records)
+    assert read_event_log(store_uri, "no-such-run").num_rows == 0
+
+
+def test_checkpoint_sink_uploads_latest_and_skips_unchanged(store_uri, tmp_path):
+    sink = CheckpointSink(store_uri, "run-c", spool_dir=str(tmp_path / "spool"))
+    saves = []
+    for record in record_stream(tmp_path / "save", run_id="run-c", epochs=3, steps=2, ranks=(0,)):
+        getattr(sink, record["event"])(record)   # files change between epochs, as in training
+        if record["event"] == "on_model_save":
+            saves.append(record)
+            assert sink._courier.flush(30)
+    assert sink.report()["uploads"] == 6
+    feed(sink, saves[-1:])  # same files again: nothing new to upload
+    report = sink.close("FINISHED")
+    assert report["pending"] == [] and report["uploads"] == 6
+    store = ObjectStore.from_uri(store_uri)
+    for name in ("last", "best"):
+        blob = store.get_bytes(checkpoint_key("run-c", name))
+        ckpt = torch.load(io.BytesIO(blob), weights_only=True)
+        assert ckpt["epoch"] == 2  # the latest one
+
+
+def test_s3_outage_keeps_parts_and_checkpoints(proxy, tmp_path):
+    uri = f"s3://{BUCKET}/outage-{time.time_ns()}"
+    total = len(list(record_stream(tmp_path / "dry", run_id="run-o", epochs=3, steps=10)))
+    stream = record_stream(tmp_path / "save", run_id="run-o", epochs=3, steps=10)
+    log = EventLogSink(uri, "run-o", max_rows=10, spool_dir=str(tmp_path / "spool"), close_timeout=60)
+    ckpt = CheckpointSink(uri, "run-o", spool_dir=str(tmp_path / "spool"), close_timeout=60)
+    records = []
+
+    def step(n):
+        for record in itertools.islice(stream, n):
+            records.append(record)
+            getattr(log, record["event"])(record)
+            getattr(ckpt, record["event"])(record)
+
+    step(total // 3)
+    proxy.cut()
+    step(total // 3)                           # endpoint unreachable: queued locally
+    time.sleep(3)
+    assert log.report()["pending_parts"] and log.report()["last_error"]
+    assert ckpt.report()["pending"]
+    time.sleep(7)                              # ~10 s outage
+    proxy.restore()
+    step(total)
+    assert len(records) == total
+    assert log.close("FINISHED")["pending_parts"] == []
+    assert ckpt.close("FINISHED")["pending"] == []
+    table = read_event_log(uri, "run-o")
+    assert sorted(zip(table["rank"].to_pylist(), table["seq"].to_pylist())) == \
+        sorted((r["rank"], r["seq"]) for r in records)
+    store = ObjectStore.from_uri(uri)
+    for name in ("last", "best"):
+        ckpt_data = torch.load(io.BytesIO(store.get_bytes(checkpoint_key("run-o", name))), weights_only=True)
+        assert ckpt_data["epoch"] == 2
+
+
+def test_close_during_outage_reports_where_parts_are(proxy, tmp_path):
+    uri = f"s3://{BUCKET}/down-{time.time_ns()}"
+    records = list(record_stream(tmp_path / "save", run_id="run-d", epochs=1, steps=3, ranks=(0,)))
+    proxy.cut()
+    log = EventLogSink(uri, "run-d", spool_dir=str(tmp_path / "spool"), close_timeout=2)
+    feed(log, records)
+    report = log.close("FAILED")
+    assert report["pending_parts"] and report["spool_dir"]
+    kept = [p for p in (tmp_path / "spool").rglob("*.parquet")]
+    assert len(kept) == len(report["pending_parts"])
+    assert sum(pq.read_table(p).num_rows for p in kept) == len(records)
