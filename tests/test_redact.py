@@ -1,0 +1,99 @@
+"""Redaction of params, text, files and log lines (the end-to-end check against a real MLflow
+server is in test_sinks_mlflow.py)."""
+from __future__ import annotations
+
+import logging
+
+import torch
+import yaml
+
+from callbacks.sinks.redact import (MASK, SecretFilter, SecretInFile, env_secrets, flatten, install_log_filter,
+                                    key_looks_secret, redact_file, redact_params, redact_text)
+
+AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY99"
+
+
+def test_flatten_joins_nested_keys():
+    assert flatten({"a": {"b": {"c": 1}, "d": [1, 2]}, "e": {}, "f": None}) == \
+        {"a.b.c": 1, "a.d": [1, 2], "e": {}, "f": None}
+
+
+def test_secret_key_names():
+    for name in ("password", "db_password", "apiKey", "AWS_SECRET_ACCESS_KEY", "hf-token", "credentials",
+                 "key", "MLFLOW_TRACKING_PASSWORD"):
+        assert key_looks_secret(name), name
+    for name in ("tokenizer", "max_tokens", "keypoints", "lr0", "monkey", "passes"):
+        assert not key_looks_secret(name), name
+
+
+def test_redact_params(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
+    flat = flatten({"lr0": 0.01, "db": {"password": "hunter2-x", "url": "postgresql://bob:hunter2-x@db:5432/x"},
+                    "access": "AKIAIOSFODNN7EXAMPLE", "blob": AWS_SECRET, "msg": f"key={AWS_SECRET};",
+                    "tracking_uri": "http://127.0.0.1:5000", "token": "", "epochs": 3})
+    out = redact_params(flat)
+    assert out["lr0"] == 0.01 and out["epochs"] == 3 and out["tracking_uri"] == "http://127.0.0.1:5000"
+    assert out["db.password"] == MASK and out["access"] == MASK and out["blob"] == MASK
+    assert out["db.url"] == f"postgresql://{MASK}@db:5432/x"
+    assert out["msg"] == f"key={MASK};"
+    assert out["token"] == ""  # nothing to hide
+    assert not [v for v in out.values() if isinstance(v, str) and ("hunter2" in v or AWS_SECRET in v)]
+
+
+def test_env_secrets_only_from_secret_named_vars(monkeypatch):
+    monkeypatch.setenv("MY_API_TOKEN", "tok-abcdefgh-123")
+    monkeypatch.setenv("HOME_DIR_NAME", "tok-abcdefgh-456")
+    monkeypatch.setenv("SHORT_SECRET", "abc")
+    found = env_secrets()
+    assert "tok-abcdefgh-123" in found and "tok-abcdefgh-456" not in found and "abc" not in found
+
+
+def test_log_filter_masks_env_and_known_secrets(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
+    logger = logging.getLogger("test-redact-filter")
+    logger.propagate = False
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(handler.format(record))
+    logger.addHandler(handler)
+    flt = install_log_filter(logger, ["hunter2-x"])
+    assert install_log_filter(logger) is flt  # installed once
+    logger.warning("creds %s and %s at %s", AWS_SECRET, "hunter2-x", "https://u:pw@host/p")
+    logger.warning("AKIAIOSFODNN7EXAMPLE is an id")
+    assert lines == [f"creds {MASK} and {MASK} at https://{MASK}@host/p", f"{MASK} is an id"]
+    assert isinstance(flt, SecretFilter)
+
+
+def test_redact_text_leaves_plain_text():
+    assert redact_text("epoch 3/10 loss 0.25 s3://bucket/x") == "epoch 3/10 loss 0.25 s3://bucket/x"
+
+
+def test_redact_yaml_and_checkpoint_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
+    args = {"epochs": 3, "password": "hunter2-x", "storage": {"url": "s3://b/p", "note": AWS_SECRET}}
+    src = tmp_path / "args.yaml"
+    src.write_text(yaml.safe_dump(args))
+    redact_file(src, tmp_path / "out.yaml", {"hunter2-x"})
+    out = yaml.safe_load((tmp_path / "out.yaml").read_text())
+    assert out == {"epochs": 3, "password": MASK, "storage": {"url": "s3://b/p", "note": MASK}}
+
+    ckpt = {"epoch": 1, "model": {"w": torch.ones(3)}, "args": args}
+    torch.save(ckpt, tmp_path / "best.pt")
+    redact_file(tmp_path / "best.pt", tmp_path / "clean.pt", {"hunter2-x"})
+    clean = torch.load(tmp_path / "clean.pt", weights_only=True)
+    assert clean["args"]["password"] == MASK and clean["args"]["storage"]["note"] == MASK
+    assert torch.equal(clean["model"]["w"], torch.ones(3)) and clean["epoch"] == 1
+    data = (tmp_path / "clean.pt").read_bytes()
+    assert b"hunter2-x" not in data and AWS_SECRET.encode() not in data
+
+
+def test_unmaskable_binary_is_withheld(tmp_path):
+    src = tmp_path / "blob.bin"
+    src.write_bytes(b"\x00\x01 hunter2-x \x02")
+    try:
+        redact_file(src, tmp_path / "copy.bin", {"hunter2-x"})
+    except SecretInFile as exc:
+        assert "blob.bin" in str(exc)
+    else:
+        raise AssertionError("a file holding a secret was let through")
+    assert not (tmp_path / "copy.bin").exists()
