@@ -82,7 +82,7 @@ def plot_confusion_matrix(matrix: np.ndarray, names: list[str], save_path, norma
     ax.set_ylabel("Predicted")
     ax.set_title("Confusion matrix" + (" (normalized)" if normalize else ""))
     if n <= 30:
-        top = m.max() if m.size else 0
+        top = 1.0 if normalize else (m.max() if m.size else 0)
         for (i, j), v in np.ndenumerate(m):
             if v:
                 ax.text(j, i, f"{v:.2f}" if normalize else f"{int(v)}", ha="center", va="center",
