@@ -2,7 +2,7 @@
 
 All bind 127.0.0.1 on free ports, wait for a health check before returning, and shut down
 their whole process group. ``stop()``/``start()`` keep the port and the on-disk store, so a test
-can take a server away and bring it back. Import with ``from servers import ...`` from tests.
+can take a server away and bring it back. Import with ``from tests.servers import ...``.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from callbacks.sinks import EventLogSink, MLflowSink, create_run, replay_run
 from callbacks.sinks.redact import MASK
-from servers import MlflowServer, expected_metrics, free_port, metric_histories, record_stream
+from tests.servers import MlflowServer, expected_metrics, free_port, metric_histories, record_stream
 from trainers.utils import LOGGER, UserError
 
 CONFIG = {"epochs": 2, "lr0": 0.01, "model": "det-n.yaml", "db_password": "hunter2-pass",

@@ -18,7 +18,7 @@ import torch
 from callbacks.sinks import (EVENT_SCHEMA, CheckpointSink, EventLogSink, ObjectStore, checkpoint_key,
                              read_event_log)
 from callbacks.sinks.event_log import run_prefix
-from servers import MotoServer, TcpProxy, record_stream
+from tests.servers import MotoServer, TcpProxy, record_stream
 from trainers.utils import UserError
 
 BUCKET = "orchestrator-test"

@@ -46,10 +46,11 @@ for _event in EVENTS:
     setattr(Sink, _event, _event_method(_event))
 
 
-def make_spool_dir(spool_dir: str | None, kind: str, run_id: str | None) -> Path:
-    """The sink's own directory for undelivered data (a fresh temp dir when none is given)."""
-    if spool_dir is None:
-        return Path(tempfile.mkdtemp(prefix=f"orchestrator-{kind}-"))
-    path = Path(spool_dir).expanduser() / f"{kind}-{run_id or 'new'}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def make_spool_dir(spool_dir: str | None, kind: str, name: str | None) -> Path:
+    """A fresh directory of this sink instance for undelivered data (under ``spool_dir`` if given)."""
+    parent = None
+    if spool_dir is not None:
+        parent = Path(spool_dir).expanduser()
+        parent.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name or "run"))[:60]
+    return Path(tempfile.mkdtemp(prefix=f"{kind}-{safe}-", dir=parent))

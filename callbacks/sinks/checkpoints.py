@@ -71,6 +71,10 @@ class CheckpointSink(Sink):
             self._uploaded.append(key)
         return len(self._stage) == 0
 
+    def flush(self) -> None:
+        if self._courier is not None:
+            self._courier.kick()
+
     def report(self) -> dict:
         pending = self._stage.targets() if self._stage else []
         return {"sink": "checkpoints", "store": self.store_uri, "run_id": self.run_id,

@@ -32,6 +32,7 @@ from trainers.utils import LOGGER, UserError
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 MAX_KEY = 250
 RUN_ID_TAG = "orchestrator.run_id"
+EVENT_LOG_ROWS = 20_000  # records per event-log part uploaded as an artifact (bounds memory)
 # MLflow's own HTTP retries: short, so a down server fails fast and our backoff takes over.
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
             "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
@@ -163,7 +164,8 @@ class MLflowSink(Sink):
                          params=params, tags=tags, run_id=run_id, parent_run_id=parent_run_id,
                          ckpt_upload_interval=ckpt_upload_interval, spool_dir=spool_dir,
                          max_queue=max_queue, step_prefix=step_prefix, upload_artifacts=upload_artifacts,
-                         event_log=event_log, find_existing=find_existing, batch_size=batch_size, flush_interval=flush_interval,
+                         event_log=event_log, find_existing=find_existing, batch_size=batch_size,
+                         flush_interval=flush_interval,
                          close_timeout=close_timeout)
         self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
         self.params, self.tags = dict(params or {}), dict(tags or {})
@@ -186,7 +188,7 @@ class MLflowSink(Sink):
         install_log_filter(LOGGER, self._secrets)
         import logging
         install_log_filter(logging.getLogger("mlflow"), self._secrets)
-        self._dir = make_spool_dir(self.spool_dir, self.kind, self.run_id)
+        self._dir = make_spool_dir(self.spool_dir, self.kind, self.run_id or self.run_name)
         self._points = Spool(self._dir / "points", self.max_queue)
         self._stage = FileStage(self._dir / "files")
         self._events = PartBuffer()
@@ -226,7 +228,7 @@ class MLflowSink(Sink):
                 self._courier.kick()
         if self.upload_artifacts and record.get("artifacts"):
             self._stage_artifacts(event, record["artifacts"])
-        if event == "on_fit_epoch_end":
+        if event == "on_fit_epoch_end" or (self.event_log and self._events.count >= EVENT_LOG_ROWS):
             self._cut_event_log()
             self._courier.kick()
 
@@ -341,7 +343,6 @@ class MLflowSink(Sink):
         """Ask for delivery now; with ``timeout`` > 0 wait that long for it. True when all went out."""
         if not self._started:
             return True
-        self._cut_event_log()
         if timeout > 0:
             return self._courier.flush(timeout)
         self._courier.kick()
