@@ -1,0 +1,92 @@
+"""Command line: ``orchestrator MODE [cfg=exp.yaml] key=value ...``.
+
+User errors print one line and exit 2; there is no traceback for them.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from orchestrator.config import DEFAULT_CFG_PATH, get_cfg, load_yaml, parse_overrides
+from trainers.utils import UserError
+
+MODES = {
+    "train": "train a model: orchestrator train model=det-n.yaml data=shapes8.yaml epochs=5",
+    "val": "validate a checkpoint: orchestrator val model=runs/detect/train/weights/best.pt",
+    "predict": "predict: orchestrator predict model=best.pt source=images/",
+    "export": "export: orchestrator export model=best.pt format=torchscript",
+    "data": "make a dataset: orchestrator data shapes out=datasets/shapes8 seed=0",
+    "sweep": "hyperparameter sweep on Ray Tune: orchestrator sweep sweep.yaml",
+    "ui": "open the MLflow UI on the embedded store: orchestrator ui [port=5000]",
+    "stack": "local stack (MLflow server, S3, Ray head): orchestrator stack up|down|status",
+    "events": "event log tools: orchestrator events replay run=<id> tracking_uri=<uri>",
+}
+
+
+def usage() -> str:
+    lines = ["usage: orchestrator MODE [cfg=exp.yaml] [key=value ...]", "", "modes:"]
+    lines += [f"  {m:<8} {text}" for m, text in MODES.items()]
+    lines += ["", "config keys (defaults):"]
+    for line in DEFAULT_CFG_PATH.read_text().splitlines():
+        if line and not line.startswith("#"):
+            lines.append("  " + line)
+    return "\n".join(lines)
+
+
+def split_args(argv: list[str]) -> tuple[dict | None, dict]:
+    overrides = parse_overrides(argv)
+    cfg_file = overrides.pop("cfg", None)
+    return (load_yaml(cfg_file) if cfg_file else None), overrides
+
+
+def run_mode(mode: str, argv: list[str]) -> int:
+    if mode in {"train", "val", "predict", "export"}:
+        from orchestrator.commands import run_task_mode
+
+        cfg, overrides = split_args(argv)
+        return run_task_mode(mode, get_cfg(cfg, overrides), {**(cfg or {}), **overrides})
+    if mode == "data":
+        from orchestrator.commands import run_data
+
+        return run_data(argv)
+    if mode == "sweep":
+        from sweeps.cli import run_sweep_cli
+
+        return run_sweep_cli(argv)
+    if mode == "ui":
+        from orchestrator.commands import run_ui
+
+        return run_ui(parse_overrides(argv))
+    if mode == "stack":
+        from infra.local.stack import run_stack_cli
+
+        return run_stack_cli(argv)
+    if mode == "events":
+        from orchestrator.commands import run_events
+
+        return run_events(argv)
+    raise UserError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(usage())
+        return 0
+    try:
+        return run_mode(argv[0], argv[1:]) or 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # e.g. unknown event names from user callbacks
+        if "valid events" in str(exc):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

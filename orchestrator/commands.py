@@ -1,0 +1,91 @@
+"""What each CLI mode does, given validated arguments."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainers.utils import LOGGER, UserError
+
+
+def summary_table(metrics: dict) -> str:
+    if not metrics:
+        return "(no metrics)"
+    width = max(len(k) for k in metrics)
+    rows = [f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}"
+            for k, v in metrics.items()]
+    return "\n".join(["results:", *rows])
+
+
+def run_task_mode(mode: str, args, given: dict) -> int:
+    from orchestrator.model import Model
+
+    model = Model(args.model or ("cls-n.yaml" if args.task == "classify" else "det-n.yaml"), task=args.task)
+    kwargs = {k: v for k, v in given.items() if k not in {"model", "mode"}}
+    if mode == "train":
+        metrics = model.train(**kwargs)
+        print(summary_table(metrics))
+        where = Path(model.trainer.save_dir) if model.trainer else None
+        if where:
+            print(f"run folder: {where}\ncheckpoints: {where / 'weights'}")
+        print(f"MLflow store: {args.tracking_uri}   (open the UI: orchestrator ui)")
+    elif mode == "val":
+        print(summary_table({k: v for k, v in model.val(**kwargs).items()}))
+    elif mode == "predict":
+        kwargs.setdefault("save", True)
+        n = 0
+        for result in model.predict(stream=True, **kwargs):
+            n += 1
+            LOGGER.info(f"{result.path}: {_describe(result)}")
+        print(f"{n} images predicted")
+    elif mode == "export":
+        print(f"exported: {model.export(**kwargs)}")
+    return 0
+
+
+def _describe(result) -> str:
+    if result.boxes is not None:
+        return f"{len(result.boxes)} boxes"
+    return f"class {result.names.get(result.probs.top1, result.probs.top1)} ({result.probs.top1conf:.2f})"
+
+
+def run_data(argv: list[str]) -> int:
+    from orchestrator.config import parse_overrides
+
+    if not argv or argv[0] != "shapes":
+        raise UserError("usage: orchestrator data shapes out=datasets/shapes8 [seed=0 n_train=480 n_val=120 imgsz=96]")
+    from trainers.data.shapes import generate_shapes
+
+    opts = parse_overrides(argv[1:])
+    allowed = {"out", "seed", "n_train", "n_val", "imgsz", "overwrite"}
+    for key in opts:
+        if key not in allowed:
+            raise UserError(f"unknown option '{key}' for data shapes; valid: {', '.join(sorted(allowed))}")
+    out = opts.pop("out", "datasets/shapes8")
+    print(f"dataset written: {generate_shapes(out, **opts)}")
+    return 0
+
+
+def run_ui(opts: dict) -> int:
+    import subprocess
+
+    from orchestrator.config import DEFAULTS
+
+    uri = opts.get("tracking_uri", DEFAULTS["tracking_uri"])
+    port = str(opts.get("port", 5000))
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{port}  (Ctrl-C to stop)")
+    return subprocess.call(["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", port])
+
+
+def run_events(argv: list[str]) -> int:
+    from orchestrator.config import DEFAULTS, parse_overrides
+
+    if not argv or argv[0] != "replay":
+        raise UserError("usage: orchestrator events replay run=<run id> tracking_uri=<uri> [storage=<uri>]")
+    opts = parse_overrides(argv[1:])
+    if "run" not in opts or "tracking_uri" not in opts:
+        raise UserError("events replay needs run=<run id> and tracking_uri=<uri>")
+    from callbacks.sinks.replay import replay_run
+
+    new_id = replay_run(opts.get("storage", DEFAULTS["storage"]), str(opts["run"]), opts["tracking_uri"],
+                        experiment=opts.get("experiment", "replay"))
+    print(f"replayed run {opts['run']} into {opts['tracking_uri']} as run {new_id}")
+    return 0

@@ -1,0 +1,116 @@
+"""Configuration: defaults YAML + user YAML + key=value overrides, validated with pydantic.
+
+`default.yaml` is the single list of keys and defaults; the schema below only adds a type where
+the default value does not tell it (null defaults, unions).
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Optional, Union
+
+import yaml
+from pydantic import ConfigDict, ValidationError, create_model
+
+from trainers.utils import UserError
+
+DEFAULT_CFG_PATH = Path(__file__).with_name("default.yaml")
+DEFAULTS: dict[str, Any] = yaml.safe_load(DEFAULT_CFG_PATH.read_text())
+
+# Keys whose type is not the type of their default.
+_TYPES: dict[str, Any] = {
+    "task": Optional[str], "model": Optional[str], "data": Optional[str],
+    "imgsz": Optional[int], "device": Optional[str], "project": Optional[str],
+    "name": Optional[str], "resume": Union[bool, str], "freeze": Optional[Union[int, list[int]]],
+    "conf": Optional[float], "source": Optional[Any], "fitness_weights": Optional[list[float]],
+    "resources_per_worker": Optional[dict[str, float]], "warmup_epochs": float,
+    "fraction": float, "lr0": float, "lrf": float, "momentum": float, "weight_decay": float,
+    "clip_grad": float, "ckpt_upload_interval": float,
+}
+_CHOICES = {
+    "task": {None, "classify", "detect"}, "mode": {"train", "val", "predict", "export"},
+    "optimizer": {"auto", "SGD", "Adam", "AdamW", "RMSProp"}, "format": {"torchscript", "onnx"},
+}
+
+Schema = create_model(
+    "Config",
+    __config__=ConfigDict(extra="forbid", strict=False),
+    **{k: (_TYPES.get(k, type(v) if v is not None else Optional[Any]), v) for k, v in DEFAULTS.items()},
+)
+
+
+class Args(SimpleNamespace):
+    """Config values with attribute access (``trainer.args.epochs``) that also iterate as a dict."""
+
+    def __iter__(self):
+        return iter(vars(self).items())
+
+    def get(self, key, default=None):
+        return getattr(self, key, default)
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def closest_key(key: str) -> str:
+    match = difflib.get_close_matches(key, DEFAULTS, n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def parse_value(text: str):
+    """A CLI value: YAML scalars/lists (``5``, ``true``, ``[1, 2]``, ``null``), else the string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"argument {pair!r} is not key=value; valid keys are listed by --help")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def load_yaml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of key: value")
+    return data
+
+
+def validate(values: dict) -> Args:
+    """Check keys and types of a full or partial config; return the full config."""
+    for key in values:
+        if key not in DEFAULTS:
+            raise UserError(f"unknown config key '{key}'{closest_key(key)}")
+    try:
+        cfg = Schema(**{**DEFAULTS, **values}).model_dump()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = err["loc"][0]
+        want = str(_TYPES.get(key, type(DEFAULTS[key]).__name__)).replace("typing.", "")
+        raise UserError(f"config key '{key}': value {values.get(key)!r} is not valid "
+                        f"(expected {want})") from None
+    for key, allowed in _CHOICES.items():
+        if cfg[key] not in allowed:
+            options = ", ".join(sorted(str(a) for a in allowed if a is not None))
+            raise UserError(f"config key '{key}': value {cfg[key]!r} is not one of {options}")
+    return Args(**cfg)
+
+
+def get_cfg(cfg: str | Path | dict | None = None, overrides: dict | None = None) -> Args:
+    """Defaults, then a YAML file or dict ``cfg``, then ``overrides``; validated."""
+    values = dict(load_yaml(cfg) if isinstance(cfg, (str, Path)) else (cfg or {}))
+    values.update(overrides or {})
+    return validate(values)

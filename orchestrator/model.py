@@ -1,0 +1,126 @@
+"""The ``Model`` facade (SPEC §2): train, val, predict, export, callbacks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from callbacks.events import check_event
+from callbacks.registry import add_callback, copy_registry, new_registry
+from orchestrator.config import get_cfg
+from orchestrator.tasks import task_class
+from trainers.engine import checkpoint as ckpt_io
+from trainers.engine.exporter import Exporter
+from trainers.engine.factory import TrainerFactory
+from trainers.models.build import load_spec, spec_task
+from trainers.utils import LOGGER, UserError
+
+# Config keys a checkpoint passes on to val/predict/export of the same model.
+_INHERITED = ("task", "data", "imgsz", "single_cls")
+
+
+class Model:
+    """A model spec (``det-n.yaml``) or a checkpoint (``best.pt``) with Ultralytics' verbs."""
+
+    def __init__(self, model: str | Path = "det-n.yaml", task: str | None = None):
+        self.callbacks = new_registry()
+        self.driver_callbacks: list[tuple[str, object]] = []
+        self.ckpt_path: Path | None = None
+        self.model = None
+        self.metrics = None
+        self.trainer = None
+        if str(model).endswith(".pt"):
+            self._load(model)
+        else:
+            self.spec = str(model)
+            self.task = task or spec_task(load_spec(model))
+            self.overrides = {"model": self.spec, "task": self.task}
+
+    def _load(self, path) -> None:
+        ckpt = ckpt_io.load_checkpoint(path)
+        self.model = ckpt_io.build_model(ckpt)
+        self.ckpt_path = Path(path)
+        self.spec = ckpt["model_yaml"]
+        args = ckpt.get("train_args", {})
+        self.task = args.get("task")
+        self.overrides = {k: args[k] for k in _INHERITED if args.get(k) is not None}
+        self.overrides["model"] = str(path)
+
+    # ------------------------------------------------------------------ callbacks
+    def add_callback(self, event, fn=None, where: str = "worker") -> None:
+        """``where="worker"``: fn(trainer) in every worker; ``"driver"``: fn(record) on the driver."""
+        if where == "driver":
+            self.driver_callbacks.append((check_event(event), fn))
+        elif where == "worker":
+            add_callback(self.callbacks, event, fn)
+        else:
+            raise ValueError(f"where must be 'worker' or 'driver', got {where!r}")
+
+    def clear_callback(self, event: str) -> None:
+        self.callbacks[check_event(event)] = []
+
+    # ------------------------------------------------------------------ verbs
+    def train(self, trainer=None, **kwargs) -> dict:
+        """Train with ``trainer`` (a class) in this process or on Ray Train workers."""
+        trainer_cls = self._trainer_class(trainer)
+        overrides = {**self.overrides, **kwargs, "mode": "train"}
+        args = get_cfg(None, overrides)  # fail fast on bad keys, before any worker starts
+        factory = TrainerFactory(trainer_cls, overrides, copy_registry(self.callbacks))
+        if args.num_workers > 0:
+            from orchestrator.ray_launch import run_on_ray
+
+            result = run_on_ray(factory, args, self.driver_callbacks)
+            metrics, best = result["metrics"], result["best"]
+        else:
+            from orchestrator.local_run import run_in_process
+
+            self.trainer, metrics = run_in_process(factory, args, self.driver_callbacks)
+            best = self.trainer.best if self.trainer.best.is_file() else self.trainer.last
+        if best and Path(best).is_file():
+            self._load(best)
+        self.metrics = metrics
+        return metrics
+
+    def val(self, **kwargs) -> dict:
+        args = self._args("val", kwargs)
+        validator = task_class(self.task, "validator")(args=args, _callbacks=copy_registry(self.callbacks))
+        self.metrics = validator(model=self._model_for(args))
+        return self.metrics
+
+    def predict(self, source=None, stream: bool = False, **kwargs):
+        args = self._args("predict", {"save": False, **kwargs})
+        predictor = task_class(self.task, "predictor")(args=args, _callbacks=copy_registry(self.callbacks))
+        return predictor(source=source if source is not None else args.source,
+                         model=self._model_for(args), stream=stream)
+
+    __call__ = predict
+
+    def export(self, **kwargs) -> str:
+        args = self._args("export", kwargs)
+        exporter = Exporter(args=args, _callbacks=copy_registry(self.callbacks))
+        stem = self.ckpt_path.with_suffix("") if self.ckpt_path else None
+        return exporter(self._model_for(args), stem=stem)
+
+    # ------------------------------------------------------------------ helpers
+    def _args(self, mode: str, kwargs: dict):
+        args = get_cfg(None, {**self.overrides, **kwargs, "mode": mode})
+        if args.imgsz is None:
+            args.imgsz = task_class(self.task, "trainer").default_imgsz
+        return args
+
+    def _model_for(self, args):
+        if self.model is None:
+            LOGGER.warning(f"{self.spec} has no trained weights: using a freshly initialised model")
+            trainer = task_class(self.task, "trainer")(overrides={**self.overrides, "data": args.data})
+            trainer.data = trainer.get_dataset()
+            self.model = trainer.get_model(cfg=self.spec, verbose=False)
+        return self.model.to(args.device or "cpu")
+
+    def _trainer_class(self, trainer):
+        if trainer is None:
+            return task_class(self.task, "trainer")
+        if not isinstance(trainer, type):
+            raise UserError(f"trainer= takes a class, not an instance of {type(trainer).__name__}")
+        from trainers.engine.trainer import BaseTrainer
+
+        if not issubclass(trainer, BaseTrainer):
+            raise UserError(f"trainer= must be a subclass of BaseTrainer, got {trainer.__name__}")
+        return trainer

@@ -1,0 +1,43 @@
+"""The command line: help, and one clear line (exit 2, no traceback) for each bad input."""
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_help_lists_modes_and_keys():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for word in ("train", "val", "predict", "export", "epochs", "clip_grad", "fitness_weights"):
+        assert word in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "epoch=3"], "unknown config key 'epoch'; did you mean 'epochs'?"),
+    (["train", "epochs=abc"], "config key 'epochs': value 'abc' is not valid (expected int)"),
+    (["train", "optimizer=Adamm"], "config key 'optimizer': value 'Adamm' is not one of"),
+    (["train", "model=cls-n.yaml", "data=missing_dir"], "dataset 'missing_dir' not found"),
+    (["train", "cfg=missing.yaml"], "config file missing.yaml does not exist"),
+    (["train", "model=nope.yaml"], "nope.yaml"),
+    (["val", "model=missing.pt"], "checkpoint missing.pt does not exist"),
+    (["nomode"], "unknown mode 'nomode'"),
+])
+def test_bad_input_gets_one_line(tmp_path, args, message):
+    out = run_cli(*args, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_train_from_cli_prints_summary(tmp_path):
+    out = run_cli("train", "model=cls-n.yaml", "data=digits", "epochs=1", "imgsz=16", "fraction=0.05",
+                  "verbose=false", f"project={tmp_path}", "name=cli", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "metrics/accuracy_top1" in out.stdout and str(tmp_path / "cli" / "weights") in out.stdout
+    assert (tmp_path / "cli" / "results.csv").is_file()

@@ -1,0 +1,153 @@
+"""The training loop: exact event order, overridable methods, checkpoints, resume, export."""
+import torch
+
+from orchestrator import Model
+from tests.helpers import QUICK, EventRecorder
+from trainers.classify import ClassificationTrainer
+
+STEP = ["optimizer_step", "on_before_zero_grad", "on_params_update"]
+
+
+def expected_events(epochs, n_batches, accumulate, n_val_batches):
+    val = ["on_val_start"] + ["on_val_batch_start", "on_val_batch_end"] * n_val_batches + ["on_val_end"]
+    seq = ["on_pretrain_routine_start", "on_pretrain_routine_end", "on_train_start"]
+    for _ in range(epochs):
+        seq.append("on_train_epoch_start")
+        for i in range(n_batches):
+            stepped = (i + 1) % accumulate == 0 or i == n_batches - 1
+            seq += ["on_train_batch_start", *(STEP if stepped else []), "on_train_batch_end"]
+        seq += ["on_train_epoch_end", *val, "on_model_save", "on_fit_epoch_end"]
+    return seq + val + ["on_fit_epoch_end", "on_train_end", "teardown"]
+
+
+def test_exact_event_sequence_of_two_epoch_fit(tmp_path):
+    model = Model("cls-n.yaml")
+    rec = EventRecorder().register(model)
+    model.train(**QUICK, project=str(tmp_path), name="events")
+    trainer = model.trainer
+    n_batches, n_val = len(trainer.train_loader), len(trainer.test_loader)
+    assert (n_batches, trainer.accumulate, n_val) == (5, 2, 12)
+    assert rec.names == expected_events(2, n_batches, trainer.accumulate, n_val)
+    fit_ends = [(epoch, final) for e, epoch, final in rec.events if e == "on_fit_epoch_end"]
+    assert fit_ends == [(0, False), (1, False), (2, True)]
+
+
+class EveryHookTrainer(ClassificationTrainer):
+    """Overrides every method of SPEC §4 and notes each call."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.calls = []
+
+    def _note(self, name):
+        self.calls.append(name)
+
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        self._note("get_model")
+        return super().get_model(cfg, weights, verbose)
+
+    def get_validator(self):
+        self._note("get_validator")
+        return super().get_validator()
+
+    def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
+        self._note(f"get_dataloader:{mode}")
+        return super().get_dataloader(dataset_path, batch_size, rank, mode)
+
+    def preprocess_batch(self, batch):
+        self._note("preprocess_batch")
+        return super().preprocess_batch(batch)
+
+    def set_model_attributes(self):
+        self._note("set_model_attributes")
+        assert not isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+        super().set_model_attributes()
+
+    def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
+        self._note("build_optimizer")
+        return super().build_optimizer(model, name, lr, momentum, decay, iterations)
+
+    def optimizer_step(self):
+        self._note("optimizer_step")
+        super().optimizer_step()
+
+    def validate(self):
+        self._note("validate")
+        return super().validate()
+
+    def save_model(self):
+        self._note("save_model")
+        return super().save_model()
+
+    def label_loss_items(self, loss_items=None, prefix="train"):
+        self._note("label_loss_items")
+        return super().label_loss_items(loss_items, prefix)
+
+
+def test_subclass_sees_every_overridable_method_called(tmp_path):
+    model = Model("cls-n.yaml")
+    model.train(**{**QUICK, "epochs": 1}, trainer=EveryHookTrainer, project=str(tmp_path), name="hooks")
+    calls = model.trainer.calls
+    for name in ["get_model", "get_validator", "get_dataloader:train", "get_dataloader:val", "preprocess_batch",
+                 "set_model_attributes", "build_optimizer", "optimizer_step", "validate", "save_model",
+                 "label_loss_items"]:
+        assert name in calls, name
+    assert calls.index("get_model") < calls.index("set_model_attributes") < calls.index("build_optimizer")
+
+
+def test_checkpoints_are_plain_data_and_finished_run_fine_tunes(tmp_path):
+    model = Model("cls-n.yaml")
+    model.train(**{**QUICK, "epochs": 1}, project=str(tmp_path), name="ckpt")
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(tmp_path / "ckpt" / "weights" / name, weights_only=True)
+        assert ckpt["model_class"] == "trainers.models.tasks.ClassificationModel"
+        assert {"ema", "optimizer", "scaler", "scheduler", "rng", "epoch", "best_fitness", "train_args"} <= set(ckpt)
+    tuned = Model(str(tmp_path / "ckpt" / "weights" / "best.pt"))
+    metrics = tuned.train(**{**QUICK, "epochs": 1}, project=str(tmp_path), name="tuned")
+    assert "metrics/accuracy_top1" in metrics
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    cfg = {**QUICK, "epochs": 4, "project": str(tmp_path)}
+    Model("cls-n.yaml").train(**cfg, name="full")
+
+    def crash_at_epoch_2(trainer):
+        if trainer.epoch == 2:
+            raise RuntimeError("simulated crash")
+
+    crashing = Model("cls-n.yaml")
+    crashing.add_callback("on_train_epoch_start", crash_at_epoch_2)
+    try:
+        crashing.train(**cfg, name="part")
+        raise AssertionError("the crash callback did not fire")
+    except RuntimeError as exc:
+        assert "simulated crash" in str(exc)
+    last = tmp_path / "part" / "weights" / "last.pt"
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    Model("cls-n.yaml").train(resume=str(last))
+    full = torch.load(tmp_path / "full" / "weights" / "last.pt", weights_only=True)
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["epoch"] == full["epoch"] == 3
+    for key in ("model", "ema"):
+        for name, value in full[key].items():
+            assert torch.equal(value, resumed[key][name]), f"{key}.{name} differs"
+
+
+def test_torchscript_export_matches_eager(tmp_path):
+    model = Model("cls-n.yaml")
+    model.train(**{**QUICK, "epochs": 1}, project=str(tmp_path), name="export")
+    path = model.export(format="torchscript", imgsz=16)
+    scripted = torch.jit.load(path)
+    x = torch.rand(3, 1, 16, 16)
+    eager = model.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), eager(x), atol=1e-5)
+
+
+def test_digits_learns(tmp_path):
+    model = Model("cls-n.yaml")
+    metrics = model.train(data="digits", epochs=3, batch=32, nbs=32, imgsz=16, verbose=False, plots=False,
+                          optimizer="AdamW", lr0=0.003, warmup_epochs=0.5, project=str(tmp_path), name="learn")
+    assert metrics["metrics/accuracy_top1"] >= 0.8, metrics
+    pred = model.predict(torch.rand(2, 1, 16, 16), imgsz=16)
+    assert len(pred) == 2 and pred[0].probs is not None

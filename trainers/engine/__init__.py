@@ -1,0 +1,1 @@
+"""The engine: trainer, validator, predictor, exporter and their shared machinery."""

@@ -1,0 +1,460 @@
+"""BaseTrainer: the training loop, its lifecycle events (SPEC §3) and overridable methods (SPEC §4).
+
+Read ``train()`` top to bottom: every event is fired from exactly one place in this file, and each
+overridable method is called from one clear place.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from callbacks.registry import CallbackMixin, new_registry, stateful_callbacks
+from orchestrator.config import Args, get_cfg
+from trainers.engine import checkpoint as ckpt_io
+from trainers.engine.distributed import (any_rank, broadcast_object, is_dist, rank_and_world,
+                                         select_device)
+from trainers.engine.ema import ModelEMA
+from trainers.engine.history import History
+from trainers.engine.optim import lr_lambda, make_optimizer, warmup
+from trainers.engine.stopper import EarlyStopping
+from trainers.utils import LOGGER, UserError, unwrap_model
+
+# Keys a resumed run may change; everything else comes from the checkpoint's args.
+RESUME_OVERRIDES = {"epochs", "device", "workers", "patience", "save_period", "val", "plots",
+                    "verbose", "num_workers", "use_gpu", "resources_per_worker", "max_failures",
+                    "tracking_uri", "storage", "ckpt_upload_interval", "batch"}
+
+
+class BaseTrainer(CallbackMixin):
+    """Task-independent training loop; tasks override the data/model/validator methods."""
+
+    task: str | None = None
+    default_imgsz = 32
+
+    def __init__(self, cfg=None, overrides: dict | None = None, _callbacks: dict | None = None):
+        self.args: Args = get_cfg(cfg, overrides)
+        self.callbacks = _callbacks if _callbacks is not None else new_registry()
+        self.resume_ckpt = self.check_resume()
+        self.rank, self.world_size = rank_and_world()
+        self.device = select_device(self.args.device)
+        if self.args.imgsz is None:
+            self.args.imgsz = self.default_imgsz
+        self.args.task = self.args.task or self.task
+        self.save_dir = self.get_save_dir()
+        self.wdir = self.save_dir / "weights"
+        self.last, self.best = self.wdir / "last.pt", self.wdir / "best.pt"
+        self.epochs, self.start_epoch, self.epoch = self.args.epochs, 0, 0
+        self.step = 0  # optimizer steps taken, across epochs and resumes
+        self.model = self.ema = self.optimizer = self.scheduler = self.scaler = None
+        self.validator = self.data = self.train_loader = self.test_loader = None
+        self.loss = self.loss_items = self.tloss = None
+        self.loss_names: tuple[str, ...] = ("loss",)
+        self.metrics: dict = {}
+        self.fitness = self.best_fitness = None
+        self.freeze_layer_names: list[str] = []
+        self.stop = False
+        self.final_eval = False
+        self.lr: dict[str, float] = {}
+        self.plots: dict[str, str] = {}
+        self._logged: dict[str, float] = {}
+        self._saved_best = False
+        self.history = None
+
+    # ------------------------------------------------------------------ the loop
+    def train(self):
+        """Run the whole fit; ``teardown`` fires last, also after an exception."""
+        try:
+            self._setup_train()
+            self.run_callbacks("on_train_start")
+            for epoch in range(self.start_epoch, self.epochs):
+                self.epoch = epoch
+                self._train_one_epoch()
+                self.run_callbacks("on_train_epoch_end")
+                self.metrics, self.fitness = self._validate_epoch()
+                self._save_epoch()
+                self.run_callbacks("on_fit_epoch_end")
+                self._record_epoch()
+                if self._should_stop():
+                    break
+            self._final_evaluation()
+            if self.is_main:
+                self.plot_metrics()
+                self.run_callbacks("on_train_end")
+            return self.metrics
+        finally:
+            self.run_callbacks("teardown")
+
+    def _setup_train(self) -> None:
+        """Seeds, data, model, optimizer, validator; fires the two pretrain-routine events."""
+        self.run_callbacks("on_pretrain_routine_start")
+        self._t0 = time.time()
+        init_seeds(self.args.seed + 1 + max(self.rank, 0), self.args.deterministic)
+        if self.is_main:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            (self.save_dir / "args.yaml").write_text(yaml.safe_dump(self.args.to_dict(), sort_keys=False))
+        self.history = History(self.save_dir / "results.csv")
+        self.data = self.get_dataset()
+        if self.args.fraction < 1.0:
+            self.data["train"] = take_fraction(self.data["train"], self.args.fraction)
+        self._setup_model()
+        self.batch_size = max(self.args.batch // self.world_size, 1)
+        self.train_loader = self.get_dataloader(self.data["train"], self.batch_size, self.rank, "train")
+        self.test_loader = self.get_dataloader(self.data["val"], self.batch_size * 2, self.rank, "val")
+        self.accumulate = max(round(self.args.nbs / self.args.batch), 1)
+        decay = self.args.weight_decay * self.args.batch * self.accumulate / self.args.nbs
+        iterations = math.ceil(len(self.train_loader.dataset) / max(self.args.batch, self.args.nbs)) * self.epochs
+        self.optimizer = self.build_optimizer(self.model, self.args.optimizer, self.args.lr0,
+                                              self.args.momentum, decay, iterations)
+        self.lf = lr_lambda(self.epochs, self.args.lrf, self.args.cos_lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
+        self.validator = self.get_validator()
+        self.validator.parent = self
+        self.ema = ModelEMA(self.model)
+        self.stopper = EarlyStopping(self.args.patience)
+        if self.resume_ckpt is not None:
+            self.resume_training(self.resume_ckpt)
+        self.run_callbacks("on_pretrain_routine_end")
+
+    def _setup_model(self) -> None:
+        """get_model -> device -> set_model_attributes -> freeze -> AMP -> DDP (SPEC §4 order)."""
+        cfg, weights = self.model_source()
+        self.model = self.get_model(cfg=cfg, weights=weights, verbose=self.args.verbose and self.is_main)
+        self.model.to(self.device)
+        self.set_model_attributes()
+        self.freeze_layer_names = self.freeze_layers()
+        self.amp = bool(self.args.amp) and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        if is_dist():
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DDP(self.model, device_ids=ids, find_unused_parameters=True)
+
+    def _train_one_epoch(self) -> None:
+        """One pass over the training data; the optimizer steps every ``accumulate`` batches."""
+        self._logged = {}
+        self.run_callbacks("on_train_epoch_start")
+        self._set_train_mode()
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        nb = len(self.train_loader)
+        nw = round(min(self.args.warmup_epochs, self.epochs - 1) * nb) if self.args.warmup_epochs > 0 else -1
+        self.tloss = None
+        self.optimizer.zero_grad()
+        for i, batch in self._progress(self.train_loader, nb):
+            ni = i + nb * self.epoch  # batches seen since the start of training
+            self.run_callbacks("on_train_batch_start")
+            if ni <= nw:
+                warmup(self.optimizer, ni, nw, self.lf(self.epoch), self.args)
+            batch = self.preprocess_batch(batch)
+            with torch.autocast(self.device.type, enabled=self.amp):
+                preds = self.model(batch["img"])
+                self.loss, self.loss_items = unwrap_model(self.model).loss(batch, preds)
+            self._check_loss(i)
+            self.tloss = self.loss_items if self.tloss is None else (self.tloss * i + self.loss_items) / (i + 1)
+            self.scaler.scale(self.loss / self.accumulate).backward()
+            if (i + 1) % self.accumulate == 0 or i == nb - 1:
+                self.optimizer_step()
+                self.step += 1
+            self.lr = {f"lr/pg{j}": g["lr"] for j, g in enumerate(self.optimizer.param_groups)}
+            self.run_callbacks("on_train_batch_end")
+            if self.stop and self.world_size == 1:
+                break
+        self.scheduler.step()
+
+    def optimizer_step(self) -> None:
+        """Unscale, clip, step, update the scaler, zero the gradients, update the EMA."""
+        self.scaler.unscale_(self.optimizer)
+        nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.args.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.run_callbacks("optimizer_step")
+        self.run_callbacks("on_before_zero_grad")
+        self.optimizer.zero_grad()
+        self.ema.update(self.model)
+        self.run_callbacks("on_params_update")
+
+    def _validate_epoch(self):
+        """Validate when asked (always on the last epoch); update best fitness."""
+        final_epoch = self.epoch + 1 >= self.epochs
+        if not (self.args.val or final_epoch):
+            return {}, None
+        metrics, fitness = self.validate()
+        metrics = dict(metrics)
+        if fitness is not None:
+            fitness = float(np.nan_to_num(float(fitness)))
+            if self.best_fitness is None or fitness > self.best_fitness:
+                self.best_fitness = fitness
+        return metrics, fitness
+
+    def _save_epoch(self) -> None:
+        """Rank 0 writes last.pt (and best.pt), then fires ``on_model_save``."""
+        self.stop |= self.stopper(self.epoch, self.fitness)
+        self._saved_best = False
+        if self.is_main and (self.args.save or self.epoch + 1 >= self.epochs):
+            if self.save_model() is not False:
+                self.run_callbacks("on_model_save")
+
+    def _record_epoch(self) -> None:
+        if self.is_main:
+            self.history.add(self.epoch_row())
+
+    def _should_stop(self) -> bool:
+        self.stop = any_rank(self.stop, self.device)
+        return self.stop
+
+    def _final_evaluation(self) -> None:
+        """Validate best.pt once more; ``on_fit_epoch_end`` fires with ``final_eval`` True."""
+        state = broadcast_object(self._best_weights() if self.is_main else None)
+        if state is None:
+            return
+        model = unwrap_model(self.model)
+        model.load_state_dict(state)
+        self.epoch, self.final_eval = self.epoch + 1, True
+        self._logged = {}
+        metrics = self.validator(model=model)
+        self.metrics = {k: v for k, v in metrics.items() if k != "fitness" and not k.startswith("val/")}
+        self.fitness = metrics.get("fitness", self.fitness)
+        self.run_callbacks("on_fit_epoch_end")
+        self.final_eval = False
+
+    def _best_weights(self):
+        path = self.best if self.best.is_file() else self.last
+        if not path.is_file():
+            return None
+        ckpt = ckpt_io.load_checkpoint(path)
+        return ckpt.get("ema") or ckpt["model"]
+
+    # ------------------------------------------------------------------ overridable methods
+    def get_dataset(self) -> dict:
+        """Return ``{"train": ..., "val": ..., "nc": int, "names": {i: name}}``."""
+        raise NotImplementedError
+
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        raise NotImplementedError
+
+    def get_validator(self):
+        raise NotImplementedError
+
+    def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
+        raise NotImplementedError
+
+    def preprocess_batch(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def set_model_attributes(self) -> None:
+        """Called with the model on its device and before DDP wraps it (the SyncBatchNorm hook)."""
+        model = self.model
+        model.nc, model.names, model.args = self.data["nc"], self.data["names"], self.args
+
+    def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
+        return make_optimizer(model, name, lr, momentum, decay, iterations, nc=self.data["nc"])
+
+    def validate(self):
+        """Run the validator; return ``(metrics, fitness)``. Fitness decides best.pt and stopping."""
+        metrics = dict(self.validator(trainer=self))
+        fitness = metrics.pop("fitness", None)
+        if fitness is None and self.loss_items is not None:
+            fitness = -float(sum(v for k, v in metrics.items() if k.startswith("val/")))
+        return metrics, fitness
+
+    def save_model(self):
+        """Write last.pt every epoch and best.pt on the best fitness (plain data only)."""
+        data = ckpt_io.to_bytes(self.checkpoint())
+        self.wdir.mkdir(parents=True, exist_ok=True)
+        self.last.write_bytes(data)
+        if self.fitness is not None and self.fitness == self.best_fitness or not self.best.is_file():
+            self.best.write_bytes(data)
+            self._saved_best = True
+        if self.args.save_period > 0 and (self.epoch + 1) % self.args.save_period == 0:
+            (self.wdir / f"epoch{self.epoch + 1}.pt").write_bytes(data)
+        return True
+
+    def label_loss_items(self, loss_items=None, prefix="train"):
+        """Loss names with a prefix; with values, a ``{prefix/name: float}`` dict."""
+        keys = [f"{prefix}/{name}" for name in self.loss_names]
+        if loss_items is None:
+            return keys
+        return {k: round(float(v), 5) for k, v in zip(keys, loss_items)}
+
+    def plot_metrics(self) -> None:
+        if self.args.plots and self.history is not None:
+            path = self.history.plot()
+            if path:
+                self.plots["results.png"] = str(path)
+
+    # ------------------------------------------------------------------ helpers
+    def log(self, metrics: dict) -> None:
+        """Add custom metrics to the current epoch's record (results.csv, MLflow)."""
+        self._logged.update({str(k): float(v) for k, v in metrics.items()})
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank in (-1, 0)
+
+    def record_fields(self, event: str) -> dict:
+        """What the event forwarder sends to the driver for ``event``."""
+        metrics, artifacts = {}, {}
+        if event == "on_train_batch_end" and self.loss_items is not None:
+            metrics = {**self.label_loss_items(self.loss_items), **self.lr}
+        elif event == "on_fit_epoch_end":
+            metrics = dict(self.metrics) if self.final_eval else self.epoch_metrics()
+            if self.fitness is not None:
+                metrics["fitness"] = self.fitness
+        elif event == "on_model_save":
+            artifacts = {"last": str(self.last)}
+            if self._saved_best:
+                artifacts["best"] = str(self.best)
+        elif event == "on_train_end":
+            artifacts = {"results.csv": str(self.history.path), "args.yaml": str(self.save_dir / "args.yaml"),
+                         "best": str(self.best), **self.plots}
+        return {"epoch": self.epoch, "step": self.step, "metrics": metrics, "artifacts": artifacts,
+                "final_eval": self.final_eval}
+
+    def epoch_metrics(self) -> dict:
+        train = self.label_loss_items(self.tloss) if self.tloss is not None else {}
+        return {**train, **self.metrics, **self._logged, **self.lr}
+
+    def epoch_row(self) -> dict:
+        return {"epoch": self.epoch + 1, "time": round(time.time() - self._t0, 2),
+                **self.epoch_metrics(), **({"fitness": self.fitness} if self.fitness is not None else {})}
+
+    def model_source(self):
+        """(spec, weights) from ``args.model``: a spec YAML, or a checkpoint to fine-tune from."""
+        source = self.args.model or f"{'det' if self.task == 'detect' else 'cls'}-n.yaml"
+        if str(source).endswith(".pt"):
+            ckpt = ckpt_io.load_checkpoint(source)
+            return ckpt["model_yaml"], ckpt_io.build_model(ckpt)
+        return source, None
+
+    def freeze_layers(self) -> list[str]:
+        """Freeze ``model.<i>.`` prefixes from ``args.freeze`` (int N -> first N, list -> those)."""
+        freeze = self.args.freeze
+        indices = range(freeze) if isinstance(freeze, int) else (freeze or [])
+        names = [f"model.{i}." for i in indices]
+        for name, p in self.model.named_parameters():
+            if any(name.startswith(prefix) for prefix in names):
+                p.requires_grad_(False)
+        if names:
+            LOGGER.info(f"freezing {len(names)} layers: {', '.join(n.rstrip('.') for n in names)}")
+        return names
+
+    def _set_train_mode(self) -> None:
+        """Train mode, except BatchNorm of frozen layers, which keeps its running statistics."""
+        self.model.train()
+        if not self.freeze_layer_names:
+            return
+        for name, module in unwrap_model(self.model).named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and any(
+                    (name + ".").startswith(prefix) for prefix in self.freeze_layer_names):
+                module.eval()
+
+    def _progress(self, loader, total: int):
+        show = self.args.verbose and self.is_main
+        desc = f"epoch {self.epoch + 1}/{self.epochs}"
+        return enumerate(tqdm(loader, total=total, desc=desc, disable=not show, leave=False))
+
+    def _check_loss(self, batch_i: int) -> None:
+        if not torch.isfinite(self.loss):
+            where = f"{self.last} (epoch {self.epoch})" if self.last.is_file() else "no checkpoint yet"
+            raise UserError(f"loss is {float(self.loss)} at epoch {self.epoch + 1}, batch {batch_i}: "
+                            f"training stopped; last saved weights: {where}; try a lower lr0")
+
+    def checkpoint(self) -> dict:
+        """Plain-data checkpoint: weights, optimizer, scaler, scheduler, RNG and callback state."""
+        entry = ckpt_io.model_entry(self.model)
+        return {
+            **entry, **ckpt_io.stamp(),
+            "ema": ckpt_io.float_state(self.ema.ema), "updates": self.ema.updates,
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
+            "best_fitness": self.best_fitness, "fitness": self.fitness,
+            "train_args": self.args.to_dict(), "train_metrics": dict(self.metrics),
+            "stopper": self.stopper.state_dict(), "rng": ckpt_io.rng_state(),
+            "callbacks": {k: cb.state_dict() for k, cb in stateful_callbacks(self.callbacks).items()},
+        }
+
+    def check_resume(self):
+        """Resolve ``resume`` to a checkpoint; adopt its args (a few keys may be overridden)."""
+        resume = self.args.resume
+        if not resume:
+            return None
+        path = latest_checkpoint(self.args) if resume is True else Path(resume)
+        ckpt = ckpt_io.load_checkpoint(path)
+        overrides = {k: v for k, v in self.args.to_dict().items()
+                     if k in RESUME_OVERRIDES and v != get_cfg().get(k)}
+        self.args = get_cfg(ckpt["train_args"], {**overrides, "resume": str(path), "exist_ok": True})
+        return ckpt
+
+    def resume_training(self, ckpt: dict) -> None:
+        """Restore everything the checkpoint holds and continue after its epoch."""
+        start = ckpt["epoch"] + 1
+        if start >= self.epochs:
+            raise UserError(f"run in {self.save_dir} already trained {start} epochs (epochs={self.epochs}); "
+                            f"pass a larger epochs= to continue, or model=<best.pt> to fine-tune")
+        unwrap_model(self.model).load_state_dict(ckpt["model"])
+        self.ema.ema.load_state_dict(ckpt["ema"])
+        self.ema.updates = ckpt["updates"]
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scheduler.last_epoch != start:  # epochs changed: rebuild the schedule
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lf, last_epoch=start - 1)
+        self.stopper.load_state_dict(ckpt["stopper"])
+        self.best_fitness, self.step, self.start_epoch = ckpt["best_fitness"], ckpt["step"], start
+        for key, cb in stateful_callbacks(self.callbacks).items():
+            if key in ckpt.get("callbacks", {}) and hasattr(cb, "load_state_dict"):
+                cb.load_state_dict(ckpt["callbacks"][key])
+        ckpt_io.set_rng_state(ckpt["rng"])
+        LOGGER.info(f"resuming {self.save_dir} from epoch {start + 1} of {self.epochs}")
+
+    def get_save_dir(self) -> Path:
+        if self.args.resume:
+            return Path(self.args.resume).resolve().parent.parent
+        project = Path(self.args.project or Path("runs") / (self.args.task or "train"))
+        return increment_path(project / (self.args.name or "train"), self.args.exist_ok)
+
+
+def init_seeds(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def take_fraction(dataset, fraction: float):
+    """The first ``fraction`` of a dataset (at least one item), for quick runs."""
+    n = max(int(len(dataset) * fraction), 1)
+    return torch.utils.data.Subset(dataset, range(n))
+
+
+def increment_path(path: Path, exist_ok: bool = False) -> Path:
+    """``runs/x/train`` -> ``train2``, ``train3``, ... unless ``exist_ok``."""
+    if exist_ok or not path.exists():
+        return path
+    n = 2
+    while path.with_name(f"{path.name}{n}").exists():
+        n += 1
+    return path.with_name(f"{path.name}{n}")
+
+
+def latest_checkpoint(args) -> Path:
+    root = Path(args.project or "runs")
+    found = sorted(root.rglob("last.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UserError(f"resume=True but no last.pt was found under {root}; pass resume=<path to last.pt>")
+    return found[-1]
