@@ -229,3 +229,18 @@ def test_secrets_never_reach_params_tags_artifacts_or_logs(server, tmp_path, mon
     assert log.lines and not [line for line in log.lines if password in line or aws_secret in line]
     server_log = server.log.read_text()
     assert password not in server_log and aws_secret not in server_log
+
+
+def test_point_rejected_by_server_is_dropped_not_blocking(server, tmp_path):
+    records = list(record_stream(tmp_path / "save", run_id="orch-7", epochs=1, steps=4, ranks=(0,)))
+    sink = MLflowSink(server.url, "proj", "poison", {}, {}, event_log=False, upload_artifacts=False)
+    feed_half = len(records) // 2
+    for record in records[:feed_half]:
+        getattr(sink, record["event"])(record)
+    sink._points.put(["bad(key)", 1.0, 1_700_000_000_000, 0])  # a name the server refuses
+    for record in records[feed_half:]:
+        getattr(sink, record["event"])(record)
+    report = sink.close("FINISHED")
+    assert report["rejected_points"] == 1 and report["pending_points"] == 0 and report["status"] == "FINISHED"
+    expected = expected_metrics(records)
+    assert metric_histories(MlflowClient(server.url), report["run_id"], expected) == expected

@@ -143,6 +143,11 @@ def create_run(tracking_uri: str, experiment: str, run_name: str, params: dict |
     return run_id
 
 
+def _is_invalid(exc: Exception) -> bool:
+    """MLflow refused the content itself (a retry would fail the same way)."""
+    return getattr(exc, "error_code", None) == "INVALID_PARAMETER_VALUE"
+
+
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
@@ -199,7 +204,7 @@ class MLflowSink(Sink):
         self._status: str | None = None
         self._orch_run_id: str | None = None
         self._since_kick = 0
-        self._delivered = 0
+        self._delivered = self._rejected = 0
         self._best_path: str | None = None
         self._best_at = float("-inf")
         self._courier = Courier(f"mlflow {redact_text(str(self.tracking_uri))}", self._pump,
@@ -299,7 +304,13 @@ class MLflowSink(Sink):
         if self.run_id is None:
             self.run_id = self._find_run(client) or _new_run(
                 client, self.experiment, self.run_name, tags, self.parent_run_id)
-        _log_params_tags(client, self.run_id, self._clean_params, tags)
+        try:
+            _log_params_tags(client, self.run_id, self._clean_params, tags)
+        except Exception as exc:
+            if not _is_invalid(exc):
+                raise
+            LOGGER.warning(f"mlflow: params/tags of run {self.run_id} rejected ({_first_line(exc)}); "
+                           f"logging metrics without them")
         self._ready = True
 
     def _find_run(self, client) -> str | None:
@@ -321,8 +332,7 @@ class MLflowSink(Sink):
         if not self._ready:
             self._attach(client)
         while batch := self._points.peek(self.batch_size):
-            client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in batch],
-                             synchronous=True)
+            self._send_points(client, [Metric(k, v, ts, step) for k, v, ts, step in batch])
             self._points.drop(len(batch))
             self._delivered += len(batch)
         for target, path in self._stage.pending():
@@ -337,6 +347,24 @@ class MLflowSink(Sink):
             client.set_terminated(self.run_id, self._status)
             self._terminated = True
         return idle
+
+    def _send_points(self, client, metrics: list) -> None:
+        """log_batch; a batch MLflow rejects as invalid is split until the bad point is found and
+        dropped (counted in the report), so one bad value never blocks the rest of the run."""
+        try:
+            client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+        except Exception as exc:
+            if not _is_invalid(exc):
+                raise
+            if len(metrics) == 1:
+                self._rejected += 1
+                if self._rejected == 1:
+                    LOGGER.warning(f"mlflow: point {metrics[0].key}@{metrics[0].step} rejected "
+                                   f"({_first_line(exc)}); dropped (further ones are counted)")
+                return
+            half = len(metrics) // 2
+            self._send_points(client, metrics[:half])
+            self._send_points(client, metrics[half:])
 
     # ----------------------------------------------------------------- flush / close / report
     def flush(self, timeout: float = 0.0) -> bool:
@@ -356,6 +384,7 @@ class MLflowSink(Sink):
         files = self._stage.targets()
         return {"sink": "mlflow", "tracking_uri": redact_text(str(self.tracking_uri)), "run_id": self.run_id,
                 "delivered_points": self._delivered, "pending_points": pending, "pending_files": files,
+                "rejected_points": self._rejected,
                 "status": self._status if self._terminated else None,
                 "spool_dir": str(self._dir) if (pending or files) else None,
                 "last_error": self._courier.last_error}
