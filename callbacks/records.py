@@ -6,7 +6,8 @@ thousand. Fields:
 - ``run_id``     str   the orchestrator's run id (stable across worker restarts)
 - ``event``      str   an event name from ``callbacks.events.EVENTS``
 - ``rank``       int   global rank of the sending worker (-1 for a single process)
-- ``attempt``    int   worker-group attempt (0, then +1 after each Ray Train restart)
+- ``attempt``    int   worker-group attempt: larger after each Ray Train restart (a start time in ms;
+                       0 in a single process)
 - ``seq``        int   per (run, rank, attempt) sequence number, from 0, no gaps
 - ``epoch``      int   0-based epoch (``epochs`` during the final evaluation)
 - ``step``       int   optimizer steps taken so far in the run (global, survives resume)

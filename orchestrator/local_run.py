@@ -1,44 +1,50 @@
-"""Run a trainer in this process (``num_workers=0``), with driver callbacks fed directly."""
+"""Run a trainer in this process (``num_workers=0``): same records and sinks, no Ray."""
 from __future__ import annotations
 
-import uuid
-
-from callbacks.events import EVENTS
+from callbacks.actor import Dispatcher, listened_events
 from callbacks.records import make_record
+from orchestrator.results import ResultSink
+from orchestrator.run_setup import new_run_id, resolve_run, start_tracking
 
 
-class LocalDispatch:
-    """In-process stand-in for the worker->actor path: same records, delivered synchronously."""
+class LocalForwarder:
+    """The in-process twin of the worker forwarder: records go straight to a Dispatcher."""
 
-    def __init__(self, driver_callbacks, run_id: str):
-        self.driver_callbacks = list(driver_callbacks)
-        self.run_id = run_id
+    def __init__(self, dispatcher: Dispatcher, run_id: str, events):
+        self.dispatcher, self.run_id, self.events = dispatcher, run_id, set(events)
         self.seq = 0
 
     def attach(self, registry: dict) -> None:
-        events = {event for event, _ in self.driver_callbacks}
-        for event in EVENTS:
-            if event in events:
-                registry[event].append(self._sender(event))
+        for event in self.events:
+            registry[event].append(self._sender(event))
 
     def _sender(self, event: str):
-        def send(owner):
-            fields = owner.record_fields(event) if hasattr(owner, "record_fields") else {}
-            record = make_record(run_id=self.run_id, event=event, rank=-1, attempt=0, seq=self.seq,
-                                 epoch=fields.get("epoch", 0), step=fields.get("step", 0),
-                                 metrics=fields.get("metrics"), artifacts=fields.get("artifacts"),
-                                 final_eval=fields.get("final_eval", False))
+        def forward(owner):
+            fields = owner.record_fields(event)
+            self.dispatcher.ingest([make_record(run_id=self.run_id, event=event, rank=-1, attempt=0,
+                                                seq=self.seq, **fields)])
             self.seq += 1
-            for name, fn in self.driver_callbacks:
-                if name == event:
-                    fn(record)
-        send.__qualname__ = f"driver dispatch of {event}"
-        return send
+        forward.__qualname__ = f"forward_{event}"
+        return forward
 
 
 def run_in_process(factory, args, driver_callbacks):
+    """Train here; driver callbacks and sinks see the same records as on Ray. Returns (trainer, metrics)."""
+    run_id = new_run_id()
+    factory.overrides.update(resolve_run(args))
+    args = type(args)(**{**args.to_dict(), **factory.overrides})
+    result = ResultSink()
+    callbacks = [*start_tracking(args, run_id), result, *driver_callbacks]
+    dispatcher = Dispatcher(callbacks)
     trainer = factory()
-    if driver_callbacks:
-        LocalDispatch(driver_callbacks, run_id=uuid.uuid4().hex).attach(trainer.callbacks)
-    metrics = trainer.train()
-    return trainer, metrics
+    LocalForwarder(dispatcher, run_id, listened_events(callbacks)).attach(trainer.callbacks)
+    status = "FAILED"
+    try:
+        trainer.train()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        dispatcher.finish(status)
+    return trainer, result.metrics

@@ -24,7 +24,7 @@ from trainers.utils import LOGGER
 SCHEMA = pa.schema([
     ("event", pa.string()),
     ("rank", pa.int32()),
-    ("attempt", pa.int32()),
+    ("attempt", pa.int64()),  # a start time in ms under Ray (callbacks/records.py)
     ("seq", pa.int64()),
     ("epoch", pa.int32()),
     ("step", pa.int64()),
@@ -113,8 +113,6 @@ class EventLogSink(Sink):
                  max_rows: int = 20_000, max_age: float = 30.0, close_timeout: float = 60.0):
         super().__init__(store_uri=str(store_uri), run_id=run_id, spool_dir=spool_dir,
                          max_rows=max_rows, max_age=max_age, close_timeout=close_timeout)
-        self.store_uri, self.run_id, self.spool_dir = str(store_uri), run_id, spool_dir
-        self.max_rows, self.max_age, self.close_timeout = max_rows, max_age, close_timeout
         self._store = self._stage = self._courier = None
         self._buffer = PartBuffer()
         self._lock = threading.Lock()

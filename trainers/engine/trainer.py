@@ -136,7 +136,7 @@ class BaseTrainer(CallbackMixin):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         if is_dist():
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DDP(self.model, device_ids=ids, find_unused_parameters=True)
+            self.model = DDP(self.model, device_ids=ids, find_unused_parameters=False)
 
     def _train_one_epoch(self) -> None:
         """One pass over the training data; the optimizer steps every ``accumulate`` batches."""

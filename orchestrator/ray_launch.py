@@ -1,0 +1,138 @@
+"""Run a trainer on Ray Train workers (Train V2 ``TorchTrainer``), events to one driver actor.
+
+Per-step data travels through the event forwarder; once per epoch every rank calls
+``ray.train.report`` (a barrier) with the epoch metrics, rank 0 attaching ``last.pt``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import tempfile
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from callbacks.actor import listened_events, start_callback_actor
+from callbacks.forwarder import EventForwarder
+from orchestrator.results import ResultSink
+from orchestrator.run_setup import new_run_id, resolve_run, start_tracking
+from trainers.utils import LOGGER, UserError
+
+
+def connect_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (as under ``ray job submit``), else start a local Ray."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    try:
+        ray.init(address=address or None, log_to_driver=True, configure_logging=False)
+    except ConnectionError as exc:
+        raise UserError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {exc}".splitlines()[0]) from None
+
+
+def storage_for(storage: str) -> tuple[str, object | None]:
+    """Ray Train's ``(storage_path, storage_filesystem)`` for a local path or ``s3://bucket/prefix``."""
+    if not storage.startswith("s3://"):
+        path = Path(storage).resolve() / "ray"
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path), None
+    from pyarrow import fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs = {"endpoint_override": endpoint} if endpoint else {}
+    if endpoint and endpoint.startswith("http://"):
+        kwargs["scheme"] = "http"
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        kwargs["region"] = region
+    return storage[len("s3://"):].rstrip("/") + "/ray", fs.S3FileSystem(**kwargs)
+
+
+def run_on_ray(factory, args, driver_callbacks) -> dict:
+    """Launch, wait, finish the driver actor with the run's status; return metrics and best.pt."""
+    connect_ray()
+    run_id = new_run_id()
+    factory.overrides.update(resolve_run(args))
+    args = type(args)(**{**args.to_dict(), **factory.overrides})
+    sinks = start_tracking(args, run_id)
+    result = ResultSink()
+    callbacks = [*sinks, result, *driver_callbacks]
+    actor = start_callback_actor(callbacks, name=f"callbacks-{run_id}")
+    storage_path, filesystem = storage_for(args.storage)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"factory": factory, "actor": actor, "run_id": run_id,
+                           "events": sorted(listened_events(callbacks))},
+        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
+                                     resources_per_worker=args.resources_per_worker),
+        run_config=RunConfig(name=f"{args.name}-{run_id}", storage_path=storage_path,
+                             storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=args.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    status = "FAILED"
+    try:
+        trainer.fit()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        report = ray.get(actor.finish.remote(status))
+        ray.kill(actor)
+        log_report(report)
+    final = report["sinks"].get(type(result).__name__, {})
+    return {"metrics": final.get("metrics", {}), "best": final.get("best"), "run_id": run_id, "report": report}
+
+
+def log_report(report: dict) -> None:
+    for failure in report.get("failures", []):
+        LOGGER.warning(f"driver callback {failure['callback']} failed {failure['count']} times in "
+                       f"{failure['event']}: {failure['first_error']}")
+
+
+def train_worker(config: dict) -> None:
+    """Body of each Ray Train worker: build the trainer from the factory and run it."""
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    extra = {"device": str(ray.train.torch.get_device())}
+    resume = restore_checkpoint()
+    if resume:
+        extra["resume"] = resume
+    trainer = config["factory"](**extra)
+    attempt = time.time_ns() // 1_000_000  # grows with each Ray Train restart of the worker group
+    EventForwarder(config["actor"], config["run_id"], rank, attempt=attempt,
+                   events=config["events"]).attach(trainer.callbacks)
+    trainer.add_callback("on_fit_epoch_end", report_epoch)
+    trainer.train()
+
+
+def restore_checkpoint() -> str | None:
+    """After a restart: this worker's local copy of the latest reported ``last.pt``."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    local = Path(tempfile.mkdtemp(prefix="resume-")) / "last.pt"
+    with checkpoint.as_directory() as folder:
+        shutil.copy(Path(folder) / "last.pt", local)
+    LOGGER.info(f"restarting from the latest checkpoint ({checkpoint.path})")
+    return str(local)
+
+
+def report_epoch(trainer) -> None:
+    """Every rank reports once per epoch (a barrier); rank 0 attaches last.pt (uploaded async)."""
+    if trainer.final_eval:
+        return
+    metrics = {k: float(v) for k, v in trainer.epoch_metrics().items()}
+    metrics.update(epoch=trainer.epoch, fitness=float(trainer.fitness if trainer.fitness is not None else 0.0))
+    checkpoint = None
+    if trainer.is_main and trainer.last.is_file():
+        folder = tempfile.mkdtemp(prefix="ckpt-")
+        shutil.copy(trainer.last, Path(folder) / "last.pt")
+        checkpoint = Checkpoint.from_directory(folder)
+    ray.train.report(metrics, checkpoint=checkpoint,
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)

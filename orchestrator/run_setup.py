@@ -1,0 +1,74 @@
+"""What every training run gets on the driver: an id, a run folder, an MLflow run and its sinks."""
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+from callbacks.sinks import CheckpointSink, EventLogSink, MLflowSink, create_run, flatten
+from trainers.engine.trainer import increment_path
+from trainers.utils import LOGGER
+
+
+def absolute_uri(uri: str) -> str:
+    """Relative SQLite and local store paths made absolute: Ray processes have other cwds."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if "://" not in uri:
+        return str(Path(uri).resolve())
+    return uri
+
+
+def resolve_run(args) -> dict:
+    """Fix the run folder on the driver so every worker (and every restart) writes to the same one."""
+    fixed = {"tracking_uri": absolute_uri(args.tracking_uri), "storage": absolute_uri(args.storage)}
+    if args.resume:  # the run folder and name come from the checkpoint
+        from trainers.engine.checkpoint import load_checkpoint
+        from trainers.engine.trainer import latest_checkpoint
+
+        path = latest_checkpoint(args) if args.resume is True else args.resume
+        train_args = load_checkpoint(path)["train_args"]
+        return {**fixed, "project": train_args["project"], "name": train_args["name"]}
+    project = Path(args.project or Path("runs") / (args.task or "train")).resolve()
+    save_dir = increment_path(project / (args.name or "train"), args.exist_ok)
+    fixed.update(project=str(project), name=save_dir.name, exist_ok=True)
+    if args.data and Path(str(args.data)).exists():
+        fixed["data"] = str(Path(str(args.data)).resolve())
+    return fixed
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_tags(args) -> dict:
+    tags = {"task": args.task, "model": args.model, "world_size": max(args.num_workers, 1),
+            "git_commit": git_commit(), "ray_job_id": os.environ.get("RAY_JOB_ID")}
+    return {k: str(v) for k, v in tags.items() if v is not None}
+
+
+def experiment_name(args) -> str:
+    return Path(args.project).name if args.project else str(args.task or "train")
+
+
+def start_tracking(args, run_id: str, parent_run_id: str | None = None) -> list:
+    """Create the MLflow run (so it exists even if training dies) and return the run's sinks."""
+    params = flatten(args.to_dict())
+    mlflow_run = create_run(args.tracking_uri, experiment_name(args), args.name, params=params,
+                            tags={**run_tags(args), "orchestrator.run_id": run_id}, parent_run_id=parent_run_id)
+    LOGGER.info(f"MLflow run {mlflow_run} in experiment '{experiment_name(args)}' at {args.tracking_uri}")
+    return [
+        MLflowSink(args.tracking_uri, experiment_name(args), args.name, params=params, tags=run_tags(args),
+                   run_id=mlflow_run, parent_run_id=parent_run_id, ckpt_upload_interval=args.ckpt_upload_interval),
+        EventLogSink(args.storage, run_id),
+        CheckpointSink(args.storage, run_id),
+    ]
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]

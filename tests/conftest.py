@@ -1,0 +1,23 @@
+"""Session fixtures: one Ray session for every test that needs Ray (start-up costs seconds)."""
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray with room for 2 training workers plus their controller and actors."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                                           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}})
+    yield ray
+    if started:
+        ray.shutdown()
