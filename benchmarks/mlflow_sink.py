@@ -82,6 +82,10 @@ def event_log_rate(store_uri: str, recs: list[dict]) -> float:
     return len(recs) / elapsed
 
 
+def _join(values: list[float]) -> str:
+    return ", ".join(f"{x:.0f}" for x in values)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--points", type=int, default=60_000)
@@ -94,8 +98,8 @@ def main() -> None:
         for _ in range(args.rounds):  # interleaved, best of each: the machine is shared
             raw.append(n / raw_loop(server.url, recs))
             sink.append(n / sink_loop(server.url, recs, str(Path(tmp) / "spool")))
-        print(f"mlflow raw log_batch loop : {max(raw):9.0f} points/s  (rounds: {', '.join(f'{x:.0f}' for x in raw)})")
-        print(f"mlflow through MLflowSink : {max(sink):9.0f} points/s  (rounds: {', '.join(f'{x:.0f}' for x in sink)})")
+        print(f"mlflow raw log_batch loop : {max(raw):9.0f} points/s  (rounds: {_join(raw)})")
+        print(f"mlflow through MLflowSink : {max(sink):9.0f} points/s  (rounds: {_join(sink)})")
         print(f"ratio sink/raw            : {max(sink) / max(raw):9.2f}  (target >= 0.9)")
 
     events = records(120_000, ranks=(0, 1))

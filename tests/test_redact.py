@@ -7,8 +7,9 @@ import logging
 import torch
 import yaml
 
-from callbacks.sinks.redact import (MASK, SecretFilter, SecretInFile, env_secrets, flatten, install_log_filter,
-                                    key_looks_secret, redact_file, redact_params, redact_text)
+from callbacks.sinks.redact import (MASK, SecretFilter, SecretInFile, env_secrets, flatten,
+                                    install_log_filter, key_looks_secret, redact_file, redact_params,
+                                    redact_text)
 
 AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY99"
 
@@ -28,7 +29,8 @@ def test_secret_key_names():
 
 def test_redact_params(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
-    flat = flatten({"lr0": 0.01, "db": {"password": "hunter2-x", "url": "postgresql://bob:hunter2-x@db:5432/x"},
+    url = "postgresql://bob:hunter2-x@db:5432/x"
+    flat = flatten({"lr0": 0.01, "db": {"password": "hunter2-x", "url": url},
                     "access": "AKIAIOSFODNN7EXAMPLE", "blob": AWS_SECRET, "msg": f"key={AWS_SECRET};",
                     "tracking_uri": "http://127.0.0.1:5000", "token": "", "epochs": 3})
     out = redact_params(flat)

@@ -16,7 +16,9 @@ class Sink:
     """Base: ``self.<event>(record)`` calls ``self.handle(event, record)`` for every event."""
 
     def __init__(self, **args):
+        """Keep the constructor arguments (for pickling) and expose each as an attribute."""
         self._args = args
+        self.__dict__.update(args)
 
     def __getstate__(self):
         return {"_args": self._args}

@@ -31,8 +31,6 @@ class CheckpointSink(Sink):
                  close_timeout: float = 120.0):
         super().__init__(store_uri=str(store_uri), run_id=run_id, spool_dir=spool_dir,
                          close_timeout=close_timeout)
-        self.store_uri, self.run_id, self.spool_dir = str(store_uri), run_id, spool_dir
-        self.close_timeout = close_timeout
         self._store = self._stage = self._courier = None
         self._uploaded: list[str] = []
         self._closed: dict | None = None

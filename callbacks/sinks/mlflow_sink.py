@@ -14,6 +14,7 @@ evaluation's under ``final/``, so no key mixes two x axes and no step is logged 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import posixpath
 import re
@@ -170,16 +171,9 @@ class MLflowSink(Sink):
                          ckpt_upload_interval=ckpt_upload_interval, spool_dir=spool_dir,
                          max_queue=max_queue, step_prefix=step_prefix, upload_artifacts=upload_artifacts,
                          event_log=event_log, find_existing=find_existing, batch_size=batch_size,
-                         flush_interval=flush_interval,
-                         close_timeout=close_timeout)
-        self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
+                         flush_interval=flush_interval, close_timeout=close_timeout)
         self.params, self.tags = dict(params or {}), dict(tags or {})
-        self.run_id, self.parent_run_id = run_id, parent_run_id
-        self.ckpt_upload_interval, self.spool_dir, self.max_queue = ckpt_upload_interval, spool_dir, max_queue
-        self.step_prefix, self.upload_artifacts, self.event_log = step_prefix, upload_artifacts, event_log
-        self.find_existing = find_existing
         self.batch_size = min(int(batch_size), 1000)
-        self.flush_interval, self.close_timeout = flush_interval, close_timeout
         self._started = False
         self._closed: dict | None = None
 
@@ -191,7 +185,6 @@ class MLflowSink(Sink):
         self._clean_params, self._secrets = clean_params(self.params)
         self._clean_tags = _clean_tags(self.tags)
         install_log_filter(LOGGER, self._secrets)
-        import logging
         install_log_filter(logging.getLogger("mlflow"), self._secrets)
         self._dir = make_spool_dir(self.spool_dir, self.kind, self.run_id or self.run_name)
         self._points = Spool(self._dir / "points", self.max_queue)

@@ -190,7 +190,8 @@ def _is_tensorish(value) -> bool:
     import torch
     if isinstance(value, torch.Tensor):
         return True
-    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+    return isinstance(value, dict) and bool(value) and \
+        all(isinstance(v, torch.Tensor) for v in value.values())
 
 
 def file_contains(path, values: Iterable[str], block: int = 1 << 20) -> bool:

@@ -8,6 +8,7 @@ without their client, which is opened lazily in the process that uses it.
 """
 from __future__ import annotations
 
+import abc
 import os
 import shutil
 import tempfile
@@ -27,7 +28,7 @@ def check_key(key: str) -> str:
     return key
 
 
-class ObjectStore:
+class ObjectStore(abc.ABC):
     """Base and factory: ``ObjectStore.from_uri("s3://bucket/prefix")`` or a local path."""
 
     @staticmethod
@@ -45,14 +46,35 @@ class ObjectStore:
                             f"(use a local path or s3://bucket/prefix)")
         return LocalStore(text)
 
-    def put_file(self, key: str, path: str | os.PathLike) -> str: ...
-    def put_bytes(self, key: str, data: bytes) -> str: ...
-    def get_bytes(self, key: str) -> bytes: ...
-    def exists(self, key: str) -> bool: ...
-    def list(self, prefix: str = "") -> list[str]: ...
-    def uri(self, key: str = "") -> str: ...
+    @abc.abstractmethod
+    def put_file(self, key: str, path: str | os.PathLike) -> str:
+        """Upload a local file to ``key`` (overwrites); returns the object's URI."""
+
+    @abc.abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> str:
+        """Write ``data`` to ``key`` (overwrites); returns the object's URI."""
+
+    @abc.abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """The object's content."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` holds an object."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Sorted keys starting with ``prefix``."""
+
+    @abc.abstractmethod
+    def uri(self, key: str = "") -> str:
+        """Where ``key`` lives, as a path or ``s3://`` URI."""
+
+    @abc.abstractmethod
     def arrow_fs(self):
         """(pyarrow filesystem, base path) for reading with ``pyarrow.dataset``."""
+
+    @abc.abstractmethod
     def check(self) -> None:
         """Raise UserError naming the store when it cannot be reached or written."""
 
