@@ -164,17 +164,20 @@ def test_create_run_unreachable_is_a_user_error():
 def test_sink_without_run_id_creates_and_reattaches(server, tmp_path):
     """A restarted actor re-creates the sink from the same args: it must find the same run."""
     records = list(record_stream(tmp_path / "save", run_id="orch-4", epochs=1, steps=3, ranks=(0,)))
-    first = MLflowSink(server.url, "proj", "lazy", {"a": 1}, {}, event_log=False)
+    parent = create_run(server.url, "proj", "sweep", {}, {})
+    args = (server.url, "proj", "lazy", {"a": 1}, {})
+    first = MLflowSink(*args, parent_run_id=parent, event_log=False)
     for record in records[:5]:
         getattr(first, record["event"])(record)
     assert first.flush(timeout=60)
-    again = pickle.loads(pickle.dumps(MLflowSink(server.url, "proj", "lazy", {"a": 1}, {}, event_log=False)))
+    again = pickle.loads(pickle.dumps(MLflowSink(*args, parent_run_id=parent, event_log=False)))
     for record in records:
         getattr(again, record["event"])(record)
     report = again.close("KILLED")
     assert report["run_id"] == first.report()["run_id"]
     client = MlflowClient(server.url)
     assert client.get_run(report["run_id"]).info.status == "KILLED"
+    assert client.get_run(report["run_id"]).data.tags["mlflow.parentRunId"] == parent
     expected = expected_metrics(records)
     assert metric_histories(client, report["run_id"], expected) == expected
 
