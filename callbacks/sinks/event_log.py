@@ -208,3 +208,19 @@ def dedup(table: pa.Table) -> pa.Table:
     keep = pc.sort_indices(firsts["_row_min"])
     table = table.take(firsts["_row_min"].take(keep))
     return table.sort_by([(c, "ascending") for c in KEY_COLUMNS])
+
+
+EPOCH_EVENTS = ("on_train_epoch_start", "on_train_epoch_end", "on_model_save", "on_fit_epoch_end")
+
+
+def epoch_events(table: pa.Table) -> list[dict]:
+    """Epoch-level events as the run finally had them: after a Ray Train restart, the restarted
+    attempt re-runs the interrupted epoch, so per (event, rank, epoch, final_eval) the latest
+    attempt wins."""
+    latest: dict[tuple, dict] = {}
+    for row in table.to_pylist():
+        if row["event"] in EPOCH_EVENTS:
+            key = (row["event"], row["rank"], row["epoch"], row["final_eval"])
+            if key not in latest or row["attempt"] >= latest[key]["attempt"]:
+                latest[key] = row
+    return sorted(latest.values(), key=lambda r: (r["rank"], r["attempt"], r["seq"]))

@@ -21,8 +21,8 @@ from tqdm import tqdm
 from callbacks.registry import CallbackMixin, new_registry, stateful_callbacks
 from orchestrator.config import Args, get_cfg
 from trainers.engine import checkpoint as ckpt_io
-from trainers.engine.distributed import (any_rank, broadcast_object, is_dist, rank_and_world,
-                                         select_device)
+from trainers.engine.distributed import (any_rank, broadcast_object, gather_objects, is_dist,
+                                         rank_and_world, select_device)
 from trainers.engine.ema import ModelEMA
 from trainers.engine.history import History
 from trainers.engine.optim import lr_lambda, make_optimizer, warmup
@@ -200,6 +200,7 @@ class BaseTrainer(CallbackMixin):
         """Rank 0 writes last.pt (and best.pt), then fires ``on_model_save``."""
         self.stop |= self.stopper(self.epoch, self.fitness)
         self._saved_best = False
+        self._rng_states = gather_objects(ckpt_io.rng_state())  # every rank's, so each resumes its own
         if self.is_main and (self.args.save or self.epoch + 1 >= self.epochs):
             if self.save_model() is not False:
                 self.run_callbacks("on_model_save")
@@ -379,7 +380,7 @@ class BaseTrainer(CallbackMixin):
             "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
             "best_fitness": self.best_fitness, "fitness": self.fitness,
             "train_args": self.args.to_dict(), "train_metrics": dict(self.metrics),
-            "stopper": self.stopper.state_dict(), "rng": ckpt_io.rng_state(),
+            "stopper": self.stopper.state_dict(), "rng": self._rng_states,
             "callbacks": {k: cb.state_dict() for k, cb in stateful_callbacks(self.callbacks).items()},
         }
 
@@ -414,12 +415,12 @@ class BaseTrainer(CallbackMixin):
         for key, cb in stateful_callbacks(self.callbacks).items():
             if key in ckpt.get("callbacks", {}) and hasattr(cb, "load_state_dict"):
                 cb.load_state_dict(ckpt["callbacks"][key])
-        ckpt_io.set_rng_state(ckpt["rng"])
+        states = ckpt["rng"]
+        ckpt_io.set_rng_state(states[self.rank] if len(states) == self.world_size else states[0])
         LOGGER.info(f"resuming {self.save_dir} from epoch {start + 1} of {self.epochs}")
 
     def get_save_dir(self) -> Path:
-        if self.args.resume:
-            return Path(self.args.resume).resolve().parent.parent
+        """``project/name`` (numbered unless exist_ok); a resumed run keeps its checkpoint's folder."""
         project = Path(self.args.project or Path("runs") / (self.args.task or "train"))
         return increment_path(project / (self.args.name or "train"), self.args.exist_ok)
 

@@ -1,0 +1,164 @@
+"""Training on Ray Train workers: custom code on every rank, DDP metrics, failures, the actor."""
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from callbacks.sinks import read_event_log
+from callbacks.sinks.event_log import epoch_events
+from orchestrator import Model
+from trainers.classify import ClassificationTrainer
+
+RAY_QUICK = dict(data="digits", imgsz=16, batch=16, nbs=16, fraction=0.1, epochs=2, verbose=False, plots=False,
+                 workers=0, seed=0)
+
+
+def run_cfg(tmp_path, name, **kw):
+    store = tmp_path / "store"
+    return {**RAY_QUICK, "project": str(tmp_path / "runs"), "name": name, "storage": str(store),
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", **kw}
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_custom_trainer_and_callbacks_run_on_every_rank(ray_session, tmp_path, num_workers):
+    log = tmp_path / "events.jsonl"
+
+    class MarkedTrainer(ClassificationTrainer):  # defined here: travels by value, like __main__ code
+        def validate(self):
+            metrics, fitness = super().validate()
+            self.log({"custom/marker": 7.0})
+            return metrics, fitness
+
+    def record(trainer):
+        with open(log, "a") as f:
+            f.write(json.dumps({"rank": trainer.rank, "world": trainer.world_size, "epoch": trainer.epoch,
+                                "cls": type(trainer).__name__}) + "\n")
+
+    driver_seen = []
+    model = Model("cls-n.yaml")
+    model.add_callback("on_train_epoch_end", record)
+    model.add_callback("on_fit_epoch_end", driver_seen.append, where="driver")
+    metrics = model.train(**run_cfg(tmp_path, f"ranks{num_workers}", num_workers=num_workers), trainer=MarkedTrainer)
+    rows = lines(log)
+    assert {(r["rank"], r["epoch"]) for r in rows} == {(r, e) for r in range(num_workers) for e in range(2)}
+    assert all(r["world"] == num_workers and r["cls"] == "MarkedTrainer" for r in rows)
+    assert "metrics/accuracy_top1" in metrics
+    assert ray_session.is_initialized()  # a Ray the caller started is never shut down
+    assert model.ckpt_path is not None and model.ckpt_path.name == "best.pt"
+
+
+def test_two_worker_validation_equals_one_process_validation(ray_session, tmp_path):
+    model = Model("cls-n.yaml")
+    ray_metrics = model.train(**run_cfg(tmp_path, "ddp", num_workers=2))
+    local = Model(str(model.ckpt_path)).val(data="digits", imgsz=16, batch=32)
+    for key in ("metrics/accuracy_top1", "metrics/accuracy_top5"):
+        assert abs(ray_metrics[key] - local[key]) < 1e-6, (key, ray_metrics[key], local[key])
+
+
+def test_stop_on_one_rank_stops_all_without_hanging(ray_session, tmp_path):
+    def stop_on_rank_1(trainer):
+        if trainer.rank == 1:
+            trainer.stop = True
+
+    model = Model("cls-n.yaml")
+    model.add_callback("on_fit_epoch_end", stop_on_rank_1)
+    model.train(**run_cfg(tmp_path, "stop", num_workers=2, epochs=5))
+    ckpt = torch.load(model.ckpt_path, weights_only=True)
+    assert ckpt["epoch"] == 0  # both ranks left after the first epoch
+
+
+def test_worker_sigkill_restarts_from_checkpoint_without_duplicates(ray_session, tmp_path):
+    marker = tmp_path / "killed"
+
+    def kill_once(trainer):
+        if trainer.epoch == 1 and trainer.rank == 1 and not marker.exists():
+            marker.write_text("x")
+            time.sleep(2)  # let Ray Train's controller register epoch 0's checkpoint (it polls)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    cfg = run_cfg(tmp_path, "clean", num_workers=2, epochs=3, max_failures=2)
+    clean = Model("cls-n.yaml")
+    clean.train(**cfg)
+
+    crashing = Model("cls-n.yaml")
+    crashing.add_callback("on_train_batch_start", kill_once)
+    crashing.train(**{**cfg, "name": "crash"})
+    assert marker.exists()
+
+    a = torch.load(Path(cfg["project"]) / "clean" / "weights" / "last.pt", weights_only=True)
+    b = torch.load(Path(cfg["project"]) / "crash" / "weights" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for name, value in a["ema"].items():
+        assert torch.allclose(value, b["ema"][name], atol=1e-6), name
+
+    run_id = read_run_id(cfg, "crash")
+    table = read_event_log(cfg["storage"], run_id).to_pylist()
+    attempts = {r["attempt"] for r in table}
+    assert len(attempts) >= 3  # 2 ranks x first attempt + restarted group
+    restarted = [r for r in table if r["event"] == "on_train_start"][-1]["attempt"]
+    first_epoch = [r["epoch"] for r in table if r["event"] == "on_train_epoch_start" and r["attempt"] == restarted]
+    assert first_epoch[0] == 1  # the restarted group resumed after epoch 0's checkpoint
+    every = [(r["event"], r["rank"], r["epoch"]) for r in epoch_events(read_event_log(cfg["storage"], run_id))
+             if not r["final_eval"]]
+    expected = [(e, rank, epoch) for e in ("on_train_epoch_start", "on_train_epoch_end", "on_fit_epoch_end")
+                for rank in (0, 1) for epoch in range(3)] + [("on_model_save", 0, epoch) for epoch in range(3)]
+    assert sorted(every) == sorted(expected)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg["tracking_uri"])
+    run = client.search_runs([client.get_experiment_by_name("runs").experiment_id],
+                             f"tags.`orchestrator.run_id` = '{run_id}'")[0]
+    history = client.get_metric_history(run.info.run_id, "metrics/accuracy_top1")
+    assert sorted(p.step for p in history) == [0, 1, 2]
+    assert run.info.status == "FINISHED"
+
+
+def test_callback_actor_killed_mid_run_loses_nothing(ray_session, tmp_path):
+    sink_file = tmp_path / "driver.jsonl"
+
+    def kill_actor(trainer):
+        import ray
+
+        if trainer.epoch == 0 and trainer.rank == 0:
+            for entry in ray.util.list_named_actors(all_namespaces=True):
+                if entry["name"].startswith("callbacks-"):
+                    ray.kill(ray.get_actor(entry["name"], namespace=entry["namespace"]), no_restart=False)
+
+    def append(record):
+        with open(sink_file, "a") as f:
+            f.write(json.dumps({k: record[k] for k in ("rank", "attempt", "seq", "event", "epoch")}) + "\n")
+
+    model = Model("cls-n.yaml")
+    model.add_callback("on_train_epoch_end", kill_actor)
+    for event in ("on_train_batch_end", "on_fit_epoch_end", "teardown"):
+        model.add_callback(event, append, where="driver")
+    model.train(**run_cfg(tmp_path, "actorkill", num_workers=2))
+    rows = lines(sink_file)
+    assert len({r["attempt"] for r in rows}) == 2  # one worker group: one attempt per rank
+    batches = {}
+    for r in rows:
+        if r["event"] == "on_train_batch_end":
+            batches.setdefault(r["rank"], set()).add(r["seq"])
+    per_rank_batches = 2 * -(-72 // 8)  # 2 epochs x ceil(143 images / 2 ranks / batch 8)
+    assert {rank: len(seqs) for rank, seqs in batches.items()} == {0: per_rank_batches, 1: per_rank_batches}
+    ends = {(r["rank"], r["epoch"]) for r in rows if r["event"] == "on_fit_epoch_end"}
+    assert {(rank, e) for rank in (0, 1) for e in range(2)} <= ends
+    assert {r["rank"] for r in rows if r["event"] == "teardown"} == {0, 1}
+
+
+def read_run_id(cfg, name) -> str:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg["tracking_uri"])
+    exp = client.get_experiment_by_name("runs")
+    run = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == name][0]
+    return run.data.tags["orchestrator.run_id"]
