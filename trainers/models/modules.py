@@ -139,7 +139,8 @@ class DFL(nn.Module):
 def make_anchors(shapes: list[tuple[int, int]], strides: torch.Tensor, offset: float = 0.5):
     """Cell-centre points (A, 2) in stride units and per-point strides (A, 1)."""
     points, point_strides = [], []
-    for (h, w), s in zip(shapes, strides):
+    for i, (h, w) in enumerate(shapes):
+        s = strides[i]
         ys = torch.arange(h, device=strides.device, dtype=strides.dtype) + offset
         xs = torch.arange(w, device=strides.device, dtype=strides.dtype) + offset
         gy, gx = torch.meshgrid(ys, xs, indexing="ij")
@@ -198,7 +199,7 @@ class Detect(nn.Module):
 
     def decode(self, raw: list[torch.Tensor]) -> torch.Tensor:
         """Raw per-level maps -> (B, 4 + nc, A): xywh pixels and sigmoid class scores."""
-        shapes = [(int(r.shape[2]), int(r.shape[3])) for r in raw]
+        shapes = [r.shape[2:] for r in raw]
         points, strides = make_anchors(shapes, self.stride.to(raw[0].dtype))
         flat = torch.cat([r.flatten(2) for r in raw], 2)
         box, cls = flat.split((4 * self.reg_max, self.nc), 1)
