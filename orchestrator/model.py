@@ -63,6 +63,7 @@ class Model:
         trainer_cls = self._trainer_class(trainer)
         overrides = {**self.overrides, **kwargs, "mode": "train"}
         args = get_cfg(None, overrides)  # fail fast on bad keys, before any worker starts
+        trainer_cls.preflight(args)  # and on missing data, before any run is created
         factory = TrainerFactory(trainer_cls, overrides, copy_registry(self.callbacks))
         if args.num_workers > 0:
             from orchestrator.ray_launch import run_on_ray
@@ -78,6 +79,13 @@ class Model:
             self._load(best)
         self.metrics = metrics
         return metrics
+
+    def tune(self, space: dict | None = None, *, sweep=None, trainer=None, **kwargs):
+        """Hyperparameter sweep on Ray Tune (see ``sweeps``): ``space`` or a sweep file/dict;
+        sweep settings (objective, scheduler, num_samples, ...) and config keys as keywords."""
+        from sweeps.api import tune_model
+
+        return tune_model(self, space, sweep=sweep, trainer=trainer, **kwargs)
 
     def val(self, **kwargs) -> dict:
         args = self._args("val", kwargs)

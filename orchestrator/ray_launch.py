@@ -62,18 +62,8 @@ def run_on_ray(factory, args, driver_callbacks) -> dict:
     result = ResultSink()
     callbacks = [*sinks, result, *driver_callbacks]
     actor = start_callback_actor(callbacks, name=f"callbacks-{run_id}")
-    storage_path, filesystem = storage_for(args.storage)
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"factory": factory, "actor": actor, "run_id": run_id,
-                           "events": sorted(listened_events(callbacks))},
-        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
-                                     resources_per_worker=args.resources_per_worker),
-        run_config=RunConfig(name=f"{args.name}-{run_id}", storage_path=storage_path,
-                             storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=args.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
+    trainer = make_torch_trainer(factory, args, actor, run_id, sorted(listened_events(callbacks)),
+                                 name=f"{args.name}-{run_id}")
     status = "FAILED"
     try:
         trainer.fit()
@@ -89,6 +79,38 @@ def run_on_ray(factory, args, driver_callbacks) -> dict:
     return {"metrics": final.get("metrics", {}), "best": final.get("best"), "run_id": run_id, "report": report}
 
 
+def forwarded_events(callbacks) -> list[str]:
+    """What workers forward: every event some driver callback listens to.
+
+    ORCHESTRATOR_FORWARD_EVENTS=0 forwards none (benchmarks/ray_overhead.py measures the cost).
+    """
+    if os.environ.get("ORCHESTRATOR_FORWARD_EVENTS") == "0":
+        return []
+    return sorted(listened_events(callbacks))
+
+
+def make_torch_trainer(factory, args, actor, run_id: str, events, *, name: str, callbacks=(),
+                       start_from=None, keep_checkpoints: int = 2) -> TorchTrainer:
+    """The Train V2 trainer for one run: workers built from ``factory``, records to ``actor``.
+
+    ``name`` is the Train run name: relaunching with the same name resumes that run from its
+    storage. ``callbacks`` are Ray Train ``UserCallback``s. ``start_from``, a picklable callable
+    returning a local ``last.pt``, gives the starting checkpoint when the run has none of its own.
+    """
+    storage_path, filesystem = storage_for(args.storage)
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"factory": factory, "actor": actor, "run_id": run_id, "events": list(events),
+                           "start_from": start_from},
+        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
+                                     resources_per_worker=args.resources_per_worker),
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=args.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+                             callbacks=list(callbacks)),
+    )
+
+
 def log_report(report: dict) -> None:
     for failure in report.get("failures", []):
         LOGGER.warning(f"driver callback {failure['callback']} failed {failure['count']} times in "
@@ -101,6 +123,8 @@ def train_worker(config: dict) -> None:
     rank = context.get_world_rank()
     extra = {"device": str(ray.train.torch.get_device())}
     resume = restore_checkpoint()
+    if resume is None and config.get("start_from") is not None:
+        resume = config["start_from"]()
     if resume:
         extra["resume"] = resume
     trainer = config["factory"](**extra)

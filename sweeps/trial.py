@@ -1,0 +1,150 @@
+"""One sweep trial: a Tune function trainable that drives a Ray Train ``TorchTrainer``.
+
+The trial runs no training itself. It builds the Train run (same workers, forwarder and
+callback actor as ``orchestrator train``), names it after the trial id and its config, so a
+retried trial resumes the Train run from storage, and relays each epoch's report to Tune:
+metrics plus the objective, and the checkpoint. Ray's ``TuneReportCallback`` relays metrics
+only; here the checkpoint goes to Tune too, which PBT (exploit) and ``Tuner.restore`` need.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+
+import ray
+from ray import tune
+from ray.train import UserCallback
+from ray.util.queue import Empty, Queue
+
+from callbacks.registry import copy_registry
+from orchestrator.config import get_cfg
+from orchestrator.ray_launch import make_torch_trainer
+from sweeps.exploit import ExploitedCheckpoint
+from sweeps.space import Objective
+from trainers.engine.factory import TrainerFactory
+from trainers.utils import UserError
+
+_DONE = "__trial_done__"
+ACTOR_WAIT_S = 60.0
+
+
+class TrialSetup:
+    """What every trial needs from the sweep driver (pickled once into the trainable)."""
+
+    def __init__(self, sweep_id: str, trainer_cls, callbacks: dict, base: dict, trials_dir: str,
+                 workers: int, objective: dict, events: list[str], keep_checkpoints: int = 2):
+        self.sweep_id, self.trainer_cls, self.callbacks = sweep_id, trainer_cls, callbacks
+        self.base, self.trials_dir, self.workers = dict(base), trials_dir, workers
+        self.objective, self.events, self.keep_checkpoints = Objective(objective), list(events), keep_checkpoints
+
+    def run_id(self, trial_id: str) -> str:
+        return f"{self.sweep_id}-{trial_id}"
+
+    def actor_name(self, trial_id: str) -> str:
+        return f"callbacks-{self.run_id(trial_id)}"
+
+    def overrides(self, trial_id: str, config: dict) -> dict:
+        """Base config, the trial's sampled values, then the trial's own run folder."""
+        return {**self.base, **config, "mode": "train", "project": self.trials_dir, "name": trial_id,
+                "exist_ok": True, "resume": False, "num_workers": self.workers}
+
+    def train_run_name(self, trial_id: str, config: dict) -> str:
+        """Same trial and config -> same Train run (a retry resumes it); a PBT exploit, whose
+        config changed, starts a new Train run from the exploited checkpoint."""
+        digest = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        return f"{self.run_id(trial_id)}-{digest}"
+
+
+class TrialReporter(UserCallback):
+    """Runs in the Train controller: hands rank 0's epoch metrics and the checkpoint to the trial.
+
+    The queue holds one item, so the Train run waits for Tune to take each epoch, as with
+    ``ray.tune.integration.ray_train.TuneReportCallback``.
+    """
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put((dict(metrics[0]), checkpoint))
+
+
+def find_actor(name: str, timeout: float = ACTOR_WAIT_S):
+    """The trial's callback actor, started by the sweep driver when Tune started the trial."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return ray.get_actor(name)
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise UserError(f"sweep: the trial's callback actor {name} was not started by the driver") from None
+            time.sleep(0.2)
+
+
+def run_trial(config: dict, setup: TrialSetup) -> None:
+    """The Tune trainable: one Train run, its epoch reports relayed to Tune."""
+    trial_id = tune.get_context().get_trial_id()
+    overrides = setup.overrides(trial_id, config)
+    args = get_cfg(None, overrides)
+    actor = find_actor(setup.actor_name(trial_id))
+    factory = TrainerFactory(setup.trainer_cls, overrides, copy_registry(setup.callbacks))
+    start = tune.get_checkpoint()
+    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    trainer = make_torch_trainer(
+        factory, args, actor, setup.run_id(trial_id), setup.events,
+        name=setup.train_run_name(trial_id, config), callbacks=[TrialReporter(queue)],
+        start_from=ExploitedCheckpoint(start, args.to_dict()) if start is not None else None,
+        keep_checkpoints=setup.keep_checkpoints)
+    outcome: dict = {}
+    thread = threading.Thread(target=_fit, args=(trainer, queue, outcome), daemon=True, name="train-fit")
+    thread.start()
+    _relay(queue, setup.objective, thread)
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def _fit(trainer, queue: Queue, outcome: dict) -> None:
+    try:
+        trainer.fit()
+    except BaseException as exc:  # handed to the trial's thread, which raises it
+        outcome["error"] = trial_error(exc)
+    finally:
+        queue.put((_DONE, None))
+
+
+def _relay(queue: Queue, objective: Objective, thread: threading.Thread) -> None:
+    """Each epoch: the objective added, metrics and checkpoint reported to Tune (blocks until
+    Tune took it; Tune may stop the trial here)."""
+    while True:
+        try:
+            metrics, checkpoint = queue.get(timeout=1.0)
+        except Empty:
+            if not thread.is_alive():
+                return
+            continue
+        if metrics == _DONE:
+            return
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics["objective"] = objective(metrics)
+        tune_ckpt = tune.Checkpoint(checkpoint.path, checkpoint.filesystem) if checkpoint else None
+        tune.report(metrics, checkpoint=tune_ckpt)
+
+
+def trial_error(exc: BaseException) -> BaseException:
+    """A user error inside the Train run, as one ``UserError`` line; other errors unchanged."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        err = stack.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, UserError):
+            return UserError(str(err).splitlines()[0])
+        stack.extend([getattr(err, "cause", None), err.__cause__, err.__context__])
+        stack.extend(getattr(err, "worker_failures", {}).values() if isinstance(
+            getattr(err, "worker_failures", None), dict) else [])
+    return exc

@@ -1,0 +1,247 @@
+"""Run a sweep on Ray Tune: build the Tuner (or restore it), run it, write the results."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import yaml
+from ray import tune
+
+from callbacks.registry import new_registry
+from orchestrator.ray_launch import connect_ray, storage_for
+from orchestrator.run_setup import absolute_uri, experiment_name, new_run_id
+from sweeps import report, tracking
+from sweeps.config import SweepConfig
+from sweeps.space import param_space, pbt_mutations
+from sweeps.trial import TrialSetup, run_trial
+from trainers.engine.trainer import increment_path
+from trainers.utils import LOGGER, UserError
+
+METRIC = "objective"
+TRIAL_DRIVER_CPU = 0.01  # a trial only drives its Train run; its workers hold the real CPUs
+
+
+@dataclass
+class SweepResult:
+    """What ``model.tune`` returns (the same files are in ``path``)."""
+
+    path: Path
+    status: str
+    best_trial: str | None
+    best_objective: float | None
+    best_config: dict = field(default_factory=dict)
+    best_checkpoint: str | None = None
+    trials: Any = None  # pandas DataFrame, one row per trial
+    parent_run_id: str | None = None
+    summary: str = ""
+
+
+# ------------------------------------------------------------------------------- setup
+def sweep_folder(sweep: SweepConfig, base_args) -> Path:
+    """``<project>/<sweep name>`` (numbered like runs); on resume the existing one."""
+    project = Path(base_args.project or Path("runs") / (base_args.task or "train")).resolve()
+    resume = sweep.settings.resume
+    if resume is True:
+        candidates = sorted((p for p in project.glob(f"{sweep.name}*") if (p / tracking.STATE_FILE).is_file()),
+                            key=lambda p: (p / tracking.STATE_FILE).stat().st_mtime)
+        if not candidates:
+            raise UserError(f"resume: no sweep named '{sweep.name}' to resume in {project}")
+        return candidates[-1]
+    if resume:
+        folder = Path(str(resume)).resolve()
+        tracking.load_state(folder)
+        return folder
+    return increment_path(project / sweep.name, exist_ok=False)
+
+
+def resolved_base(sweep: SweepConfig, task: str | None) -> dict:
+    """Base overrides with absolute URIs/paths: trials run in other processes and folders."""
+    base = dict(sweep.base)
+    args = sweep.base_args()
+    base["tracking_uri"] = absolute_uri(args.tracking_uri)
+    base["storage"] = absolute_uri(args.storage)
+    if task and not base.get("task"):
+        base["task"] = task
+    if args.data and Path(str(args.data)).exists():
+        base["data"] = str(Path(str(args.data)).resolve())
+    if args.model and Path(str(args.model)).exists():
+        base["model"] = str(Path(str(args.model)).resolve())
+    return base
+
+
+def scheduler(sweep: SweepConfig, epochs: int):
+    options = dict(sweep.scheduler_options)
+    if sweep.scheduler == "asha":
+        return tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=options["max_t"] or epochs,
+                                             grace_period=options["grace_period"],
+                                             reduction_factor=options["reduction_factor"],
+                                             brackets=options["brackets"])
+    if sweep.scheduler == "pbt":
+        return tune.schedulers.PopulationBasedTraining(
+            time_attr="training_iteration", perturbation_interval=options["perturbation_interval"],
+            burn_in_period=options["burn_in_period"], quantile_fraction=options["quantile_fraction"],
+            resample_probability=options["resample_probability"], synch=options["synch"],
+            hyperparam_mutations=pbt_mutations(sweep.space, options["mutate"]))
+    return None
+
+
+def search_alg(sweep: SweepConfig):
+    if sweep.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(seed=sweep.seed)
+        return ConcurrencyLimiter(searcher, max_concurrent=sweep.max_concurrent or 1)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent or 0)
+
+
+def default_concurrency(workers: int, use_gpu: bool, per_worker: dict | None) -> int:
+    """How many trials' Train workers fit in the cluster at once."""
+    total = ray.cluster_resources()
+    if use_gpu:
+        need, have = float((per_worker or {}).get("GPU", 1)), total.get("GPU", 0)
+    else:
+        need, have = float((per_worker or {}).get("CPU", 1)), total.get("CPU", 1)
+    return max(1, int(have // max(need * workers, 1e-9)))
+
+
+# ------------------------------------------------------------------------------- run
+def run_sweep(sweep: SweepConfig, trainer_cls, callbacks: dict | None = None, driver_callbacks=(),
+              task: str | None = None, echo=print) -> SweepResult:
+    """Run (or resume) a validated sweep; writes best.yaml, trials.csv/.parquet, the plot."""
+    connect_ray()
+    base = resolved_base(sweep, task)
+    from orchestrator.config import get_cfg
+
+    base_args = get_cfg(None, base)
+    folder = sweep_folder(sweep, base_args)
+    folder.mkdir(parents=True, exist_ok=True)
+    experiment = experiment_name(base_args)
+    resuming = bool(sweep.settings.resume)
+    storage_path, filesystem = storage_for(base_args.storage)
+    if resuming:
+        saved = tracking.load_state(folder)
+        sweep_id, parent_run_id = saved["sweep_id"], saved["parent_run_id"]
+        tracking.reopen_parent(base_args.tracking_uri, parent_run_id)
+    else:
+        sweep_id = new_run_id()[:10]
+        sweep_file = folder / "sweep.yaml"
+        sweep_file.write_text(yaml.safe_dump(sweep.source, sort_keys=False))
+        params = {"sweep": {k: v for k, v in sweep.settings.model_dump().items() if k != "resume"},
+                  "space": {k: {kind: values} for k, (kind, values) in sweep.space.items()},
+                  "base": base}
+        parent_run_id = tracking.open_parent(base_args.tracking_uri, experiment, folder.name, sweep_id,
+                                             params, sweep_file)
+        tracking.save_state(folder, {"sweep_id": sweep_id, "parent_run_id": parent_run_id,
+                                     "tune_name": f"sweep-{sweep_id}", "experiment": experiment})
+    tune_name = f"sweep-{sweep_id}"
+    setup = TrialSetup(sweep_id, trainer_cls, callbacks or new_registry(), base, str(folder / "trials"),
+                       sweep.workers_per_trial, sweep.objective, tracking.listened(driver_callbacks))
+    state = tracking.SweepState(sweep_id, parent_run_id, base_args.tracking_uri, experiment, setup,
+                                base_args, driver_callbacks)
+    tracking.register(state)
+    echo(f"sweep {folder.name}: {sweep.num_samples} sample(s), scheduler {sweep.scheduler}, "
+         f"search {sweep.search}, objective {setup.objective.describe()} ({sweep.mode}); "
+         f"MLflow parent run {parent_run_id}")
+    status = "FAILED"
+    try:
+        tuner = make_tuner(sweep, setup, base_args, storage_path, filesystem, tune_name, resuming)
+        grid = tuner.fit()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        interrupted = status == "FINISHED" and any(t not in state.status for t in state.actors)
+        state.finish_all("KILLED")
+        tracking.unregister(sweep_id)
+        if status != "FINISHED":
+            tracking.close_parent(base_args.tracking_uri, parent_run_id, status)
+    return finish(sweep, state, grid, folder, base_args, parent_run_id, interrupted, echo)
+
+
+def make_tuner(sweep: SweepConfig, setup: TrialSetup, base_args, storage_path: str, filesystem,
+               tune_name: str, resuming: bool) -> tune.Tuner:
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": TRIAL_DRIVER_CPU})
+    experiment_path = f"{storage_path}/{tune_name}"
+    if resuming:
+        if not tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
+            raise UserError(f"resume: no Tune experiment at {experiment_path}")
+        return tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=filesystem)
+    concurrency = sweep.max_concurrent or default_concurrency(
+        sweep.workers_per_trial, base_args.use_gpu, base_args.resources_per_worker)
+    tune_config = tune.TuneConfig(
+        metric=METRIC, mode=sweep.mode, search_alg=search_alg(sweep), scheduler=scheduler(sweep, base_args.epochs),
+        num_samples=sweep.num_samples, max_concurrent_trials=concurrency, time_budget_s=sweep.time_budget_s,
+        trial_dirname_creator=lambda trial: trial.trial_id)
+    run_config = tune.RunConfig(
+        name=tune_name, storage_path=storage_path, storage_filesystem=filesystem,
+        callbacks=[tracking.SweepTracker(setup.sweep_id)], stop=tracking.FatalStopper(setup.sweep_id),
+        failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=sweep.keep_checkpoints,
+                                                checkpoint_score_attribute=METRIC,
+                                                checkpoint_score_order=sweep.mode))
+    return tune.Tuner(trainable, param_space=param_space(sweep.space, sweep.search),
+                      tune_config=tune_config, run_config=run_config)
+
+
+def checkpoint_uri(mode: str):
+    def uri(result) -> str | None:
+        try:
+            best = result.get_best_checkpoint(METRIC, mode)
+        except Exception:
+            best = None
+        best = best or result.checkpoint
+        if best is None:
+            return None
+        path = f"{best.path}/last.pt"
+        name = type(best.filesystem).__name__ if best.filesystem is not None else ""
+        return f"s3://{path}" if name == "S3FileSystem" else path
+    return uri
+
+
+def finish(sweep: SweepConfig, state, grid, folder: Path, base_args, parent_run_id: str,
+           interrupted: bool, echo) -> SweepResult:
+    """Outputs and the parent run's final state; raises for a sweep-wide mistake."""
+    uri = base_args.tracking_uri
+    table = report.trial_rows(list(grid), state, sweep.space, sweep.mode, checkpoint_uri(sweep.mode))
+    files = report.write_tables(table, folder)
+    plot = report.parallel_coordinates(table, sweep.space, folder / "parallel_coordinates.png",
+                                       state.setup.objective.describe())
+    best = report.best_row(table)
+    result = SweepResult(path=folder, status="FINISHED", best_trial=None, best_objective=None,
+                         trials=table, parent_run_id=parent_run_id)
+    tags, metrics = {}, {}
+    if best is not None:
+        result.best_trial, result.best_objective = str(best["trial_id"]), float(best["objective"])
+        result.best_checkpoint = best["checkpoint"] or None
+        trial_config = next((r.config for r in grid if (r.metrics or {}).get("trial_id") == best["trial_id"]), {})
+        result.best_config = report.best_config(base_args, trial_config)
+        files.append(report.write_best(result.best_config, folder))
+        tags = {"best_trial": result.best_trial, "best_checkpoint": result.best_checkpoint or "",
+                "best_mlflow_run_id": best["mlflow_run_id"]}
+        metrics = {"best_objective": result.best_objective}
+    if plot:
+        files.append(plot)
+    result.summary = report.summary(table, sweep.space, result.best_checkpoint, state.setup.objective.describe())
+    echo(result.summary)
+    echo(f"results in {folder}")
+    if state.fatal:
+        result.status = "FAILED"
+    elif interrupted:
+        result.status = "KILLED"
+    elif best is None and len(table):
+        result.status = "FAILED"
+    tracking.close_parent(uri, parent_run_id, result.status, files=files, metrics=metrics, tags=tags)
+    if state.fatal:
+        raise UserError(state.fatal)
+    if interrupted:
+        LOGGER.warning(f"sweep interrupted: resume it with `orchestrator sweep {sweep.origin} resume={folder}`")
+    elif result.status == "FAILED":
+        raise UserError(f"every trial failed; first error: {next(iter(state.errors.values()), 'unknown')}")
+    return result
