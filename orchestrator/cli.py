@@ -4,6 +4,7 @@ User errors print one line and exit 2; there is no traceback for them.
 """
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -70,6 +71,7 @@ def run_mode(mode: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines are noise on a terminal
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(usage())
         return 0

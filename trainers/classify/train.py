@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from trainers.classify.val import ClassificationValidator
-from trainers.data.classify import collate, load_classification_data
+from trainers.data.classify import check_classification_data, collate, load_classification_data
 from trainers.data.loader import build_dataloader
 from trainers.engine.trainer import BaseTrainer
 from trainers.models.tasks import ClassificationModel
@@ -11,6 +11,10 @@ from trainers.models.tasks import ClassificationModel
 class ClassificationTrainer(BaseTrainer):
     task = "classify"
     default_imgsz = 32
+
+    @classmethod
+    def preflight(cls, args) -> None:
+        check_classification_data(args.data)
 
     def get_dataset(self) -> dict:
         return load_classification_data(self.args.data, self.args.imgsz, self.args.seed)

@@ -86,10 +86,13 @@ def _folder_images(split_dir: Path, classes: list[str], imgsz: int, augment: boo
     return TensorImages(torch.stack(images), torch.tensor(labels), imgsz, augment=augment)
 
 
+def check_classification_data(data: str | None) -> None:
+    if data not in (None, "", "digits") and not Path(data).exists():
+        raise UserError(f"dataset {data!r} not found: give 'digits' or a folder with train/ and val/ class folders")
+
+
 def load_classification_data(data: str | None, imgsz: int, seed: int = 0) -> dict:
+    check_classification_data(data)
     if data in (None, "", "digits"):
         return load_digits_split(imgsz)
-    path = Path(data)
-    if not path.exists():
-        raise UserError(f"dataset {data!r} not found: give 'digits' or a folder with train/ and val/ class folders")
-    return load_folder_split(path, imgsz)
+    return load_folder_split(Path(data), imgsz)

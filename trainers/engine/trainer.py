@@ -236,6 +236,10 @@ class BaseTrainer(CallbackMixin):
         return ckpt.get("ema") or ckpt["model"]
 
     # ------------------------------------------------------------------ overridable methods
+    @classmethod
+    def preflight(cls, args) -> None:
+        """Cheap checks of ``args`` on the driver (e.g. the dataset exists) before anything starts."""
+
     def get_dataset(self) -> dict:
         """Return ``{"train": ..., "val": ..., "nc": int, "names": {i: name}}``."""
         raise NotImplementedError
