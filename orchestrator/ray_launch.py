@@ -62,7 +62,7 @@ def run_on_ray(factory, args, driver_callbacks) -> dict:
     result = ResultSink()
     callbacks = [*sinks, result, *driver_callbacks]
     actor = start_callback_actor(callbacks, name=f"callbacks-{run_id}")
-    trainer = make_torch_trainer(factory, args, actor, run_id, sorted(listened_events(callbacks)),
+    trainer = make_torch_trainer(factory, args, actor, run_id, forwarded_events(callbacks),
                                  name=f"{args.name}-{run_id}")
     status = "FAILED"
     try:
