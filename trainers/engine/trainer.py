@@ -135,13 +135,25 @@ class BaseTrainer(CallbackMixin):
         self.amp = bool(self.args.amp) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         if is_dist():
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DDP(self.model, device_ids=ids, find_unused_parameters=False)
+            self.model = self._wrap_ddp(self.model)
+
+    def _wrap_ddp(self, model: nn.Module) -> DDP:
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self._ddp_trainable = [p.requires_grad for p in model.parameters()]
+        return DDP(model, device_ids=ids, find_unused_parameters=False)
+
+    def _sync_trainable(self) -> None:
+        """Re-wrap DDP when a callback (un)froze layers: DDP syncs only the parameters that trained
+        when it was built, so an unfrozen layer would otherwise drift apart on each rank."""
+        if isinstance(self.model, DDP) and [p.requires_grad for p in self.model.module.parameters()] \
+                != self._ddp_trainable:
+            self.model = self._wrap_ddp(self.model.module)
 
     def _train_one_epoch(self) -> None:
         """One pass over the training data; the optimizer steps every ``accumulate`` batches."""
         self._logged = {}
         self.run_callbacks("on_train_epoch_start")
+        self._sync_trainable()
         self._set_train_mode()
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
