@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import time
 import tempfile
 from pathlib import Path
@@ -28,10 +29,24 @@ def connect_ray() -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    if address and address != "auto":
+        probe_address(address)
     try:
         ray.init(address=address or None, log_to_driver=True, configure_logging=False)
     except ConnectionError as exc:
         raise UserError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {exc}".splitlines()[0]) from None
+
+
+def probe_address(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, naming the address, instead of letting ray.init retry for minutes."""
+    hostport = address.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return  # not host:port; leave it to ray.init
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UserError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {exc.strerror or exc}") from None
 
 
 def storage_for(storage: str) -> tuple[str, object | None]:

@@ -6,7 +6,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from callbacks.sinks import CheckpointSink, EventLogSink, MLflowSink, create_run, flatten
+from callbacks.sinks import CheckpointSink, EventLogSink, MLflowSink, ObjectStore, create_run, flatten
 from trainers.engine.trainer import increment_path
 from trainers.utils import LOGGER
 
@@ -58,6 +58,7 @@ def experiment_name(args) -> str:
 
 def start_tracking(args, run_id: str, parent_run_id: str | None = None) -> list:
     """Create the MLflow run (so it exists even if training dies) and return the run's sinks."""
+    ObjectStore.from_uri(args.storage).check()  # an unreachable store fails here, in one line
     params = flatten(args.to_dict())
     mlflow_run = create_run(args.tracking_uri, experiment_name(args), args.name, params=params,
                             tags={**run_tags(args), "orchestrator.run_id": run_id}, parent_run_id=parent_run_id)
