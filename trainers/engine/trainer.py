@@ -98,7 +98,7 @@ class BaseTrainer(CallbackMixin):
         """Seeds, data, model, optimizer, validator; fires the two pretrain-routine events."""
         self.run_callbacks("on_pretrain_routine_start")
         self._t0 = time.time()
-        init_seeds(self.args.seed + 1 + max(self.rank, 0), self.args.deterministic)
+        init_seeds(self.args.seed + 1 + max(self.rank, 0), self.args.deterministic, self.device)
         if self.is_main:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             (self.save_dir / "args.yaml").write_text(yaml.safe_dump(self.args.to_dict(), sort_keys=False))
@@ -441,12 +441,14 @@ class BaseTrainer(CallbackMixin):
         return increment_path(project / (self.args.name or "train"), self.args.exist_ok)
 
 
-def init_seeds(seed: int, deterministic: bool) -> None:
+def init_seeds(seed: int, deterministic: bool, device: torch.device) -> None:
+    """Seed every RNG; on CUDA also force deterministic kernels (CPU kernels already are, and
+    ``use_deterministic_algorithms`` costs seconds of imports at start-up)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
-    if deterministic:
+    if deterministic and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic = True
