@@ -48,8 +48,25 @@ def git_commit() -> str | None:
 
 def run_tags(args) -> dict:
     tags = {"task": args.task, "model": args.model, "world_size": max(args.num_workers, 1),
-            "git_commit": git_commit(), "ray_job_id": os.environ.get("RAY_JOB_ID")}
+            "git_commit": git_commit(), "ray_job_id": os.environ.get("RAY_JOB_ID"),
+            "mlflow.note.content": run_description(args)}
     return {k: str(v) for k, v in tags.items() if v is not None}
+
+
+def run_description(args) -> str:
+    """A few lines of markdown: the run's description in the MLflow UI (``mlflow.note.content``)."""
+    if args.num_workers > 0:
+        where = f"{args.num_workers} Ray Train worker(s) on {'GPU' if args.use_gpu else 'CPU'}"
+    else:
+        where = f"one process (device: {args.device or 'auto'})"
+    lines = [f"**{args.task or 'train'}** `{args.model}` on `{args.data}`", "",
+             f"- epochs: {args.epochs}, batch: {args.batch} (total), imgsz: {args.imgsz or 'task default'}"
+             + (f", fraction: {args.fraction}" if args.fraction < 1 else ""),
+             f"- world size: {max(args.num_workers, 1)} ({where})",
+             f"- optimizer: {args.optimizer}, lr0: {args.lr0}"]
+    if args.resume:
+        lines.append(f"- resumed from `{args.resume}`")
+    return "\n".join(lines)
 
 
 def experiment_name(args) -> str:
