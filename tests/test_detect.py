@@ -1,0 +1,256 @@
+"""Detection end to end: events, learning, COCO agreement, prediction sources and callbacks, export,
+and checkpoints of custom model classes loaded in a fresh process."""
+import inspect
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from orchestrator import Model
+from tests.helpers import EventRecorder
+from trainers.data.shapes import generate_shapes
+from trainers.metrics.coco import coco_eval
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP = ["optimizer_step", "on_before_zero_grad", "on_params_update"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A tiny and a small shapes dataset, plus one tracking store shared by this module's runs."""
+    root = tmp_path_factory.mktemp("detect")
+    tiny = generate_shapes(root / "tiny", n_train=32, n_val=16, imgsz=64)
+    small = generate_shapes(root / "small", n_train=192, n_val=48, imgsz=64, seed=1)
+    return {"root": root, "tiny": tiny, "small": small,
+            "run": dict(project=str(root / "runs"), tracking_uri=f"sqlite:///{root}/mlflow.db",
+                        storage=str(root / "store"), verbose=False, plots=False, workers=0, imgsz=64)}
+
+
+@pytest.fixture(scope="module")
+def trained(work):
+    """A short run that learns: small batches, AdamW, light augmentation (it slows short runs down)."""
+    model = Model("det-n.yaml")
+    metrics = model.train(data=str(work["small"]), epochs=12, batch=8, nbs=8, optimizer="AdamW", lr0=0.003,
+                          warmup_epochs=0.5, lrf=0.1, scale=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0,
+                          name="learn", **work["run"])
+    return model, metrics
+
+
+def expected_events(epochs, n_batches, accumulate, n_val_batches):
+    val = ["on_val_start"] + ["on_val_batch_start", "on_val_batch_end"] * n_val_batches + ["on_val_end"]
+    seq = ["on_pretrain_routine_start", "on_pretrain_routine_end", "on_train_start"]
+    for _ in range(epochs):
+        seq.append("on_train_epoch_start")
+        for i in range(n_batches):
+            stepped = (i + 1) % accumulate == 0 or i == n_batches - 1
+            seq += ["on_train_batch_start", *(STEP if stepped else []), "on_train_batch_end"]
+        seq += ["on_train_epoch_end", *val, "on_model_save", "on_fit_epoch_end"]
+    return seq + val + ["on_fit_epoch_end", "on_train_end", "teardown"]
+
+
+def test_detection_event_sequence_includes_validation_each_epoch_and_final_eval(work):
+    model = Model("det-n.yaml")
+    rec = EventRecorder().register(model)
+    metrics = model.train(data=str(work["tiny"]), epochs=2, batch=8, nbs=16, name="events", **work["run"])
+    trainer = model.trainer
+    n_batches, n_val = len(trainer.train_loader), len(trainer.test_loader)
+    assert (n_batches, trainer.accumulate, n_val) == (4, 2, 1)
+    assert rec.names == expected_events(2, n_batches, trainer.accumulate, n_val)
+    fit_ends = [(epoch, final) for e, epoch, final in rec.events if e == "on_fit_epoch_end"]
+    assert fit_ends == [(0, False), (1, False), (2, True)]
+    assert trainer.loss_names == ("box_loss", "cls_loss", "dfl_loss")
+    for key in ("metrics/precision(B)", "metrics/recall(B)", "metrics/mAP50(B)", "metrics/mAP50-95(B)"):
+        assert key in metrics
+    row = trainer.history.rows[-1]
+    assert {"train/box_loss", "val/box_loss", "val/cls_loss", "val/dfl_loss", "fitness"} <= set(row)
+    assert row["fitness"] == pytest.approx(row["metrics/mAP50-95(B)"])  # default weights [0, 0, 0, 1]
+    box = trainer.validator.metrics.box
+    for attr in ("p", "r", "f1", "ap50", "ap", "ap_class_index", "mp", "mr", "map50", "map", "image_metrics"):
+        assert hasattr(box, attr), attr
+    assert len(box.image_metrics) == 16
+
+
+def test_short_run_learns(work, trained):
+    model, metrics = trained
+    untrained = Model("det-n.yaml").val(data=str(work["small"]), imgsz=64, verbose=False, plots=False)
+    assert untrained["metrics/mAP50(B)"] < 0.05, untrained
+    assert metrics["metrics/mAP50(B)"] > untrained["metrics/mAP50(B)"] + 0.25, metrics
+
+
+def test_val_save_json_agrees_with_pycocotools(work, trained):
+    model, _ = trained
+    out = work["root"] / "val"
+    metrics = model.val(data=str(work["small"]), save_json=True, plots=True, project=str(work["root"]),
+                        name="val", verbose=False)
+    labels, preds = out / "labels.json", out / "predictions.json"
+    assert labels.is_file() and preds.is_file()
+    assert len(json.loads(labels.read_text())["images"]) == 48
+    assert (out / "PR_curve.png").is_file() and (out / "confusion_matrix_normalized.png").is_file()
+    coco = coco_eval(labels, preds, max_dets=300)
+    assert metrics["metrics/mAP50-95(B)"] > 0.1
+    assert abs(coco["map"] - metrics["metrics/mAP50-95(B)"]) < 0.005, (coco, metrics)
+    assert abs(coco["map50"] - metrics["metrics/mAP50(B)"]) < 0.005, (coco, metrics)
+
+
+def _val_images(work):
+    return sorted((work["small"].parent / "images" / "val").glob("*.png"))
+
+
+def test_predict_sources(work, trained):
+    model, _ = trained
+    files = _val_images(work)
+    one = model.predict(str(files[0]))
+    assert len(one) == 1 and one[0].path == str(files[0]) and one[0].orig_img.shape == (64, 64, 3)
+    folder = model.predict(str(files[0].parent), batch=5)
+    assert [r.path for r in folder] == [str(f) for f in files]
+    arrays = [np.array(Image.open(f).convert("RGB")) for f in files[:3]]
+    assert len(model.predict(arrays)) == 3
+    batch = torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a in arrays]).float() / 255
+    from_tensor = model.predict(batch)
+    assert [r.path for r in from_tensor] == ["tensor0", "tensor1", "tensor2"]
+    for r in folder:
+        b = r.boxes
+        assert b.xyxy.shape[1] == 4 and len(b.conf) == len(b.cls) == len(b)
+        assert bool((b.conf >= 0.25).all()) and r.plot().shape == (64, 64, 3)
+    assert sum(len(r.boxes) for r in folder) > 0
+
+
+def test_predict_boxes_are_in_original_pixels(work, trained):
+    """A 2x larger, non-square copy of an image gives the same boxes, 2x larger and shifted."""
+    model, _ = trained
+    image = np.asarray(Image.open(_val_images(work)[0]).convert("RGB"))
+    big = np.full((128 + 40, 128, 3), 114, np.uint8)  # 2x upscale, 40 rows of letterbox-grey on top
+    big[40:] = np.asarray(Image.fromarray(image).resize((128, 128), Image.Resampling.BILINEAR))
+    small_r, big_r = model.predict([image, big])
+    assert big_r.orig_img.shape == (168, 128, 3)
+    assert len(small_r.boxes) > 0
+    top = small_r.boxes.xyxy[small_r.boxes.conf.argmax()]
+    mapped = (big_r.boxes.xyxy - torch.tensor([0, 40, 0, 40])) / 2
+    from trainers.utils.ops import box_iou
+    assert box_iou(top[None], mapped).max() > 0.8
+
+
+def test_stream_is_lazy(work, trained):
+    model, _ = trained
+    batches = []
+    model.add_callback("on_predict_batch_start", lambda p: batches.append(list(p.batch[0])))
+    try:
+        gen = model.predict(str(_val_images(work)[0].parent), stream=True, batch=4)
+        assert inspect.isgenerator(gen) and batches == []
+        first = next(gen)
+        assert len(batches) == 1 and first.path == batches[0][0]
+        assert len(list(gen)) == 47 and len(batches) == 12
+    finally:
+        model.clear_callback("on_predict_batch_start")
+
+
+def test_callback_replacing_results_changes_what_iteration_yields(work, trained):
+    model, _ = trained
+
+    def zip_with_frames(predictor):
+        predictor.results = list(zip(predictor.results, predictor.batch[1]))
+
+    model.add_callback("on_predict_batch_end", zip_with_frames)
+    try:
+        out = list(model.predict(str(_val_images(work)[0].parent), stream=True, batch=4))
+    finally:
+        model.clear_callback("on_predict_batch_end")
+    assert len(out) == 48
+    for result, frame in out:
+        assert result.orig_img is frame
+
+
+def test_callback_flipping_save_saves_only_those_batches(work, trained):
+    model, _ = trained
+    wanted = {"00003", "00007", "00020"}
+
+    def save_some(predictor):
+        predictor.args.save = Path(predictor.batch[0][0]).stem in wanted
+
+    model.add_callback("on_predict_postprocess_end", save_some)
+    try:
+        results = model.predict(str(_val_images(work)[0].parent), batch=1, save=True,
+                                project=str(work["root"]), name="saved")
+    finally:
+        model.clear_callback("on_predict_postprocess_end")
+    assert len(results) == 48
+    assert {p.stem for p in (work["root"] / "saved").glob("*.png")} == wanted
+
+
+def test_torchscript_export_matches_eager(trained):
+    model, _ = trained
+    path = model.export(format="torchscript")
+    assert path.endswith(".torchscript")
+    scripted = torch.jit.load(path)
+    x = torch.rand(2, 3, 64, 64)
+    eager = model.model.eval()
+    with torch.no_grad():
+        decoded, _ = eager(x)
+        out = scripted(x)
+    assert out.shape == decoded.shape == (2, 4 + 4, 84)
+    assert torch.allclose(out, decoded, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- custom model classes
+def _run(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+TRAIN_SCRIPT = """
+from orchestrator import Model
+{define}
+Model("det-n.yaml").train(data={data!r}, trainer=Trainer, epochs=1, batch=16, imgsz=64, verbose=False,
+                          plots=False, project={project!r}, name={name!r}, tracking_uri={uri!r},
+                          storage={store!r})
+"""
+
+IN_MAIN = """
+from trainers.detect import DetectionModel, DetectionTrainer
+class ScriptModel(DetectionModel):
+    pass
+class Trainer(DetectionTrainer):
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        return ScriptModel(cfg or "det-n.yaml", nc=self.data["nc"], verbose=False)
+"""
+
+IN_MODULE = "from examples.custom_class_weights import WeightedTrainer as Trainer"
+
+LOAD = """
+from orchestrator import Model
+from trainers.utils import UserError
+try:
+    m = Model({path!r})
+    print("LOADED", type(m.model).__module__, type(m.model).__name__)
+except UserError as e:
+    print("ERROR", e)
+"""
+
+
+@pytest.mark.parametrize("where", ["module", "main"])
+def test_custom_model_class_checkpoint_in_fresh_process(work, where):
+    name = f"custom_{where}"
+    script = TRAIN_SCRIPT.format(define=IN_MODULE if where == "module" else textwrap.dedent(IN_MAIN),
+                                 data=str(work["tiny"]), project=work["run"]["project"], name=name,
+                                 uri=work["run"]["tracking_uri"], store=work["run"]["storage"])
+    trained = _run(script, ROOT)
+    best = Path(work["run"]["project"]) / name / "weights" / "best.pt"
+    if where == "main":  # training ends by loading best.pt, which already fails in the script
+        assert "ScriptModel" in trained.stderr and best.is_file(), trained.stderr[-2000:]
+    else:
+        assert trained.returncode == 0, trained.stderr[-2000:]
+    loaded = _run(LOAD.format(path=str(best)), work["root"])  # cwd without the repo: a fresh process
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    if where == "module":
+        assert loaded.stdout.split() == ["LOADED", "examples.custom_class_weights", "WeightedDetectionModel"]
+    else:
+        message = loaded.stdout
+        assert message.startswith("ERROR") and "'ScriptModel'" in message, message
+        assert "__main__" in message and "define it in a module" in message, message
