@@ -65,14 +65,36 @@ def run_data(argv: list[str]) -> int:
 
 
 def run_ui(opts: dict) -> int:
+    """``mlflow ui`` on the embedded store (127.0.0.1), from this environment's mlflow."""
+    import os
+    import shutil
+    import socket
     import subprocess
+    import sys
 
     from orchestrator.config import DEFAULTS
 
-    uri = opts.get("tracking_uri", DEFAULTS["tracking_uri"])
-    port = str(opts.get("port", 5000))
-    print(f"MLflow UI for {uri} at http://127.0.0.1:{port}  (Ctrl-C to stop)")
-    return subprocess.call(["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", port])
+    for key in opts:
+        if key not in ("port", "tracking_uri"):
+            raise UserError(f"unknown option '{key}' for ui; valid: port, tracking_uri")
+    uri = str(opts.get("tracking_uri", DEFAULTS["tracking_uri"]))
+    port = opts.get("port", 5000)
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise UserError(f"ui: port={port!r} is not a port number (1-65535)")
+    if uri.startswith(("http://", "https://")):
+        print(f"{uri} is an MLflow server: it serves the UI itself, open {uri}")
+        return 0
+    with socket.socket() as sock:
+        if sock.connect_ex(("127.0.0.1", port)) == 0:
+            raise UserError(f"ui: port {port} on 127.0.0.1 is in use; choose another with port=...")
+    local = Path(sys.executable).parent / "mlflow"
+    mlflow = str(local) if local.is_file() else shutil.which("mlflow")
+    if not mlflow:
+        raise UserError("ui: the 'mlflow' command is not installed in this environment")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner processes
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{port}  (Ctrl-C to stop)", flush=True)
+    return subprocess.call([mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                            "--port", str(port), "--workers", "1"], env=env)
 
 
 def run_events(argv: list[str]) -> int:

@@ -1,0 +1,1 @@
+"""Deployment helpers: the local stack (``infra.local``) and cluster manifests (``infra/cluster``)."""
