@@ -1,6 +1,7 @@
 """What every training run gets on the driver: an id, a run folder, an MLflow run and its sinks."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import uuid
@@ -48,9 +49,22 @@ def git_commit() -> str | None:
 
 def run_tags(args) -> dict:
     tags = {"task": args.task, "model": args.model, "world_size": max(args.num_workers, 1),
-            "git_commit": git_commit(), "ray_job_id": os.environ.get("RAY_JOB_ID"),
+            "git_commit": git_commit(), "ray_job_id": job_submission_id(),
             "mlflow.note.content": run_description(args)}
     return {k: str(v) for k, v in tags.items() if v is not None}
+
+
+def job_submission_id() -> str | None:
+    """The id ``ray job submit`` printed (``ray job logs <id>``), when this driver runs as a Ray job.
+
+    Ray passes it to the job's driver inside its job config, not as ``RAY_JOB_ID`` (an internal
+    flag that Ray strips from a job's environment).
+    """
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return None
+    return (config.get("metadata") or {}).get("job_submission_id")
 
 
 def run_description(args) -> str:

@@ -1,0 +1,211 @@
+"""`ray job submit` end to end against the local stack: a training run and a sweep as Ray jobs.
+
+The stack (moto S3, an MLflow server with artifacts in S3, a Ray head with token auth) is started
+with `orchestrator stack up` on free ports in a temporary folder and stopped at the end. Jobs get
+the repository as their working directory, as `ray job submit --working-dir .` does; the driver
+finds S3 through the head's environment and MLflow through `tracking_uri=`. The checks read what
+a user would look at: the job status, the MLflow runs and the objects in the bucket.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.servers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BUCKET = "jobs-e2e"
+EXCLUDES = [".git", ".venv", "runs", "datasets", "mlruns", "*.egg-info", ".pytest_cache", "__pycache__"]
+JOB_TIMEOUT = 420
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def orchestrator(*args: str, cwd: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "orchestrator"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_exports(text: str) -> dict:
+    """``export KEY=VALUE`` lines of ``orchestrator stack env``."""
+    return {m[1]: shlex.split(m[2])[0] if m[2] else "" for m in re.finditer(r"^export (\w+)=(.*)$", text, re.M)}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """The local stack on free ports; yields its exported settings; always stopped at the end."""
+    where = tmp_path_factory.mktemp("stack")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_", "MLFLOW_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # an activated venv: `python` is ours
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = str(ROOT)  # `infra` is not part of the installed package
+    ports = {k: free_port() for k in ("mlflow_port", "s3_port", "ray_port", "dashboard_port")}
+    up = orchestrator("stack", "up", *(f"{k}={v}" for k, v in ports.items()), f"bucket={BUCKET}",
+                      "num_cpus=4", "mlflow_workers=1", cwd=where, env=env, timeout=400)
+    try:
+        assert up.returncode == 0, f"stack up failed:\n{up.stdout}\n{up.stderr}"
+        exports = read_exports(orchestrator("stack", "env", cwd=where, env=env).stdout)
+        assert exports["RAY_AUTH_MODE"] == "token"
+        token = Path(exports["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+        yield {"env": env, "exports": exports, "token": token, "where": where,
+               "mlflow": exports["MLFLOW_TRACKING_URI"], "dashboard": exports["RAY_API_SERVER_ADDRESS"]}
+    finally:
+        down = orchestrator("stack", "down", cwd=where, env=env, timeout=120)
+        assert down.returncode == 0, f"stack down failed:\n{down.stdout}\n{down.stderr}"
+
+
+@pytest.fixture(scope="module")
+def jobs(stack):
+    """Ray's Jobs SDK client, authenticated with the stack's token."""
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(stack["dashboard"], headers={"Authorization": f"Bearer {stack['token']}"})
+
+
+@pytest.fixture
+def aws(stack, monkeypatch):
+    """This process reads the bucket like any S3 client would: endpoint and keys from the env."""
+    for key, value in stack["exports"].items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)
+    import boto3
+
+    return boto3.client("s3", endpoint_url=stack["exports"]["AWS_ENDPOINT_URL"])
+
+
+def wait_for(jobs, submission_id: str) -> str:
+    deadline = time.monotonic() + JOB_TIMEOUT
+    status = str(jobs.get_job_status(submission_id))
+    while status.split(".")[-1] not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(2)
+        status = str(jobs.get_job_status(submission_id))
+    return status.split(".")[-1]
+
+
+def job_failure(jobs, submission_id: str, status: str) -> str:
+    logs = jobs.get_job_logs(submission_id)
+    return f"job {submission_id} ended {status}; last log lines:\n" + "\n".join(logs.splitlines()[-40:])
+
+
+def keys_under(s3, prefix: str) -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+
+def artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
+    out = set()
+    for item in client.list_artifacts(run_id, path):
+        out |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ tests
+def test_jobs_api_refuses_a_client_without_the_token(stack):
+    from ray.job_submission import JobSubmissionClient
+
+    with pytest.raises(Exception, match=r"(?i)auth|token|401|403|unauthori"):
+        JobSubmissionClient(stack["dashboard"], headers={"Authorization": "Bearer not-the-token"}).list_jobs()
+
+
+def test_training_job_reaches_mlflow_and_the_bucket(stack, jobs, aws):
+    from mlflow.tracking import MlflowClient
+
+    from callbacks.sinks import read_event_log
+
+    storage = f"s3://{BUCKET}/train"
+    entrypoint = ("python -m orchestrator train model=cls-n.yaml data=digits epochs=2 imgsz=16 fraction=0.1 "
+                  f"num_workers=1 verbose=false tracking_uri={stack['mlflow']} storage={storage}")
+    submission_id = jobs.submit_job(entrypoint=entrypoint, runtime_env={
+        "working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": {"OMP_NUM_THREADS": "1"}})
+    status = wait_for(jobs, submission_id)
+    assert status == "SUCCEEDED", job_failure(jobs, submission_id, status)
+    assert "metrics/accuracy_top1" in jobs.get_job_logs(submission_id)  # the summary table
+
+    client = MlflowClient(stack["mlflow"])
+    experiment = client.get_experiment_by_name("classify")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.ray_job_id = '{submission_id}'")
+    assert len(runs) == 1, "one MLflow run, tagged with the job's submission id"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["num_workers"] == "1" and run.data.params["storage"] == storage
+    note = run.data.tags["mlflow.note.content"]
+    assert "cls-n.yaml" in note and "digits" in note and "world size: 1" in note and "epochs: 2" in note
+    epochs = client.get_metric_history(run.info.run_id, "metrics/accuracy_top1")
+    assert sorted(m.step for m in epochs) == [0, 1]
+    steps = client.get_metric_history(run.info.run_id, "step/train/loss")
+    # one point per batch at the optimizer step reached (nbs=64, batch=16: 4 batches per step)
+    by_time = [m.step for m in sorted(steps, key=lambda m: m.timestamp)]
+    assert len(steps) >= 2 and by_time == sorted(by_time) and by_time[-1] >= 1
+    assert "final/metrics/accuracy_top1" in run.data.metrics
+    artifacts = artifact_paths(client, run.info.run_id)
+    assert {"args.yaml", "results.csv", "results.png", "weights/best.pt"} <= artifacts
+    assert any(a.startswith("events/") for a in artifacts)
+    # MLflow's artifacts live in the bucket too (the server proxies them)
+    assert any(k.endswith(f"{run.info.run_id}/artifacts/weights/best.pt") for k in keys_under(aws, "mlflow/"))
+
+    run_id = run.data.tags["orchestrator.run_id"]
+    keys = keys_under(aws, "train/")
+    assert f"train/runs/{run_id}/weights/best.pt" in keys and f"train/runs/{run_id}/weights/last.pt" in keys
+    assert any(k.startswith(f"train/ray/") and k.endswith("/last.pt") for k in keys), "Ray Train checkpoints"
+    events = read_event_log(storage, run_id).to_pylist()
+    epoch_ends = sorted(r["epoch"] for r in events if r["event"] == "on_fit_epoch_end" and not r["final_eval"])
+    assert epoch_ends == [0, 1]
+    assert {r["rank"] for r in events} == {0}
+
+
+def test_sweep_job_with_the_cli_and_token_env(stack, aws, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    storage = f"s3://{BUCKET}/sweep"
+    sweep = tmp_path / "tiny.yaml"
+    sweep.write_text(json.dumps({  # JSON is YAML
+        "base": {"model": "cls-n.yaml", "data": "digits", "epochs": 2, "imgsz": 16, "fraction": 0.1,
+                 "batch": 16, "optimizer": "SGD", "verbose": False, "project": "tiny-sweep"},
+        "space": {"lr0": {"grid": [0.01, 0.02]}},
+        "name": "tiny", "search": "grid", "num_samples": 1, "max_concurrent": 2, "scheduler": "fifo"}))
+    env = {**stack["env"], "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": stack["exports"]["RAY_AUTH_TOKEN_PATH"],
+           "RAY_ADDRESS": stack["dashboard"]}
+    submit = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--working-dir", str(ROOT),
+         "--runtime-env-json", json.dumps({"excludes": EXCLUDES, "env_vars": {"OMP_NUM_THREADS": "1"}}),
+         "--", "python", "-m", "orchestrator", "sweep", str(sweep),
+         f"tracking_uri={stack['mlflow']}", f"storage={storage}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    tail = "\n".join((submit.stdout + submit.stderr).splitlines()[-40:])
+    assert submit.returncode == 0, f"ray job submit exited {submit.returncode}:\n{tail}"
+    assert "succeeded" in submit.stdout.lower()
+
+    client = MlflowClient(stack["mlflow"])
+    experiment = client.get_experiment_by_name("tiny-sweep")
+    parents = client.search_runs([experiment.experiment_id], filter_string="tags.`sweep.role` = 'parent'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and "best_objective" in parent.data.metrics
+    assert {"parallel_coordinates.png", "trials.csv", "best.yaml", "sweep.yaml"} <= artifact_paths(
+        client, parent.info.run_id)
+    children = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.params["lr0"] for c in children) == ["0.01", "0.02"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert parent.data.tags["best_mlflow_run_id"] in {c.info.run_id for c in children}
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "metrics/accuracy_top1")
+        assert sorted(m.step for m in history) == [0, 1]
+        assert "world size: 1" in child.data.tags["mlflow.note.content"]
+
+    keys = keys_under(aws, "sweep/")
+    for child in children:
+        run_id = child.data.tags["orchestrator.run_id"]
+        assert any(k.startswith(f"sweep/events/run_id={run_id}/") for k in keys)
+        assert f"sweep/runs/{run_id}/weights/best.pt" in keys
+    assert any(k.startswith("sweep/ray/sweep-") for k in keys), "the Tune experiment is in the bucket"
