@@ -51,7 +51,7 @@ class SweepSettings(_Strict):
     """Everything in a sweep YAML except the base config and the space (checked separately)."""
 
     name: str = "sweep"
-    objective: Union[str, dict[str, float]] = "fitness"
+    objective: Any = "fitness"  # checked by objective_of
     mode: Literal["max", "min"] = "max"
     num_samples: int = Field(1, ge=1)
     max_concurrent: Optional[int] = Field(None, ge=1)
@@ -77,6 +77,9 @@ class SweepConfig:
         self.scheduler, self.scheduler_options = scheduler_of(settings.scheduler)
         self.objective = objective_of(settings.objective)
         check_search(settings.search, space, self.scheduler)
+        for key in self.scheduler_options.get("mutate") or []:
+            if key not in space:
+                raise UserError(f"scheduler pbt: mutate key '{key}' is not in the space ({', '.join(space)})")
 
     def __getattr__(self, key):
         return getattr(self.settings, key)
@@ -86,7 +89,9 @@ class SweepConfig:
 
 
 def closest(key: str, valid) -> str:
-    match = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.5)
+    """``; did you mean 'x'?`` for a mistyped name (a name it begins is preferred), else empty."""
+    prefixed = [v for v in valid if str(v).startswith(str(key))]
+    match = prefixed[:1] or difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.5)
     return f"; did you mean '{match[0]}'?" if match else ""
 
 

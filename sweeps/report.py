@@ -27,9 +27,11 @@ def trial_rows(results, state, space: dict, mode: str, checkpoint_uri) -> pd.Dat
         row["objective"] = float(best)
         row["last_objective"] = float(objective.iloc[-1]) if len(objective) else math.nan
         row["epochs"] = int(len(objective))
-        row["status"] = state.status.get(trial_id) or ("FAILED" if result.error else "FINISHED")
+        known = (state.mlflow_runs.get(trial_id), state.status.get(trial_id))
+        run_id, status = known if known[0] else (state.recorded(trial_id) or ("", None))
+        row["status"] = status or ("FAILED" if result.error else "NOT_STARTED")
         row["error"] = state.errors.get(trial_id, "")
-        row["mlflow_run_id"] = state.mlflow_runs.get(trial_id, "")
+        row["mlflow_run_id"] = run_id
         row["checkpoint"] = checkpoint_uri(result) or ""
         rows.append(row)
     table = pd.DataFrame(rows)

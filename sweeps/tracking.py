@@ -10,6 +10,7 @@ A PBT restart or a retry of the same trial reuses the actor and the child run.
 from __future__ import annotations
 
 import json
+import signal
 import threading
 from pathlib import Path
 
@@ -60,6 +61,7 @@ class SweepState:
         self.status: dict[str, str] = {}
         self.pending: dict[str, object] = {}  # trial id -> ObjectRef of actor.finish(status)
         self.fatal: str | None = None
+        self.interrupted = False  # Ctrl+C / SIGUSR1: Tune saved the experiment and stopped
         self.errors: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -124,12 +126,26 @@ class SweepState:
             client.set_tag(run, f"hparam.{key}", str(value))
         LOGGER.info(f"trial {trial.trial_id}: continues with {changed} from a cloned checkpoint")
 
+    def recorded(self, trial_id: str) -> tuple[str, str] | None:
+        """(child run id, status) of a trial this process did not run (a resumed sweep's
+        earlier trials), from MLflow."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.tracking_uri)
+        exp = client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            return None
+        runs = client.search_runs([exp.experiment_id], max_results=1,
+                                  filter_string=f"tags.`{RUN_ID_TAG}` = '{self.setup.run_id(trial_id)}'")
+        return (runs[0].info.run_id, runs[0].info.status) if runs else None
+
     def close_trial(self, trial_id: str, status: str) -> None:
         """Ask the trial's actor to close its sinks with ``status`` (does not wait)."""
         with self._lock:
             actor = self.actors.get(trial_id)
             if actor is None or trial_id in self.pending:
                 return
+            LOGGER.info(f"trial {trial_id}: closing its runs ({status} unless it finished by itself)")
             self.status[trial_id] = status
             self.pending[trial_id] = actor.finish.remote(status)
 
@@ -141,6 +157,7 @@ class SweepState:
         for trial_id, ref in list(self.pending.items()):
             try:
                 reports[trial_id] = ray.get(ref, timeout=timeout)
+                self.status[trial_id] = reports[trial_id].get("status") or self.status[trial_id]
             except Exception as exc:  # a close that failed must not hide the sweep's result
                 LOGGER.warning(f"trial {trial_id}: closing its sinks failed: {exc}")
             ray.kill(self.actors.pop(trial_id))
@@ -168,15 +185,43 @@ class SweepTracker(tune.Callback):
         self.state.open_trial(trial)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        done = bool((trial.last_result or {}).get("done"))
-        self.state.close_trial(trial.trial_id, "FINISHED" if done else "KILLED")
+        # A trial that finished by itself closed its actor FINISHED already; this KILLED only
+        # applies to a trial Tune stopped (scheduler, time budget, stopper).
+        self.state.close_trial(trial.trial_id, "KILLED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         message = error_line(trial)
         self.state.errors[trial.trial_id] = message
-        if "ObjectiveKeyError" in message or is_objective_error(trial):
+        if is_objective_error(trial):
             self.state.fatal = self.state.fatal or message
         self.state.close_trial(trial.trial_id, "FAILED")
+
+
+    def setup(self, **info):
+        """Note an interruption: Tune's own handlers (installed just before) stop the run and
+        keep its state; chained here so the sweep knows it ended unfinished."""
+        self._chained = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, getattr(signal, "SIGUSR1", None)):
+            previous = signal.getsignal(sig) if sig is not None else None
+            if callable(previous):
+                self._chained[sig] = previous
+                signal.signal(sig, self._noting(previous))
+
+    def _noting(self, previous):
+        def handler(signum, frame):
+            state = _SWEEPS.get(self.sweep_id)
+            if state is not None:
+                state.interrupted = True
+            previous(signum, frame)
+        return handler
+
+    def on_experiment_end(self, trials, **info):
+        if threading.current_thread() is threading.main_thread():
+            for sig, previous in getattr(self, "_chained", {}).items():
+                if getattr(signal.getsignal(sig), "__qualname__", "").startswith("SweepTracker._noting"):
+                    signal.signal(sig, previous)
 
 
 class FatalStopper(tune.Stopper):
@@ -201,8 +246,20 @@ def unregister(sweep_id: str) -> None:
     _SWEEPS.pop(sweep_id, None)
 
 
+def _pickled_error(trial):
+    """The trial's exception: its local error file (written before ``on_trial_error`` runs; the
+    copy in storage, which ``get_pickled_error`` reads, is synced later)."""
+    import ray.cloudpickle as cloudpickle
+
+    local = getattr(trial, "pickled_error_file", None)
+    if local and Path(local).is_file():
+        with open(local, "rb") as f:
+            return cloudpickle.load(f)
+    return trial.get_pickled_error()
+
+
 def _root_error(trial):
-    err = trial.get_pickled_error()
+    err = _pickled_error(trial)
     seen = 0
     while err is not None and seen < 10:
         cause = getattr(err, "cause", None) or err.__cause__

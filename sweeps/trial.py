@@ -50,11 +50,14 @@ class TrialSetup:
         return {**self.base, **config, "mode": "train", "project": self.trials_dir, "name": trial_id,
                 "exist_ok": True, "resume": False, "num_workers": self.workers}
 
-    def train_run_name(self, trial_id: str, config: dict) -> str:
-        """Same trial and config -> same Train run (a retry resumes it); a PBT exploit, whose
-        config changed, starts a new Train run from the exploited checkpoint."""
-        digest = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
-        return f"{self.run_id(trial_id)}-{digest}"
+    def train_run_name(self, trial_id: str, config: dict, start=None) -> str:
+        """The Train run of this trial, config and starting checkpoint. Relaunched the same way
+        (a retry before any report reached Tune) it resumes that Train run from storage. A
+        trial that starts from a Tune checkpoint (a PBT exploit, or a retry or sweep resume
+        from its own last report) gets a new Train run that begins at that checkpoint: an
+        exploit may even come back to a config this trial had before, with other weights."""
+        key = json.dumps([config, getattr(start, "path", None)], sort_keys=True, default=str)
+        return f"{self.run_id(trial_id)}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
 class TrialReporter(UserCallback):
@@ -94,7 +97,7 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     trainer = make_torch_trainer(
         factory, args, actor, setup.run_id(trial_id), setup.events,
-        name=setup.train_run_name(trial_id, config), callbacks=[TrialReporter(queue)],
+        name=setup.train_run_name(trial_id, config, start), callbacks=[TrialReporter(queue)],
         start_from=ExploitedCheckpoint(start, args.to_dict()) if start is not None else None,
         keep_checkpoints=setup.keep_checkpoints)
     outcome: dict = {}
@@ -104,6 +107,9 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
     thread.join()
     if "error" in outcome:
         raise outcome["error"]
+    # Finished by itself: close the child run FINISHED now. A trial Tune stops early never gets
+    # here; the driver then closes it KILLED (the first status an actor gets is the one kept).
+    ray.get(actor.finish.remote("FINISHED"))
 
 
 def _fit(trainer, queue: Queue, outcome: dict) -> None:

@@ -74,7 +74,9 @@ def resolved_base(sweep: SweepConfig, task: str | None) -> dict:
 def scheduler(sweep: SweepConfig, epochs: int):
     options = dict(sweep.scheduler_options)
     if sweep.scheduler == "asha":
-        return tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=options["max_t"] or epochs,
+        # max_t past the last epoch: a trial that got that far ends by itself (final evaluation,
+        # best.pt upload) instead of being stopped at its last report.
+        return tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=options["max_t"] or epochs + 1,
                                              grace_period=options["grace_period"],
                                              reduction_factor=options["reduction_factor"],
                                              brackets=options["brackets"])
@@ -87,16 +89,14 @@ def scheduler(sweep: SweepConfig, epochs: int):
     return None
 
 
-def search_alg(sweep: SweepConfig):
+def search_alg(sweep: SweepConfig, concurrency: int):
     if sweep.search == "optuna":
-        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        searcher = OptunaSearch(seed=sweep.seed)
-        return ConcurrencyLimiter(searcher, max_concurrent=sweep.max_concurrent or 1)
+        return OptunaSearch(seed=sweep.seed)  # Tune limits its concurrency (max_concurrent_trials)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent or 0)
+    return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrency)
 
 
 def default_concurrency(workers: int, use_gpu: bool, per_worker: dict | None) -> int:
@@ -156,7 +156,7 @@ def run_sweep(sweep: SweepConfig, trainer_cls, callbacks: dict | None = None, dr
         status = "KILLED"
         raise
     finally:
-        interrupted = status == "FINISHED" and any(t not in state.status for t in state.actors)
+        interrupted = status == "FINISHED" and state.interrupted
         state.finish_all("KILLED")
         tracking.unregister(sweep_id)
         if status != "FINISHED":
@@ -176,8 +176,9 @@ def make_tuner(sweep: SweepConfig, setup: TrialSetup, base_args, storage_path: s
     concurrency = sweep.max_concurrent or default_concurrency(
         sweep.workers_per_trial, base_args.use_gpu, base_args.resources_per_worker)
     tune_config = tune.TuneConfig(
-        metric=METRIC, mode=sweep.mode, search_alg=search_alg(sweep), scheduler=scheduler(sweep, base_args.epochs),
-        num_samples=sweep.num_samples, max_concurrent_trials=concurrency, time_budget_s=sweep.time_budget_s,
+        metric=METRIC, mode=sweep.mode, search_alg=search_alg(sweep, concurrency), scheduler=scheduler(sweep, base_args.epochs),
+        num_samples=sweep.num_samples, time_budget_s=sweep.time_budget_s,
+        max_concurrent_trials=concurrency if sweep.search == "optuna" else None,  # else in the generator
         trial_dirname_creator=lambda trial: trial.trial_id)
     run_config = tune.RunConfig(
         name=tune_name, storage_path=storage_path, storage_filesystem=filesystem,
@@ -241,7 +242,9 @@ def finish(sweep: SweepConfig, state, grid, folder: Path, base_args, parent_run_
     if state.fatal:
         raise UserError(state.fatal)
     if interrupted:
-        LOGGER.warning(f"sweep interrupted: resume it with `orchestrator sweep {sweep.origin} resume={folder}`")
+        how = (f"orchestrator sweep {sweep.origin} resume={folder}" if str(sweep.origin).endswith((".yaml", ".yml"))
+               else f"tune(..., resume='{folder}')")
+        LOGGER.warning(f"sweep interrupted: finished trials are kept; resume the rest with `{how}`")
     elif result.status == "FAILED":
         raise UserError(f"every trial failed; first error: {next(iter(state.errors.values()), 'unknown')}")
     return result

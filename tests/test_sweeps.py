@@ -1,0 +1,335 @@
+"""Sweeps on Ray Tune: validation, ASHA/PBT on real Train runs, MLflow parent/child runs, resume."""
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator import Model
+from orchestrator.cli import main
+from sweeps.config import build_sweep, load_sweep
+from sweeps.exploit import adopt_hyperparameters
+from sweeps.report import parallel_coordinates, summary
+from sweeps.space import Objective, ObjectiveKeyError
+from trainers.classify import ClassificationTrainer
+from trainers.utils import UserError
+
+QUICK = dict(data="digits", imgsz=16, batch=16, nbs=16, fraction=0.1, verbose=False, plots=False, workers=0,
+             seed=0, optimizer="SGD")
+
+
+def where(tmp_path) -> dict:
+    return {"project": str(tmp_path / "runs"), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "storage": str(tmp_path / "store")}
+
+
+class LrFitness(ClassificationTrainer):
+    """Fitness from the trainer's own validate(): lr0 x epochs, so the ranking of trials is known."""
+
+    def validate(self):
+        metrics, _ = super().validate()
+        return metrics, self.args.lr0 * (self.epoch + 1)
+
+
+def epoch_logger(path: Path):
+    def log(trainer):
+        with open(path, "a") as f:
+            f.write(json.dumps({"trial": trainer.args.name, "event": "epoch", "epoch": trainer.epoch,
+                                "lr0": trainer.args.lr0, "rank": trainer.rank}) + "\n")
+    return log
+
+
+def start_logger(path: Path):
+    def log(trainer):
+        with open(path, "a") as f:
+            f.write(json.dumps({"trial": trainer.args.name, "event": "start", "start_epoch": trainer.start_epoch,
+                                "lr0": trainer.args.lr0, "resume": str(trainer.args.resume),
+                                "save_dir": str(trainer.save_dir)}) + "\n")
+    return log
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def child_runs(tracking_uri: str, parent: str) -> list:
+    client = MlflowClient(tracking_uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(exps, filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+# ----------------------------------------------------------------------------- bad input
+BAD = [
+    ({"space": {"lr_0": {"uniform": [0.001, 0.1]}}}, "space key 'lr_0' is not a config key; did you mean 'lr0'?"),
+    ({"space": {}}, "sweep key 'space' is empty"),
+    ({}, "sweep key 'space' is empty"),
+    ({"space": {"lr0": {"gaussian": [0.0, 1.0]}}}, "unknown distribution 'gaussian'"),
+    ({"space": {"lr0": {"loguniform": [0.0, 0.1]}}}, "low must be > 0"),
+    ({"space": {"lr0": {"uniform": [0.1, 0.01]}}}, "low 0.1 must be below high 0.01"),
+    ({"space": {"lr0": {"uniform": 0.1}}}, "give [low, high] as two numbers"),
+    ({"space": {"lr0": {"choice": []}}}, "give a non-empty list"),
+    ({"space": {"batch": {"choice": [16, "big"]}}}, "config key 'batch': value 'big' is not valid"),
+    ({"space": {"epochs": {"uniform": [1, 4]}}}, "config key 'epochs'"),
+    ({"space": {"epochs": {"randint": [1.5, 4]}}}, "low and high must be integers"),
+    ({"space": {"storage": {"choice": ["a", "b"]}}}, "space key 'storage' is set once per sweep"),
+    ({"space": {"lr0": {"uniform": [0.01, 0.1], "x": 1}}}, "give one distribution"),
+    ({"space": {"momentum": {"uniform": [0.8, 0.9]}}, "base": {"optimizer": "auto"}}, "optimizer: auto"),
+    ({"space": {"lr0": {"grid": [0.01]}}, "num_sample": 2}, "unknown sweep key 'num_sample'; did you mean 'num_samples'?"),
+    ({"space": {"lr0": {"grid": [0.01]}}, "scheduler": "ashaa"}, "did you mean 'asha'?"),
+    ({"space": {"lr0": {"grid": [0.01]}}, "scheduler": {"name": "asha", "grace": 1}},
+     "unknown key 'grace'; did you mean 'grace_period'?"),
+    ({"space": {"lr0": {"grid": [0.01]}}, "scheduler": {"name": "pbt", "mutate": ["momentum"]}},
+     "mutate key 'momentum' is not in the space"),
+    ({"space": {"lr0": {"grid": [0.01]}}, "mode": "maximize"}, "sweep <dict>: key 'mode'"),
+    ({"space": {"lr0": {"grid": [0.01]}}, "num_samples": 0}, "key 'num_samples'"),
+    ({"space": {"lr0": {"grid": [0.01]}}, "objective": {"fitness": "high"}}, "weight of 'fitness' must be a finite number"),
+    ({"space": {"lr0": {"uniform": [0.01, 0.1]}}, "search": "grid"}, "search: grid needs grid or choice values"),
+    ({"space": {"lr0": {"grid": [0.01]}}, "search": "bayes"}, "sweep key 'search'"),
+    ({"space": {"lr0": {"grid": [0.01]}}, "base": {"epoch": 3}}, "unknown config key 'epoch'; did you mean 'epochs'?"),
+]
+
+
+@pytest.mark.parametrize("data,message", BAD, ids=[m[:40] for _, m in BAD])
+def test_bad_sweep_input_is_one_clear_line(data, message):
+    data = {**data, "base": {"model": "cls-n.yaml", "optimizer": "SGD", **data.get("base", {})}}
+    with pytest.raises(UserError) as info:
+        build_sweep(data)
+    text = str(info.value)
+    assert message in text, text
+    assert "\n" not in text
+
+
+def test_optuna_search_needs_optuna_or_rejects_grid():
+    try:
+        import optuna  # noqa: F401
+        expected = "space key 'lr0' is grid (use choice)"
+    except ImportError:
+        expected = "optuna needs the optuna package"
+    space = {"lr0": {"grid": [0.01, 0.02]}} if "grid" in expected else {"lr0": {"uniform": [0.01, 0.1]}}
+    with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        build_sweep({"space": space, "search": "optuna", "base": {"optimizer": "SGD"}})
+
+
+def test_cli_rejects_bad_sweep_before_any_trial(tmp_path, capsys):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"base": {"model": "cls-n.yaml", "optimizer": "SGD", **where(tmp_path)},
+                                     "space": {"lr0": {"uniform": [0.01, 0.1]}, "momentun": {"choice": [0.9]}}}))
+    assert main(["sweep", str(sweep)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: space key 'momentun' is not a config key; did you mean 'momentum'?"]
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+    assert main(["sweep", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_sweep_file_layers_cfg_base_and_cli_overrides(tmp_path):
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump({"model": "cls-n.yaml", "epochs": 7, "batch": 8,
+                                                       "optimizer": "SGD"}))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
+        "cfg": "exp.yaml", "base": {"batch": 32}, "space": {"lr0": {"loguniform": [1e-4, 1e-1]}},
+        "scheduler": {"name": "asha", "grace_period": 2}, "objective": {"metrics/accuracy_top1": 2, "fitness": 1}}))
+    sweep = load_sweep(tmp_path / "sweep.yaml", {"epochs": 3, "num_samples": 4, "base.seed": 5, "name": "s1"})
+    args = sweep.base_args()
+    assert (args.epochs, args.batch, args.seed, args.model) == (3, 32, 5, "cls-n.yaml")
+    assert (sweep.num_samples, sweep.name, sweep.scheduler) == (4, "s1", "asha")
+    assert sweep.scheduler_options["grace_period"] == 2 and sweep.scheduler_options["reduction_factor"] == 2.0
+    assert sweep.objective == {"metrics/accuracy_top1": 2.0, "fitness": 1.0}
+
+
+def test_example_sweep_file_is_valid():
+    example = Path(__file__).resolve().parents[1] / "examples" / "sweep.yaml"
+    sweep = load_sweep(example)
+    assert sweep.space and sweep.base_args().model
+
+
+def test_objective_is_fitness_a_metric_or_a_weighted_sum():
+    metrics = {"fitness": 0.5, "metrics/accuracy_top1": 0.8, "val/loss": 2.0}
+    assert Objective({"fitness": 1.0})(metrics) == 0.5
+    assert Objective({"metrics/accuracy_top1": 1.0, "val/loss": -0.1})(metrics) == pytest.approx(0.6)
+    with pytest.raises(ObjectiveKeyError) as info:
+        Objective({"metrics/mAP50(B)": 1.0})(metrics)
+    assert str(info.value) == ("objective key 'metrics/mAP50(B)' is not among the reported metrics: "
+                               "fitness, metrics/accuracy_top1, val/loss")
+
+
+def test_exploited_checkpoint_takes_the_new_hyperparameters():
+    model = torch.nn.Linear(3, 2)
+    for name in ("SGD", "Adam"):
+        opt = (torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4) if name == "SGD"
+               else torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.9, 0.999), weight_decay=1e-4))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0 - 0.1 * e)
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        sched.step()
+        ckpt = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": 1,
+                "train_args": {"lr0": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "name": "other"}}
+        new_args = {"lr0": 0.03, "momentum": 0.8, "weight_decay": 2e-4, "name": "mine"}
+        out = adopt_hyperparameters(ckpt, new_args)
+        assert out["train_args"] == new_args
+        opt.load_state_dict(out["optimizer"])
+        sched.load_state_dict(out["scheduler"])
+        group = opt.param_groups[0]
+        assert group["initial_lr"] == pytest.approx(0.03) and group["lr"] == pytest.approx(0.03 * 0.9)
+        assert sched.base_lrs == pytest.approx([0.03])
+        assert (group["momentum"] if name == "SGD" else group["betas"][0]) == 0.8
+        assert group["weight_decay"] == pytest.approx(2e-4)
+        assert opt.state[next(iter(model.parameters()))]  # moments kept
+
+
+def test_trials_plot_and_summary(tmp_path):
+    table = pd.DataFrame({"trial_id": ["a", "b", "c"], "lr0": [0.001, 0.01, 0.1], "optimizer": ["SGD", "Adam", "SGD"],
+                          "objective": [0.2, 0.9, float("nan")], "epochs": [2, 2, 0],
+                          "status": ["KILLED", "FINISHED", "FAILED"]})
+    space = {"lr0": ("loguniform", [1e-3, 1e-1]), "optimizer": ("choice", ["SGD", "Adam"])}
+    png = parallel_coordinates(table, space, tmp_path / "pc.png")
+    assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
+    text = summary(table, space, "/x/last.pt", "fitness").splitlines()
+    assert text[0].split() == ["trial_id", "lr0", "optimizer", "objective", "(fitness)", "epochs", "status"]
+    assert text[2].split()[:2] == ["a", "0.001"] and text[-1] == "best: trial a objective 0.2  checkpoint /x/last.pt"
+
+
+# ----------------------------------------------------------------------------- real sweeps
+def test_custom_fitness_drives_asha_and_every_trial_is_tracked(ray_session, tmp_path, capsys):
+    """Trials in order lr0 = 0.03, 0.02, 0.01: the trainer's own fitness ranks them, so ASHA
+    (grace 1, reduction 2, one trial at a time) stops the last two after their first epoch."""
+    log = tmp_path / "epochs.jsonl"
+    driver_log = tmp_path / "driver.jsonl"
+
+    def on_driver(record):  # runs in the trial's callback actor on the driver node
+        with open(driver_log, "a") as f:
+            f.write(json.dumps({"run_id": record["run_id"], "epoch": record["epoch"]}) + "\n")
+
+    model = Model("cls-n.yaml")
+    model.add_callback("on_train_epoch_end", epoch_logger(log))
+    model.add_callback("on_fit_epoch_end", on_driver, where="driver")
+    result = model.tune({"lr0": {"grid": [0.03, 0.02, 0.01]}}, trainer=LrFitness, scheduler="asha",
+                        max_concurrent=1, name="asha", epochs=3, **QUICK, **where(tmp_path))
+    uri = where(tmp_path)["tracking_uri"]
+    # the objective is the custom fitness; ASHA stopped the weaker trials early
+    table = result.trials.set_index("lr0")
+    assert result.best_config["lr0"] == 0.03 and result.best_objective == pytest.approx(0.09)
+    assert table.loc[0.03, "epochs"] == 3 and table.loc[0.02, "epochs"] == 1 and table.loc[0.01, "epochs"] == 1
+    assert list(table["status"].loc[[0.03, 0.02, 0.01]]) == ["FINISHED", "KILLED", "KILLED"]
+    trained = rows(log)
+    assert sorted((r["lr0"], r["epoch"]) for r in trained if r["lr0"] == 0.03) == [(0.03, 0), (0.03, 1), (0.03, 2)]
+    assert {r["trial"] for r in trained} == set(result.trials["trial_id"])  # each trial in its own folder
+    # outputs
+    folder = result.path
+    assert yaml.safe_load((folder / "best.yaml").read_text())["lr0"] == 0.03
+    assert "project" not in yaml.safe_load((folder / "best.yaml").read_text())
+    assert len(pd.read_parquet(folder / "trials.parquet")) == 3 and len(pd.read_csv(folder / "trials.csv")) == 3
+    best = torch.load(result.best_checkpoint, weights_only=True)
+    assert best["train_args"]["lr0"] == 0.03 and best["epoch"] == 2
+    out = capsys.readouterr().out
+    assert "objective (fitness)" in out and f"best: trial {result.best_trial} objective 0.09" in out
+    # MLflow: parent with the sweep's files, one child per trial, none left RUNNING
+    client = MlflowClient(uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["best_trial"] == result.best_trial
+    assert parent.data.metrics["best_objective"] == pytest.approx(0.09)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+        "sweep.yaml", "best.yaml", "trials.csv", "trials.parquet", "parallel_coordinates.png"}
+    children = {r.data.params["lr0"]: r for r in child_runs(uri, parent.info.run_id)}
+    assert set(children) == {"0.03", "0.02", "0.01"}
+    assert {k: r.info.status for k, r in children.items()} == {"0.03": "FINISHED", "0.02": "KILLED", "0.01": "KILLED"}
+    history = client.get_metric_history(children["0.03"].info.run_id, "fitness")
+    assert [(m.step, round(m.value, 6)) for m in history] == [(0, 0.03), (1, 0.06), (2, 0.09)]
+    assert children["0.03"].data.params["epochs"] == "3" and children["0.03"].data.params["optimizer"] == "SGD"
+    driver = rows(driver_log)
+    assert len({r["run_id"] for r in driver}) == 3 and [r["epoch"] for r in driver].count(0) == 3
+
+
+def test_pbt_restarts_the_weak_trial_from_the_strong_trials_checkpoint(ray_session, tmp_path):
+    log = tmp_path / "starts.jsonl"
+    model = Model("cls-n.yaml")
+    model.add_callback("on_train_start", start_logger(log))
+    pbt = {"name": "pbt", "perturbation_interval": 2, "synch": True, "quantile_fraction": 0.5,
+           "resample_probability": 0.0}
+    result = model.tune({"lr0": {"grid": [0.01, 0.05]}}, trainer=LrFitness, scheduler=pbt, max_concurrent=2,
+                        name="pbt", epochs=3, **QUICK, **where(tmp_path))
+    starts = rows(log)
+    weak = [r for r in starts if r["start_epoch"] > 0]
+    assert weak, starts
+    first_weak = weak[0]
+    assert first_weak["start_epoch"] == 2 and "exploit-" in first_weak["resume"]
+    assert Path(first_weak["save_dir"]).name == first_weak["trial"]  # its own folder, not the clone's
+    clone = [r for r in starts if r["start_epoch"] == 0 and r["trial"] == first_weak["trial"]]
+    assert clone and clone[0]["lr0"] == 0.01  # it began as the weak trial
+    ckpt = torch.load(Path(first_weak["save_dir"]) / "weights" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["train_args"]["name"] == first_weak["trial"]
+    assert ckpt["train_args"]["lr0"] == first_weak["lr0"]
+    uri = where(tmp_path)["tracking_uri"]
+    children = child_runs(uri, result.parent_run_id)
+    assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
+
+
+def test_objective_missing_fails_the_sweep_on_first_report(ray_session, tmp_path, capsys):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "base": {"model": "cls-n.yaml", "epochs": 2, **QUICK, **where(tmp_path)},
+        "space": {"lr0": {"grid": [0.01, 0.02]}}, "objective": "metrics/mAP50(B)", "max_concurrent": 1}))
+    assert main(["sweep", str(sweep)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and err[0].startswith("error: objective key 'metrics/mAP50(B)' is not among the reported")
+    assert "metrics/accuracy_top1" in err[0] and "fitness" in err[0]
+    uri = where(tmp_path)["tracking_uri"]
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parent = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parent) == 1 and parent[0].info.status == "FAILED"
+    assert len(children) == 1 and children[0].info.status == "FAILED"  # the second trial never started
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session, tmp_path):
+    log = tmp_path / "epochs.jsonl"
+    uri = where(tmp_path)["tracking_uri"]
+    settings = dict(trainer=LrFitness, max_concurrent=1, name="resumable", epochs=2, **QUICK, **where(tmp_path))
+    space = {"lr0": {"grid": [0.01, 0.02]}}
+    stop = threading.Event()
+
+    def interrupt_after_first_trial():
+        client = None
+        while not stop.is_set():
+            time.sleep(1.0)
+            try:
+                client = client or MlflowClient(uri)
+                runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                          filter_string="attributes.status = 'FINISHED'")
+            except Exception:
+                runs = []
+            if any(r.data.tags.get("mlflow.parentRunId") for r in runs):
+                os.kill(os.getpid(), signal.SIGUSR1)  # what Ctrl+C does to a Tune run: stop, keep state
+                return
+
+    model = Model("cls-n.yaml")
+    model.add_callback("on_train_epoch_end", epoch_logger(log))
+    watcher = threading.Thread(target=interrupt_after_first_trial, daemon=True)
+    watcher.start()
+    try:
+        first = model.tune(space, **settings)
+    finally:
+        stop.set()
+    assert first.status == "KILLED"
+    statuses = {r.data.params["lr0"]: r.info.status for r in child_runs(uri, first.parent_run_id)}
+    assert "RUNNING" not in statuses.values() and list(statuses.values()).count("FINISHED") == 1
+    done_lr = next(k for k, v in statuses.items() if v == "FINISHED")
+    before = [r for r in rows(log) if str(r["lr0"]) == done_lr]
+    assert len(before) == 2
+
+    again = model.tune(space, resume=True, **settings)
+    assert again.status == "FINISHED" and again.path == first.path and again.parent_run_id == first.parent_run_id
+    after = rows(log)
+    assert [r for r in after if str(r["lr0"]) == done_lr] == before  # the finished trial did not run again
+    assert sorted(again.trials["lr0"]) == [0.01, 0.02] and set(again.trials["status"]) == {"FINISHED"}
+    children = child_runs(uri, first.parent_run_id)
+    assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
+    assert MlflowClient(uri).get_run(first.parent_run_id).info.status == "FINISHED"
+    assert again.best_config["lr0"] == 0.02
