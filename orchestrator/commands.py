@@ -23,10 +23,12 @@ def run_task_mode(mode: str, args, given: dict) -> int:
     if mode == "train":
         metrics = model.train(**kwargs)
         print(summary_table(metrics))
-        where = Path(model.trainer.save_dir) if model.trainer else None
-        if where:
-            print(f"run folder: {where}\ncheckpoints: {where / 'weights'}")
-        print(f"MLflow store: {args.tracking_uri}   (open the UI: orchestrator ui)")
+        if model.ckpt_path:
+            where = model.ckpt_path.parent.parent
+            print(f"run folder: {where}  (results.csv, results.png, args.yaml)\n"
+                  f"checkpoints: {where / 'weights'}  (best.pt, last.pt)")
+        print(f"MLflow store: {args.tracking_uri}   (open the UI: orchestrator ui)\n"
+              f"object store: {args.storage}  (event log, checkpoints)")
     elif mode == "val":
         print(summary_table({k: v for k, v in model.val(**kwargs).items()}))
     elif mode == "predict":
