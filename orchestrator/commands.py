@@ -27,7 +27,9 @@ def run_task_mode(mode: str, args, given: dict) -> int:
             where = model.ckpt_path.parent.parent
             print(f"run folder: {where}  (results.csv, results.png, args.yaml)\n"
                   f"checkpoints: {where / 'weights'}  (best.pt, last.pt)")
-        print(f"MLflow store: {args.tracking_uri}   (open the UI: orchestrator ui)\n"
+        from callbacks.sinks.redact import redact_text
+
+        print(f"MLflow store: {redact_text(str(args.tracking_uri))}   (open the UI: orchestrator ui)\n"
               f"object store: {args.storage}  (event log, checkpoints)")
     elif mode == "val":
         print(summary_table({k: v for k, v in model.val(**kwargs).items()}))

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 from callbacks.sinks import CheckpointSink, EventLogSink, MLflowSink, ObjectStore, create_run, flatten
+from callbacks.sinks.redact import redact_text
 from trainers.engine.trainer import increment_path
 from trainers.utils import LOGGER
 
@@ -93,7 +94,8 @@ def start_tracking(args, run_id: str, parent_run_id: str | None = None) -> list:
     params = flatten(args.to_dict())
     mlflow_run = create_run(args.tracking_uri, experiment_name(args), args.name, params=params,
                             tags={**run_tags(args), "orchestrator.run_id": run_id}, parent_run_id=parent_run_id)
-    LOGGER.info(f"MLflow run {mlflow_run} in experiment '{experiment_name(args)}' at {args.tracking_uri}")
+    LOGGER.info(f"MLflow run {mlflow_run} in experiment '{experiment_name(args)}' at "
+                f"{redact_text(str(args.tracking_uri))}")  # no user:password@ in logs
     return [
         MLflowSink(args.tracking_uri, experiment_name(args), args.name, params=params, tags=run_tags(args),
                    run_id=mlflow_run, parent_run_id=parent_run_id, ckpt_upload_interval=args.ckpt_upload_interval),

@@ -182,6 +182,8 @@ class MLflowSink(Sink):
         if self._started:
             return
         short_http_retries()
+        # MLflow writes run URLs (user:password@ of the tracking URI included) straight to stdout.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self._clean_params, self._secrets = clean_params(self.params)
         self._clean_tags = _clean_tags(self.tags)
         install_log_filter(LOGGER, self._secrets)
