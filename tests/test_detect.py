@@ -197,6 +197,18 @@ def test_torchscript_export_matches_eager(trained):
     assert torch.allclose(out, decoded, atol=1e-4)
 
 
+def test_onnx_export_matches_eager(trained):
+    ort = pytest.importorskip("onnxruntime")
+    model, _ = trained
+    path = model.export(format="onnx")
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    x = torch.rand(1, 3, 64, 64)
+    (out,) = session.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        decoded, _ = model.model.eval()(x)
+    assert np.allclose(out, decoded.numpy(), atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- custom model classes
 def _run(code: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -1,5 +1,6 @@
 """The seven customizations of SPEC §7 (examples/): each one's effect, not just that it runs."""
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -193,3 +194,34 @@ def test_gradient_norm_after_clipping_is_at_most_max_norm(work):
     assert any(before > max_norm for _, before in seen)  # the clip really acted
     rows = rows_of(model)
     assert all(float(r["train/grad_norm"]) > 0 for r in rows)
+
+
+# 4 under DDP ----------------------------------------------------------------------------------
+def test_unfreeze_on_two_workers_keeps_ranks_in_sync_and_val_matches_one_process(ray_session, work, tmp_path):
+    """After unfreezing, DDP must synchronise the backbone too; 2-rank metrics equal 1-process ones."""
+    log = tmp_path / "weights.jsonl"
+
+    def record(trainer):
+        w = unwrap_model(trainer.model).model[0].conv.weight.detach()
+        with open(log, "a") as f:
+            f.write(json.dumps({"rank": trainer.rank, "epoch": trainer.epoch, "final": trainer.final_eval,
+                                "w": w.flatten()[:64].tolist()}) + "\n")
+
+    class Recording(custom_unfreeze.UnfreezeTrainer):
+        unfreeze_after = 1
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.add_callback("on_fit_epoch_end", record)
+
+    model = custom_unfreeze.main(**work["run"], epochs=2, freeze=10, optimizer="AdamW", lr0=0.003,
+                                 trainer=Recording, num_workers=2, name="unfreeze_ddp")
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    by = {(r["rank"], r["epoch"]): r["w"] for r in rows if not r["final"]}
+    assert set(by) == {(0, 0), (1, 0), (0, 1), (1, 1)}
+    assert by[(0, 0)] == by[(1, 0)] and by[(0, 1)] == by[(1, 1)]  # identical on both ranks
+    assert by[(0, 1)] != by[(0, 0)]  # and the backbone did train after unfreezing
+    ddp_metrics = {k: v for k, v in model.metrics.items() if k.startswith("metrics/")}
+    one = model.val(data=work["run"]["data"], batch=16, verbose=False, plots=False)
+    for key, value in ddp_metrics.items():
+        assert one[key] == pytest.approx(value, abs=1e-6), key
