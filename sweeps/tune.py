@@ -118,6 +118,9 @@ def run_sweep(sweep: SweepConfig, trainer_cls, callbacks: dict | None = None, dr
     from orchestrator.config import get_cfg
 
     base_args = get_cfg(None, base)
+    from callbacks.sinks import ObjectStore
+
+    ObjectStore.from_uri(base_args.storage).check()  # an unreachable store fails here, in one line
     folder = sweep_folder(sweep, base_args)
     folder.mkdir(parents=True, exist_ok=True)
     experiment = experiment_name(base_args)

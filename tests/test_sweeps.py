@@ -196,7 +196,21 @@ def test_trials_plot_and_summary(tmp_path):
 
 
 # ----------------------------------------------------------------------------- real sweeps
-def test_custom_fitness_drives_asha_and_every_trial_is_tracked(ray_session, tmp_path, capsys):
+@pytest.fixture
+def sweep_ray(ray_session):
+    """The session's Ray, with placement groups of Train runs whose trial Tune stopped removed
+    after each test: Ray Train's PlacementGroupCleaner finds dead controllers through the state
+    API, which a Ray without dashboard (the test session's) does not serve."""
+    yield ray_session
+    from ray.util.placement_group import PlacementGroup, placement_group_table
+    from ray._raylet import PlacementGroupID
+
+    for pg_id, info in placement_group_table().items():
+        if info.get("state") == "CREATED":
+            ray_session.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+
+
+def test_custom_fitness_drives_asha_and_every_trial_is_tracked(sweep_ray, tmp_path, capsys):
     """Trials in order lr0 = 0.03, 0.02, 0.01: the trainer's own fitness ranks them, so ASHA
     (grace 1, reduction 2, one trial at a time) stops the last two after their first epoch."""
     log = tmp_path / "epochs.jsonl"
@@ -246,7 +260,7 @@ def test_custom_fitness_drives_asha_and_every_trial_is_tracked(ray_session, tmp_
     assert len({r["run_id"] for r in driver}) == 3 and [r["epoch"] for r in driver].count(0) == 3
 
 
-def test_pbt_restarts_the_weak_trial_from_the_strong_trials_checkpoint(ray_session, tmp_path):
+def test_pbt_restarts_the_weak_trial_from_the_strong_trials_checkpoint(sweep_ray, tmp_path):
     log = tmp_path / "starts.jsonl"
     model = Model("cls-n.yaml")
     model.add_callback("on_train_start", start_logger(log))
@@ -270,7 +284,7 @@ def test_pbt_restarts_the_weak_trial_from_the_strong_trials_checkpoint(ray_sessi
     assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
 
 
-def test_objective_missing_fails_the_sweep_on_first_report(ray_session, tmp_path, capsys):
+def test_objective_missing_fails_the_sweep_on_first_report(sweep_ray, tmp_path, capsys):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump({
         "base": {"model": "cls-n.yaml", "epochs": 2, **QUICK, **where(tmp_path)},
@@ -288,7 +302,7 @@ def test_objective_missing_fails_the_sweep_on_first_report(ray_session, tmp_path
     assert len(children) == 1 and children[0].info.status == "FAILED"  # the second trial never started
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session, tmp_path):
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_ray, tmp_path):
     log = tmp_path / "epochs.jsonl"
     uri = where(tmp_path)["tracking_uri"]
     settings = dict(trainer=LrFitness, max_concurrent=1, name="resumable", epochs=2, **QUICK, **where(tmp_path))
