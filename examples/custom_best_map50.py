@@ -20,7 +20,8 @@ class MAP50Trainer(DetectionTrainer):
 def main(trainer=None, **overrides):
     """Train with ``MAP50Trainer`` (or a subclass given as ``trainer``); returns the Model."""
     model = Model("det-n.yaml")
-    model.train(trainer=trainer or MAP50Trainer, **{"data": "shapes8.yaml", "epochs": 5, **overrides})
+    defaults = {"data": "shapes8.yaml", "epochs": 5}
+    model.train(trainer=trainer or MAP50Trainer, **{**defaults, **overrides})
     return model
 
 

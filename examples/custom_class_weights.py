@@ -62,7 +62,8 @@ def class_weights(dataset, nc: int) -> torch.Tensor:
 def main(trainer=None, **overrides):
     """Train with ``WeightedTrainer`` (or a subclass given as ``trainer``); returns the Model."""
     model = Model("det-n.yaml")
-    model.train(trainer=trainer or WeightedTrainer, **{"data": "shapes8.yaml", "epochs": 5, **overrides})
+    defaults = {"data": "shapes8.yaml", "epochs": 5}
+    model.train(trainer=trainer or WeightedTrainer, **{**defaults, **overrides})
     print("class weights:", model.model.class_weights.tolist())
     return model
 

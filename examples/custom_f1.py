@@ -27,7 +27,8 @@ def per_class_f1(det_metrics) -> dict[str, float]:
 def main(trainer=None, **overrides):
     """Train with ``F1Trainer`` (or a subclass given as ``trainer``); returns the Model."""
     model = Model("det-n.yaml")
-    model.train(trainer=trainer or F1Trainer, **{"data": "shapes8.yaml", "epochs": 5, **overrides})
+    defaults = {"data": "shapes8.yaml", "epochs": 5}
+    model.train(trainer=trainer or F1Trainer, **{**defaults, **overrides})
     return model
 
 

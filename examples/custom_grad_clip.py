@@ -45,7 +45,8 @@ def log_grad_norm(trainer) -> None:
 def main(trainer=None, **overrides):
     """Train with ``ClipTrainer`` (or a subclass given as ``trainer``); returns the Model."""
     model = Model("det-n.yaml")
-    model.train(trainer=trainer or ClipTrainer, **{"data": "shapes8.yaml", "epochs": 5, **overrides})
+    defaults = {"data": "shapes8.yaml", "epochs": 5}
+    model.train(trainer=trainer or ClipTrainer, **{**defaults, **overrides})
     return model
 
 

@@ -39,7 +39,8 @@ class LayerLRTrainer(DetectionTrainer):
 def main(trainer=None, **overrides):
     """Train with ``LayerLRTrainer`` (or a subclass given as ``trainer``); returns the Model."""
     model = Model("det-n.yaml")
-    model.train(trainer=trainer or LayerLRTrainer, **{"data": "shapes8.yaml", "epochs": 5, "lr0": 0.002, **overrides})
+    defaults = {"data": "shapes8.yaml", "epochs": 5, "lr0": 0.002}
+    model.train(trainer=trainer or LayerLRTrainer, **{**defaults, **overrides})
     return model
 
 

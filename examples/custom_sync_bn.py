@@ -4,10 +4,11 @@
 one place where swapping layers is safe. With one worker there is nothing to synchronise.
 PyTorch synchronises batch statistics on GPUs only, so CPU workers keep plain BatchNorm.
 
-Run on GPU workers: ``python examples/custom_sync_bn.py`` (trains with ``num_workers=2``, ``use_gpu=True``).
+Run: ``python examples/custom_sync_bn.py`` (2 Ray Train workers, on GPUs when there are two).
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from orchestrator import Model
@@ -29,8 +30,8 @@ class SyncBNTrainer(DetectionTrainer):
 def main(trainer=None, **overrides):
     """Train with ``SyncBNTrainer`` (or a subclass given as ``trainer``); returns the Model."""
     model = Model("det-n.yaml")
-    model.train(trainer=trainer or SyncBNTrainer, **{"data": "shapes8.yaml", "epochs": 5, "num_workers": 2,
-                                         "use_gpu": True, **overrides})
+    defaults = {"data": "shapes8.yaml", "epochs": 5, "num_workers": 2, "use_gpu": torch.cuda.device_count() >= 2}
+    model.train(trainer=trainer or SyncBNTrainer, **{**defaults, **overrides})
     return model
 
 

@@ -43,7 +43,8 @@ class UnfreezeTrainer(DetectionTrainer):
 def main(trainer=None, **overrides):
     """Train with ``UnfreezeTrainer`` (or a subclass given as ``trainer``); returns the Model."""
     model = Model("det-n.yaml")
-    model.train(trainer=trainer or UnfreezeTrainer, **{"data": "shapes8.yaml", "epochs": 5, "freeze": 10, **overrides})
+    defaults = {"data": "shapes8.yaml", "epochs": 5, "freeze": 10}
+    model.train(trainer=trainer or UnfreezeTrainer, **{**defaults, **overrides})
     return model
 
 

@@ -13,15 +13,16 @@ def check_detection_data(data) -> dict:
     return load_data_yaml(data)
 
 
-def load_detection_data(args, splits=("train", "val")) -> dict:
-    """``{split: YOLODataset, "nc", "names", "yaml_file"}``; only the training split augments."""
+def load_detection_data(args, splits=("train", "val"), augment_train: bool = True) -> dict:
+    """``{split: YOLODataset, "nc", "names", "yaml_file"}``; only the training split may augment."""
     info = check_detection_data(args.data)
     out = {"nc": info["nc"], "names": info["names"], "yaml_file": info["yaml_file"]}
     for split in splits:
         if not info.get(split):
             raise UserError(f"data YAML {info['yaml_file']} has no '{split}' split")
-        out[split] = YOLODataset(info[split], args.imgsz, augment=split == "train", strict=args.strict,
-                                 hyp=args, nc=info["nc"])
+        augment = augment_train and split == "train"
+        out[split] = YOLODataset(info[split], args.imgsz, augment=augment, strict=args.strict, hyp=args,
+                                 nc=info["nc"])
     return out
 
 

@@ -33,7 +33,7 @@ class DetectionValidator(BaseValidator):
 
     # ------------------------------------------------------------------ data
     def build_dataloader(self):
-        data = load_detection_data(self.args, splits=(self.args.split,))
+        data = load_detection_data(self.args, splits=(self.args.split,), augment_train=False)
         self.names = data["names"]
         rank, world = self.rank_world
         return detection_loader(data[self.args.split], self.args.batch, self.args.workers, "val", rank, world)
