@@ -26,7 +26,7 @@ _TYPES: dict[str, Any] = {
     "conf": Optional[float], "source": Optional[Any], "fitness_weights": Optional[list[float]],
     "resources_per_worker": Optional[dict[str, float]], "warmup_epochs": float,
     "fraction": float, "lr0": float, "lrf": float, "momentum": float, "weight_decay": float,
-    "clip_grad": float, "ckpt_upload_interval": float,
+    "clip_grad": float, "ckpt_upload_interval": float, "register": Optional[Union[bool, str]],
 }
 _CHOICES = {
     "task": {None, "classify", "detect"}, "mode": {"train", "val", "predict", "export"},

@@ -4,7 +4,7 @@ from __future__ import annotations
 from callbacks.actor import Dispatcher, listened_events
 from callbacks.records import make_record
 from orchestrator.results import ResultSink
-from orchestrator.run_setup import new_run_id, resolve_run, start_tracking
+from orchestrator.run_setup import new_run_id, register_best, resolve_run, start_tracking
 
 
 class LocalForwarder:
@@ -34,7 +34,8 @@ def run_in_process(factory, args, driver_callbacks):
     factory.overrides.update(resolve_run(args))
     args = type(args)(**{**args.to_dict(), **factory.overrides})
     result = ResultSink()
-    callbacks = [*start_tracking(args, run_id), result, *driver_callbacks]
+    sinks = start_tracking(args, run_id)
+    callbacks = [*sinks, result, *driver_callbacks]
     dispatcher = Dispatcher(callbacks)
     trainer = factory()
     LocalForwarder(dispatcher, run_id, listened_events(callbacks)).attach(trainer.callbacks)
@@ -47,4 +48,5 @@ def run_in_process(factory, args, driver_callbacks):
         raise
     finally:
         dispatcher.finish(status)
+    register_best(args, sinks, result.metrics)
     return trainer, result.metrics

@@ -20,7 +20,7 @@ from ray.train.torch import TorchTrainer
 from callbacks.actor import listened_events, start_callback_actor
 from callbacks.forwarder import EventForwarder
 from orchestrator.results import ResultSink
-from orchestrator.run_setup import new_run_id, resolve_run, start_tracking
+from orchestrator.run_setup import new_run_id, register_best, resolve_run, start_tracking
 from trainers.utils import LOGGER, UserError
 
 
@@ -91,6 +91,7 @@ def run_on_ray(factory, args, driver_callbacks) -> dict:
         ray.kill(actor)
         log_report(report)
     final = report["sinks"].get(type(result).__name__, {})
+    register_best(args, sinks, final.get("metrics", {}))
     return {"metrics": final.get("metrics", {}), "best": final.get("best"), "run_id": run_id, "report": report}
 
 

@@ -104,5 +104,26 @@ def start_tracking(args, run_id: str, parent_run_id: str | None = None) -> list:
     ]
 
 
+def register_best(args, sinks: list, metrics: dict) -> str | None:
+    """Register the finished run's ``weights/best.pt`` as a model version tagged with its metrics."""
+    if not args.register:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    mlflow_run = next(s.run_id for s in sinks if isinstance(s, MLflowSink))
+    name = experiment_name(args) if args.register is True else str(args.register)
+    client = MlflowClient(args.tracking_uri)
+    try:
+        client.get_registered_model(name)
+    except Exception:  # not there yet
+        client.create_registered_model(name, description=run_description(args))
+    source = f"{client.get_run(mlflow_run).info.artifact_uri}/weights"
+    tags = {k: f"{v:.6g}" for k, v in metrics.items() if isinstance(v, (int, float))}
+    version = client.create_model_version(name, source, run_id=mlflow_run, tags=tags,
+                                          description=run_description(args))
+    LOGGER.info(f"registered best.pt as model '{name}' version {version.version}")
+    return version.version
+
+
 def new_run_id() -> str:
     return uuid.uuid4().hex[:16]

@@ -20,7 +20,7 @@ DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 SCHEDULERS = ("fifo", "asha", "pbt")
 SEARCHES = ("random", "grid", "optuna")
 # Keys that name or place a run, or size it: set once per sweep, never sampled.
-NOT_SEARCHABLE = {"mode", "resume", "project", "name", "exist_ok", "tracking_uri", "storage",
+NOT_SEARCHABLE = {"mode", "resume", "register", "project", "name", "exist_ok", "tracking_uri", "storage",
                   "num_workers", "use_gpu", "resources_per_worker", "task"}
 
 

@@ -32,7 +32,7 @@ from trainers.utils import LOGGER, UserError, unwrap_model
 # Keys a resumed run may change; everything else comes from the checkpoint's args.
 RESUME_OVERRIDES = {"epochs", "device", "workers", "patience", "save_period", "val", "plots",
                     "verbose", "num_workers", "use_gpu", "resources_per_worker", "max_failures",
-                    "tracking_uri", "storage", "ckpt_upload_interval", "batch"}
+                    "tracking_uri", "storage", "ckpt_upload_interval", "batch", "register"}
 
 
 class BaseTrainer(CallbackMixin):
