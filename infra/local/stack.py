@@ -212,9 +212,19 @@ class MlflowService(Service):
         """Create the database schema once, so the server's workers never race its migrations."""
         if (self.stack.root / "mlflow.db").exists():
             return
+        import logging
+
         from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-        SqlAlchemyStore(self.backend_uri, "mlflow-artifacts:/").engine.dispose()
+        quiet = [logging.getLogger(name) for name in ("mlflow", "alembic")]
+        levels = [logger.level for logger in quiet]
+        for logger in quiet:
+            logger.setLevel(logging.WARNING)  # migration chatter is not for the terminal
+        try:
+            SqlAlchemyStore(self.backend_uri, "mlflow-artifacts:/").engine.dispose()
+        finally:
+            for logger, level in zip(quiet, levels):
+                logger.setLevel(level)
 
     def command(self):
         return [executable("mlflow", "mlflow"), "server", "--host", procs.HOST,
