@@ -157,9 +157,9 @@ def _resolve_arg(a: Any, nc: int) -> Any:
     return a
 
 
-def _layer_args(kind: str, cls: type, args: list, n: int, c_in: list[int], f, mult, nc: int):
-    """Constructor args and output channels for one row."""
-    depth, width, max_ch = mult
+def _layer_args(kind: str, args: list, n: int, c_in: list[int], f, mult) -> tuple[list, int | None]:
+    """Constructor args and output channels for one row (``n`` already depth-scaled)."""
+    _, width, max_ch = mult
     if kind in ("conv", "repeat"):
         c2 = make_divisible(min(args[0], max_ch) * width)
         args = [c_in[f], c2, *args[1:]]
@@ -169,6 +169,8 @@ def _layer_args(kind: str, cls: type, args: list, n: int, c_in: list[int], f, mu
     if kind == "concat":
         return args, sum(c_in[i] for i in f)
     if kind == "head":  # Detect(nc, ch, *rest)
+        if not isinstance(f, list):
+            raise ValueError("Detect needs a list of input layers, e.g. [[15, 18, 21], 1, Detect, [nc]]")
         return [args[0], [c_in[i] for i in f], *args[1:]], None
     if kind == "classify":
         c1 = sum(c_in[i] for i in f) if isinstance(f, list) else c_in[f]
@@ -193,7 +195,7 @@ def parse_model(spec: dict, ch: int, nc: int, verbose: bool = True) -> tuple[nn.
         f, n, mod_name = row[0], row[1], row[2]
         args = [_resolve_arg(a, nc) for a in (row[3] if len(row) == 4 else [])]
         try:
-            layer, c2 = _build_row(i, f, n, mod_name, args, c_in, mult, nc)
+            layer, c2 = _build_row(i, f, n, mod_name, args, c_in, mult)
         except (TypeError, ValueError, IndexError, KeyError) as e:
             raise UserError(f"model spec {name}: {part}[{j}] = {row!r}: {e}") from None
         save.update(x % i for x in ([f] if isinstance(f, int) else f) if x != -1)
@@ -204,7 +206,7 @@ def parse_model(spec: dict, ch: int, nc: int, verbose: bool = True) -> tuple[nn.
     return nn.ModuleList(layers), sorted(save)
 
 
-def _build_row(i: int, f, n, mod_name: str, args: list, c_in: list[int], mult, nc: int):
+def _build_row(i: int, f, n, mod_name: str, args: list, c_in: list[int], mult):
     """One layer: resolve ``from``, scale repeats/channels, construct and tag it."""
     cls, kind = MODULES[mod_name]
     if not (f == -1 or isinstance(f, int) or (isinstance(f, list) and all(isinstance(x, int) for x in f))):
@@ -217,7 +219,7 @@ def _build_row(i: int, f, n, mod_name: str, args: list, c_in: list[int], mult, n
     depth = mult[0]
     n = max(round(n * depth), 1) if n > 1 else n
     # c_in[k] is the output channels of layer k; for layer 0, c_in[-1] is the input image
-    args, c2 = _layer_args(kind, cls, args, n, c_in, f, mult, nc)
+    args, c2 = _layer_args(kind, args, n, c_in, f, mult)
     if kind == "repeat" or n == 1:
         layer = cls(*args)
     elif kind == "conv":  # later copies take the first copy's output channels
