@@ -114,11 +114,21 @@ def test_gains_follow_model_args(model):
         model.args = SimpleNamespace(box=15.0, cls=0.0, dfl=1.5)
         model.criterion = model.init_criterion()
         _, scaled = model.loss(batch, preds)
-        model.args = {"box": 7.5, "cls": 1.0, "dfl": 0.0}
-        model.criterion = model.init_criterion()
+        model.args = {"box": 7.5, "cls": 1.0, "dfl": 0.0}  # set after the criterion exists
         _, from_dict = model.loss(batch, preds)
     assert torch.allclose(scaled[0], 2 * default[0]) and scaled[1] == 0
     assert torch.allclose(from_dict[1], 2 * default[1]) and from_dict[2] == 0
+
+
+def test_loss_under_autocast_is_full_precision(model):
+    batch = shapes_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        preds = model(batch["img"])
+        loss, items = model.loss(batch, preds)
+    assert preds[0].dtype == torch.bfloat16
+    assert loss.dtype == torch.float32 and items.dtype == torch.float32
+    assert torch.isfinite(loss)
+    loss.backward()
 
 
 def test_images_without_labels(model):

@@ -43,7 +43,10 @@ class DetectionLoss:
 
     def __call__(self, preds, batch: dict):
         feats = preds[1] if isinstance(preds, tuple) else preds
-        feats = [f.float() for f in feats]
+        with torch.autocast(feats[0].device.type, enabled=False):  # targets need full precision
+            return self._loss([f.float() for f in feats], batch)
+
+    def _loss(self, feats: list[torch.Tensor], batch: dict):
         self.device = feats[0].device
         self.bce.to(self.device)  # a swapped-in pos_weight follows the model's device
         flat = torch.cat([f.flatten(2) for f in feats], 2).transpose(1, 2)  # (B, A, no)

@@ -59,6 +59,8 @@ class BaseModel(nn.Module):
         """``(loss, loss_items)``: scalar per-sample-mean loss and its detached parts."""
         if self.criterion is None:
             self.criterion = self.init_criterion()
+        if hasattr(self.criterion, "hyp") and getattr(self, "args", None) is not None:
+            self.criterion.hyp = self.args  # gains follow args set after the criterion was built
         if preds is None:
             preds = self.forward(batch["img"])
         return self.criterion(preds, batch)
