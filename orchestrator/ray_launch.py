@@ -174,5 +174,25 @@ def report_epoch(trainer) -> None:
         folder = tempfile.mkdtemp(prefix="ckpt-")
         shutil.copy(trainer.last, Path(folder) / "last.pt")
         checkpoint = Checkpoint.from_directory(folder)
-    ray.train.report(metrics, checkpoint=checkpoint,
-                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                     checkpoint_upload_fn=persist_patiently)
+
+
+UPLOAD_PATIENCE = 600.0  # seconds a checkpoint upload keeps retrying while the storage is unreachable
+
+
+def persist_patiently(checkpoint, checkpoint_dir_name: str):
+    """Ray Train's own upload, retried with backoff: Ray gives up after a few quick tries, which
+    fails the whole run on a short storage outage; this only delays the checkpoint (async)."""
+    storage = ray.train.get_context().get_storage()
+    delay, end = 1.0, time.monotonic() + UPLOAD_PATIENCE
+    while True:
+        try:
+            return storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name)
+        except OSError as exc:
+            if time.monotonic() + delay > end:
+                raise
+            LOGGER.warning(f"checkpoint upload to {storage.storage_fs_path} failed, retrying in {delay:.0f}s: "
+                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)

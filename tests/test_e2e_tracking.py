@@ -277,17 +277,15 @@ def ask_for_outage(folder: Path):
 
 @pytest.mark.parametrize("num_workers", [0, 2], ids=["in_process", "ray"])
 def test_outage_mid_run_loses_nothing(request, servers, tmp_path, num_workers):
-    """MLflow stopped for 10 s at epoch 1 (and S3 cut in-process; see the note) and restored:
-    every point arrives exactly once, the run ends FINISHED, checkpoints and event log complete.
-
-    On Ray the S3 proxy stays up: Ray Train persists its own checkpoints to the same bucket with
-    a few quick retries only, so an S3 outage there fails the run (not a sink of ours)."""
+    """MLflow stopped and S3 cut for 10 s from the start of epoch 1, then restored: every point
+    arrives exactly once, the run ends FINISHED, checkpoints and the event log are complete. On
+    Ray this includes Ray Train's own checkpoint uploads to the same bucket."""
     if num_workers:
         request.getfixturevalue("ray_cluster")
     s3 = request.getfixturevalue("s3")
     folder = tmp_path / "signals"
     folder.mkdir()
-    outage = Outage(folder, servers[0], s3.proxy if num_workers == 0 else None)
+    outage = Outage(folder, servers[0], s3.proxy)
     outage.start()
     storage = storage_uri(f"outage{num_workers}")
     try:
