@@ -201,6 +201,13 @@ def test_classification_outputs_and_trace():
     assert torch.allclose(rebuilt.eval()(x), logits, atol=1e-6)
 
 
+@pytest.mark.parametrize("size", [8, 64, 100])
+def test_classifier_takes_rgb_images_of_any_size(size):
+    model = ClassificationModel("cls-n.yaml", ch=3, nc=5, verbose=False).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, size, size)).shape == (2, 5)
+
+
 def test_pickle_and_deepcopy_keep_outputs(det):
     det.eval()
     det.loss(_det_batch())  # builds the criterion; copies must still work

@@ -1,7 +1,6 @@
 """Classification loss: mean cross entropy over the batch."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 
