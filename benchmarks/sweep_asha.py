@@ -21,7 +21,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 SPACE = {"lr0": {"loguniform": [0.0005, 0.3]}, "momentum": {"uniform": [0.6, 0.98]}}
 BASE = dict(data="digits", imgsz=16, batch=32, nbs=32, fraction=0.5, verbose=False, plots=False, workers=0,
-            seed=0, optimizer="SGD", warmup_epochs=0.0)
+            optimizer="SGD", warmup_epochs=0.0)  # the search seed is the sweep setting `seed`
 
 
 def run(scheduler, args, folder: Path):
