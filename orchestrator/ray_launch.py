@@ -179,6 +179,12 @@ def report_epoch(trainer) -> None:
 
 
 UPLOAD_PATIENCE = 600.0  # seconds a checkpoint upload keeps retrying while the storage is unreachable
+TRANSIENT = ("NETWORK_CONNECTION", "SERVICE_UNAVAILABLE", "SLOW_DOWN", "INTERNAL_FAILURE", "REQUEST_TIMEOUT")
+
+
+def transient(exc: OSError) -> bool:
+    """An outage worth waiting for (not a missing file, bucket or permission)."""
+    return isinstance(exc, (ConnectionError, TimeoutError)) or any(t in str(exc) for t in TRANSIENT)
 
 
 def persist_patiently(checkpoint, checkpoint_dir_name: str):
@@ -190,7 +196,7 @@ def persist_patiently(checkpoint, checkpoint_dir_name: str):
         try:
             return storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name)
         except OSError as exc:
-            if time.monotonic() + delay > end:
+            if not transient(exc) or time.monotonic() + delay > end:
                 raise
             LOGGER.warning(f"checkpoint upload to {storage.storage_fs_path} failed, retrying in {delay:.0f}s: "
                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
