@@ -6,6 +6,7 @@ the default value does not tell it (null defaults, unions).
 from __future__ import annotations
 
 import difflib
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional, Union
@@ -33,11 +34,13 @@ _CHOICES = {
     "optimizer": {"auto", "SGD", "Adam", "AdamW", "RMSProp"}, "format": {"torchscript", "onnx"},
 }
 
-Schema = create_model(
-    "Config",
-    __config__=ConfigDict(extra="forbid", strict=False),
-    **{k: (_TYPES.get(k, type(v) if v is not None else Optional[Any]), v) for k, v in DEFAULTS.items()},
-)
+with warnings.catch_warnings():  # the key `register` shadows a deprecated BaseModel classmethod
+    warnings.filterwarnings("ignore", message='Field name "register"')
+    Schema = create_model(
+        "Config",
+        __config__=ConfigDict(extra="forbid", strict=False),
+        **{k: (_TYPES.get(k, type(v) if v is not None else Optional[Any]), v) for k, v in DEFAULTS.items()},
+    )
 
 
 class Args(SimpleNamespace):

@@ -30,10 +30,15 @@ def key_looks_secret(name: str) -> bool:
     return any(w in SECRET_WORDS for w in words)
 
 
+# Named like secrets ("pwd") but they are working directories, not passwords.
+NOT_SECRET_ENV = frozenset({"PWD", "OLDPWD"})
+
+
 def env_secrets(environ: dict | None = None) -> list[str]:
     """Values of environment variables named like secrets, longest first (long enough to match)."""
     environ = os.environ if environ is None else environ
-    found = {v for k, v in environ.items() if key_looks_secret(k) and len(v) >= MIN_SECRET_LEN}
+    found = {v for k, v in environ.items()
+             if k not in NOT_SECRET_ENV and key_looks_secret(k) and len(v) >= MIN_SECRET_LEN}
     return sorted(found, key=len, reverse=True)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import time
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from trainers.engine.history import History
 from trainers.engine.optim import lr_lambda, make_optimizer, warmup
 from trainers.engine.stopper import EarlyStopping
 from trainers.utils import LOGGER, UserError, unwrap_model
+
+URL_USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
 
 # Keys a resumed run may change; everything else comes from the checkpoint's args.
 RESUME_OVERRIDES = {"epochs", "device", "workers", "patience", "save_period", "val", "plots",
@@ -395,10 +398,14 @@ class BaseTrainer(CallbackMixin):
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
             "best_fitness": self.best_fitness, "fitness": self.fitness,
-            "train_args": self.args.to_dict(), "train_metrics": dict(self.metrics),
+            "train_args": self.args_without_credentials(), "train_metrics": dict(self.metrics),
             "stopper": self.stopper.state_dict(), "rng": self._rng_states,
             "callbacks": {k: cb.state_dict() for k, cb in stateful_callbacks(self.callbacks).items()},
         }
+
+    def args_without_credentials(self) -> dict:
+        """Config for checkpoints: a ``user:password@`` in a URI never lands in a file."""
+        return {k: URL_USERINFO.sub(r"\1", v) if isinstance(v, str) else v for k, v in self.args.to_dict().items()}
 
     def check_resume(self):
         """Resolve ``resume`` to a checkpoint; adopt its args (a few keys may be overridden)."""
