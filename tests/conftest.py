@@ -6,6 +6,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Small models on a few cores: one intra-op thread per process is several times faster than
+# oversubscribed threads (subprocesses and Ray workers inherit this).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(scope="session")
 def ray_session():
