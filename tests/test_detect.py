@@ -266,3 +266,20 @@ def test_custom_model_class_checkpoint_in_fresh_process(work, where):
         message = loaded.stdout
         assert message.startswith("ERROR") and "'ScriptModel'" in message, message
         assert "__main__" in message and "define it in a module" in message, message
+
+
+def test_plots_saved_at_every_validation_and_forwarded(work):
+    seen = []
+
+    def note_plot_times(validator):
+        files = [Path(validator.plots[k]) for k in ("PR_curve.png", "confusion_matrix_normalized.png")]
+        seen.append([f.stat().st_mtime_ns for f in files])
+
+    model = Model("det-n.yaml")
+    model.add_callback("on_val_end", note_plot_times)
+    records = []
+    model.add_callback("on_val_end", records.append, where="driver")
+    model.train(data=str(work["tiny"]), epochs=2, batch=8, name="plots", **{**work["run"], "plots": True})
+    assert len(seen) == 3  # two epochs and the final evaluation, each writing fresh plots
+    assert seen[0] != seen[1] != seen[2]
+    assert all("PR_curve.png" in r["artifacts"] for r in records)

@@ -83,7 +83,7 @@ class DetectionValidator(BaseValidator):
         records = gather_objects(self.json_records) if self.args.save_json else []
         stats = self.metrics.compute()
         if self.rank_world[0] in (-1, 0):
-            if self.args.plots and not self.training:  # final eval and model.val(): seconds per epoch is too much
+            if self.args.plots:  # every validation (plots=False skips the seconds they cost on a CPU)
                 self.save_plots()
             if self.args.save_json:
                 self.save_json([r for part in records for r in part])
