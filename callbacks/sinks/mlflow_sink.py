@@ -71,13 +71,24 @@ def _param_value(value) -> str:
     return str(value)
 
 
+def local_artifact_root(client, name: str) -> str | None:
+    """With a SQLite store, artifacts live beside the database (``runs/mlartifacts/<experiment>``),
+    not in ``./mlruns`` of whatever folder the process runs in; servers keep their own setting."""
+    uri = str(client.tracking_uri)
+    if not uri.startswith("sqlite:///"):
+        return None
+    root = Path(uri[len("sqlite:///"):]).expanduser().resolve().parent / "mlartifacts"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return (root / safe).as_uri()
+
+
 def ensure_experiment(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     from mlflow.exceptions import MlflowException
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=local_artifact_root(client, name))
     except MlflowException:  # created concurrently by someone else
         exp = client.get_experiment_by_name(name)
         if exp is None:
