@@ -26,3 +26,19 @@ class EventRecorder:
     @property
     def names(self):
         return [e for e, _, _ in self.events]
+
+
+STEP = ["optimizer_step", "on_before_zero_grad", "on_params_update"]
+
+
+def expected_events(epochs, n_batches, accumulate, n_val_batches):
+    """The exact event list of a fit (SPEC §3): epochs, then the final evaluation of best.pt."""
+    val = ["on_val_start"] + ["on_val_batch_start", "on_val_batch_end"] * n_val_batches + ["on_val_end"]
+    seq = ["on_pretrain_routine_start", "on_pretrain_routine_end", "on_train_start"]
+    for _ in range(epochs):
+        seq.append("on_train_epoch_start")
+        for i in range(n_batches):
+            stepped = (i + 1) % accumulate == 0 or i == n_batches - 1
+            seq += ["on_train_batch_start", *(STEP if stepped else []), "on_train_batch_end"]
+        seq += ["on_train_epoch_end", *val, "on_model_save", "on_fit_epoch_end"]
+    return seq + val + ["on_fit_epoch_end", "on_train_end", "teardown"]

@@ -13,12 +13,11 @@ import torch
 from PIL import Image
 
 from orchestrator import Model
-from tests.helpers import EventRecorder
+from tests.helpers import EventRecorder, expected_events
 from trainers.data.shapes import generate_shapes
 from trainers.metrics.coco import coco_eval
 
 ROOT = Path(__file__).resolve().parents[1]
-STEP = ["optimizer_step", "on_before_zero_grad", "on_params_update"]
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +39,6 @@ def trained(work):
                           warmup_epochs=0.5, lrf=0.1, scale=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, fliplr=0.0,
                           name="learn", **work["run"])  # about 0.3 mAP50 (seeds 0 and 1)
     return model, metrics
-
-
-def expected_events(epochs, n_batches, accumulate, n_val_batches):
-    val = ["on_val_start"] + ["on_val_batch_start", "on_val_batch_end"] * n_val_batches + ["on_val_end"]
-    seq = ["on_pretrain_routine_start", "on_pretrain_routine_end", "on_train_start"]
-    for _ in range(epochs):
-        seq.append("on_train_epoch_start")
-        for i in range(n_batches):
-            stepped = (i + 1) % accumulate == 0 or i == n_batches - 1
-            seq += ["on_train_batch_start", *(STEP if stepped else []), "on_train_batch_end"]
-        seq += ["on_train_epoch_end", *val, "on_model_save", "on_fit_epoch_end"]
-    return seq + val + ["on_fit_epoch_end", "on_train_end", "teardown"]
 
 
 def test_detection_event_sequence_includes_validation_each_epoch_and_final_eval(work):

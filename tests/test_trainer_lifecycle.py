@@ -2,22 +2,9 @@
 import torch
 
 from orchestrator import Model
-from tests.helpers import QUICK, EventRecorder
+from tests.helpers import QUICK, EventRecorder, expected_events
 from trainers.classify import ClassificationTrainer
 
-STEP = ["optimizer_step", "on_before_zero_grad", "on_params_update"]
-
-
-def expected_events(epochs, n_batches, accumulate, n_val_batches):
-    val = ["on_val_start"] + ["on_val_batch_start", "on_val_batch_end"] * n_val_batches + ["on_val_end"]
-    seq = ["on_pretrain_routine_start", "on_pretrain_routine_end", "on_train_start"]
-    for _ in range(epochs):
-        seq.append("on_train_epoch_start")
-        for i in range(n_batches):
-            stepped = (i + 1) % accumulate == 0 or i == n_batches - 1
-            seq += ["on_train_batch_start", *(STEP if stepped else []), "on_train_batch_end"]
-        seq += ["on_train_epoch_end", *val, "on_model_save", "on_fit_epoch_end"]
-    return seq + val + ["on_fit_epoch_end", "on_train_end", "teardown"]
 
 
 def test_exact_event_sequence_of_two_epoch_fit(tmp_path):
