@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 from orchestrator.config import DEFAULT_CFG_PATH, get_cfg, load_yaml, parse_overrides
 from trainers.utils import UserError
