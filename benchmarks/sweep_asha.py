@@ -47,7 +47,9 @@ def main() -> int:
     import ray
 
     root = str(Path(__file__).resolve().parents[1])
-    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False,
+    # The dashboard stays on: Ray Train frees the placement groups of trials Tune stops through the
+    # state API it serves; without it those CPUs stay reserved and later trials wait forever.
+    ray.init(configure_logging=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": root, "OMP_NUM_THREADS": "1",
                                        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}})
     asha = {"name": "asha", "grace_period": 1, "reduction_factor": 3}
