@@ -7,6 +7,7 @@ can take a server away and bring it back. Import with ``from tests.servers impor
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 import signal
 import socket
 import subprocess
@@ -364,3 +365,26 @@ def expected_metrics(records, step_prefix: str = "step/") -> dict[str, list[tupl
 def metric_histories(client, run_id: str, keys) -> dict[str, list[tuple[int, float, int]]]:
     return {k: sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, k))
             for k in keys}
+
+
+@contextmanager
+def running(servers: list):
+    """Start ``servers`` in parallel (each start waits for health); stop them all afterwards."""
+    errors = []
+
+    def start(srv):
+        try:
+            srv.start()
+        except Exception as exc:  # re-raised below, in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in servers]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    try:
+        if errors:
+            raise errors[0]
+        yield servers
+    finally:
+        for srv in servers:
+            srv.stop()

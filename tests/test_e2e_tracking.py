@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from callbacks.sinks import ObjectStore, checkpoint_key, read_event_log
 from callbacks.sinks.mlflow_sink import metric_key
 from orchestrator import Model
-from tests.servers import MlflowServer, MotoServer, TcpProxy
+from tests.servers import MlflowServer, MotoServer, TcpProxy, running
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "e2e-tracking"
@@ -71,25 +71,8 @@ def s3_env(s3):
 def servers(tmp_path_factory):
     """The main MLflow server and a second one to replay into, started in parallel."""
     root = tmp_path_factory.mktemp("e2e-mlflow")
-    pair = [MlflowServer(root / "main"), MlflowServer(root / "replay")]
-    errors = []
-    threads = [threading.Thread(target=lambda s=s: _start(s, errors)) for s in pair]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    try:
-        if errors:
-            raise errors[0]
+    with running([MlflowServer(root / "main"), MlflowServer(root / "replay")]) as pair:
         yield pair
-    finally:
-        for server in pair:
-            server.stop()
-
-
-def _start(server, errors):
-    try:
-        server.start()
-    except Exception as exc:  # raised in the fixture
-        errors.append(exc)
 
 
 @pytest.fixture

@@ -16,15 +16,6 @@ from trainers.models import DetectionModel
 from trainers.utils import UserError
 from trainers.utils.ops import box_iou, nms, non_max_suppression
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two, and steadier on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def shapes_batch(size: int = 64) -> dict:
     """Two images with bright rectangles on a dark background; labels match the drawing."""
     img = torch.full((2, 3, size, size), 0.1)

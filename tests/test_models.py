@@ -16,15 +16,6 @@ from trainers.models.build import SPECS_DIR, builtin_specs
 from trainers.models.modules import Conv
 from trainers.utils import LOGGER, UserError
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two, and steadier on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

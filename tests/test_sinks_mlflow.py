@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-import threading
 import time
 
 import pytest
@@ -11,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from callbacks.sinks import EventLogSink, MLflowSink, create_run, replay_run
 from callbacks.sinks.redact import MASK
-from tests.servers import MlflowServer, expected_metrics, free_port, metric_histories, record_stream
+from tests.servers import MlflowServer, expected_metrics, free_port, metric_histories, record_stream, running
 from trainers.utils import LOGGER, UserError
 
 CONFIG = {"epochs": 2, "lr0": 0.01, "model": "det-n.yaml", "db_password": "hunter2-pass",
@@ -22,25 +21,8 @@ CONFIG = {"epochs": 2, "lr0": 0.01, "model": "det-n.yaml", "db_password": "hunte
 def servers(tmp_path_factory):
     """Two servers started in parallel: the main one and a replay target."""
     root = tmp_path_factory.mktemp("mlflow")
-    pair = [MlflowServer(root / "a"), MlflowServer(root / "b")]
-    errors = []
-
-    def start(srv):
-        try:
-            srv.start()
-        except Exception as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start, args=(s,)) for s in pair]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    try:
-        if errors:
-            raise errors[0]
+    with running([MlflowServer(root / "a"), MlflowServer(root / "b")]) as pair:
         yield pair
-    finally:
-        for srv in pair:
-            srv.stop()
 
 
 @pytest.fixture
