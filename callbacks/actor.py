@@ -1,7 +1,7 @@
 """Driver side of event forwarding: ONE actor that dispatches worker records to driver callbacks.
 
 Driver callbacks are ``(event, fn)`` pairs (``fn(record)``) and sink objects (event-named
-methods taking a record, optional ``flush()`` and ``close(status)``); both run here, in
+methods taking a record, optional ``start()``, ``flush()`` and ``close(status)``); both run here, in
 registration order, so a slow or failing logger never runs in a training process.
 
 Each stream (run_id, rank, attempt) is dispatched strictly in ``seq`` order: early arrivals
@@ -16,6 +16,7 @@ report; it never raises into ``ingest``.
 """
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from typing import Callable, Iterable
@@ -24,7 +25,7 @@ import ray
 
 from callbacks.events import EVENTS, check_event
 from callbacks.registry import callback_name
-from callbacks.records import record_key
+from callbacks.records import record_key, records_from_rows
 from trainers.utils import LOGGER, UserError
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -111,6 +112,10 @@ class Dispatcher:
         self._busy += time.perf_counter() - started
         return {"received": len(batch), "duplicates": self._counts["duplicates"] - duplicates,
                 "next_seq": {key: stream.next_seq for key, stream in touched.items()}}
+
+    def ingest_rows(self, stream: tuple, first_seq: int, rows: list, floors: dict | None = None) -> dict:
+        """``ingest`` for a forwarder's compact batch: consecutive rows of one stream."""
+        return self.ingest(records_from_rows(tuple(stream), int(first_seq), rows), floors)
 
     def _stream(self, key: tuple) -> _Stream:
         stream = self._streams.get(key)
@@ -201,6 +206,11 @@ class Dispatcher:
         return results
 
     # ------------------------------------------------------------------ lifecycle
+    def start(self) -> dict:
+        """Let sinks open their clients before the first record arrives (``Sink.start``)."""
+        self._call_sinks("start")
+        return self.stats()
+
     def flush(self) -> dict:
         """Ask every sink to flush what it buffers."""
         self._call_sinks("flush")
@@ -260,7 +270,27 @@ def _was_restarted() -> bool:
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class CallbackActor(Dispatcher):
-    """The Ray actor: one per run, on the driver's node; restarted by Ray if its process dies."""
+    """The Ray actor: one per run, on the driver's node; restarted by Ray if its process dies.
+
+    It runs at a lower CPU priority (nice +NICE): where it shares cores with training workers
+    (a laptop, a small head node), logging takes the idle time and training keeps the CPU.
+    Falling behind is safe: workers buffer, and backpressure (counted) bounds the lag.
+    """
+
+    def __init__(self, driver_callbacks: Iterable = ()):
+        lower_priority()
+        super().__init__(driver_callbacks)
+
+
+NICE = 10
+
+
+def lower_priority() -> None:
+    """Raise this thread's nice value (Linux: per thread; threads started later inherit it)."""
+    try:
+        os.nice(NICE)
+    except (AttributeError, OSError):  # not on this platform: run at normal priority
+        pass
 
 
 def start_callback_actor(driver_callbacks: Iterable, name: str | None = None,
@@ -268,5 +298,7 @@ def start_callback_actor(driver_callbacks: Iterable, name: str | None = None,
     """Validate driver callbacks here (errors surface on the driver) and start the actor."""
     callbacks = list(driver_callbacks or ())
     driver_entries(callbacks)
-    return CallbackActor.options(num_cpus=0, max_restarts=-1, max_task_retries=0, name=name,
-                                 namespace=namespace).remote(callbacks)
+    actor = CallbackActor.options(num_cpus=0, max_restarts=-1, max_task_retries=0, name=name,
+                                  namespace=namespace).remote(callbacks)
+    actor.start.remote()  # not awaited: sinks connect while the workers start
+    return actor

@@ -1,8 +1,8 @@
 """Worker side of event forwarding: one record per event, sent to the callback actor in batches.
 
 Runs inside each Ray Train worker. The training step never waits for the driver: records are
-buffered, sent as ``actor.ingest.remote(batch, floors)`` calls, and at most ``max_inflight``
-calls are outstanding. Completion is checked with ``ray.wait(timeout=0)`` only at batch or
+buffered as compact rows, sent as ``actor.ingest_rows.remote(stream, first_seq, rows, floors)``
+calls, and at most ``max_inflight`` calls are outstanding. Completion is checked with ``ray.wait(timeout=0)`` only at batch or
 time boundaries, because one ``ray.wait`` costs tens of microseconds and events can fire at
 tens of kHz.
 
@@ -24,7 +24,7 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from callbacks.events import EVENTS, check_event
-from callbacks.records import make_record
+from callbacks.records import make_row
 from trainers.utils import LOGGER
 
 # Calls that fail for these reasons are resent once the actor answers again.
@@ -68,7 +68,8 @@ class EventForwarder:
         self.close_timeout = float(_check_positive("close_timeout", close_timeout, 0))
         self.give_up_after = float(_check_positive("give_up_after", give_up_after, 0))
         self.stream = (self.run_id, self.rank, self.attempt)
-        # Retained records: seq ``_seq0 + i`` is ``_records[i]``; all seq < _acked are done.
+        # Retained rows (callbacks.records.ROW_FIELDS): seq ``_seq0 + i`` is ``_records[i]``;
+        # all seq < _acked are done.
         self._records: list[dict] = []
         self._seq0 = 0
         self._acked = 0          # every seq below this was dispatched by the actor
@@ -104,19 +105,13 @@ class EventForwarder:
         return hook
 
     # ----------------------------------------------------------------- hot path
-    def emit(self, event: str, owner) -> dict:
-        """Build the record for ``event`` fired by ``owner`` and queue it; sends when due."""
-        fields = owner_fields(owner, event)
-        seq = self._seq0 + len(self._records)
-        record = make_record(run_id=self.run_id, event=event, rank=self.rank, attempt=self.attempt,
-                             seq=seq, epoch=fields.get("epoch") or 0, step=fields.get("step") or 0,
-                             metrics=fields.get("metrics"), artifacts=fields.get("artifacts"),
-                             final_eval=bool(fields.get("final_eval", False)))
-        self._records.append(record)
+    def emit(self, event: str, owner) -> list:
+        """Build the row for ``event`` fired by ``owner`` and queue it; sends when due."""
+        self._records.append(make_row(event, owner_fields(owner, event)))
         self._counts["records"] += 1
-        if seq + 1 >= self._pump_at or time.monotonic() >= self._next_flush:
+        if self._seq0 + len(self._records) >= self._pump_at or time.monotonic() >= self._next_flush:
             self._pump(force=time.monotonic() >= self._next_flush)
-        return record
+        return self._records[-1]
 
     # ----------------------------------------------------------------- sending
     @property
@@ -150,7 +145,7 @@ class EventForwarder:
     def _send(self, n: int) -> None:
         start = self._sent - self._seq0
         batch = self._records[start:start + n]
-        ref = self.actor.ingest.remote(batch, {self.stream: self._acked})
+        ref = self.actor.ingest_rows.remote(self.stream, self._sent, batch, {self.stream: self._acked})
         self._inflight.append((ref, self._sent, self._sent + n))
         self._sent += n
         self._counts["sent"] += n

@@ -109,6 +109,9 @@ def validate(values: dict) -> Args:
         if cfg[key] not in allowed:
             options = ", ".join(sorted(str(a) for a in allowed if a is not None))
             raise UserError(f"config key '{key}': value {cfg[key]!r} is not one of {options}")
+    if cfg["log_every_n_steps"] < 1:
+        raise UserError(f"config key 'log_every_n_steps': value {cfg['log_every_n_steps']!r} is not valid "
+                        f"(expected an int >= 1)")
     return Args(**cfg)
 
 

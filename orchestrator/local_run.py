@@ -37,6 +37,7 @@ def run_in_process(factory, args, driver_callbacks):
     sinks = start_tracking(args, run_id)
     callbacks = [*sinks, result, *driver_callbacks]
     dispatcher = Dispatcher(callbacks)
+    dispatcher.start()  # sinks connect in their own threads while the trainer sets up
     trainer = factory()
     LocalForwarder(dispatcher, run_id, listened_events(callbacks)).attach(trainer.callbacks)
     status = "FAILED"

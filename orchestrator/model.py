@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from callbacks.actor import driver_entries
 from callbacks.events import check_event
 from callbacks.registry import add_callback, copy_registry, new_registry
 from orchestrator.config import get_cfg
@@ -46,8 +47,16 @@ class Model:
 
     # ------------------------------------------------------------------ callbacks
     def add_callback(self, event, fn=None, where: str = "worker") -> None:
-        """``where="worker"``: fn(trainer) in every worker; ``"driver"``: fn(record) on the driver."""
-        if where == "driver":
+        """``where="worker"``: fn(trainer) in every worker; ``"driver"``: fn(record) on the driver.
+
+        Given one object instead of (event, fn), each of its methods named after an event is
+        registered; on the driver such an object is a sink (optional ``start``, ``flush``,
+        ``close(status)``; see docs/driver-callbacks.md).
+        """
+        if where == "driver" and fn is None and not isinstance(event, str):
+            driver_entries([event])  # no event-named method: say so now, not at train()
+            self.driver_callbacks.append(event)
+        elif where == "driver":
             self.driver_callbacks.append((check_event(event), fn))
         elif where == "worker":
             add_callback(self.callbacks, event, fn)

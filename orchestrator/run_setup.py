@@ -98,7 +98,8 @@ def start_tracking(args, run_id: str, parent_run_id: str | None = None) -> list:
                 f"{redact_text(str(args.tracking_uri))}")  # no user:password@ in logs
     return [
         MLflowSink(args.tracking_uri, experiment_name(args), args.name, params=params, tags=run_tags(args),
-                   run_id=mlflow_run, parent_run_id=parent_run_id, ckpt_upload_interval=args.ckpt_upload_interval),
+                   run_id=mlflow_run, parent_run_id=parent_run_id, ckpt_upload_interval=args.ckpt_upload_interval,
+                   log_every_n_steps=args.log_every_n_steps),
         EventLogSink(args.storage, run_id),
         CheckpointSink(args.storage, run_id),
     ]

@@ -21,6 +21,7 @@ def test_help_lists_modes_and_keys():
     (["train", "epoch=3"], "unknown config key 'epoch'; did you mean 'epochs'?"),
     (["train", "epochs=abc"], "config key 'epochs': value 'abc' is not valid (expected int)"),
     (["train", "optimizer=Adamm"], "config key 'optimizer': value 'Adamm' is not one of"),
+    (["train", "log_every_n_steps=0"], "config key 'log_every_n_steps': value 0 is not valid (expected an int >= 1)"),
     (["train", "model=cls-n.yaml", "data=missing_dir"], "dataset 'missing_dir' not found"),
     (["train", "cfg=missing.yaml"], "config file missing.yaml does not exist"),
     (["train", "model=nope.yaml"], "nope.yaml"),

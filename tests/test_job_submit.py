@@ -124,7 +124,7 @@ def test_training_job_reaches_mlflow_and_the_bucket(stack, jobs, aws):
 
     storage = f"s3://{BUCKET}/train"
     entrypoint = ("python -m orchestrator train model=cls-n.yaml data=digits epochs=2 imgsz=16 fraction=0.1 "
-                  f"num_workers=1 verbose=false tracking_uri={stack['mlflow']} storage={storage}")
+                  f"log_every_n_steps=1 num_workers=1 verbose=false tracking_uri={stack['mlflow']} storage={storage}")
     submission_id = jobs.submit_job(entrypoint=entrypoint, runtime_env={
         "working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": {"OMP_NUM_THREADS": "1"}})
     status = wait_for(jobs, submission_id)

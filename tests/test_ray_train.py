@@ -12,6 +12,7 @@ from callbacks.sinks import read_event_log
 from callbacks.sinks.event_log import epoch_events
 from orchestrator import Model
 from trainers.classify import ClassificationTrainer
+from trainers.utils import UserError
 
 RAY_QUICK = dict(data="digits", imgsz=16, batch=16, nbs=16, fraction=0.1, epochs=2, verbose=False, plots=False,
                  workers=0, seed=0)
@@ -42,11 +43,33 @@ def test_custom_trainer_and_callbacks_run_on_every_rank(ray_session, tmp_path, n
             f.write(json.dumps({"rank": trainer.rank, "world": trainer.world_size, "epoch": trainer.epoch,
                                 "cls": type(trainer).__name__}) + "\n")
 
+    class DriverSink:  # a sink object on the driver: start, an event method, close(status)
+        def __init__(self, path):
+            self.path, self.started, self.epochs = str(path), False, []
+
+        def start(self):
+            self.started = True
+
+        def on_fit_epoch_end(self, record):
+            self.epochs.append((record["rank"], record["epoch"], record["final_eval"]))
+
+        def close(self, status):
+            with open(self.path, "w") as f:
+                json.dump({"started": self.started, "epochs": self.epochs, "status": status}, f)
+            return {"epochs": len(self.epochs)}
+
     driver_seen = []
     model = Model("cls-n.yaml")
     model.add_callback("on_train_epoch_end", record)
     model.add_callback("on_fit_epoch_end", driver_seen.append, where="driver")
+    model.add_callback(DriverSink(tmp_path / "sink.json"), where="driver")
+    with pytest.raises(UserError, match="neither an"):
+        model.add_callback(object(), where="driver")
     metrics = model.train(**run_cfg(tmp_path, f"ranks{num_workers}", num_workers=num_workers), trainer=MarkedTrainer)
+    sink = json.loads((tmp_path / "sink.json").read_text())
+    assert sink["started"] and sink["status"] == "FINISHED"
+    assert sorted({(r, e) for r, e, final in sink["epochs"] if not final}) == \
+        sorted((r, e) for e in range(2) for r in range(num_workers))
     rows = lines(log)
     assert {(r["rank"], r["epoch"]) for r in rows} == {(r, e) for r in range(num_workers) for e in range(2)}
     assert all(r["world"] == num_workers and r["cls"] == "MarkedTrainer" for r in rows)

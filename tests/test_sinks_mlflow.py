@@ -229,3 +229,33 @@ def test_point_rejected_by_server_is_dropped_not_blocking(server, tmp_path):
     assert report["rejected_points"] == 1 and report["pending_points"] == 0 and report["status"] == "FINISHED"
     expected = expected_metrics(records)
     assert metric_histories(MlflowClient(server.url), report["run_id"], expected) == expected
+
+
+def test_per_step_points_every_n_steps_once_per_step(server, tmp_path):
+    """Two batches per optimizer step (nbs = 2 * batch), log_every_n_steps=3: one point at steps
+    0, 3, 6, ..., the first batch that reached each; epoch metrics are untouched."""
+    from callbacks.records import make_record
+
+    run_id = create_run(server.url, "proj", "every-n", {}, {})
+    sink = MLflowSink(server.url, "proj", "every-n", {}, {}, run_id=run_id, log_every_n_steps=3,
+                      spool_dir=str(tmp_path / "spool"), event_log=False)
+    t0, seq, sent = time.time(), 0, []
+    for batch in range(20):
+        step = (batch + 1) // 2  # the optimizer steps after every second batch
+        record = make_record(run_id="orch-n", event="on_train_batch_end", rank=0, attempt=0, seq=seq, epoch=0,
+                             step=step, metrics={"train/loss": 1.0 / (batch + 1)}, now=t0 + batch)
+        sink.on_train_batch_end(record)
+        sent.append(record)
+        seq += 1
+    sink.on_fit_epoch_end(make_record(run_id="orch-n", event="on_fit_epoch_end", rank=0, attempt=0, seq=seq,
+                                      epoch=0, step=10, metrics={"train/loss": 0.1}, now=t0 + 30))
+    assert sink.close("FINISHED")["pending_points"] == 0
+    history = sorted((m.step, m.value) for m in MlflowClient(server.url).get_metric_history(run_id, "step/train/loss"))
+    first = {}
+    for r in sent:
+        first.setdefault(r["step"], r["metrics"]["train/loss"])
+    assert history == [(s, v) for s, v in sorted(first.items()) if s % 3 == 0] and len(history) == 4
+    epoch = MlflowClient(server.url).get_metric_history(run_id, "train/loss")
+    assert [(m.step, m.value) for m in epoch] == [(0, 0.1)]
+    with pytest.raises(ValueError, match="log_every_n_steps"):
+        MLflowSink(server.url, "proj", "bad", {}, {}, log_every_n_steps=0)

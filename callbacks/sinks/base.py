@@ -26,6 +26,10 @@ class Sink:
     def __setstate__(self, state):
         self.__init__(**state["_args"])
 
+    def start(self) -> None:
+        """Open clients and threads now rather than on the first record (the callback actor calls
+        this at start-up, while workers are still starting, so training does not pay for it)."""
+
     def handle(self, event: str, record: dict) -> None:
         raise NotImplementedError
 

@@ -119,6 +119,9 @@ class EventLogSink(Sink):
         self._rows_written = 0
         self._closed: dict | None = None
 
+    def start(self) -> None:
+        self._start()
+
     def _start(self) -> None:
         if self._courier is None:
             self._store = ObjectStore.from_uri(self.store_uri)

@@ -155,8 +155,8 @@ def redact_file(src, dst, secrets: Iterable[str] = ()) -> None:
         _redact_yaml(src, dst, known)
     elif suffix in TEXT_SUFFIXES:
         dst.write_text(redact_text(src.read_text(errors="replace"), known))
-    elif suffix in TORCH_SUFFIXES:
-        _redact_checkpoint(src, dst, known)
+    elif suffix in TORCH_SUFFIXES and file_contains(src, known):
+        _redact_checkpoint(src, dst, known)  # parsing needs torch: only when a secret is in there
     else:
         import shutil
         shutil.copyfile(src, dst)

@@ -137,7 +137,7 @@ class BaseTrainer(CallbackMixin):
         self.freeze_layer_names = self.freeze_layers()
         self.amp = bool(self.args.amp) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
-        if is_dist():
+        if is_dist() and self.world_size > 1:  # one worker: DDP would only add per-step hooks
             self.model = self._wrap_ddp(self.model)
 
     def _wrap_ddp(self, model: nn.Module) -> DDP:
