@@ -58,7 +58,7 @@ class EventForwarder:
     def __init__(self, actor, run_id: str, rank: int, attempt: int = 0,
                  events: Iterable[str] | None = None, max_batch: int = 1000,
                  flush_interval: float = 1.0, max_inflight: int = 4, max_buffer: int = 200_000,
-                 close_timeout: float = 60.0, give_up_after: float = 300.0):
+                 close_timeout: float = 60.0, give_up_after: float = 300.0, publish=None):
         self.actor, self.run_id, self.rank, self.attempt = actor, str(run_id), int(rank), int(attempt)
         self.events = tuple(EVENTS) if events is None else tuple(check_event(e) for e in events)
         self.max_batch = int(_check_positive("max_batch", max_batch))
@@ -68,6 +68,7 @@ class EventForwarder:
         self.close_timeout = float(_check_positive("close_timeout", close_timeout, 0))
         self.give_up_after = float(_check_positive("give_up_after", give_up_after, 0))
         self.stream = (self.run_id, self.rank, self.attempt)
+        self.publish = publish  # artifacts -> artifacts the driver can read (callbacks/artifacts.py)
         # Retained rows (callbacks.records.ROW_FIELDS): seq ``_seq0 + i`` is ``_records[i]``;
         # all seq < _acked are done.
         self._records: list[dict] = []
@@ -107,7 +108,10 @@ class EventForwarder:
     # ----------------------------------------------------------------- hot path
     def emit(self, event: str, owner) -> list:
         """Build the row for ``event`` fired by ``owner`` and queue it; sends when due."""
-        self._records.append(make_row(event, owner_fields(owner, event)))
+        fields = owner_fields(owner, event)
+        if self.publish is not None and fields.get("artifacts"):
+            fields = {**fields, "artifacts": self.publish(fields["artifacts"])}
+        self._records.append(make_row(event, fields))
         self._counts["records"] += 1
         if self._seq0 + len(self._records) >= self._pump_at or time.monotonic() >= self._next_flush:
             self._pump(force=time.monotonic() >= self._next_flush)

@@ -6,6 +6,7 @@ from pathlib import Path
 from callbacks.actor import driver_entries
 from callbacks.events import check_event
 from callbacks.registry import add_callback, copy_registry, new_registry
+from callbacks.sinks.storage import local_file
 from orchestrator.config import get_cfg
 from orchestrator.tasks import task_class
 from trainers.engine import checkpoint as ckpt_io
@@ -84,7 +85,8 @@ class Model:
 
             self.trainer, metrics = run_in_process(factory, args, self.driver_callbacks)
             best = self.trainer.best if self.trainer.best.is_file() else self.trainer.last
-        if best and Path(best).is_file():
+        best = local_file(best) if best else None  # an s3:// URI when rank 0 ran on another node
+        if best is not None:
             self._load(best)
         self.metrics = metrics
         return metrics

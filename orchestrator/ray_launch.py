@@ -18,6 +18,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from callbacks.actor import listened_events, start_callback_actor
+from callbacks.artifacts import ArtifactShipper
 from callbacks.forwarder import EventForwarder
 from orchestrator.results import ResultSink
 from orchestrator.run_setup import new_run_id, register_best, resolve_run, start_tracking
@@ -106,18 +107,21 @@ def forwarded_events(callbacks) -> list[str]:
 
 
 def make_torch_trainer(factory, args, actor, run_id: str, events, *, name: str, callbacks=(),
-                       start_from=None, keep_checkpoints: int = 2) -> TorchTrainer:
+                       start_from=None, keep_checkpoints: int = 2, driver_node: str | None = None) -> TorchTrainer:
     """The Train V2 trainer for one run: workers built from ``factory``, records to ``actor``.
 
     ``name`` is the Train run name: relaunching with the same name resumes that run from its
     storage. ``callbacks`` are Ray Train ``UserCallback``s. ``start_from``, a picklable callable
     returning a local ``last.pt``, gives the starting checkpoint when the run has none of its own.
+    ``driver_node`` is the node of the callback actor (default: this one); a worker on another
+    node ships the files its records name to the object store (callbacks/artifacts.py).
     """
     storage_path, filesystem = storage_for(args.storage)
     return TorchTrainer(
         train_worker,
         train_loop_config={"factory": factory, "actor": actor, "run_id": run_id, "events": list(events),
-                           "start_from": start_from},
+                           "start_from": start_from,
+                           "driver_node": driver_node or ray.get_runtime_context().get_node_id()},
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
                                      resources_per_worker=args.resources_per_worker),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
@@ -145,8 +149,10 @@ def train_worker(config: dict) -> None:
         extra["resume"] = resume
     trainer = config["factory"](**extra)
     attempt = time.time_ns() // 1_000_000  # grows with each Ray Train restart of the worker group
-    EventForwarder(config["actor"], config["run_id"], rank, attempt=attempt,
-                   events=config["events"]).attach(trainer.callbacks)
+    remote = ray.get_runtime_context().get_node_id() != config.get("driver_node")
+    publish = ArtifactShipper(trainer.args.storage, config["run_id"], rank) if remote else None
+    EventForwarder(config["actor"], config["run_id"], rank, attempt=attempt, events=config["events"],
+                   publish=publish).attach(trainer.callbacks)
     trainer.add_callback("on_fit_epoch_end", report_epoch)
     trainer.train()
 

@@ -21,7 +21,8 @@ from callbacks.actor import listened_events, start_callback_actor
 from callbacks.sinks import CheckpointSink, EventLogSink, MLflowSink, create_run, flatten
 from callbacks.sinks.mlflow_sink import RUN_ID_TAG
 from orchestrator.results import ResultSink
-from orchestrator.run_setup import run_tags
+from orchestrator.run_setup import run_description, run_tags
+from sweeps.space import Objective
 from trainers.utils import LOGGER
 
 STATE_FILE = "sweep_state.json"
@@ -33,7 +34,7 @@ def trial_sinks(args, run_id: str, mlflow_run: str, experiment: str, parent_run_
     return [
         MLflowSink(args.tracking_uri, experiment, args.name, params=flatten(args.to_dict()),
                    tags=run_tags(args), run_id=mlflow_run, parent_run_id=parent_run_id,
-                   ckpt_upload_interval=args.ckpt_upload_interval),
+                   ckpt_upload_interval=args.ckpt_upload_interval, log_every_n_steps=args.log_every_n_steps),
         EventLogSink(args.storage, run_id),
         CheckpointSink(args.storage, run_id),
     ]
@@ -296,13 +297,25 @@ def error_line(trial) -> str:
 
 
 # ------------------------------------------------------------------------ parent run and state
+def sweep_description(sweep, base_args) -> str:
+    """The parent run's description in the MLflow UI (``mlflow.note.content``), in markdown."""
+    space = ", ".join(f"`{key}` {kind} {values}" for key, (kind, values) in sweep.space.items())
+    return "\n".join([
+        f"**sweep** of `{base_args.model}` on `{base_args.data}`", "",
+        f"- {sweep.num_samples} sample(s), scheduler {sweep.scheduler}, search {sweep.search}, "
+        f"objective {Objective(sweep.objective).describe()} ({sweep.mode})",
+        f"- space: {space}", "", "Each trial:", "", run_description(base_args)])
+
+
 def open_parent(tracking_uri: str, experiment: str, name: str, sweep_id: str, params: dict,
-                sweep_file: Path) -> str:
+                sweep_file: Path, description: str = "") -> str:
     """The sweep's parent run, with the sweep as written as an artifact."""
     from mlflow.tracking import MlflowClient
 
-    run_id = create_run(tracking_uri, experiment, name, params=params,
-                        tags={"sweep.id": sweep_id, "sweep.role": "parent", RUN_ID_TAG: f"sweep-{sweep_id}"})
+    tags = {"sweep.id": sweep_id, "sweep.role": "parent", RUN_ID_TAG: f"sweep-{sweep_id}"}
+    if description:
+        tags["mlflow.note.content"] = description
+    run_id = create_run(tracking_uri, experiment, name, params=params, tags=tags)
     MlflowClient(tracking_uri).log_artifact(run_id, str(sweep_file))
     return run_id
 

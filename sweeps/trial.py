@@ -38,6 +38,7 @@ class TrialSetup:
         self.sweep_id, self.trainer_cls, self.callbacks = sweep_id, trainer_cls, callbacks
         self.base, self.trials_dir, self.workers = dict(base), trials_dir, workers
         self.objective, self.events, self.keep_checkpoints = Objective(objective), list(events), keep_checkpoints
+        self.driver_node = ray.get_runtime_context().get_node_id()  # where the callback actors run
 
     def run_id(self, trial_id: str) -> str:
         return f"{self.sweep_id}-{trial_id}"
@@ -99,7 +100,7 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
         factory, args, actor, setup.run_id(trial_id), setup.events,
         name=setup.train_run_name(trial_id, config, start), callbacks=[TrialReporter(queue)],
         start_from=ExploitedCheckpoint(start, args.to_dict()) if start is not None else None,
-        keep_checkpoints=setup.keep_checkpoints)
+        keep_checkpoints=setup.keep_checkpoints, driver_node=setup.driver_node)
     outcome: dict = {}
     thread = threading.Thread(target=_fit, args=(trainer, queue, outcome), daemon=True, name="train-fit")
     thread.start()

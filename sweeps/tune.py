@@ -138,7 +138,7 @@ def run_sweep(sweep: SweepConfig, trainer_cls, callbacks: dict | None = None, dr
                   "space": {k: {kind: values} for k, (kind, values) in sweep.space.items()},
                   "base": base}
         parent_run_id = tracking.open_parent(base_args.tracking_uri, experiment, folder.name, sweep_id,
-                                             params, sweep_file)
+                                             params, sweep_file, tracking.sweep_description(sweep, base_args))
         tracking.save_state(folder, {"sweep_id": sweep_id, "parent_run_id": parent_run_id,
                                      "tune_name": f"sweep-{sweep_id}", "experiment": experiment})
     tune_name = f"sweep-{sweep_id}"

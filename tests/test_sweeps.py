@@ -248,6 +248,8 @@ def test_custom_fitness_drives_asha_and_every_trial_is_tracked(sweep_ray, tmp_pa
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["best_trial"] == result.best_trial
     assert parent.data.metrics["best_objective"] == pytest.approx(0.09)
+    note = parent.data.tags["mlflow.note.content"]
+    assert "**sweep**" in note and "scheduler asha" in note and "`lr0` grid" in note and "epochs: 3" in note
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "sweep.yaml", "best.yaml", "trials.csv", "trials.parquet", "parallel_coordinates.png"}
     children = {r.data.params["lr0"]: r for r in child_runs(uri, parent.info.run_id)}

@@ -7,12 +7,10 @@ and survive outages of the store.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from callbacks.sinks.base import Sink, make_spool_dir
 from callbacks.sinks.delivery import Courier
 from callbacks.sinks.spool import FileStage
-from callbacks.sinks.storage import ObjectStore
+from callbacks.sinks.storage import ObjectStore, local_file
 from trainers.utils import LOGGER
 
 NAMES = ("last", "best")
@@ -51,10 +49,11 @@ class CheckpointSink(Sink):
             path = (record.get("artifacts") or {}).get(name)
             if not path:
                 continue
-            if not Path(path).is_file():
+            local = local_file(path)  # an s3:// URI when rank 0 ran on another node
+            if local is None:
                 LOGGER.warning(f"checkpoints: {name} checkpoint {path} not found on the driver; skipped")
                 continue
-            staged |= self._stage.stage(checkpoint_key(self.run_id, name), path)
+            staged |= self._stage.stage(checkpoint_key(self.run_id, name), local)
         if staged:
             self._courier.kick()
 

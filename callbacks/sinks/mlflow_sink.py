@@ -31,6 +31,7 @@ from callbacks.sinks.event_log import PartBuffer
 from callbacks.sinks.redact import (SecretInFile, flatten, install_log_filter, redact_file,
                                     redact_params, redact_text, secret_values)
 from callbacks.sinks.spool import FileStage, Spool
+from callbacks.sinks.storage import local_file
 from trainers.utils import LOGGER, UserError
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -292,8 +293,8 @@ class MLflowSink(Sink):
             self._stage_file(Path(str(path)).name, str(path))
 
     def _stage_file(self, target: str, path: str) -> None:
-        local = Path(path[7:] if path.startswith("file://") else path)
-        if not local.is_file():
+        local = local_file(path)  # an s3:// URI when rank 0 ran on another node (callbacks/artifacts.py)
+        if local is None:
             LOGGER.warning(f"mlflow: artifact {path} not found on the driver; skipped")
             return
         try:

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
-from trainers.utils import UserError
+from trainers.utils import LOGGER, UserError
 
 MiB = 1 << 20
 
@@ -248,3 +248,30 @@ class S3Store(ObjectStore):
                             f"(S3 error {code})") from None
         except BotoCoreError as exc:
             raise UserError(f"storage: cannot reach the S3 endpoint for {self.uri()!r}: {exc}") from None
+
+
+_downloads: Path | None = None
+
+
+def local_file(path: str) -> Path | None:
+    """A readable local file for an artifact path or ``s3://`` URI (downloaded to a temp folder of
+    this process, keeping the object's name); None when there is none."""
+    global _downloads
+    text = str(path)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    if not text.startswith("s3://"):
+        return Path(text) if Path(text).is_file() else None
+    parsed = urlparse(text)
+    key = parsed.path.lstrip("/")
+    try:
+        data = ObjectStore.from_uri(f"s3://{parsed.netloc}").get_bytes(key)
+    except Exception as exc:  # noqa: BLE001 - reported by the caller as missing
+        LOGGER.warning(f"could not fetch {text}: {exc}")
+        return None
+    if _downloads is None:
+        _downloads = Path(tempfile.mkdtemp(prefix="artifacts-"))
+    dst = _downloads / parsed.netloc / key
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(data)
+    return dst
