@@ -105,13 +105,17 @@ def run_events(argv: list[str]) -> int:
     from orchestrator.config import DEFAULTS, parse_overrides
 
     if not argv or argv[0] != "replay":
-        raise UserError("usage: orchestrator events replay run=<run id> tracking_uri=<uri> [storage=<uri>]")
+        raise UserError("usage: orchestrator events replay run=<run id> tracking_uri=<uri> [storage=<uri>] "
+                        "[log_every_n_steps=<n>]")
     opts = parse_overrides(argv[1:])
     if "run" not in opts or "tracking_uri" not in opts:
         raise UserError("events replay needs run=<run id> and tracking_uri=<uri>")
+    every = opts.get("log_every_n_steps", DEFAULTS["log_every_n_steps"])  # as the original run logged
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise UserError(f"events replay: log_every_n_steps={every!r} must be an int >= 1")
     from callbacks.sinks.replay import replay_run
 
     new_id = replay_run(opts.get("storage", DEFAULTS["storage"]), str(opts["run"]), opts["tracking_uri"],
-                        experiment=opts.get("experiment", "replay"))
+                        experiment=opts.get("experiment", "replay"), log_every_n_steps=every)
     print(f"replayed run {opts['run']} into {opts['tracking_uri']} as run {new_id}")
     return 0

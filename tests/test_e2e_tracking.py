@@ -292,7 +292,8 @@ def test_events_replay_cli_rebuilds_the_run_in_another_mlflow(servers, local_run
     source, target = servers
     original, run_id = check_run(source, "proj-local", local_run, num_workers=0)
     out = subprocess.run([sys.executable, "-m", "orchestrator", "events", "replay", f"run={run_id}",
-                          f"tracking_uri={target.url}", f"storage={local_run}"],
+                          f"tracking_uri={target.url}", f"storage={local_run}",
+                          f"log_every_n_steps={QUICK['log_every_n_steps']}"],
                          cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
     replayed = re.search(r"as run (\w+)", out.stdout).group(1)

@@ -23,14 +23,15 @@ def table_records(table) -> list[dict]:
 
 
 def replay_run(store_uri: str, run_id: str, tracking_uri: str, experiment: str = "replay",
-               run_name: str | None = None, close_timeout: float = 120.0) -> str:
+               run_name: str | None = None, close_timeout: float = 120.0, log_every_n_steps: int = 1) -> str:
     """Re-log run ``run_id`` from the event log in ``store_uri`` into ``tracking_uri``; new run id."""
     table = read_event_log(store_uri, run_id)
     if table.num_rows == 0:
         raise UserError(f"replay: no event log for run={run_id} in {store_uri}")
     sink = MLflowSink(tracking_uri, experiment, run_name or f"replay-{run_id}", params={},
                       tags={"orchestrator.replay_of": run_id}, upload_artifacts=False,
-                      event_log=False, find_existing=False, close_timeout=close_timeout)
+                      event_log=False, find_existing=False, close_timeout=close_timeout,
+                      log_every_n_steps=log_every_n_steps)
     for record in table_records(table):
         sink.handle(record["event"], record)
     report = sink.close("FINISHED")
