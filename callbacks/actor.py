@@ -1,8 +1,8 @@
 """Driver side of event forwarding: ONE actor that dispatches worker records to driver callbacks.
 
 Driver callbacks are ``(event, fn)`` pairs (``fn(record)``) and sink objects (event-named
-methods taking a record, optional ``start()``, ``flush()`` and ``close(status)``); both run here, in
-registration order, so a slow or failing logger never runs in a training process.
+methods taking a record, optional ``start()``, ``flush()`` and ``close(status)``); both run here,
+in registration order, so a slow or failing logger never runs in a training process.
 
 Each stream (run_id, rank, attempt) is dispatched strictly in ``seq`` order: early arrivals
 wait until the gap fills, duplicates are dropped. ``ingest`` returns only after dispatching and

@@ -3,9 +3,9 @@
 Records name artifacts (plots, results.csv, checkpoints) by path. On one machine the driver-side
 sinks read those paths directly. On a multi-node cluster rank 0 may run elsewhere, so its
 forwarder ships each file to the run's object store first and the record carries the object's
-URI instead (``ship_artifacts``); a driver-side sink turns a URI back into a local file with
-``callbacks.sinks.storage.local_file``. The object store must then be shared by the nodes (S3, or a shared mount), as Ray
-Train requires for multi-node runs anyway.
+URI instead (``ArtifactShipper``); a driver-side sink turns a URI back into a local file with
+``callbacks.sinks.storage.local_file``. The object store must then be shared by the nodes (S3, or
+a shared mount), as Ray Train requires for multi-node runs anyway.
 """
 from __future__ import annotations
 

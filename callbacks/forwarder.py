@@ -2,9 +2,9 @@
 
 Runs inside each Ray Train worker. The training step never waits for the driver: records are
 buffered as compact rows, sent as ``actor.ingest_rows.remote(stream, first_seq, rows, floors)``
-calls, and at most ``max_inflight`` calls are outstanding. Completion is checked with ``ray.wait(timeout=0)`` only at batch or
-time boundaries, because one ``ray.wait`` costs tens of microseconds and events can fire at
-tens of kHz.
+calls, and at most ``max_inflight`` calls are outstanding. Completion is checked with
+``ray.wait(timeout=0)`` only at batch or time boundaries, because one ``ray.wait`` costs tens of
+microseconds and events can fire at tens of kHz.
 
 Delivery is at-least-once and ordered by ``seq``. A record stays in memory until the actor
 acknowledges it; the actor acknowledges only what it has dispatched, as the next expected
@@ -71,7 +71,7 @@ class EventForwarder:
         self.publish = publish  # artifacts -> artifacts the driver can read (callbacks/artifacts.py)
         # Retained rows (callbacks.records.ROW_FIELDS): seq ``_seq0 + i`` is ``_records[i]``;
         # all seq < _acked are done.
-        self._records: list[dict] = []
+        self._records: list[list] = []
         self._seq0 = 0
         self._acked = 0          # every seq below this was dispatched by the actor
         self._sent = 0           # next seq to send

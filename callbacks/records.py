@@ -18,8 +18,8 @@ thousand. Fields:
 
 Driver callbacks receive one record. A driver callback is either a function registered for
 one event (``add_callback(event, fn, where="driver")``) or a *sink*: an object whose methods
-named after events take a record, plus optional ``start()``, ``flush()`` and ``close(status)`` where status
-is "FINISHED", "FAILED" or "KILLED".
+named after events take a record, plus optional ``start()``, ``flush()`` and ``close(status)``
+where status is "FINISHED", "FAILED" or "KILLED".
 """
 from __future__ import annotations
 
