@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from callbacks.actor import Dispatcher, listened_events
-from callbacks.records import make_record
+from callbacks.records import make_row
 from orchestrator.results import ResultSink
 from orchestrator.run_setup import new_run_id, register_best, resolve_run, start_tracking
 
@@ -20,9 +20,8 @@ class LocalForwarder:
 
     def _sender(self, event: str):
         def forward(owner):
-            fields = owner.record_fields(event)
-            self.dispatcher.ingest([make_record(run_id=self.run_id, event=event, rank=-1, attempt=0,
-                                                seq=self.seq, **fields)])
+            row = make_row(event, owner.record_fields(event))  # built as on a Ray worker
+            self.dispatcher.ingest_rows((self.run_id, -1, 0), self.seq, [row])
             self.seq += 1
         forward.__qualname__ = f"forward_{event}"
         return forward

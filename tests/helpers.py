@@ -42,3 +42,11 @@ def expected_events(epochs, n_batches, accumulate, n_val_batches):
             seq += ["on_train_batch_start", *(STEP if stepped else []), "on_train_batch_end"]
         seq += ["on_train_epoch_end", *val, "on_model_save", "on_fit_epoch_end"]
     return seq + val + ["on_fit_epoch_end", "on_train_end", "teardown"]
+
+
+def artifact_paths(client, run_id: str, path=None) -> list[str]:
+    """Every artifact path of an MLflow run, walking its folders."""
+    out = []
+    for info in client.list_artifacts(run_id, path):
+        out.extend(artifact_paths(client, run_id, info.path) if info.is_dir else [info.path])
+    return out

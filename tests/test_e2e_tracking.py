@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from callbacks.sinks import ObjectStore, checkpoint_key, read_event_log
 from callbacks.sinks.mlflow_sink import metric_key
 from orchestrator import Model
+from tests.helpers import artifact_paths
 from tests.servers import MlflowServer, MotoServer, TcpProxy, running
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,13 +114,6 @@ def only_run(client, experiment: str):
 
 def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-
-
-def artifact_paths(client, run_id: str, path=None) -> list[str]:
-    out = []
-    for info in client.list_artifacts(run_id, path):
-        out.extend(artifact_paths(client, run_id, info.path) if info.is_dir else [info.path])
-    return out
 
 
 def event_rows(storage: str, run_id: str) -> list[dict]:

@@ -13,14 +13,9 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from tests.helpers import artifact_paths
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def artifact_paths(client, run_id, path=None) -> list[str]:
-    out = []
-    for info in client.list_artifacts(run_id, path):
-        out.extend(artifact_paths(client, run_id, info.path) if info.is_dir else [info.path])
-    return out
 
 
 def test_artifacts_of_a_remote_rank0_reach_mlflow_and_storage(tmp_path):

@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from callbacks.sinks import EventLogSink, MLflowSink, create_run, replay_run
 from callbacks.sinks.redact import MASK
+from tests.helpers import artifact_paths
 from tests.servers import MlflowServer, expected_metrics, free_port, metric_histories, record_stream, running
 from trainers.utils import LOGGER, UserError
 
@@ -48,13 +49,6 @@ class Lines(logging.Handler):
     def __exit__(self, *exc):
         for name in ("orchestrator", "mlflow"):
             logging.getLogger(name).removeHandler(self)
-
-
-def artifact_paths(client, run_id, path=None) -> list[str]:
-    out = []
-    for info in client.list_artifacts(run_id, path):
-        out.extend(artifact_paths(client, run_id, info.path) if info.is_dir else [info.path])
-    return out
 
 
 def test_logs_params_metrics_artifacts_status(server, tmp_path):
