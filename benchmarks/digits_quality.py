@@ -1,11 +1,14 @@
 """Classification quality: held-out top-1 on scikit-learn's digits after a short CPU run.
 
-Target (issue 2): top-1 >= 0.95 in <= 10 epochs on a 2-core CPU.
-Usage: OMP_NUM_THREADS=1 python benchmarks/digits_quality.py [--epochs 10]
+Target (issue 2): top-1 >= 0.95 in <= 10 epochs on a 2-core CPU. One run's top-1 moves by about
+one point with the training seed (and as much with the choice of held-out split), so the
+benchmark trains with several seeds and reports each and their mean.
+Usage: OMP_NUM_THREADS=1 python benchmarks/digits_quality.py [--epochs 10] [--seeds 3]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 
@@ -15,14 +18,19 @@ from orchestrator import Model
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=10)
-    epochs = parser.parse_args().epochs
+    parser.add_argument("--seeds", type=int, default=3)
+    opts = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="digits-")
-    start = time.time()
-    metrics = Model("cls-n.yaml").train(data="digits", epochs=epochs, verbose=False, project=tmp,
-                                        tracking_uri=f"sqlite:///{tmp}/mlflow.db", storage=f"{tmp}/store")
-    top1 = metrics["metrics/accuracy_top1"]
-    print(f"digits held-out top-1 after {epochs} epochs: {top1:.4f} in {time.time() - start:.0f} s "
-          f"(target 0.95: ratio {top1 / 0.95:.3f})")
+    start, top1 = time.time(), []
+    for seed in range(opts.seeds):
+        metrics = Model("cls-n.yaml").train(data="digits", epochs=opts.epochs, seed=seed, verbose=False,
+                                            project=tmp, tracking_uri=f"sqlite:///{tmp}/mlflow.db",
+                                            storage=f"{tmp}/store")
+        top1.append(metrics["metrics/accuracy_top1"])
+    mean = statistics.mean(top1)
+    print(f"digits held-out top-1 after {opts.epochs} epochs, seeds 0-{opts.seeds - 1}: "
+          + ", ".join(f"{t:.4f}" for t in top1)
+          + f"; mean {mean:.4f} in {(time.time() - start) / opts.seeds:.0f} s per run (target 0.95: ratio {mean / 0.95:.3f})")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 from callbacks.actor import Dispatcher, listened_events
 from callbacks.records import make_row
 from orchestrator.results import ResultSink
-from orchestrator.run_setup import new_run_id, register_best, resolve_run, start_tracking
+from orchestrator.run_setup import mlflow_run_of, new_run_id, register_best, resolve_run, start_tracking
 
 
 class LocalForwarder:
@@ -47,6 +47,6 @@ def run_in_process(factory, args, driver_callbacks):
         status = "KILLED"
         raise
     finally:
-        dispatcher.finish(status)
-    register_best(args, sinks, result.metrics)
+        report = dispatcher.finish(status)
+    register_best(args, mlflow_run_of(report), result.metrics)
     return trainer, result.metrics

@@ -21,7 +21,7 @@ from callbacks.actor import listened_events, start_callback_actor
 from callbacks.artifacts import ArtifactShipper
 from callbacks.forwarder import EventForwarder
 from orchestrator.results import ResultSink
-from orchestrator.run_setup import new_run_id, register_best, resolve_run, start_tracking
+from orchestrator.run_setup import mlflow_run_of, new_run_id, register_best, resolve_run, start_tracking
 from trainers.utils import LOGGER, UserError
 
 
@@ -74,7 +74,7 @@ def run_on_ray(factory, args, driver_callbacks) -> dict:
     run_id = new_run_id()
     factory.overrides.update(resolve_run(args))
     args = type(args)(**{**args.to_dict(), **factory.overrides})
-    sinks = start_tracking(args, run_id)
+    sinks = start_tracking(args, run_id, defer_run=True)  # the actor creates the MLflow run
     result = ResultSink()
     callbacks = [*sinks, result, *driver_callbacks]
     actor = start_callback_actor(callbacks, name=f"callbacks-{run_id}")
@@ -92,7 +92,7 @@ def run_on_ray(factory, args, driver_callbacks) -> dict:
         ray.kill(actor)
         log_report(report)
     final = report["sinks"].get(type(result).__name__, {})
-    register_best(args, sinks, final.get("metrics", {}))
+    register_best(args, mlflow_run_of(report), final.get("metrics", {}))
     return {"metrics": final.get("metrics", {}), "best": final.get("best"), "run_id": run_id, "report": report}
 
 

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 from callbacks.sinks import CheckpointSink, EventLogSink, MLflowSink, ObjectStore, create_run, flatten
+from callbacks.sinks.mlflow_sink import RUN_ID_TAG, probe_tracking_uri
 from callbacks.sinks.redact import redact_text
 from trainers.engine.trainer import increment_path
 from trainers.utils import LOGGER
@@ -88,16 +89,24 @@ def experiment_name(args) -> str:
     return Path(args.project).name if args.project else str(args.task or "train")
 
 
-def start_tracking(args, run_id: str, parent_run_id: str | None = None) -> list:
-    """Create the MLflow run (so it exists even if training dies) and return the run's sinks."""
+def start_tracking(args, run_id: str, parent_run_id: str | None = None, defer_run: bool = False) -> list:
+    """The run's sinks, its MLflow run created here (so it exists even if training dies).
+
+    With ``defer_run`` (Ray runs) a tracking URI that can be checked without MLflow is only
+    checked, and the callback actor's MLflow sink creates the run when the actor starts, while
+    the workers start: importing MLflow and setting up its database take seconds of the driver.
+    """
     ObjectStore.from_uri(args.storage).check()  # an unreachable store fails here, in one line
     params = flatten(args.to_dict())
-    mlflow_run = create_run(args.tracking_uri, experiment_name(args), args.name, params=params,
-                            tags={**run_tags(args), "orchestrator.run_id": run_id}, parent_run_id=parent_run_id)
-    LOGGER.info(f"MLflow run {mlflow_run} in experiment '{experiment_name(args)}' at "
-                f"{redact_text(str(args.tracking_uri))}")  # no user:password@ in logs
+    tags = {**run_tags(args), RUN_ID_TAG: run_id}
+    mlflow_run = None
+    if not (defer_run and probe_tracking_uri(args.tracking_uri)):  # unreachable: fails here, in one line
+        mlflow_run = create_run(args.tracking_uri, experiment_name(args), args.name, params=params, tags=tags,
+                                parent_run_id=parent_run_id)
+        LOGGER.info(f"MLflow run {mlflow_run} in experiment '{experiment_name(args)}' at "
+                    f"{redact_text(str(args.tracking_uri))}")  # no user:password@ in logs
     return [
-        MLflowSink(args.tracking_uri, experiment_name(args), args.name, params=params, tags=run_tags(args),
+        MLflowSink(args.tracking_uri, experiment_name(args), args.name, params=params, tags=tags,
                    run_id=mlflow_run, parent_run_id=parent_run_id, ckpt_upload_interval=args.ckpt_upload_interval,
                    log_every_n_steps=args.log_every_n_steps),
         EventLogSink(args.storage, run_id),
@@ -105,13 +114,21 @@ def start_tracking(args, run_id: str, parent_run_id: str | None = None) -> list:
     ]
 
 
-def register_best(args, sinks: list, metrics: dict) -> str | None:
+def mlflow_run_of(report: dict) -> str | None:
+    """The MLflow run id in a dispatcher's final report (the MLflow sink may have created the run)."""
+    return next((r.get("run_id") for r in report.get("sinks", {}).values()
+                 if isinstance(r, dict) and r.get("sink") == "mlflow"), None)
+
+
+def register_best(args, mlflow_run: str | None, metrics: dict) -> str | None:
     """Register the finished run's ``weights/best.pt`` as a model version tagged with its metrics."""
     if not args.register:
         return None
+    if mlflow_run is None:
+        LOGGER.warning("register: best.pt not registered: the run has no MLflow run")
+        return None
     from mlflow.tracking import MlflowClient
 
-    mlflow_run = next(s.run_id for s in sinks if isinstance(s, MLflowSink))
     name = experiment_name(args) if args.register is True else str(args.register)
     client = MlflowClient(args.tracking_uri)
     try:

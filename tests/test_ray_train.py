@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from callbacks.sinks import read_event_log
 from callbacks.sinks.event_log import epoch_events
@@ -65,7 +66,8 @@ def test_custom_trainer_and_callbacks_run_on_every_rank(ray_session, tmp_path, n
     model.add_callback(DriverSink(tmp_path / "sink.json"), where="driver")
     with pytest.raises(UserError, match="neither an"):
         model.add_callback(object(), where="driver")
-    metrics = model.train(**run_cfg(tmp_path, f"ranks{num_workers}", num_workers=num_workers), trainer=MarkedTrainer)
+    cfg = run_cfg(tmp_path, f"ranks{num_workers}", num_workers=num_workers, register=f"ranks{num_workers}")
+    metrics = model.train(**cfg, trainer=MarkedTrainer)
     sink = json.loads((tmp_path / "sink.json").read_text())
     assert sink["started"] and sink["status"] == "FINISHED"
     assert sorted({(r, e) for r, e, final in sink["epochs"] if not final}) == \
@@ -76,6 +78,12 @@ def test_custom_trainer_and_callbacks_run_on_every_rank(ray_session, tmp_path, n
     assert "metrics/accuracy_top1" in metrics
     assert ray_session.is_initialized()  # a Ray the caller started is never shut down
     assert model.ckpt_path is not None and model.ckpt_path.name == "best.pt"
+    # the callback actor created the MLflow run (while the workers started): best.pt registered from it
+    client = MlflowClient(cfg["tracking_uri"])
+    (version,) = client.search_model_versions(f"name='ranks{num_workers}'")
+    run = client.get_run(version.run_id)
+    assert run.info.run_name == f"ranks{num_workers}" and run.info.status == "FINISHED"
+    assert run.data.params["num_workers"] == str(num_workers) and "orchestrator.run_id" in run.data.tags
 
 
 def test_two_worker_validation_equals_one_process_validation(ray_session, tmp_path):
@@ -135,8 +143,6 @@ def test_worker_sigkill_restarts_from_checkpoint_without_duplicates(ray_session,
                 for rank in (0, 1) for epoch in range(3)] + [("on_model_save", 0, epoch) for epoch in range(3)]
     assert sorted(every) == sorted(expected)
 
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(cfg["tracking_uri"])
     run = client.search_runs([client.get_experiment_by_name("runs").experiment_id],
                              f"tags.`orchestrator.run_id` = '{run_id}'")[0]
@@ -176,11 +182,13 @@ def test_callback_actor_killed_mid_run_loses_nothing(ray_session, tmp_path):
     ends = {(r["rank"], r["epoch"]) for r in rows if r["event"] == "on_fit_epoch_end"}
     assert {(rank, e) for rank in (0, 1) for e in range(2)} <= ends
     assert {r["rank"] for r in rows if r["event"] == "teardown"} == {0, 1}
+    # the restarted actor's MLflow sink found the run its first life created: one run, finished
+    client = MlflowClient(run_cfg(tmp_path, "actorkill")["tracking_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("runs").experiment_id], "attributes.run_name = 'actorkill'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
 
 
 def read_run_id(cfg, name) -> str:
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(cfg["tracking_uri"])
     exp = client.get_experiment_by_name("runs")
     run = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == name][0]

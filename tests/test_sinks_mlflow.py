@@ -9,6 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from callbacks.sinks import EventLogSink, MLflowSink, create_run, replay_run
+from callbacks.sinks.mlflow_sink import probe_tracking_uri
 from callbacks.sinks.redact import MASK
 from tests.helpers import artifact_paths
 from tests.servers import MlflowServer, expected_metrics, free_port, metric_histories, record_stream, running
@@ -135,6 +136,19 @@ def test_create_run_unreachable_is_a_user_error():
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(UserError, match=f"tracking_uri={url}"):
         create_run(url, "proj", "x", {}, {})
+
+
+def test_probe_checks_tracking_uris_without_mlflow(tmp_path):
+    """Ray runs leave creating the MLflow run to the callback actor; the driver probes first."""
+    url = f"http://user:s3cret@127.0.0.1:{free_port()}"
+    with pytest.raises(UserError, match=f"MLflow: cannot reach tracking_uri=http://.*127.0.0.1") as err:
+        probe_tracking_uri(url)
+    assert "s3cret" not in str(err.value)
+    assert probe_tracking_uri(f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}") and (tmp_path / "new").is_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="cannot create the folder"):
+        probe_tracking_uri(f"sqlite:///{tmp_path / 'file' / 'mlflow.db'}")
+    assert probe_tracking_uri("postgresql://db:5432/mlflow") is False  # only MLflow can check this one
 
 
 def test_sink_without_run_id_creates_and_reattaches(server, tmp_path):

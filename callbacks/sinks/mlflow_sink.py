@@ -21,8 +21,10 @@ import logging
 import os
 import posixpath
 import re
+import socket
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 from callbacks.sinks.base import Sink, make_spool_dir
@@ -159,6 +161,30 @@ def create_run(tracking_uri: str, experiment: str, run_name: str, params: dict |
     return run_id
 
 
+def probe_tracking_uri(tracking_uri: str, timeout: float = 5.0) -> bool:
+    """Check a tracking URI without importing MLflow (which takes seconds): True when checked
+    (a SQLite file whose folder can be made, an HTTP server that accepts connections), False
+    for other stores (only MLflow itself can check those). Unreachable: UserError naming it."""
+    uri = str(tracking_uri)
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).expanduser().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"MLflow: cannot create the folder of tracking_uri={uri}: {exc.strerror or exc}") from None
+        return True
+    if not uri.startswith(("http://", "https://")):
+        return False
+    parts = urllib.parse.urlsplit(uri)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise UserError(f"MLflow: cannot reach tracking_uri={redact_text(uri)}: {reason}") from None
+    return True
+
+
 def _is_invalid(exc: Exception) -> bool:
     """MLflow refused the content itself (a retry would fail the same way)."""
     return getattr(exc, "error_code", None) == "INVALID_PARAMETER_VALUE"
@@ -216,7 +242,7 @@ class MLflowSink(Sink):
         self._client = None
         self._ready = self._terminated = self._attach_now = False
         self._status: str | None = None
-        self._orch_run_id: str | None = None
+        self._orch_run_id: str | None = self.tags.get(RUN_ID_TAG)
         self._since_kick = 0
         self._last_step = None  # optimizer step of the last per-step point
         self._delivered = self._rejected = 0
@@ -326,8 +352,11 @@ class MLflowSink(Sink):
         if self._orch_run_id:
             tags.setdefault(RUN_ID_TAG, self._orch_run_id)
         if self.run_id is None:
-            self.run_id = self._find_run(client) or _new_run(
-                client, self.experiment, self.run_name, tags, self.parent_run_id)
+            self.run_id = self._find_run(client)
+            if self.run_id is None:
+                self.run_id = _new_run(client, self.experiment, self.run_name, tags, self.parent_run_id)
+                LOGGER.info(f"MLflow run {self.run_id} in experiment '{self.experiment}' at "
+                            f"{redact_text(str(self.tracking_uri))}")
         try:
             _log_params_tags(client, self.run_id, self._clean_params, tags)
         except Exception as exc:

@@ -1,6 +1,7 @@
-"""Classification data: scikit-learn's bundled ``digits``, or a folder per class."""
+"""Classification data: the ``digits`` scikit-learn ships (read without importing it), or a folder per class."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -45,17 +46,38 @@ def collate(items: list[dict]) -> dict:
 
 def load_digits_split(imgsz: int, seed: int = 0, val_fraction: float = 0.2) -> dict:
     """The 1,797 8x8 digits as 1-channel images; a fixed stratified held-out split (seed 0)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = torch.from_numpy((digits.images * (255.0 / 16.0)).round().astype(np.uint8))[:, None]
-    labels = torch.from_numpy(digits.target)
-    idx_train, idx_val = train_test_split(np.arange(len(labels)), test_size=val_fraction,
-                                          random_state=seed, stratify=digits.target)
+    images, labels = read_digits()
+    idx_train, idx_val = stratified_split(labels, val_fraction, seed)
+    images = torch.from_numpy((images * (255.0 / 16.0)).round().astype(np.uint8)).reshape(-1, 1, 8, 8)
+    labels = torch.from_numpy(labels)
     return {"train": TensorImages(images[idx_train], labels[idx_train], imgsz, augment=True),
             "val": TensorImages(images[idx_val], labels[idx_val], imgsz),
             "nc": 10, "names": {i: str(i) for i in range(10)}, "ch": 1}
+
+
+def read_digits() -> tuple[np.ndarray, np.ndarray]:
+    """(pixels 0..16 as (N, 64), labels) from the CSV file scikit-learn ships.
+
+    Read directly: importing scikit-learn to load it costs ~1 s of every worker's start-up.
+    """
+    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the 'digits' dataset needs scikit-learn installed (pip install scikit-learn)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+    return table[:, :-1], table[:, -1].astype(np.int64)
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices: each class shuffled with ``seed`` and its first ``val_fraction`` held out."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        n_val = int(round(len(idx) * val_fraction))
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
 def load_folder_split(root: Path, imgsz: int) -> dict:
