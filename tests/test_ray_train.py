@@ -1,4 +1,5 @@
 """Training on Ray Train workers: custom code on every rank, DDP metrics, failures, the actor."""
+import gc
 import json
 import os
 import signal
@@ -42,7 +43,7 @@ def test_custom_trainer_and_callbacks_run_on_every_rank(ray_session, tmp_path, n
     def record(trainer):
         with open(log, "a") as f:
             f.write(json.dumps({"rank": trainer.rank, "world": trainer.world_size, "epoch": trainer.epoch,
-                                "cls": type(trainer).__name__}) + "\n")
+                                "cls": type(trainer).__name__, "frozen": gc.get_freeze_count()}) + "\n")
 
     class DriverSink:  # a sink object on the driver: start, an event method, close(status)
         def __init__(self, path):
@@ -75,6 +76,7 @@ def test_custom_trainer_and_callbacks_run_on_every_rank(ray_session, tmp_path, n
     rows = lines(log)
     assert {(r["rank"], r["epoch"]) for r in rows} == {(r, e) for r in range(num_workers) for e in range(2)}
     assert all(r["world"] == num_workers and r["cls"] == "MarkedTrainer" for r in rows)
+    assert all(r["frozen"] > 10_000 for r in rows)  # set-up's objects left out of garbage collections
     assert "metrics/accuracy_top1" in metrics
     assert ray_session.is_initialized()  # a Ray the caller started is never shut down
     assert model.ckpt_path is not None and model.ckpt_path.name == "best.pt"
