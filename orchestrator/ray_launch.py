@@ -98,12 +98,7 @@ def run_on_ray(factory, args, driver_callbacks) -> dict:
 
 
 def forwarded_events(callbacks) -> list[str]:
-    """What workers forward: every event some driver callback listens to.
-
-    ORCHESTRATOR_FORWARD_EVENTS=0 forwards none (benchmarks/ray_overhead.py measures the cost).
-    """
-    if os.environ.get("ORCHESTRATOR_FORWARD_EVENTS") == "0":
-        return []
+    """What workers forward: every event some driver callback listens to."""
     return sorted(listened_events(callbacks))
 
 
