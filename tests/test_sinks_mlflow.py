@@ -148,6 +148,8 @@ def test_probe_checks_tracking_uris_without_mlflow(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="cannot create the folder"):
         probe_tracking_uri(f"sqlite:///{tmp_path / 'file' / 'mlflow.db'}")
+    with pytest.raises(UserError, match="names no host"):
+        probe_tracking_uri("http:///api")
     assert probe_tracking_uri("postgresql://db:5432/mlflow") is False  # only MLflow can check this one
 
 

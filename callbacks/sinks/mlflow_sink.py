@@ -176,6 +176,8 @@ def probe_tracking_uri(tracking_uri: str, timeout: float = 5.0) -> bool:
     if not uri.startswith(("http://", "https://")):
         return False
     parts = urllib.parse.urlsplit(uri)
+    if not parts.hostname:
+        raise UserError(f"MLflow: tracking_uri={redact_text(uri)} names no host")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
         socket.create_connection((parts.hostname, port), timeout=timeout).close()
