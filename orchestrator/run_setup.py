@@ -8,8 +8,7 @@ import uuid
 from pathlib import Path
 
 from callbacks.sinks import CheckpointSink, EventLogSink, MLflowSink, ObjectStore, create_run, flatten
-from callbacks.sinks.mlflow_sink import RUN_ID_TAG, probe_tracking_uri
-from callbacks.sinks.redact import redact_text
+from callbacks.sinks.mlflow_sink import RUN_ID_TAG, announce_run, probe_tracking_uri
 from trainers.engine.trainer import increment_path
 from trainers.utils import LOGGER
 
@@ -103,8 +102,7 @@ def start_tracking(args, run_id: str, parent_run_id: str | None = None, defer_ru
     if not (defer_run and probe_tracking_uri(args.tracking_uri)):  # unreachable: fails here, in one line
         mlflow_run = create_run(args.tracking_uri, experiment_name(args), args.name, params=params, tags=tags,
                                 parent_run_id=parent_run_id)
-        LOGGER.info(f"MLflow run {mlflow_run} in experiment '{experiment_name(args)}' at "
-                    f"{redact_text(str(args.tracking_uri))}")  # no user:password@ in logs
+        announce_run(mlflow_run, experiment_name(args), args.tracking_uri)
     return [
         MLflowSink(args.tracking_uri, experiment_name(args), args.name, params=params, tags=tags,
                    run_id=mlflow_run, parent_run_id=parent_run_id, ckpt_upload_interval=args.ckpt_upload_interval,

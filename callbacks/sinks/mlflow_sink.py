@@ -161,6 +161,11 @@ def create_run(tracking_uri: str, experiment: str, run_name: str, params: dict |
     return run_id
 
 
+def announce_run(run_id: str, experiment: str, tracking_uri: str) -> None:
+    LOGGER.info(f"MLflow run {run_id} in experiment '{experiment}' at "
+                f"{redact_text(str(tracking_uri))}")  # no user:password@ in logs
+
+
 def probe_tracking_uri(tracking_uri: str, timeout: float = 5.0) -> bool:
     """Check a tracking URI without importing MLflow (which takes seconds): True when checked
     (a SQLite file whose folder can be made, an HTTP server that accepts connections), False
@@ -357,8 +362,7 @@ class MLflowSink(Sink):
             self.run_id = self._find_run(client)
             if self.run_id is None:
                 self.run_id = _new_run(client, self.experiment, self.run_name, tags, self.parent_run_id)
-                LOGGER.info(f"MLflow run {self.run_id} in experiment '{self.experiment}' at "
-                            f"{redact_text(str(self.tracking_uri))}")
+                announce_run(self.run_id, self.experiment, self.tracking_uri)
         try:
             _log_params_tags(client, self.run_id, self._clean_params, tags)
         except Exception as exc:
