@@ -22,7 +22,7 @@ timed from train()/fit() (train() imports Ray Train inside; the script imported 
 and from the process start (both import what they use). Start-ups here swing by a second or more.
 Step times are kept in the worker's memory and written once at the end.
 
-Usage: OMP_NUM_THREADS=1 python benchmarks/ray_overhead.py [--epochs 24] [--pairs 3]
+Usage: OMP_NUM_THREADS=1 python benchmarks/ray_overhead.py [--epochs 24] [--pairs 3]   (--epochs 40: more pairs for (a))
 """
 from __future__ import annotations
 
