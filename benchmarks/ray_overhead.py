@@ -129,7 +129,7 @@ def minimal_fit_loop(config):
     from torch import nn
 
     model = prepare_model(nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), nn.ReLU(), nn.Flatten(),
-                                                         nn.Linear(8 * 4 * 4, 10)))
+                                        nn.Linear(8 * 4 * 4, 10)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     images, labels = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     nn.functional.cross_entropy(model(images), labels).backward()

@@ -135,7 +135,7 @@ def log_report(report: dict) -> None:
 
 def train_worker(config: dict) -> None:
     """Body of each Ray Train worker: build the trainer from the factory and run it."""
-    gc.freeze()  # imports and Ray's state: out of the full collection set-up would run (~0.15 s)
+    gc.freeze()  # imports and Ray's state, before set-up's own full collection (see freeze_setup_objects)
     context = ray.train.get_context()
     rank = context.get_world_rank()
     extra = {"device": str(ray.train.torch.get_device())}
