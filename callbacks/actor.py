@@ -26,19 +26,23 @@ import ray
 
 from callbacks.events import EVENTS, check_event
 from callbacks.registry import callback_name
-from callbacks.records import record_key, records_from_rows
+from callbacks.records import record_key, record_of, records_from_rows
+from callbacks.sinks.base import Sink
 from trainers.utils import LOGGER, UserError
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
 class _Entry:
-    """One driver callback: a function for one event, or a sink with event-named methods."""
+    """One driver callback: a function for one event, or a sink with event-named methods (and
+    maybe ``handle_rows``, which takes in-order batches whole)."""
 
-    __slots__ = ("name", "obj", "handlers", "is_sink")
+    __slots__ = ("name", "obj", "handlers", "is_sink", "rows")
 
     def __init__(self, name: str, obj, handlers: dict[str, Callable], is_sink: bool):
         self.name, self.obj, self.handlers, self.is_sink = name, obj, handlers, is_sink
+        rows = getattr(obj, "handle_rows", None) if is_sink else None
+        self.rows: Callable | None = rows if callable(rows) else None
 
 
 def _entry(item, index: int) -> _Entry:
@@ -49,7 +53,8 @@ def _entry(item, index: int) -> _Entry:
         if not callable(fn):
             raise UserError(f"driver callback #{index} for {event!r} is not callable: {fn!r}")
         return _Entry(callback_name(fn), fn, {event: fn}, is_sink=False)
-    handlers = {e: getattr(item, e) for e in EVENTS if callable(getattr(item, e, None))}
+    wanted = (isinstance(item, Sink) and item.events) or EVENTS  # a Sink may name the events it acts on
+    handlers = {e: getattr(item, e) for e in EVENTS if e in wanted and callable(getattr(item, e, None))}
     if not handlers:
         raise UserError(f"driver callback #{index} ({type(item).__name__}) is neither an (event, fn) "
                         f"pair nor a sink with a method named after an event")
@@ -79,10 +84,14 @@ class Dispatcher:
 
     def __init__(self, driver_callbacks: Iterable = ()):
         self._entries = driver_entries(driver_callbacks)
-        self._table: dict[str, list[tuple[int, Callable]]] = {}
+        self._table: dict[str, list[tuple[int, Callable]]] = {}  # event -> per-record handlers
+        self._row_table: dict[str, list[tuple[int, Callable]]] = {}  # the same without bulk sinks
         for index, entry in enumerate(self._entries):
             for event, fn in entry.handlers.items():
                 self._table.setdefault(event, []).append((index, fn))
+                if entry.rows is None:
+                    self._row_table.setdefault(event, []).append((index, fn))
+        self._bulk = [(index, entry.rows) for index, entry in enumerate(self._entries) if entry.rows]
         self._streams: dict[tuple, _Stream] = {}
         self._counts = dict(received=0, duplicates=0, dispatched=0, malformed=0,
                             after_finish=0, gaps=0, batches=0)
@@ -101,9 +110,7 @@ class Dispatcher:
     def ingest(self, batch: list[dict], floors: dict | None = None) -> dict:
         """Dispatch a batch in per-stream seq order; ack = next expected seq of each stream."""
         started = time.perf_counter()
-        touched: dict[tuple, _Stream] = {}
-        for key, floor in (floors or {}).items():
-            touched[key] = self._apply_floor(tuple(key), int(floor))
+        touched = self._apply_floors(floors)
         duplicates = self._counts["duplicates"]
         self._counts["batches"] += 1
         for record in batch:
@@ -115,8 +122,29 @@ class Dispatcher:
                 "next_seq": {key: stream.next_seq for key, stream in touched.items()}}
 
     def ingest_rows(self, stream: tuple, first_seq: int, rows: list, floors: dict | None = None) -> dict:
-        """``ingest`` for a forwarder's compact batch: consecutive rows of one stream."""
-        return self.ingest(records_from_rows(tuple(stream), int(first_seq), rows), floors)
+        """``ingest`` for a forwarder's compact batch: consecutive rows of one stream.
+
+        The common case, a batch that continues its stream with nothing waiting, is dispatched
+        without building a record per row: sinks with ``handle_rows`` take the rows whole, and
+        records are built only for rows that another callback listens to. Anything else (a gap,
+        a resend) goes through ``ingest`` record by record."""
+        started = time.perf_counter()
+        key, first_seq = tuple(stream), int(first_seq)
+        touched = self._apply_floors(floors)
+        current = touched.get(key) or self._stream(key)
+        if self._status is not None or first_seq != current.next_seq or current.pending:
+            return self.ingest(records_from_rows(key, first_seq, rows), floors)
+        touched[key] = current
+        self._counts["batches"] += 1
+        self._counts["received"] += len(rows)
+        self._dispatch_rows(key, first_seq, rows)
+        current.next_seq = first_seq + len(rows)
+        self._busy += time.perf_counter() - started
+        return {"received": len(rows), "duplicates": 0,
+                "next_seq": {k: s.next_seq for k, s in touched.items()}}
+
+    def _apply_floors(self, floors: dict | None) -> dict[tuple, _Stream]:
+        return {tuple(key): self._apply_floor(tuple(key), int(floor)) for key, floor in (floors or {}).items()}
 
     def _stream(self, key: tuple) -> _Stream:
         stream = self._streams.get(key)
@@ -182,6 +210,27 @@ class Dispatcher:
             except Exception as exc:  # isolate: a driver callback never breaks ingest
                 self._fail(index, event, exc)
         self._counts["dispatched"] += 1
+
+    def _dispatch_rows(self, stream: tuple, first_seq: int, rows: list) -> None:
+        """An in-order batch: whole to bulk sinks, then record by record to other callbacks
+        (each callback still sees every stream's records in seq order)."""
+        for index, handle_rows in self._bulk:
+            try:
+                handle_rows(stream, first_seq, rows)
+            except Exception as exc:
+                self._fail(index, "handle_rows", exc)
+        table = self._row_table
+        if table:
+            for i, row in enumerate(rows):
+                handlers = table.get(row[0])
+                if handlers:
+                    record = record_of(stream, first_seq + i, row)
+                    for index, fn in handlers:
+                        try:
+                            fn(record)
+                        except Exception as exc:
+                            self._fail(index, row[0], exc)
+        self._counts["dispatched"] += len(rows)
 
     def _fail(self, index: int, event: str, exc: BaseException) -> None:
         slot = self._failures.get((index, event))
@@ -284,10 +333,17 @@ class CallbackActor(Dispatcher):
         self._frozen = False
 
     def ingest(self, batch: list[dict], floors: dict | None = None) -> dict:
+        self._freeze_once()
+        return super().ingest(batch, floors)
+
+    def ingest_rows(self, stream: tuple, first_seq: int, rows: list, floors: dict | None = None) -> dict:
+        self._freeze_once()
+        return super().ingest_rows(stream, first_seq, rows, floors)
+
+    def _freeze_once(self) -> None:
         if not self._frozen:  # see freeze_startup_objects
             freeze_startup_objects()
             self._frozen = True
-        return super().ingest(batch, floors)
 
     def stats(self) -> dict:
         return {**super().stats(), "frozen_objects": gc.get_freeze_count()}

@@ -50,3 +50,25 @@ def artifact_paths(client, run_id: str, path=None) -> list[str]:
     for info in client.list_artifacts(run_id, path):
         out.extend(artifact_paths(client, run_id, info.path) if info.is_dir else [info.path])
     return out
+
+
+def feed_as_batches(callbacks, records, batch: int = 5):
+    """Deliver ``records`` to ``callbacks`` the way the callback actor gets them from workers:
+    each rank's records as wire rows, ``batch`` at a time, ranks interleaved, through a real
+    ``Dispatcher`` (whose in-order path hands sinks the rows whole). Returns the dispatcher."""
+    from callbacks.actor import Dispatcher
+    from callbacks.records import row_of
+
+    dispatcher = Dispatcher(callbacks)
+    streams: dict[tuple, list[dict]] = {}
+    for record in records:
+        streams.setdefault((record["run_id"], record["rank"], record["attempt"]), []).append(record)
+    cursors = {key: 0 for key in streams}
+    while cursors:
+        for key in list(cursors):
+            chunk = streams[key][cursors[key]:cursors[key] + batch]
+            dispatcher.ingest_rows(key, chunk[0]["seq"], [row_of(r) for r in chunk])
+            cursors[key] += len(chunk)
+            if cursors[key] == len(streams[key]):
+                del cursors[key]
+    return dispatcher

@@ -13,6 +13,7 @@ from ray import cloudpickle
 from callbacks.actor import Dispatcher, listened_events, start_callback_actor
 from callbacks.forwarder import EventForwarder
 from callbacks.records import make_record, record_key
+from callbacks.sinks.base import Sink
 from callbacks.registry import new_registry, run_callbacks
 from trainers.utils import UserError
 
@@ -279,3 +280,72 @@ def test_bad_driver_callbacks_and_arguments_are_named():
         EventForwarder(None, "r", 0, events=["on_trian_end"])
     with pytest.raises(ValueError, match="status='DONE'"):
         Dispatcher([]).finish("DONE")
+
+
+# ---------------------------------------------------------------- the in-order batch path
+class RowsSink(Sink):
+    """Keeps what reaches it, and by which path: whole batches or single records."""
+
+    def __init__(self, fail_at: int | None = None):
+        super().__init__(fail_at=fail_at)
+        self.got = []  # (path, stream, seq)
+
+    def handle_rows(self, stream, first_seq, rows):
+        if self.fail_at is not None and first_seq <= self.fail_at < first_seq + len(rows):
+            raise RuntimeError(f"rows sink broke at {first_seq}")
+        self.got += [("rows", stream, first_seq + i) for i in range(len(rows))]
+
+    def handle(self, event, record):
+        self.got.append(("record", (record["run_id"], record["rank"], record["attempt"]), record["seq"]))
+
+    def close(self, status="FINISHED"):
+        return {}
+
+
+class EpochOnly(Sink):
+    """A sink that overrides one event method and names it in ``events`` (no handle_rows)."""
+
+    events = frozenset({"on_fit_epoch_end"})
+
+    def __init__(self):
+        super().__init__()
+        self.seqs = []
+
+    def on_fit_epoch_end(self, record):
+        self.seqs.append((record["rank"], record["seq"], record["metrics"]["fitness"]))
+
+    def close(self, status="FINISHED"):
+        return {}
+
+
+def test_in_order_rows_go_whole_to_sinks_and_as_records_to_callbacks():
+    """An in-order batch reaches sinks whole, function callbacks as records of their event only;
+    a batch after a gap waits, and the gap's fill is dispatched record by record, in order."""
+    from callbacks.records import make_row
+
+    def rows(first, n):
+        return [make_row("on_fit_epoch_end" if (first + i) % 10 == 9 else "on_train_batch_end",
+                         {"epoch": (first + i) // 10, "step": first + i, "metrics": {"fitness": first + i}})
+                for i in range(n)]
+
+    bulk, broken, epochs, seen = RowsSink(), RowsSink(fail_at=37), EpochOnly(), []
+    dispatcher = Dispatcher([bulk, ("on_fit_epoch_end", seen.append), broken, epochs])
+    stream = ("r", 1, 7)
+    ack = dispatcher.ingest_rows(stream, 0, rows(0, 10))
+    assert ack == {"received": 10, "duplicates": 0, "next_seq": {stream: 10}}
+    assert dispatcher.ingest_rows(stream, 20, rows(20, 10))["next_seq"] == {stream: 10}  # a gap: waits
+    assert dispatcher.ingest_rows(stream, 10, rows(10, 10))["next_seq"] == {stream: 30}
+    assert dispatcher.ingest_rows(stream, 25, rows(25, 10))["duplicates"] == 5  # a resend overlapping
+    assert dispatcher.ingest_rows(stream, 35, rows(35, 5))["next_seq"] == {stream: 40}
+
+    paths = [(path, seq) for path, key, seq in bulk.got]
+    assert [seq for _, seq in paths] == list(range(40)) and {key for _, key, _ in bulk.got} == {stream}
+    assert {path for path, seq in paths if seq < 10 or seq >= 35} == {"rows"}
+    assert {path for path, seq in paths if 10 <= seq < 35} == {"record"}  # behind the gap, the overlap
+    assert [(r["seq"], r["rank"], r["attempt"], r["step"]) for r in seen] == [(s, 1, 7, s) for s in (9, 19, 29, 39)]
+    assert epochs.seqs == [(1, s, float(s)) for s in (9, 19, 29, 39)]
+    assert [seq for _, _, seq in broken.got] == list(range(35))  # its failing batch did not stop others
+    report = dispatcher.finish("FINISHED")
+    assert report["dispatched"] == 40 and report["received"] == 45 and report["duplicates"] == 5
+    assert [(f["callback"], f["event"], f["count"]) for f in report["failures"]] == [("RowsSink", "handle_rows", 1)]
+    assert report["failures"][0]["first_error"] == "RuntimeError: rows sink broke at 35"

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from callbacks.sinks import EventLogSink, MLflowSink, create_run, replay_run
 from callbacks.sinks.mlflow_sink import probe_tracking_uri
 from callbacks.sinks.redact import MASK
-from tests.helpers import artifact_paths
+from tests.helpers import artifact_paths, feed_as_batches
 from tests.servers import MlflowServer, expected_metrics, free_port, metric_histories, record_stream, running
 from trainers.utils import LOGGER, UserError
 
@@ -52,14 +52,19 @@ class Lines(logging.Handler):
             logging.getLogger(name).removeHandler(self)
 
 
-def test_logs_params_metrics_artifacts_status(server, tmp_path):
+@pytest.mark.parametrize("via", ["records", "batches"])
+def test_logs_params_metrics_artifacts_status(server, tmp_path, via):
+    """The same run whether records come one by one or as workers' batches (the actor's path)."""
     records = list(record_stream(tmp_path / "save", run_id="orch-1", config=CONFIG))
     run_id = create_run(server.url, "proj", "exp-a", CONFIG, {"team": "vision"})
     sink = MLflowSink(server.url, "proj", "exp-a", CONFIG, {"team": "vision"}, run_id=run_id,
                       spool_dir=str(tmp_path / "spool"))
     sink = pickle.loads(pickle.dumps(sink))  # as shipped into the actor
-    for record in records:
-        getattr(sink, record["event"])(record)
+    if via == "records":
+        for record in records:
+            getattr(sink, record["event"])(record)
+    else:
+        assert feed_as_batches([sink], records, batch=5).stats()["dispatched"] == len(records)
     report = sink.close("FINISHED")
     assert report["pending_points"] == 0 and report["pending_files"] == [] and report["status"] == "FINISHED"
 
@@ -241,7 +246,8 @@ def test_point_rejected_by_server_is_dropped_not_blocking(server, tmp_path):
     assert metric_histories(MlflowClient(server.url), report["run_id"], expected) == expected
 
 
-def test_per_step_points_every_n_steps_once_per_step(server, tmp_path):
+@pytest.mark.parametrize("via", ["records", "batches"])
+def test_per_step_points_every_n_steps_once_per_step(server, tmp_path, via):
     """Two batches per optimizer step (nbs = 2 * batch), log_every_n_steps=3: one point at steps
     0, 3, 6, ..., the first batch that reached each; epoch metrics are untouched."""
     from callbacks.records import make_record
@@ -252,13 +258,16 @@ def test_per_step_points_every_n_steps_once_per_step(server, tmp_path):
     t0, seq, sent = time.time(), 0, []
     for batch in range(20):
         step = (batch + 1) // 2  # the optimizer steps after every second batch
-        record = make_record(run_id="orch-n", event="on_train_batch_end", rank=0, attempt=0, seq=seq, epoch=0,
-                             step=step, metrics={"train/loss": 1.0 / (batch + 1)}, now=t0 + batch)
-        sink.on_train_batch_end(record)
-        sent.append(record)
+        sent.append(make_record(run_id="orch-n", event="on_train_batch_end", rank=0, attempt=0, seq=seq,
+                                epoch=0, step=step, metrics={"train/loss": 1.0 / (batch + 1)}, now=t0 + batch))
         seq += 1
-    sink.on_fit_epoch_end(make_record(run_id="orch-n", event="on_fit_epoch_end", rank=0, attempt=0, seq=seq,
-                                      epoch=0, step=10, metrics={"train/loss": 0.1}, now=t0 + 30))
+    end = make_record(run_id="orch-n", event="on_fit_epoch_end", rank=0, attempt=0, seq=seq,
+                      epoch=0, step=10, metrics={"train/loss": 0.1}, now=t0 + 30)
+    if via == "records":
+        for record in [*sent, end]:
+            getattr(sink, record["event"])(record)
+    else:
+        feed_as_batches([sink], [*sent, end], batch=7)
     assert sink.close("FINISHED")["pending_points"] == 0
     history = sorted((m.step, m.value) for m in MlflowClient(server.url).get_metric_history(run_id, "step/train/loss"))
     first = {}

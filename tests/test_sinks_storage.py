@@ -18,6 +18,7 @@ import torch
 from callbacks.sinks import (EVENT_SCHEMA, CheckpointSink, EventLogSink, ObjectStore, checkpoint_key,
                              read_event_log)
 from callbacks.sinks.event_log import run_prefix
+from tests.helpers import feed_as_batches
 from tests.servers import MotoServer, TcpProxy, record_stream
 from trainers.utils import UserError
 
@@ -82,11 +83,15 @@ def test_bad_storage_uris_are_user_errors(proxy):
         ObjectStore.from_uri("s3://no-such-bucket/x").check()
 
 
-def test_event_log_roundtrip_one_schema(store_uri, tmp_path):
+@pytest.mark.parametrize("via", ["records", "batches"])
+def test_event_log_roundtrip_one_schema(store_uri, tmp_path, via):
     records = list(record_stream(tmp_path / "save", run_id="run-a", epochs=2, steps=7))
     sink = pickle.loads(pickle.dumps(EventLogSink(store_uri, "run-a", max_rows=9,
                                                   spool_dir=str(tmp_path / "spool"))))
-    feed(sink, records)
+    if via == "records":
+        feed(sink, records)
+    else:  # workers' batches through the actor's in-order path: rows taken whole
+        feed_as_batches([sink], records, batch=4)
     # an actor restart re-sends the last records: the log keeps one row per (rank, attempt, seq)
     again = EventLogSink(store_uri, "run-a", max_rows=5)
     feed(again, records[-12:])
@@ -113,6 +118,37 @@ def test_event_log_roundtrip_one_schema(store_uri, tmp_path):
     whole = ds.dataset(f"{base}/events", filesystem=fs, format="parquet", partitioning="hive")
     assert whole.to_table(filter=ds.field("run_id") == "run-a").num_rows >= len(records)
     assert read_event_log(store_uri, "no-such-run").num_rows == 0
+
+
+def test_event_log_batches_cut_like_records(store_uri, tmp_path):
+    """Rows taken whole are cut into the same parts, at the same epoch ends, as records one by
+    one: the part names (rank, attempt, first seq) and the rows agree."""
+    records = list(record_stream(tmp_path / "save", run_id="run-b", epochs=3, steps=7, ranks=(0,)))
+    one_by_one = EventLogSink(f"{store_uri}/one", "run-b")
+    feed(one_by_one, records)
+    batched = EventLogSink(f"{store_uri}/batched", "run-b")
+    feed_as_batches([batched], records, batch=4)
+    keys, tables = [], []
+    for sink, folder in ((one_by_one, "one"), (batched, "batched")):
+        assert sink.close("FINISHED")["pending_parts"] == []
+        keys.append([k.rsplit("/", 1)[-1] for k in ObjectStore.from_uri(f"{store_uri}/{folder}").list(run_prefix("run-b"))])
+        tables.append(read_event_log(f"{store_uri}/{folder}", "run-b"))
+    assert keys[0] == keys[1] and len(keys[0]) == 5  # 3 epochs, the final evaluation, the rest at close
+    assert tables[0].equals(tables[1]) and tables[0].num_rows == len(records)
+
+
+def test_event_log_drops_only_malformed_rows(tmp_path):
+    """A row Arrow cannot convert costs that row (a warning), not the part it was cut into."""
+    from callbacks.records import make_row
+
+    sink = EventLogSink(str(tmp_path / "store"), "run-c")
+    good = [make_row("on_train_batch_end", {"epoch": 0, "step": i, "metrics": {"loss": 0.5}}) for i in range(6)]
+    bad = ["on_train_batch_end", 0, "not-a-step", 0.0, {}, {}, False]
+    sink.handle_rows(("run-c", 0, 0), 0, [*good[:3], bad, *good[3:]])
+    assert sink.close("FINISHED")["pending_parts"] == []
+    table = read_event_log(str(tmp_path / "store"), "run-c")
+    assert table.column("seq").to_pylist() == [0, 1, 2, 4, 5, 6]
+    assert table.column("step").to_pylist() == [0, 1, 2, 3, 4, 5]
 
 
 def test_checkpoint_sink_uploads_latest_and_skips_unchanged(store_uri, tmp_path):

@@ -10,10 +10,18 @@ import tempfile
 from pathlib import Path
 
 from callbacks.events import EVENTS
+from callbacks.records import record_of
 
 
 class Sink:
-    """Base: ``self.<event>(record)`` calls ``self.handle(event, record)`` for every event."""
+    """Base: ``self.<event>(record)`` calls ``self.handle(event, record)`` for every event.
+
+    ``handle_rows`` takes a worker's batch whole (the callback actor's path for batches that
+    arrive in order); a sink that only needs some events names them in ``events``, so the rows
+    of other events never become record dicts.
+    """
+
+    events: frozenset[str] | None = None  # the events this sink acts on; None: all
 
     def __init__(self, **args):
         """Keep the constructor arguments (for pickling) and expose each as an attribute."""
@@ -32,6 +40,15 @@ class Sink:
 
     def handle(self, event: str, record: dict) -> None:
         raise NotImplementedError
+
+    def handle_rows(self, stream: tuple, first_seq: int, rows: list) -> None:
+        """Consecutive rows of ``stream`` (run_id, rank, attempt) from ``first_seq`` (wire form,
+        ``callbacks.records.ROW_FIELDS``); by default each row of an event in ``events`` goes to
+        the event's method as a record."""
+        wanted = self.events
+        for i, row in enumerate(rows):
+            if wanted is None or row[0] in wanted:
+                getattr(self, row[0])(record_of(stream, first_seq + i, row))
 
     def flush(self) -> None:
         """Ask for delivery of what is queued; never blocks on the network."""

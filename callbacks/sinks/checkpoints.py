@@ -24,6 +24,7 @@ class CheckpointSink(Sink):
     """Uploads the newest ``last`` and ``best`` checkpoints of a run to ``store_uri``."""
 
     kind = "checkpoints"
+    events = frozenset({"on_model_save"})
 
     def __init__(self, store_uri: str, run_id: str, spool_dir: str | None = None,
                  close_timeout: float = 120.0):

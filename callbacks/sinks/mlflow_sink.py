@@ -27,6 +27,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
+from callbacks.records import record_of, spans_after
 from callbacks.sinks.base import Sink, make_spool_dir
 from callbacks.sinks.delivery import Courier
 from callbacks.sinks.event_log import PartBuffer
@@ -273,9 +274,31 @@ class MLflowSink(Sink):
         self._start()
         if self.event_log:
             with self._lock:
-                self._events.add(record if record.get("event") else {**record, "event": event})
-        if int(record.get("rank", -1)) > 0:
+                self._events.add(record, event)
+        rank0 = int(record.get("rank", -1)) <= 0
+        if rank0:
+            self._log(event, record)
+        self._maybe_cut(rank0 and event == "on_fit_epoch_end")
+
+    def handle_rows(self, stream: tuple, first_seq: int, rows: list) -> None:
+        """A worker's batch as it came: all rows to the event log, and only the rows that make
+        points or carry files become records (one step in ``log_every_n_steps``, epoch ends)."""
+        if self._closed is not None:
             return
+        self._start()
+        rank0, every = int(stream[1]) <= 0, self.log_every_n_steps
+        for start, end, epoch_end in spans_after(rows, "on_fit_epoch_end"):
+            if self.event_log:
+                with self._lock:
+                    self._events.add_rows(stream, first_seq + start, rows[start:end])
+            for i in range(start, end) if rank0 else ():
+                event, step, artifacts = rows[i][0], rows[i][2], rows[i][5]
+                if artifacts or event == "on_fit_epoch_end" or (event == "on_train_batch_end" and step % every == 0):
+                    self._log(event, record_of(stream, first_seq + i, rows[i]))
+            self._maybe_cut(rank0 and epoch_end)
+
+    def _log(self, event: str, record: dict) -> None:
+        """Rank 0's record -> metric points and staged files."""
         if self._orch_run_id is None and record.get("run_id"):
             self._orch_run_id = str(record["run_id"])
         points = self._points_of(event, record)
@@ -287,7 +310,9 @@ class MLflowSink(Sink):
                 self._courier.kick()
         if self.upload_artifacts and record.get("artifacts"):
             self._stage_artifacts(event, record["artifacts"])
-        if event == "on_fit_epoch_end" or (self.event_log and self._events.count >= EVENT_LOG_ROWS):
+
+    def _maybe_cut(self, epoch_end: bool) -> None:
+        if epoch_end or (self.event_log and self._events.count >= EVENT_LOG_ROWS):
             self._cut_event_log()
             self._courier.kick()
 
