@@ -304,7 +304,9 @@ class BaseTrainer(CallbackMixin):
         keys = [f"{prefix}/{name}" for name in self.loss_names]
         if loss_items is None:
             return keys
-        return {k: round(float(v), 5) for k, v in zip(keys, loss_items)}
+        # one copy to Python floats, not a 0-d tensor per item (this runs at every step)
+        values = loss_items.reshape(-1).tolist() if torch.is_tensor(loss_items) else loss_items
+        return {k: round(float(v), 5) for k, v in zip(keys, values)}
 
     def plot_metrics(self) -> None:
         if self.args.plots and self.history is not None:
