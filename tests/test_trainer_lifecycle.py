@@ -19,6 +19,24 @@ def test_exact_event_sequence_of_two_epoch_fit(tmp_path):
     assert fit_ends == [(0, False), (1, False), (2, True)]
 
 
+def test_step_records_carry_the_batch_losses_and_learning_rates(tmp_path):
+    """Each on_train_batch_end record has the batch's loss items under train/<name> and every
+    param group's lr, as floats (what the event log and MLflow's step/ metrics get)."""
+    model, seen = Model("cls-n.yaml"), []
+
+    def capture(trainer):
+        seen.append((trainer.record_fields("on_train_batch_end")["metrics"], trainer.loss_items.tolist(),
+                     [g["lr"] for g in trainer.optimizer.param_groups]))
+
+    model.add_callback("on_train_batch_end", capture)
+    model.train(**{**QUICK, "epochs": 1}, project=str(tmp_path), name="steps")
+    assert len(seen) == len(model.trainer.train_loader)
+    for metrics, losses, lrs in seen:
+        expected = {**{f"train/{n}": v for n, v in zip(model.trainer.loss_names, losses)},
+                    **{f"lr/pg{j}": lr for j, lr in enumerate(lrs)}}
+        assert metrics == expected and all(type(v) is float for v in metrics.values())
+
+
 class EveryHookTrainer(ClassificationTrainer):
     """Overrides every method of SPEC §4 and notes each call."""
 

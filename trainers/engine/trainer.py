@@ -43,6 +43,8 @@ class BaseTrainer(CallbackMixin):
 
     task: str | None = None
     default_imgsz = 32
+    _step_keys: list[str] = []
+    _step_keys_of = None  # the loss_names that _step_keys were made from
 
     def __init__(self, cfg=None, overrides: dict | None = None, _callbacks: dict | None = None):
         self.args: Args = get_cfg(cfg, overrides)
@@ -327,7 +329,7 @@ class BaseTrainer(CallbackMixin):
         """What the event forwarder sends to the driver for ``event``."""
         metrics, artifacts = {}, {}
         if event == "on_train_batch_end" and self.loss_items is not None:
-            metrics = {**self.label_loss_items(self.loss_items), **self.lr}
+            metrics = self.step_metrics()
         elif event == "on_fit_epoch_end":
             metrics = dict(self.metrics) if self.final_eval else self.epoch_metrics()
             if self.fitness is not None:
@@ -341,6 +343,17 @@ class BaseTrainer(CallbackMixin):
                          "best": str(self.best), **self.plots}
         return {"epoch": self.epoch, "step": self.step, "metrics": metrics, "artifacts": artifacts,
                 "final_eval": self.final_eval}
+
+    def step_metrics(self) -> dict:
+        """The last batch's losses and the learning rates, for its ``on_train_batch_end`` record.
+        This runs at every step, so it is lean: keys made once, one ``tolist()``, no rounding."""
+        if self._step_keys_of is not self.loss_names:
+            self._step_keys = [f"train/{name}" for name in self.loss_names]
+            self._step_keys_of = self.loss_names
+        values = self.loss_items.tolist()
+        metrics = dict(zip(self._step_keys, values if isinstance(values, list) else [values]))
+        metrics.update(self.lr)
+        return metrics
 
     def epoch_metrics(self) -> dict:
         train = self.label_loss_items(self.tloss) if self.tloss is not None else {}
