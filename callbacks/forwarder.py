@@ -81,8 +81,8 @@ class EventForwarder:
         self._next_probe = 0.0
         self._task_errors = 0
         self._pump_at = self.max_batch
-        self._next_flush = time.monotonic() + self.flush_interval
-        self._counts = dict(records=0, sent=0, acked=0, batches=0, backpressure_waits=0,
+        self._next_flush = time.time() + self.flush_interval  # wall time: compared with rows' times
+        self._counts = dict(sent=0, acked=0, batches=0, backpressure_waits=0,
                             backpressure_seconds=0.0, resends=0, failed_calls=0, lost=0)
 
     # ----------------------------------------------------------------- registry side
@@ -95,13 +95,19 @@ class EventForwarder:
         return self
 
     def _hook(self, event: str, forwarded: bool):
-        def hook(owner):
-            if forwarded:
-                self.emit(event, owner)
-            if event == CLOSE_EVENT:
-                self.close()
-            elif event in FLUSH_EVENTS:
-                self.flush()
+        if event != CLOSE_EVENT and event not in FLUSH_EVENTS:
+            emit = self.emit
+
+            def hook(owner):  # per-step events: nothing else to decide
+                emit(event, owner)
+        else:
+            def hook(owner):
+                if forwarded:
+                    self.emit(event, owner)
+                if event == CLOSE_EVENT:
+                    self.close()
+                else:
+                    self.flush()
         hook.__qualname__ = hook.__name__ = f"EventForwarder.{event}"
         return hook
 
@@ -111,11 +117,13 @@ class EventForwarder:
         fields = owner_fields(owner, event)
         if self.publish is not None and fields.get("artifacts"):
             fields = {**fields, "artifacts": self.publish(fields["artifacts"])}
-        self._records.append(make_row(event, fields))
-        self._counts["records"] += 1
-        if self._seq0 + len(self._records) >= self._pump_at or time.monotonic() >= self._next_flush:
-            self._pump(force=time.monotonic() >= self._next_flush)
-        return self._records[-1]
+        row = make_row(event, fields)
+        records = self._records
+        records.append(row)
+        # the flush deadline is kept in wall time, so the row's own time stamp serves to check it
+        if self._seq0 + len(records) >= self._pump_at or row[3] >= self._next_flush:
+            self._pump(force=row[3] >= self._next_flush)
+        return row
 
     # ----------------------------------------------------------------- sending
     @property
@@ -131,9 +139,8 @@ class EventForwarder:
         self._send_due(force)
         if self._retained() > self.max_buffer:
             self._backpressure()
-        now = time.monotonic()
         if force or self._next_seq - self._sent == 0:
-            self._next_flush = now + self.flush_interval
+            self._next_flush = time.time() + self.flush_interval
         unsent = self._next_seq - self._sent
         # Blocked by the in-flight cap or a down actor: look again after a quarter batch.
         self._pump_at = self._next_seq + max(1, self.max_batch // 4) if unsent >= self.max_batch \
@@ -278,6 +285,7 @@ class EventForwarder:
 
     def stats(self) -> dict:
         out = dict(self._counts)
+        out["records"] = self._next_seq  # one seq per record emitted
         out["acked"] -= out["lost"]
         out.update(inflight=len(self._inflight), buffered=self._retained(),
                    unsent=self._next_seq - self._sent, actor_suspect=self._suspect)
