@@ -204,12 +204,15 @@ class Dispatcher:
     # ------------------------------------------------------------------ dispatch
     def _dispatch(self, record: dict) -> None:
         event = record.get("event")
-        for index, fn in self._table.get(event, ()):
+        self._call(self._table.get(event, ()), event, record)
+        self._counts["dispatched"] += 1
+
+    def _call(self, handlers, event: str, record: dict) -> None:
+        for index, fn in handlers:
             try:
                 fn(record)
             except Exception as exc:  # isolate: a driver callback never breaks ingest
                 self._fail(index, event, exc)
-        self._counts["dispatched"] += 1
 
     def _dispatch_rows(self, stream: tuple, first_seq: int, rows: list) -> None:
         """An in-order batch: whole to bulk sinks, then record by record to other callbacks
@@ -224,12 +227,7 @@ class Dispatcher:
             for i, row in enumerate(rows):
                 handlers = table.get(row[0])
                 if handlers:
-                    record = record_of(stream, first_seq + i, row)
-                    for index, fn in handlers:
-                        try:
-                            fn(record)
-                        except Exception as exc:
-                            self._fail(index, row[0], exc)
+                    self._call(handlers, row[0], record_of(stream, first_seq + i, row))
         self._counts["dispatched"] += len(rows)
 
     def _fail(self, index: int, event: str, exc: BaseException) -> None:

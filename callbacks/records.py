@@ -88,11 +88,7 @@ def spans_after(rows: list, event: str) -> list[tuple[int, int, bool]]:
 
 def records_from_rows(stream: tuple, first_seq: int, rows: list) -> list[dict]:
     """Rows of one stream, consecutive from ``first_seq`` -> records (SPEC §8 dicts)."""
-    run_id, rank, attempt = stream
-    return [{"run_id": run_id, "event": event, "rank": rank, "attempt": attempt, "seq": first_seq + i,
-             "epoch": epoch, "step": step, "time": now, "metrics": metrics, "artifacts": artifacts,
-             "final_eval": final_eval}
-            for i, (event, epoch, step, now, metrics, artifacts, final_eval) in enumerate(rows)]
+    return [record_of(stream, first_seq + i, row) for i, row in enumerate(rows)]
 
 
 def clean_metrics(metrics: dict) -> dict[str, float]:
