@@ -276,7 +276,7 @@ class MLflowSink(Sink):
             with self._lock:
                 self._events.add(record, event)
         rank0 = int(record.get("rank", -1)) <= 0
-        if rank0:
+        if rank0 and self._logs(event, int(record.get("step", 0)), record.get("artifacts")):
             self._log(event, record)
         self._maybe_cut(rank0 and event == "on_fit_epoch_end")
 
@@ -286,16 +286,20 @@ class MLflowSink(Sink):
         if self._closed is not None:
             return
         self._start()
-        rank0, every = int(stream[1]) <= 0, self.log_every_n_steps
+        rank0 = int(stream[1]) <= 0
         for start, end, epoch_end in spans_after(rows, "on_fit_epoch_end"):
             if self.event_log:
                 with self._lock:
                     self._events.add_rows(stream, first_seq + start, rows[start:end])
             for i in range(start, end) if rank0 else ():
-                event, step, artifacts = rows[i][0], rows[i][2], rows[i][5]
-                if artifacts or event == "on_fit_epoch_end" or (event == "on_train_batch_end" and step % every == 0):
-                    self._log(event, record_of(stream, first_seq + i, rows[i]))
+                if self._logs(rows[i][0], rows[i][2], rows[i][5]):
+                    self._log(rows[i][0], record_of(stream, first_seq + i, rows[i]))
             self._maybe_cut(rank0 and epoch_end)
+
+    def _logs(self, event: str, step: int, artifacts) -> bool:
+        """Whether a rank-0 record can make points or carry files (the rest only go to the event log)."""
+        return bool(artifacts) or event == "on_fit_epoch_end" or (
+            event == "on_train_batch_end" and step % self.log_every_n_steps == 0)
 
     def _log(self, event: str, record: dict) -> None:
         """Rank 0's record -> metric points and staged files."""

@@ -306,7 +306,7 @@ class BaseTrainer(CallbackMixin):
         keys = [f"{prefix}/{name}" for name in self.loss_names]
         if loss_items is None:
             return keys
-        # one copy to Python floats, not a 0-d tensor per item (this runs at every step)
+        # one copy to Python floats, not a 0-d tensor per item
         values = loss_items.reshape(-1).tolist() if torch.is_tensor(loss_items) else loss_items
         return {k: round(float(v), 5) for k, v in zip(keys, values)}
 
