@@ -18,13 +18,13 @@ Use one forwarder per (run_id, rank, attempt): sequence numbers restart at 0 in 
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Iterable
 
 import ray
 from ray.exceptions import RayActorError, RayError
 
 from callbacks.events import EVENTS, check_event
-from callbacks.records import make_row
 from trainers.utils import LOGGER
 
 # Calls that fail for these reasons are resent once the actor answers again.
@@ -41,15 +41,6 @@ def _check_positive(name: str, value, minimum=1):
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"EventForwarder {name}={value!r}: must be a number >= {minimum}")
     return value
-
-
-def owner_fields(owner, event: str) -> dict:
-    """The event-dependent record fields, from ``owner.record_fields`` or its attributes."""
-    fields = getattr(owner, "record_fields", None)
-    if callable(fields):
-        return fields(event)
-    return {"epoch": getattr(owner, "epoch", 0) or 0, "step": getattr(owner, "step", 0) or 0,
-            "metrics": {}, "artifacts": {}, "final_eval": bool(getattr(owner, "final_eval", False))}
 
 
 class EventForwarder:
@@ -96,10 +87,7 @@ class EventForwarder:
 
     def _hook(self, event: str, forwarded: bool):
         if event != CLOSE_EVENT and event not in FLUSH_EVENTS:
-            emit = self.emit
-
-            def hook(owner):  # per-step events: nothing else to decide
-                emit(event, owner)
+            hook = partial(self.emit, event)  # per-step events: called in C, no frame of its own
         else:
             def hook(owner):
                 if forwarded:
@@ -114,10 +102,9 @@ class EventForwarder:
     # ----------------------------------------------------------------- hot path
     def emit(self, event: str, owner) -> list:
         """Build the row for ``event`` fired by ``owner`` and queue it; sends when due."""
-        fields = owner_fields(owner, event)
-        if self.publish is not None and fields.get("artifacts"):
-            fields = {**fields, "artifacts": self.publish(fields["artifacts"])}
-        row = make_row(event, fields)
+        row = owner.record_row(event)  # owners are CallbackMixins (callbacks/registry.py)
+        if row[5] and self.publish is not None:  # artifacts
+            row[5] = self.publish(row[5])
         records = self._records
         records.append(row)
         # the flush deadline is kept in wall time, so the row's own time stamp serves to check it

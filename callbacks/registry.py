@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 from callbacks.events import EVENTS, check_event
+from callbacks.records import make_row
 
 
 class CallbackError(RuntimeError):
@@ -79,7 +80,8 @@ def copy_registry(registry: dict) -> dict[str, list[Callable]]:
 
 
 class CallbackMixin:
-    """Gives an owner (trainer, validator, ...) the registry methods of SPEC §2."""
+    """Gives an owner (trainer, validator, ...) the registry methods of SPEC §2 and the record
+    of each event it fires (what the event forwarder sends to the driver)."""
 
     callbacks: dict[str, list[Callable]]
 
@@ -91,3 +93,13 @@ class CallbackMixin:
 
     def run_callbacks(self, event: str) -> None:
         run_callbacks(self.callbacks, event, self)
+
+    def record_fields(self, event: str) -> dict:
+        """The event-dependent fields of the record of ``event``; owners override it."""
+        return {"epoch": getattr(self, "epoch", 0) or 0, "step": getattr(self, "step", 0) or 0,
+                "metrics": {}, "artifacts": {}, "final_eval": bool(getattr(self, "final_eval", False))}
+
+    def record_row(self, event: str) -> list:
+        """The wire row of the record of ``event`` (``callbacks.records.ROW_FIELDS``), each field
+        checked; the trainer builds the rows of its per-step events directly instead."""
+        return make_row(event, self.record_fields(event))

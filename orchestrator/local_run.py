@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from callbacks.actor import Dispatcher, listened_events
-from callbacks.records import make_row
 from orchestrator.results import ResultSink
 from orchestrator.run_setup import mlflow_run_of, new_run_id, register_best, resolve_run, start_tracking
 
@@ -20,7 +19,7 @@ class LocalForwarder:
 
     def _sender(self, event: str):
         def forward(owner):
-            row = make_row(event, owner.record_fields(event))  # built as on a Ray worker
+            row = owner.record_row(event)  # built as on a Ray worker
             self.dispatcher.ingest_rows((self.run_id, -1, 0), self.seq, [row])
             self.seq += 1
         forward.__qualname__ = f"forward_{event}"

@@ -14,7 +14,7 @@ from callbacks.actor import Dispatcher, listened_events, start_callback_actor
 from callbacks.forwarder import EventForwarder
 from callbacks.records import make_record, record_key
 from callbacks.sinks.base import Sink
-from callbacks.registry import new_registry, run_callbacks
+from callbacks.registry import CallbackMixin, new_registry, run_callbacks
 from trainers.utils import UserError
 
 # The actor process cannot import this test module by name: ship its classes by value.
@@ -72,7 +72,7 @@ def records_of(path):
     return [line for line in read_lines(path) if "seq" in line]
 
 
-class StepSource:
+class StepSource(CallbackMixin):
     """A stand-in owner: what the engine's trainer exposes to the forwarder."""
 
     def __init__(self):

@@ -156,7 +156,7 @@ def test_training_job_reaches_mlflow_and_the_bucket(stack, jobs, aws):
     run_id = run.data.tags["orchestrator.run_id"]
     keys = keys_under(aws, "train/")
     assert f"train/runs/{run_id}/weights/best.pt" in keys and f"train/runs/{run_id}/weights/last.pt" in keys
-    assert any(k.startswith(f"train/ray/") and k.endswith("/last.pt") for k in keys), "Ray Train checkpoints"
+    assert any(k.startswith("train/ray/") and k.endswith("/last.pt") for k in keys), "Ray Train checkpoints"
     events = read_event_log(storage, run_id).to_pylist()
     epoch_ends = sorted(r["epoch"] for r in events if r["event"] == "on_fit_epoch_end" and not r["final_eval"])
     assert epoch_ends == [0, 1]

@@ -146,7 +146,7 @@ def test_create_run_unreachable_is_a_user_error():
 def test_probe_checks_tracking_uris_without_mlflow(tmp_path):
     """Ray runs leave creating the MLflow run to the callback actor; the driver probes first."""
     url = f"http://user:s3cret@127.0.0.1:{free_port()}"
-    with pytest.raises(UserError, match=f"MLflow: cannot reach tracking_uri=http://.*127.0.0.1") as err:
+    with pytest.raises(UserError, match="MLflow: cannot reach tracking_uri=http://.*127.0.0.1") as err:
         probe_tracking_uri(url)
     assert "s3cret" not in str(err.value)
     assert probe_tracking_uri(f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}") and (tmp_path / "new").is_dir()

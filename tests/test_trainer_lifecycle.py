@@ -37,6 +37,32 @@ def test_step_records_carry_the_batch_losses_and_learning_rates(tmp_path):
         assert metrics == expected and all(type(v) is float for v in metrics.values())
 
 
+def test_trainer_rows_equal_the_checked_rows_of_its_fields(tmp_path):
+    """The trainer builds the rows of its per-step events directly (BaseTrainer.record_row):
+    at every trainer event of a real fit they equal make_row of record_fields, field types included."""
+    from callbacks.events import EVENTS, TRAINER
+    from callbacks.records import make_row
+
+    model, pairs = Model("cls-n.yaml"), []
+
+    def compare(event):
+        def check(trainer):
+            pairs.append((event, trainer.record_row(event), make_row(event, trainer.record_fields(event))))
+        return check
+
+    for event, owner in EVENTS.items():
+        if owner == TRAINER:
+            model.add_callback(event, compare(event))
+    model.train(**{**QUICK, "epochs": 1}, project=str(tmp_path), name="rows")
+    assert {event for event, _, _ in pairs} == {e for e, o in EVENTS.items() if o == TRAINER}
+    for event, direct, checked in pairs:
+        assert abs(direct[3] - checked[3]) < 1.0, event  # time stamps, taken microseconds apart
+        direct[3] = checked[3]
+        assert direct == checked, event
+        assert [type(v) for v in direct] == [type(v) for v in checked], event
+        assert all(type(v) is float for v in direct[4].values()), event
+
+
 class EveryHookTrainer(ClassificationTrainer):
     """Overrides every method of SPEC §4 and notes each call."""
 

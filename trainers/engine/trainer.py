@@ -19,6 +19,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from callbacks.events import STEP_EVENTS
+from callbacks.records import make_row
 from callbacks.registry import CallbackMixin, new_registry, stateful_callbacks
 from orchestrator.config import Args, get_cfg
 from trainers.engine import checkpoint as ckpt_io
@@ -182,7 +184,7 @@ class BaseTrainer(CallbackMixin):
             if (i + 1) % self.accumulate == 0 or i == nb - 1:
                 self.optimizer_step()
                 self.step += 1
-            self.lr = {f"lr/pg{j}": g["lr"] for j, g in enumerate(self.optimizer.param_groups)}
+            self.lr = {f"lr/pg{j}": float(g["lr"]) for j, g in enumerate(self.optimizer.param_groups)}
             self.run_callbacks("on_train_batch_end")
             if self.stop and self.world_size == 1:
                 break
@@ -343,6 +345,15 @@ class BaseTrainer(CallbackMixin):
                          "best": str(self.best), **self.plots}
         return {"epoch": self.epoch, "step": self.step, "metrics": metrics, "artifacts": artifacts,
                 "final_eval": self.final_eval}
+
+    def record_row(self, event: str) -> list:
+        """The forwarded row (``callbacks.records.ROW_FIELDS``) of ``event``. Five events fire per
+        optimizer step, so their rows are built here directly (the metrics are floats already);
+        the others go through ``record_fields`` and ``make_row``, which check every field."""
+        if event in STEP_EVENTS:
+            metrics = self.step_metrics() if event == "on_train_batch_end" and self.loss_items is not None else {}
+            return [event, self.epoch, self.step, time.time(), metrics, {}, self.final_eval]
+        return make_row(event, self.record_fields(event))
 
     def step_metrics(self) -> dict:
         """The last batch's losses and the learning rates, for its ``on_train_batch_end`` record.
