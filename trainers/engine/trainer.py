@@ -349,7 +349,8 @@ class BaseTrainer(CallbackMixin):
     def record_row(self, event: str) -> list:
         """The forwarded row (``callbacks.records.ROW_FIELDS``) of ``event``. Five events fire per
         optimizer step, so their rows are built here directly (the metrics are floats already);
-        the others go through ``record_fields`` and ``make_row``, which check every field."""
+        the others go through ``record_fields`` and ``make_row``, which check every field. A subclass
+        that adds fields to per-step records overrides this method, not only ``record_fields``."""
         if event in STEP_EVENTS:
             metrics = self.step_metrics() if event == "on_train_batch_end" and self.loss_items is not None else {}
             return [event, self.epoch, self.step, time.time(), metrics, {}, self.final_eval]
