@@ -13,7 +13,10 @@ forwarded in odd ones (the forwarder's per-step hooks are taken out of the worke
 the epoch start), and each epoch's steps/s is taken after its first fifth of steps, so the
 actor's end-of-epoch work (event-log part, MLflow batch) does not count for the next epoch.
 The ratio is median(forwarded epochs) / median(not forwarded epochs), epochs 0-1 excluded; also
-printed: the median of each forwarded epoch's rate over the mean of its two neighbours' (paired).
+printed: the median of each forwarded epoch's rate over the mean of its two neighbours' (paired),
+and, as a cross-check that time spent waiting for a core does not touch, the training thread's CPU
+time per step (``time.thread_time``) forwarded minus not forwarded, as a share of a step (other
+tenants still move it: they slow the caches and the clock).
 (a) and (c) train on 8,000 random 8x8 images (~1,000 steps an epoch), not digits (180 steps):
 a window of a fifth of a second is at the mercy of any scheduler hiccup.
 (d) alternates runs of each kind (--pairs of them) and compares medians: runs in this process
@@ -65,7 +68,8 @@ class StepClock:
     With ``alternate``, per-step events are forwarded in even epochs only."""
 
     def __init__(self, log: Path, alternate: bool = False):
-        self.log, self.alternate, self.perf, self.first_wall, self.hooks = str(log), alternate, {}, None, None
+        self.log, self.alternate, self.first_wall, self.hooks = str(log), alternate, None, None
+        self.perf, self.cpu = {}, {}  # by epoch: wall clock and the training thread's CPU clock at each step end
 
     def on_train_epoch_start(self, trainer):
         if not self.alternate:
@@ -80,12 +84,13 @@ class StepClock:
     def on_train_batch_end(self, trainer):
         if trainer.rank <= 0:
             self.perf.setdefault(trainer.epoch, []).append(time.perf_counter())
+            self.cpu.setdefault(trainer.epoch, []).append(time.thread_time())
             if self.first_wall is None:
                 self.first_wall = time.time()
 
     def on_train_end(self, trainer):
         if trainer.rank <= 0:
-            Path(self.log).write_text(json.dumps({"perf": self.perf, "first_wall": self.first_wall}))
+            Path(self.log).write_text(json.dumps({"perf": self.perf, "cpu": self.cpu, "first_wall": self.first_wall}))
 
 
 def steady_rate(times: list[float], skip_fraction: float = 0.2) -> float:
@@ -93,8 +98,13 @@ def steady_rate(times: list[float], skip_fraction: float = 0.2) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
-def run(tmp: Path, name: str, alternate: bool = False, data: str = "digits", **kw) -> tuple[dict, float]:
-    """({epoch: steady steps/s}, seconds from train() to the first step)."""
+def steady_cpu(clock: list[float], skip_fraction: float = 0.2) -> float:
+    """The training thread's CPU seconds per step over the window ``steady_rate`` uses."""
+    return 1.0 / steady_rate(clock, skip_fraction)
+
+
+def run(tmp: Path, name: str, alternate: bool = False, data: str = "digits", **kw) -> tuple[dict, float, dict]:
+    """({epoch: steady steps/s}, seconds from train() to the first step, {epoch: CPU s per step})."""
     log = tmp / f"{name}.json"
     model = Model("cls-n.yaml")
     model.add_callback(StepClock(log, alternate))
@@ -104,7 +114,8 @@ def run(tmp: Path, name: str, alternate: bool = False, data: str = "digits", **k
     start = time.time()
     model.train(trainer=TinyTrainer, **cfg)
     steps = json.loads(log.read_text())
-    return {int(e): steady_rate(t) for e, t in steps["perf"].items()}, steps["first_wall"] - start
+    return ({int(e): steady_rate(t) for e, t in steps["perf"].items()}, steps["first_wall"] - start,
+            {int(e): steady_cpu(t) for e, t in steps["cpu"].items()})
 
 
 def folder_data(root: Path, per_class: int = 800, classes: int = 10) -> str:
@@ -198,8 +209,8 @@ def main() -> None:
                     runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     tmp = Path(tempfile.mkdtemp(prefix="ray-overhead-"))
     data = folder_data(tmp / "data")
-    rates, _ = run(tmp, "alternating", alternate=True, data=data, num_workers=1, epochs=opts.epochs)
-    local, _ = run(tmp, "in_process", data=data, num_workers=0, epochs=opts.epochs)
+    rates, _, cpu = run(tmp, "alternating", alternate=True, data=data, num_workers=1, epochs=opts.epochs)
+    local = run(tmp, "in_process", data=data, num_workers=0, epochs=opts.epochs)[0]
     warm, cold, launch = ({"ours": [], "fit": []} for _ in range(3))
     for _ in range(opts.pairs):
         warm["ours"].append(run(tmp, "warm", num_workers=1)[1])
@@ -218,6 +229,12 @@ def main() -> None:
     print(f"steps/s (medians): forwarded {on_rate:.0f}, not forwarded {off_rate:.0f}, in-process {local_rate:.0f}")
     print(f"(a) forwarding on / off: {on_rate / off_rate:.3f}  (target >= 0.97); paired with the epochs either "
           f"side: {paired_ratio(rates):.3f}")
+    cpu_on = statistics.median(c for e, c in cpu.items() if e >= 2 and e % 2 == 0)
+    cpu_off = statistics.median(c for e, c in cpu.items() if e >= 2 and e % 2 == 1)
+    share = (cpu_on - cpu_off) * off_rate  # of a non-forwarded step's wall time
+    print(f"    cross-check (CPU time, not counting waits for a core): the training thread's CPU per step is {cpu_on * 1e6:.0f} us "
+          f"forwarded, {cpu_off * 1e6:.0f} us not: forwarding takes {share:.1%} of a step, ratio "
+          f"{1 / (1 + share):.3f}")
     print(f"(c) Ray 1 worker / in-process (both forwarding): {on_rate / local_rate:.3f}  (target >= 0.95)")
     for name, runs in (("train() / fit() to the first step, in a process that ran before", warm),
                        ("train() / fit() to the first step, each in a new process", cold),
