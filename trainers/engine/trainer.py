@@ -20,7 +20,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from callbacks.events import STEP_EVENTS
-from callbacks.records import make_row
 from callbacks.registry import CallbackMixin, new_registry, stateful_callbacks
 from orchestrator.config import Args, get_cfg
 from trainers.engine import checkpoint as ckpt_io
@@ -354,7 +353,7 @@ class BaseTrainer(CallbackMixin):
         if event in STEP_EVENTS:
             metrics = self.step_metrics() if event == "on_train_batch_end" and self.loss_items is not None else {}
             return [event, self.epoch, self.step, time.time(), metrics, {}, self.final_eval]
-        return make_row(event, self.record_fields(event))
+        return super().record_row(event)
 
     def step_metrics(self) -> dict:
         """The last batch's losses and the learning rates, for its ``on_train_batch_end`` record.
