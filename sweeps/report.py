@@ -22,13 +22,13 @@ def trial_rows(results, state, space: dict, mode: str, checkpoint_uri) -> pd.Dat
         config = result.config or {}
         row = {"trial_id": trial_id}
         row.update({key: config.get(key) for key in space})
-        objective = df["objective"].dropna() if df is not None and "objective" in df else pd.Series(dtype=float)
+        known = (state.mlflow_runs.get(trial_id), state.status.get(trial_id))
+        run_id, status = known if known[0] else (state.recorded(trial_id) or ("", None))
+        objective = objective_history(df, state.objective_history(run_id) if run_id else [])
         best = (objective.max() if mode == "max" else objective.min()) if len(objective) else math.nan
         row["objective"] = float(best)
         row["last_objective"] = float(objective.iloc[-1]) if len(objective) else math.nan
         row["epochs"] = int(len(objective))
-        known = (state.mlflow_runs.get(trial_id), state.status.get(trial_id))
-        run_id, status = known if known[0] else (state.recorded(trial_id) or ("", None))
         row["status"] = status or ("FAILED" if result.error else "NOT_STARTED")
         row["error"] = state.errors.get(trial_id, "")
         row["mlflow_run_id"] = run_id
@@ -38,6 +38,14 @@ def trial_rows(results, state, space: dict, mode: str, checkpoint_uri) -> pd.Dat
     if len(table):
         table = table.sort_values("objective", ascending=(mode == "min"), na_position="last", kind="stable")
     return table.reset_index(drop=True)
+
+
+def objective_history(df, logged: list[float]) -> pd.Series:
+    """The trial's objectives: Tune's results or, when longer, those logged to its child run
+    (Tune's copy can miss the last reports before a restart from a checkpoint)."""
+    tune_side = df["objective"].dropna() if df is not None and "objective" in df else pd.Series(dtype=float)
+    logged_side = pd.Series(logged, dtype=float).dropna()
+    return logged_side if len(logged_side) > len(tune_side) else tune_side.reset_index(drop=True)
 
 
 def best_row(table: pd.DataFrame):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from pathlib import Path
 
 import ray
@@ -127,6 +128,33 @@ class SweepState:
             client.set_tag(run, f"hparam.{key}", str(value))
         LOGGER.info(f"trial {trial.trial_id}: continues with {changed} from a cloned checkpoint")
 
+    def log_objective(self, trial_id: str, result: dict) -> None:
+        """Each report's objective on the trial's child run, at its epoch: the sweep's durable
+        record of it. Tune's own ``result.json`` of a trial restarted from a checkpoint (a retry,
+        a resumed sweep) is restored from a copy in storage that can lag the last reports."""
+        run, value = self.mlflow_runs.get(trial_id), result.get("objective")
+        if run is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+            return
+        from mlflow.tracking import MlflowClient
+
+        timestamp = int(float(result.get("timestamp") or time.time()) * 1000)  # a re-send is an exact duplicate
+        try:
+            MlflowClient(self.tracking_uri).log_metric(run, "objective", float(value), timestamp=timestamp,
+                                                       step=int(result.get("epoch", 0)))
+        except Exception as exc:  # the table falls back to Tune's results
+            LOGGER.warning(f"trial {trial_id}: logging its objective to MLflow failed: {exc}")
+
+    def objective_history(self, run_id: str) -> list[float]:
+        """A trial's reported objectives in order, from its child run (exact re-sends once)."""
+        from mlflow.tracking import MlflowClient
+
+        try:
+            points = MlflowClient(self.tracking_uri).get_metric_history(run_id, "objective")
+        except Exception as exc:
+            LOGGER.warning(f"run {run_id}: reading its objective history from MLflow failed: {exc}")
+            return []
+        return [value for _, _, value in sorted({(m.timestamp, m.step, m.value) for m in points})]
+
     def recorded(self, trial_id: str) -> tuple[str, str] | None:
         """(child run id, status) of a trial this process did not run (a resumed sweep's
         earlier trials), from MLflow."""
@@ -184,6 +212,9 @@ class SweepTracker(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.state.open_trial(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.state.log_objective(trial.trial_id, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         # A trial that finished by itself closed its actor FINISHED already; this KILLED only

@@ -24,7 +24,7 @@ from orchestrator.ray_launch import make_torch_trainer
 from sweeps.exploit import ExploitedCheckpoint
 from sweeps.space import Objective
 from trainers.engine.factory import TrainerFactory
-from trainers.utils import UserError
+from trainers.utils import LOGGER, UserError
 
 _DONE = "__trial_done__"
 ACTOR_WAIT_S = 60.0
@@ -95,6 +95,10 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
     actor = find_actor(setup.actor_name(trial_id))
     factory = TrainerFactory(setup.trainer_cls, overrides, copy_registry(setup.callbacks))
     start = tune.get_checkpoint()
+    if start is not None and nothing_left(start, args.epochs):
+        LOGGER.info(f"trial {trial_id}: its checkpoint {start.path} ends the training; nothing left to run")
+        ray.get(actor.finish.remote("FINISHED"))
+        return
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     trainer = make_torch_trainer(
         factory, args, actor, setup.run_id(trial_id), setup.events,
@@ -111,6 +115,14 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
     # Finished by itself: close the child run FINISHED now. A trial Tune stops early never gets
     # here; the driver then closes it KILLED (the first status an actor gets is the one kept).
     ray.get(actor.finish.remote("FINISHED"))
+
+
+def nothing_left(start, epochs: int) -> bool:
+    """A trial restarted from its own last report (a retry, a sweep resume after an interrupt
+    that came just as the trial ended) has nothing to train when that report was its last epoch
+    or an early stop. A checkpoint without the metadata (an older one) trains on."""
+    meta = start.get_metadata()
+    return "epoch" in meta and (bool(meta.get("stop")) or int(meta["epoch"]) + 1 >= epochs)
 
 
 def _fit(trainer, queue: Queue, outcome: dict) -> None:

@@ -55,6 +55,15 @@ def start_logger(path: Path):
     return log
 
 
+def fail_once(marker: Path):
+    """on_train_end raises the first time: after the last epoch's report reached Tune."""
+    def fail(trainer):
+        if not marker.exists():
+            marker.touch()
+            raise RuntimeError("injected failure after the last epoch")
+    return fail
+
+
 def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -349,3 +358,24 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_ray, 
     assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
     assert MlflowClient(uri).get_run(first.parent_run_id).info.status == "FINISHED"
     assert again.best_config["lr0"] == 0.02
+
+
+def test_trial_retried_after_its_last_report_finishes_without_training_again(sweep_ray, tmp_path):
+    """Tune retries a failed trial from its latest checkpoint; when that is the last epoch the
+    retry has nothing to train (the same holds for a sweep resumed just as a trial ended)."""
+    log = tmp_path / "epochs.jsonl"
+    uri = where(tmp_path)["tracking_uri"]
+    model = Model("cls-n.yaml")
+    model.add_callback("on_train_epoch_end", epoch_logger(log))
+    model.add_callback("on_train_end", fail_once(tmp_path / "failed-once"))
+    result = model.tune({"lr0": {"grid": [0.02]}}, trainer=LrFitness, max_failures=1, name="retried", epochs=2,
+                        **QUICK, **where(tmp_path))
+    assert (tmp_path / "failed-once").exists()  # the first attempt did fail
+    assert result.status == "FINISHED" and list(result.trials["status"]) == ["FINISHED"]
+    assert [r["epoch"] for r in rows(log)] == [0, 1]  # the retry trained no epoch again
+    assert result.trials["objective"].tolist() == pytest.approx([0.04]) and list(result.trials["epochs"]) == [2]
+    children = child_runs(uri, result.parent_run_id)
+    assert [r.info.status for r in children] == ["FINISHED"]
+    history = MlflowClient(uri).get_metric_history(children[0].info.run_id, "objective")
+    points = sorted((m.step, m.value) for m in history)
+    assert [step for step, _ in points] == [0, 1] and [v for _, v in points] == pytest.approx([0.02, 0.04])
