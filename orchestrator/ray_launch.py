@@ -140,11 +140,13 @@ def train_worker(config: dict) -> None:
     rank = context.get_world_rank()
     extra = {"device": str(ray.train.torch.get_device())}
     resume = restore_checkpoint()
+    restarted = resume is not None
     if resume is None and config.get("start_from") is not None:
         resume = config["start_from"]()
     if resume:
         extra["resume"] = resume
     trainer = config["factory"](**extra)
+    trainer.restarted = restarted
     attempt = time.time_ns() // 1_000_000  # grows with each Ray Train restart of the worker group
     remote = ray.get_runtime_context().get_node_id() != config.get("driver_node")
     publish = ArtifactShipper(trainer.args.storage, config["run_id"], rank) if remote else None

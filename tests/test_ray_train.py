@@ -153,6 +153,39 @@ def test_worker_sigkill_restarts_from_checkpoint_without_duplicates(ray_session,
     assert run.info.status == "FINISHED"
 
 
+def test_worker_killed_after_the_last_epoch_restarts_into_the_final_evaluation(ray_session, tmp_path):
+    """Ray Train restarts from the last epoch's checkpoint: no epoch trains again, the final
+    evaluation of best.pt runs and the run completes (not "already trained")."""
+    marker = tmp_path / "killed"
+
+    def kill_in_final_eval(trainer):
+        if trainer.final_eval and not marker.exists():
+            marker.write_text("x")
+            time.sleep(2)  # let Ray Train's controller register the last epoch's checkpoint (it polls)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    cfg = run_cfg(tmp_path, "lastkill", num_workers=1, max_failures=1)
+    model = Model("cls-n.yaml")
+    model.add_callback("on_fit_epoch_end", kill_in_final_eval)
+    metrics = model.train(**cfg)
+    assert marker.exists() and metrics["metrics/accuracy_top1"] >= 0.0
+
+    run_id = read_run_id(cfg, "lastkill")
+    table = read_event_log(cfg["storage"], run_id).to_pylist()
+    starts = [r["attempt"] for r in table if r["event"] == "on_train_start"]
+    assert len(starts) == 2  # the first attempt and the restarted one
+    trained = sorted(r["epoch"] for r in table if r["event"] == "on_train_epoch_end")
+    assert trained == [0, 1]  # no epoch trained again
+    final = [r for r in table if r["event"] == "on_fit_epoch_end" and r["final_eval"] and r["attempt"] == starts[1]]
+    assert [r["epoch"] for r in final] == [2] and [r["attempt"] for r in table if r["event"] == "on_train_end"] == \
+        [starts[1]]
+
+    client = MlflowClient(cfg["tracking_uri"])
+    run = client.search_runs([client.get_experiment_by_name("runs").experiment_id],
+                             f"tags.`orchestrator.run_id` = '{run_id}'")[0]
+    assert run.info.status == "FINISHED" and "final/metrics/accuracy_top1" in run.data.metrics
+
+
 def test_callback_actor_killed_mid_run_loses_nothing(ray_session, tmp_path):
     sink_file = tmp_path / "driver.jsonl"
 

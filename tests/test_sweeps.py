@@ -192,6 +192,24 @@ def test_exploited_checkpoint_takes_the_new_hyperparameters():
         assert opt.state[next(iter(model.parameters()))]  # moments kept
 
 
+def test_nothing_left_after_the_last_epoch_or_an_early_stop(tmp_path):
+    from ray.train import Checkpoint
+    from sweeps.trial import nothing_left
+
+    def checkpoint(name, meta):
+        (tmp_path / name).mkdir()
+        ckpt = Checkpoint.from_directory(str(tmp_path / name))
+        if meta:
+            ckpt.set_metadata(meta)
+        return ckpt
+
+    assert nothing_left(checkpoint("last", {"epoch": 1, "epochs": 2, "stop": False}), 2)
+    assert not nothing_left(checkpoint("first", {"epoch": 0, "epochs": 2, "stop": False}), 2)
+    assert nothing_left(checkpoint("stopped", {"epoch": 0, "epochs": 2, "stop": True}), 2)
+    assert not nothing_left(checkpoint("more", {"epoch": 1, "epochs": 2, "stop": False}), 5)  # this trial runs 5
+    assert not nothing_left(checkpoint("older", None), 2)  # no metadata: train on
+
+
 def test_trials_plot_and_summary(tmp_path):
     table = pd.DataFrame({"trial_id": ["a", "b", "c"], "lr0": [0.001, 0.01, 0.1], "optimizer": ["SGD", "Adam", "SGD"],
                           "objective": [0.2, 0.9, float("nan")], "epochs": [2, 2, 0],

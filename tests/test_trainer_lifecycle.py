@@ -1,9 +1,11 @@
 """The training loop: exact event order, overridable methods, checkpoints, resume, export."""
+import pytest
 import torch
 
 from orchestrator import Model
 from tests.helpers import QUICK, EventRecorder, expected_events
 from trainers.classify import ClassificationTrainer
+from trainers.utils import UserError
 
 
 
@@ -162,6 +164,9 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     for key in ("model", "ema"):
         for name, value in full[key].items():
             assert torch.equal(value, resumed[key][name]), f"{key}.{name} differs"
+    with pytest.raises(UserError, match=r"already trained 4 epochs \(epochs=4\); pass a larger epochs="):
+        Model("cls-n.yaml").train(resume=str(last))  # a user's resume of a finished run says so
+    assert torch.load(last, weights_only=True)["epoch"] == 3  # and leaves it as it was
 
 
 def test_torchscript_export_matches_eager(tmp_path):

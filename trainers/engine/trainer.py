@@ -51,6 +51,9 @@ class BaseTrainer(CallbackMixin):
         self.args: Args = get_cfg(cfg, overrides)
         self.callbacks = _callbacks if _callbacks is not None else new_registry()
         self.resume_ckpt = self.check_resume()
+        # Set by the Ray worker when Ray Train restarts the run from its latest checkpoint: a
+        # checkpoint of the last epoch then leaves only the final evaluation, not an error.
+        self.restarted = False
         self.rank, self.world_size = rank_and_world()
         self.device = select_device(self.args.device)
         if self.args.imgsz is None:
@@ -448,7 +451,7 @@ class BaseTrainer(CallbackMixin):
     def resume_training(self, ckpt: dict) -> None:
         """Restore everything the checkpoint holds and continue after its epoch."""
         start = ckpt["epoch"] + 1
-        if start >= self.epochs:
+        if start >= self.epochs and not self.restarted:
             raise UserError(f"run in {self.save_dir} already trained {start} epochs (epochs={self.epochs}); "
                             f"pass a larger epochs= to continue, or model=<best.pt> to fine-tune")
         unwrap_model(self.model).load_state_dict(ckpt["model"])
@@ -461,12 +464,14 @@ class BaseTrainer(CallbackMixin):
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lf, last_epoch=start - 1)
         self.stopper.load_state_dict(ckpt["stopper"])
         self.best_fitness, self.step, self.start_epoch = ckpt["best_fitness"], ckpt["step"], start
+        self.epoch = ckpt["epoch"]  # the last one trained (the loop moves on from it)
         for key, cb in stateful_callbacks(self.callbacks).items():
             if key in ckpt.get("callbacks", {}) and hasattr(cb, "load_state_dict"):
                 cb.load_state_dict(ckpt["callbacks"][key])
         states = ckpt["rng"]
         ckpt_io.set_rng_state(states[self.rank] if len(states) == self.world_size else states[0])
-        LOGGER.info(f"resuming {self.save_dir} from epoch {start + 1} of {self.epochs}")
+        LOGGER.info(f"resuming {self.save_dir} from epoch {start + 1} of {self.epochs}" if start < self.epochs
+                    else f"restarting {self.save_dir} after its last epoch: the final evaluation is left")
 
     def get_save_dir(self) -> Path:
         """``project/name`` (numbered unless exist_ok); a resumed run keeps its checkpoint's folder."""
