@@ -190,7 +190,7 @@ def report_epoch(trainer) -> None:
         checkpoint = Checkpoint.from_directory(folder)
         # Read back by a sweep trial restarted from this checkpoint: after the last epoch (or an
         # early stop) there is nothing left to train. ``stop`` is rank 0's view, before the vote.
-        checkpoint.set_metadata({"epoch": trainer.epoch, "epochs": trainer.epochs, "stop": bool(trainer.stop)})
+        checkpoint.set_metadata({"epoch": trainer.epoch, "stop": bool(trainer.stop)})
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
                      checkpoint_upload_fn=persist_patiently)
 

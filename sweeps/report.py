@@ -24,7 +24,7 @@ def trial_rows(results, state, space: dict, mode: str, checkpoint_uri) -> pd.Dat
         row.update({key: config.get(key) for key in space})
         known = (state.mlflow_runs.get(trial_id), state.status.get(trial_id))
         run_id, status = known if known[0] else (state.recorded(trial_id) or ("", None))
-        objective = objective_history(df, state.objective_history(run_id) if run_id else [])
+        objective = merged_objectives(df, state.objective_history(run_id) if run_id else [])
         best = (objective.max() if mode == "max" else objective.min()) if len(objective) else math.nan
         row["objective"] = float(best)
         row["last_objective"] = float(objective.iloc[-1]) if len(objective) else math.nan
@@ -40,7 +40,7 @@ def trial_rows(results, state, space: dict, mode: str, checkpoint_uri) -> pd.Dat
     return table.reset_index(drop=True)
 
 
-def objective_history(df, logged: list[float]) -> pd.Series:
+def merged_objectives(df, logged: list[float]) -> pd.Series:
     """The trial's objectives: Tune's results or, when longer, those logged to its child run
     (Tune's copy can miss the last reports before a restart from a checkpoint)."""
     tune_side = df["objective"].dropna() if df is not None and "objective" in df else pd.Series(dtype=float)
