@@ -72,3 +72,26 @@ def feed_as_batches(callbacks, records, batch: int = 5):
             if cursors[key] == len(streams[key]):
                 del cursors[key]
     return dispatcher
+
+
+def wait_for_registered_checkpoint(storage, name: str, epoch: int, timeout: float = 120.0) -> None:
+    """Block (in a worker callback) until Ray Train's controller has registered the checkpoint
+    of ``epoch`` for run ``name`` (its Train run is ``<storage>/ray/<name>-<run id>``): the
+    controller writes its checkpoint manager snapshot to storage after registering one.
+    A fault injected before that (the controller polls; the upload is async) would restart
+    from the previous checkpoint instead."""
+    import json
+    import time
+    from pathlib import Path
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for snapshot in Path(storage, "ray").glob(f"{name}-*/checkpoint_manager_snapshot.json"):
+            try:
+                latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+            except (OSError, ValueError):  # being written
+                continue
+            if latest.get("metrics", {}).get("epoch", -1) >= epoch:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"no checkpoint of epoch {epoch} registered for {name} under {storage} in {timeout:.0f}s")

@@ -3,7 +3,6 @@ import gc
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,8 @@ from callbacks.sinks.event_log import epoch_events
 from orchestrator import Model
 from trainers.classify import ClassificationTrainer
 from trainers.utils import UserError
+
+from tests.helpers import wait_for_registered_checkpoint
 
 RAY_QUICK = dict(data="digits", imgsz=16, batch=16, nbs=16, fraction=0.1, epochs=2, verbose=False, plots=False,
                  workers=0, seed=0)
@@ -114,7 +115,7 @@ def test_worker_sigkill_restarts_from_checkpoint_without_duplicates(ray_session,
     def kill_once(trainer):
         if trainer.epoch == 1 and trainer.rank == 1 and not marker.exists():
             marker.write_text("x")
-            time.sleep(2)  # let Ray Train's controller register epoch 0's checkpoint (it polls)
+            wait_for_registered_checkpoint(cfg["storage"], trainer.args.name, epoch=0)
             os.kill(os.getpid(), signal.SIGKILL)
 
     cfg = run_cfg(tmp_path, "clean", num_workers=2, epochs=3, max_failures=2)
@@ -161,7 +162,7 @@ def test_worker_killed_after_the_last_epoch_restarts_into_the_final_evaluation(r
     def kill_in_final_eval(trainer):
         if trainer.final_eval and not marker.exists():
             marker.write_text("x")
-            time.sleep(2)  # let Ray Train's controller register the last epoch's checkpoint (it polls)
+            wait_for_registered_checkpoint(cfg["storage"], trainer.args.name, epoch=trainer.epoch - 1)  # the last epoch's
             os.kill(os.getpid(), signal.SIGKILL)
 
     cfg = run_cfg(tmp_path, "lastkill", num_workers=1, max_failures=1)

@@ -55,13 +55,31 @@ def start_logger(path: Path):
     return log
 
 
-def fail_once(marker: Path):
-    """on_train_end raises the first time: after the last epoch's report reached Tune."""
+def fail_once(marker: Path, tracking_uri: str, last_epoch: int):
+    """on_train_end raises the first time, once Tune has taken the last epoch's report.
+
+    It waits for the sweep's driver to log that epoch's objective to the child run (Tune's
+    ``on_trial_result``; the checkpoint is registered before the trial's next step can fail).
+    Raising at once would race the Train controller's next poll: the report, still uploading
+    its checkpoint, may not have reached Tune yet, and the retry would then train that epoch again.
+    """
     def fail(trainer):
-        if not marker.exists():
-            marker.touch()
-            raise RuntimeError("injected failure after the last epoch")
+        if marker.exists():
+            return
+        marker.touch()
+        deadline = time.monotonic() + 120
+        while not objective_logged(tracking_uri, last_epoch) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        raise RuntimeError("injected failure after the last epoch")
     return fail
+
+
+def objective_logged(tracking_uri: str, epoch: int) -> bool:
+    """Some run in the store has an ``objective`` point at step ``epoch``."""
+    client = MlflowClient(tracking_uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exps, filter_string="metrics.objective > -1e30") if exps else []
+    return any(m.step == epoch for r in runs for m in client.get_metric_history(r.info.run_id, "objective"))
 
 
 def rows(path: Path) -> list[dict]:
@@ -385,7 +403,7 @@ def test_trial_retried_after_its_last_report_finishes_without_training_again(swe
     uri = where(tmp_path)["tracking_uri"]
     model = Model("cls-n.yaml")
     model.add_callback("on_train_epoch_end", epoch_logger(log))
-    model.add_callback("on_train_end", fail_once(tmp_path / "failed-once"))
+    model.add_callback("on_train_end", fail_once(tmp_path / "failed-once", uri, last_epoch=1))
     result = model.tune({"lr0": {"grid": [0.02]}}, trainer=LrFitness, max_failures=1, name="retried", epochs=2,
                         **QUICK, **where(tmp_path))
     assert (tmp_path / "failed-once").exists()  # the first attempt did fail
