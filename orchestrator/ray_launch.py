@@ -23,6 +23,7 @@ from callbacks.artifacts import ArtifactShipper
 from callbacks.forwarder import EventForwarder
 from orchestrator.results import ResultSink
 from orchestrator.run_setup import mlflow_run_of, new_run_id, register_best, resolve_run, start_tracking
+from trainers.engine.distributed import any_rank
 from trainers.utils import LOGGER, UserError
 
 
@@ -139,7 +140,7 @@ def train_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     extra = {"device": str(ray.train.torch.get_device())}
-    resume = restore_checkpoint()
+    resume, saved = restore_checkpoint()
     restarted = resume is not None
     if resume is None and config.get("start_from") is not None:
         resume = config["start_from"]()
@@ -147,6 +148,7 @@ def train_worker(config: dict) -> None:
         extra["resume"] = resume
     trainer = config["factory"](**extra)
     trainer.restarted = restarted
+    trainer.stop = bool(saved.get("stop"))  # that epoch had stopped the run: only the final evaluation is left
     attempt = time.time_ns() // 1_000_000  # grows with each Ray Train restart of the worker group
     remote = ray.get_runtime_context().get_node_id() != config.get("driver_node")
     publish = ArtifactShipper(trainer.args.storage, config["run_id"], rank) if remote else None
@@ -165,16 +167,17 @@ def freeze_setup_objects(trainer) -> None:
     gc.freeze()
 
 
-def restore_checkpoint() -> str | None:
-    """After a restart: this worker's local copy of the latest reported ``last.pt``."""
+def restore_checkpoint() -> tuple[str | None, dict]:
+    """After a restart: this worker's local copy of the latest reported ``last.pt``, and the
+    metadata ``report_epoch`` gave it."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return None
+        return None, {}
     local = Path(tempfile.mkdtemp(prefix="resume-")) / "last.pt"
     with checkpoint.as_directory() as folder:
         shutil.copy(Path(folder) / "last.pt", local)
     LOGGER.info(f"restarting from the latest checkpoint ({checkpoint.path})")
-    return str(local)
+    return str(local), checkpoint.get_metadata()
 
 
 def report_epoch(trainer) -> None:
@@ -183,14 +186,15 @@ def report_epoch(trainer) -> None:
         return
     metrics = {k: float(v) for k, v in trainer.epoch_metrics().items()}
     metrics.update(epoch=trainer.epoch, fitness=float(trainer.fitness if trainer.fitness is not None else 0.0))
+    stop = any_rank(trainer.stop, trainer.device)  # the vote the loop takes next, as every rank will see it
     checkpoint = None
     if trainer.is_main and trainer.last.is_file():
         folder = tempfile.mkdtemp(prefix="ckpt-")
         shutil.copy(trainer.last, Path(folder) / "last.pt")
         checkpoint = Checkpoint.from_directory(folder)
-        # Read back by a sweep trial restarted from this checkpoint: after the last epoch (or an
-        # early stop) there is nothing left to train. ``stop`` is rank 0's view, before the vote.
-        checkpoint.set_metadata({"epoch": trainer.epoch, "stop": bool(trainer.stop)})
+        # Read back by a Ray Train restart and a sweep trial restarted from this checkpoint: after
+        # the last epoch (or an early stop) there is nothing left to train.
+        checkpoint.set_metadata({"epoch": trainer.epoch, "stop": stop})
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
                      checkpoint_upload_fn=persist_patiently)
 

@@ -24,7 +24,7 @@ from callbacks.sinks.mlflow_sink import RUN_ID_TAG
 from orchestrator.results import ResultSink
 from orchestrator.run_setup import run_description, run_tags
 from sweeps.space import Objective
-from trainers.utils import LOGGER
+from trainers.utils import LOGGER, UserError
 
 STATE_FILE = "sweep_state.json"
 _SWEEPS: dict[str, "SweepState"] = {}  # sweep id -> live state of this driver process
@@ -84,10 +84,7 @@ class SweepState:
         callbacks = [*trial_sinks(args, run_id, mlflow_run, self.experiment, self.parent_run_id),
                      ResultSink(), *self.driver_callbacks]
         name = self.setup.actor_name(trial_id)
-        try:  # still alive from an earlier incarnation of this trial in this Ray session
-            ray.kill(ray.get_actor(name))
-        except ValueError:
-            pass
+        release_name(name)
         self.actors[trial_id] = start_callback_actor(callbacks, name=name)
         self.mlflow_runs[trial_id] = mlflow_run
         self.configs[trial_id] = config
@@ -312,8 +309,6 @@ def is_objective_error(trial) -> bool:
 
 def error_line(trial) -> str:
     """The trial's error in one line (the user's message when it is a ``UserError``)."""
-    from trainers.utils import UserError
-
     try:
         err = _root_error(trial)
     except Exception:
@@ -376,9 +371,23 @@ def save_state(folder: Path, state: dict) -> None:
 
 
 def load_state(folder: Path) -> dict:
-    from trainers.utils import UserError
-
     path = folder / STATE_FILE
     if not path.is_file():
         raise UserError(f"resume: {folder} holds no sweep ({STATE_FILE} missing)")
     return json.loads(path.read_text())
+
+
+def release_name(name: str, timeout: float = 30.0) -> None:
+    """Kill an actor still alive under ``name`` from an earlier incarnation of the trial (a
+    sweep resumed in the same Ray session) and wait until the name is free: ``ray.kill`` is
+    asynchronous, and a new actor under a taken name fails to start."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            actor = ray.get_actor(name)
+        except ValueError:
+            return
+        if time.monotonic() > deadline:
+            raise UserError(f"sweep: the callback actor {name} of an earlier run of this trial did not exit")
+        ray.kill(actor)
+        time.sleep(0.1)

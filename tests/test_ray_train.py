@@ -187,16 +187,57 @@ def test_worker_killed_after_the_last_epoch_restarts_into_the_final_evaluation(r
     assert run.info.status == "FINISHED" and "final/metrics/accuracy_top1" in run.data.metrics
 
 
+def test_worker_killed_after_an_early_stop_restarts_into_the_final_evaluation(ray_session, tmp_path):
+    """Rank 1 alone stops the run after epoch 0 (of 5); rank 0 is killed in the final evaluation.
+    The checkpoint records the collective stop, so the restart trains no further epoch."""
+    marker = tmp_path / "killed"
+
+    def stop_on_rank_1(trainer):
+        if trainer.rank == 1 and not trainer.final_eval:
+            trainer.stop = True
+
+    def kill_in_final_eval(trainer):
+        if trainer.final_eval and trainer.rank == 0 and not marker.exists():
+            marker.write_text("x")
+            wait_for_registered_checkpoint(cfg["storage"], trainer.args.name, epoch=0)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    cfg = run_cfg(tmp_path, "stopkill", num_workers=2, max_failures=1, epochs=5)
+    model = Model("cls-n.yaml")
+    model.add_callback("on_fit_epoch_end", stop_on_rank_1)
+    model.add_callback("on_fit_epoch_end", kill_in_final_eval)
+    model.train(**cfg)
+    assert marker.exists()
+
+    table = read_event_log(cfg["storage"], read_run_id(cfg, "stopkill")).to_pylist()
+    restarted = {}  # rank -> attempt of its restarted worker (attempts are per worker, growing)
+    for r in table:
+        if r["event"] == "on_train_start":
+            restarted.setdefault(r["rank"], []).append(r["attempt"])
+    assert {rank: len(a) for rank, a in restarted.items()} == {0: 2, 1: 2}
+    trained = sorted((r["rank"], r["epoch"]) for r in table if r["event"] == "on_train_epoch_end")
+    assert trained == [(0, 0), (1, 0)]  # no epoch after the stop
+    final = [(r["rank"], r["epoch"]) for r in table if r["event"] == "on_fit_epoch_end" and r["final_eval"]
+             and r["attempt"] == max(restarted[r["rank"]])]
+    assert sorted(final) == [(0, 1), (1, 1)]
+    assert torch.load(model.ckpt_path, weights_only=True)["epoch"] == 0
+
+
 def test_callback_actor_killed_mid_run_loses_nothing(ray_session, tmp_path):
-    sink_file = tmp_path / "driver.jsonl"
+    import ray
+
+    sink_file, killed = tmp_path / "driver.jsonl", tmp_path / "killed"
+    # earlier runs' actors may still be listed while they exit: only this run's is killed
+    earlier = {entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)}
 
     def kill_actor(trainer):
         import ray
 
         if trainer.epoch == 0 and trainer.rank == 0:
             for entry in ray.util.list_named_actors(all_namespaces=True):
-                if entry["name"].startswith("callbacks-"):
+                if entry["name"].startswith("callbacks-") and entry["name"] not in earlier:
                     ray.kill(ray.get_actor(entry["name"], namespace=entry["namespace"]), no_restart=False)
+                    killed.write_text(entry["name"])
 
     def append(record):
         with open(sink_file, "a") as f:
@@ -207,6 +248,7 @@ def test_callback_actor_killed_mid_run_loses_nothing(ray_session, tmp_path):
     for event in ("on_train_batch_end", "on_fit_epoch_end", "teardown"):
         model.add_callback(event, append, where="driver")
     model.train(**run_cfg(tmp_path, "actorkill", num_workers=2))
+    assert killed.exists()
     rows = lines(sink_file)
     assert len({r["attempt"] for r in rows}) == 2  # one worker group: one attempt per rank
     batches = {}

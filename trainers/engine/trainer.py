@@ -52,7 +52,8 @@ class BaseTrainer(CallbackMixin):
         self.callbacks = _callbacks if _callbacks is not None else new_registry()
         self.resume_ckpt = self.check_resume()
         # Set by the Ray worker when Ray Train restarts the run from its latest checkpoint: a
-        # checkpoint of the last epoch then leaves only the final evaluation, not an error.
+        # checkpoint of the last epoch (or, with ``stop`` set too, of an early stop) then leaves
+        # only the final evaluation, not an error.
         self.restarted = False
         self.rank, self.world_size = rank_and_world()
         self.device = select_device(self.args.device)
@@ -451,6 +452,8 @@ class BaseTrainer(CallbackMixin):
     def resume_training(self, ckpt: dict) -> None:
         """Restore everything the checkpoint holds and continue after its epoch."""
         start = ckpt["epoch"] + 1
+        if self.restarted and self.stop:  # that epoch had stopped the run early
+            start = self.epochs
         if start >= self.epochs and not self.restarted:
             raise UserError(f"run in {self.save_dir} already trained {start} epochs (epochs={self.epochs}); "
                             f"pass a larger epochs= to continue, or model=<best.pt> to fine-tune")
@@ -471,7 +474,8 @@ class BaseTrainer(CallbackMixin):
         states = ckpt["rng"]
         ckpt_io.set_rng_state(states[self.rank] if len(states) == self.world_size else states[0])
         LOGGER.info(f"resuming {self.save_dir} from epoch {start + 1} of {self.epochs}" if start < self.epochs
-                    else f"restarting {self.save_dir} after its last epoch: the final evaluation is left")
+                    else f"restarting {self.save_dir} after its last trained epoch ({ckpt['epoch'] + 1}): "
+                         f"only the final evaluation is left")
 
     def get_save_dir(self) -> Path:
         """``project/name`` (numbered unless exist_ok); a resumed run keeps its checkpoint's folder."""
