@@ -140,15 +140,14 @@ def train_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     extra = {"device": str(ray.train.torch.get_device())}
-    resume, saved = restore_checkpoint()
-    restarted = resume is not None
+    latest = ray.train.get_checkpoint()  # set when Ray Train restarted the worker group
+    resume = restore_checkpoint(latest) if latest is not None else None
     if resume is None and config.get("start_from") is not None:
         resume = config["start_from"]()
     if resume:
         extra["resume"] = resume
     trainer = config["factory"](**extra)
-    trainer.restarted = restarted
-    trainer.stop = bool(saved.get("stop"))  # that epoch had stopped the run: only the final evaluation is left
+    trainer.nothing_left = latest is not None and nothing_left(latest, trainer.args.epochs)
     attempt = time.time_ns() // 1_000_000  # grows with each Ray Train restart of the worker group
     remote = ray.get_runtime_context().get_node_id() != config.get("driver_node")
     publish = ArtifactShipper(trainer.args.storage, config["run_id"], rank) if remote else None
@@ -167,17 +166,13 @@ def freeze_setup_objects(trainer) -> None:
     gc.freeze()
 
 
-def restore_checkpoint() -> tuple[str | None, dict]:
-    """After a restart: this worker's local copy of the latest reported ``last.pt``, and the
-    metadata ``report_epoch`` gave it."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None, {}
+def restore_checkpoint(checkpoint: Checkpoint) -> str:
+    """After a restart: this worker's local copy of the latest reported ``last.pt``."""
     local = Path(tempfile.mkdtemp(prefix="resume-")) / "last.pt"
     with checkpoint.as_directory() as folder:
         shutil.copy(Path(folder) / "last.pt", local)
     LOGGER.info(f"restarting from the latest checkpoint ({checkpoint.path})")
-    return str(local), checkpoint.get_metadata()
+    return str(local)
 
 
 def report_epoch(trainer) -> None:
@@ -192,11 +187,17 @@ def report_epoch(trainer) -> None:
         folder = tempfile.mkdtemp(prefix="ckpt-")
         shutil.copy(trainer.last, Path(folder) / "last.pt")
         checkpoint = Checkpoint.from_directory(folder)
-        # Read back by a Ray Train restart and a sweep trial restarted from this checkpoint: after
-        # the last epoch (or an early stop) there is nothing left to train.
         checkpoint.set_metadata({"epoch": trainer.epoch, "stop": stop})
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
                      checkpoint_upload_fn=persist_patiently)
+
+
+def nothing_left(checkpoint: Checkpoint, epochs: int) -> bool:
+    """A run restarted from a checkpoint ``report_epoch`` wrote (a Ray Train restart, a sweep
+    trial's retry or resume) has nothing to train when that checkpoint was its last epoch or an
+    early stop. A checkpoint without the metadata (an older one) trains on."""
+    meta = checkpoint.get_metadata()
+    return "epoch" in meta and (bool(meta.get("stop")) or int(meta["epoch"]) + 1 >= epochs)
 
 
 UPLOAD_PATIENCE = 600.0  # seconds a checkpoint upload keeps retrying while the storage is unreachable

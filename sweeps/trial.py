@@ -20,7 +20,7 @@ from ray.util.queue import Empty, Queue
 
 from callbacks.registry import copy_registry
 from orchestrator.config import get_cfg
-from orchestrator.ray_launch import make_torch_trainer
+from orchestrator.ray_launch import make_torch_trainer, nothing_left
 from sweeps.exploit import ExploitedCheckpoint
 from sweeps.space import Objective
 from trainers.engine.factory import TrainerFactory
@@ -115,14 +115,6 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
     # Finished by itself: close the child run FINISHED now. A trial Tune stops early never gets
     # here; the driver then closes it KILLED (the first status an actor gets is the one kept).
     ray.get(actor.finish.remote("FINISHED"))
-
-
-def nothing_left(start, epochs: int) -> bool:
-    """A trial restarted from its own last report (a retry, a sweep resume after an interrupt
-    that came just as the trial ended) has nothing to train when that report was its last epoch
-    or an early stop. A checkpoint without the metadata (an older one) trains on."""
-    meta = start.get_metadata()
-    return "epoch" in meta and (bool(meta.get("stop")) or int(meta["epoch"]) + 1 >= epochs)
 
 
 def _fit(trainer, queue: Queue, outcome: dict) -> None:

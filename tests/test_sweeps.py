@@ -212,7 +212,7 @@ def test_exploited_checkpoint_takes_the_new_hyperparameters():
 
 def test_nothing_left_after_the_last_epoch_or_an_early_stop(tmp_path):
     from ray.train import Checkpoint
-    from sweeps.trial import nothing_left
+    from orchestrator.ray_launch import nothing_left
 
     def checkpoint(name, meta):
         (tmp_path / name).mkdir()

@@ -51,10 +51,9 @@ class BaseTrainer(CallbackMixin):
         self.args: Args = get_cfg(cfg, overrides)
         self.callbacks = _callbacks if _callbacks is not None else new_registry()
         self.resume_ckpt = self.check_resume()
-        # Set by the Ray worker when Ray Train restarts the run from its latest checkpoint: a
-        # checkpoint of the last epoch (or, with ``stop`` set too, of an early stop) then leaves
-        # only the final evaluation, not an error.
-        self.restarted = False
+        # Set by the Ray worker when Ray Train restarts the run from a checkpoint that ended its
+        # training (the last epoch or an early stop): only the final evaluation is left.
+        self.nothing_left = False
         self.rank, self.world_size = rank_and_world()
         self.device = select_device(self.args.device)
         if self.args.imgsz is None:
@@ -452,9 +451,9 @@ class BaseTrainer(CallbackMixin):
     def resume_training(self, ckpt: dict) -> None:
         """Restore everything the checkpoint holds and continue after its epoch."""
         start = ckpt["epoch"] + 1
-        if self.restarted and self.stop:  # that epoch had stopped the run early
+        if self.nothing_left:
             start = self.epochs
-        if start >= self.epochs and not self.restarted:
+        elif start >= self.epochs:
             raise UserError(f"run in {self.save_dir} already trained {start} epochs (epochs={self.epochs}); "
                             f"pass a larger epochs= to continue, or model=<best.pt> to fine-tune")
         unwrap_model(self.model).load_state_dict(ckpt["model"])
