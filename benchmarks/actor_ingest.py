@@ -16,7 +16,7 @@ import ray
 
 from callbacks.actor import start_callback_actor
 from callbacks.forwarder import EventForwarder
-from callbacks.registry import new_registry, run_callbacks
+from trainers.registry import new_registry, run_callbacks
 
 TARGET = 100_000  # events/s the driver side must absorb
 STEP_CYCLE = ("on_train_batch_start", "optimizer_step", "on_before_zero_grad",

@@ -18,7 +18,7 @@ import tempfile
 import time
 
 from callbacks.actor import Dispatcher
-from callbacks.records import make_row
+from trainers.events import make_row
 from callbacks.sinks import CheckpointSink, EventLogSink, MLflowSink
 
 STEP_EVENTS = ("on_train_batch_start", "optimizer_step", "on_before_zero_grad", "on_params_update",

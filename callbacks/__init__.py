@@ -1,6 +1,5 @@
-"""Event vocabulary, callback registry, worker-side forwarder, driver-side actor and sinks."""
-from callbacks.events import EVENTS, check_event
-from callbacks.registry import CallbackError, add_callback, clear_callback, new_registry, run_callbacks
+"""What travels and where it lands: records, the worker-side forwarder, the driver-side actor, sinks.
 
-__all__ = ["EVENTS", "check_event", "CallbackError", "add_callback", "clear_callback",
-           "new_registry", "run_callbacks"]
+The event vocabulary and the callback registry belong to the engine (``trainers.events``,
+``trainers.registry``): the trainer fires events without knowing where they go.
+"""

@@ -24,8 +24,8 @@ from typing import Callable, Iterable
 
 import ray
 
-from callbacks.events import EVENTS, check_event
-from callbacks.registry import callback_name
+from trainers.events import EVENTS, check_event
+from trainers.registry import callback_name
 from callbacks.records import record_key, record_of, records_from_rows
 from callbacks.sinks.base import Sink
 from trainers.utils import LOGGER, UserError

@@ -24,7 +24,7 @@ from typing import Iterable
 import ray
 from ray.exceptions import RayActorError, RayError
 
-from callbacks.events import EVENTS, check_event
+from trainers.events import EVENTS, check_event
 from trainers.utils import LOGGER
 
 # Calls that fail for these reasons are resent once the actor answers again.
@@ -60,7 +60,7 @@ class EventForwarder:
         self.give_up_after = float(_check_positive("give_up_after", give_up_after, 0))
         self.stream = (self.run_id, self.rank, self.attempt)
         self.publish = publish  # artifacts -> artifacts the driver can read (callbacks/artifacts.py)
-        # Retained rows (callbacks.records.ROW_FIELDS): seq ``_seq0 + i`` is ``_records[i]``;
+        # Retained rows (trainers.events.ROW_FIELDS): seq ``_seq0 + i`` is ``_records[i]``;
         # all seq < _acked are done.
         self._records: list[list] = []
         self._seq0 = 0
@@ -102,7 +102,7 @@ class EventForwarder:
     # ----------------------------------------------------------------- hot path
     def emit(self, event: str, owner) -> list:
         """Build the row for ``event`` fired by ``owner`` and queue it; sends when due."""
-        row = owner.record_row(event)  # owners are CallbackMixins (callbacks/registry.py)
+        row = owner.record_row(event)  # owners are CallbackMixins (trainers/registry.py)
         if row[5] and self.publish is not None:  # artifacts
             row[5] = self.publish(row[5])
         records = self._records

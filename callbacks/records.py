@@ -4,7 +4,7 @@ Records are plain dicts of JSON-like values (no tensors), small enough to batch 
 thousand. Fields:
 
 - ``run_id``     str   the orchestrator's run id (stable across worker restarts)
-- ``event``      str   an event name from ``callbacks.events.EVENTS``
+- ``event``      str   an event name from ``trainers.events.EVENTS``
 - ``rank``       int   global rank of the sending worker (-1 for a single process)
 - ``attempt``    int   worker-group attempt: larger after each Ray Train restart (a start time in ms;
                        0 in a single process)
@@ -23,8 +23,9 @@ where status is "FINISHED", "FAILED" or "KILLED".
 """
 from __future__ import annotations
 
-import math
 import time
+
+from trainers.events import clean_metrics
 
 FIELDS = ("run_id", "event", "rank", "attempt", "seq", "epoch", "step", "time",
           "metrics", "artifacts", "final_eval")
@@ -40,23 +41,6 @@ def make_record(*, run_id: str, event: str, rank: int, attempt: int, seq: int, e
         "metrics": clean_metrics(metrics or {}), "artifacts": {k: str(v) for k, v in (artifacts or {}).items()},
         "final_eval": bool(final_eval),
     }
-
-
-# On the wire a record travels as a row: the fields below, in this order. A batch names its
-# stream (run_id, rank, attempt) and first seq once, so rows carry neither; the actor rebuilds
-# the records. Building a list costs a worker a fraction of building the dict (five events
-# fire per optimizer step).
-ROW_FIELDS = ("event", "epoch", "step", "time", "metrics", "artifacts", "final_eval")
-
-
-def make_row(event: str, fields: dict) -> list:
-    """The wire form of one event from ``owner.record_fields(event)``-style ``fields``; a list,
-    not a tuple, because Ray's msgpack serializer pickles each tuple separately."""
-    metrics, artifacts = fields.get("metrics"), fields.get("artifacts")
-    return [event, int(fields.get("epoch") or 0), int(fields.get("step") or 0), time.time(),
-            clean_metrics(metrics) if metrics else {},
-            {str(k): str(v) for k, v in artifacts.items()} if artifacts else {},
-            bool(fields.get("final_eval", False))]
 
 
 def row_of(record: dict, event: str | None = None) -> list:
@@ -89,18 +73,6 @@ def spans_after(rows: list, event: str) -> list[tuple[int, int, bool]]:
 def records_from_rows(stream: tuple, first_seq: int, rows: list) -> list[dict]:
     """Rows of one stream, consecutive from ``first_seq`` -> records (SPEC §8 dicts)."""
     return [record_of(stream, first_seq + i, row) for i, row in enumerate(rows)]
-
-
-def clean_metrics(metrics: dict) -> dict[str, float]:
-    """Floats only: tensors and numpy scalars become floats; non-numeric values are dropped."""
-    out = {}
-    for key, value in metrics.items():
-        try:
-            value = float(value.item() if hasattr(value, "item") else value)
-        except (TypeError, ValueError):
-            continue
-        out[str(key)] = value if math.isfinite(value) else float("nan")
-    return out
 
 
 def record_key(record: dict) -> tuple:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from orchestrator.config import DEFAULT_CFG_PATH, get_cfg, load_yaml, parse_overrides
+from trainers.config import DEFAULT_CFG_PATH, get_cfg, load_yaml, parse_overrides
 from trainers.utils import UserError
 
 MODES = {

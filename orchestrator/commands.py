@@ -52,7 +52,7 @@ def _describe(result) -> str:
 
 
 def run_data(argv: list[str]) -> int:
-    from orchestrator.config import parse_overrides
+    from trainers.config import parse_overrides
 
     if not argv or argv[0] != "shapes":
         raise UserError("usage: orchestrator data shapes out=datasets/shapes8 [seed=0 n_train=480 n_val=120 imgsz=96]")
@@ -76,7 +76,7 @@ def run_ui(opts: dict) -> int:
     import subprocess
     import sys
 
-    from orchestrator.config import DEFAULTS
+    from trainers.config import DEFAULTS
 
     for key in opts:
         if key not in ("port", "tracking_uri"):
@@ -102,7 +102,7 @@ def run_ui(opts: dict) -> int:
 
 
 def run_events(argv: list[str]) -> int:
-    from orchestrator.config import DEFAULTS, parse_overrides
+    from trainers.config import DEFAULTS, parse_overrides
 
     if not argv or argv[0] != "replay":
         raise UserError("usage: orchestrator events replay run=<run id> tracking_uri=<uri> [storage=<uri>] "

@@ -4,10 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from callbacks.actor import driver_entries
-from callbacks.events import check_event
-from callbacks.registry import add_callback, copy_registry, new_registry
+from trainers.events import check_event
+from trainers.registry import add_callback, copy_registry, new_registry
 from callbacks.sinks.storage import local_file
-from orchestrator.config import get_cfg
+from trainers.config import get_cfg
 from orchestrator.tasks import task_class
 from trainers.engine import checkpoint as ckpt_io
 from trainers.engine.exporter import Exporter

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from orchestrator.config import DEFAULTS, Args, get_cfg, load_yaml, parse_overrides, validate
+from trainers.config import DEFAULTS, Args, get_cfg, load_yaml, parse_overrides, validate
 from trainers.utils import UserError
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")

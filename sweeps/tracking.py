@@ -69,7 +69,7 @@ class SweepState:
 
     # -------------------------------------------------------------------- trials
     def trial_args(self, trial_id: str, config: dict):
-        from orchestrator.config import get_cfg
+        from trainers.config import get_cfg
 
         return get_cfg(None, self.setup.overrides(trial_id, config))
 

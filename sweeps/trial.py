@@ -18,8 +18,8 @@ from ray import tune
 from ray.train import UserCallback
 from ray.util.queue import Empty, Queue
 
-from callbacks.registry import copy_registry
-from orchestrator.config import get_cfg
+from trainers.registry import copy_registry
+from trainers.config import get_cfg
 from orchestrator.ray_launch import make_torch_trainer, nothing_left
 from sweeps.exploit import ExploitedCheckpoint
 from sweeps.space import Objective

@@ -9,7 +9,7 @@ import ray
 import yaml
 from ray import tune
 
-from callbacks.registry import new_registry
+from trainers.registry import new_registry
 from orchestrator.ray_launch import connect_ray, storage_for
 from orchestrator.run_setup import absolute_uri, experiment_name, new_run_id
 from sweeps import report, tracking
@@ -115,7 +115,7 @@ def run_sweep(sweep: SweepConfig, trainer_cls, callbacks: dict | None = None, dr
     """Run (or resume) a validated sweep; writes best.yaml, trials.csv/.parquet, the plot."""
     connect_ray()
     base = resolved_base(sweep, task)
-    from orchestrator.config import get_cfg
+    from trainers.config import get_cfg
 
     base_args = get_cfg(None, base)
     from callbacks.sinks import ObjectStore

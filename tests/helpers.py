@@ -1,5 +1,5 @@
 """Shared test helpers: small fits that record every event."""
-from callbacks.events import EVENTS
+from trainers.events import EVENTS
 
 QUICK = dict(data="digits", imgsz=16, batch=16, nbs=32, fraction=0.05, epochs=2, verbose=False,
              plots=False, workers=0, seed=0)

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from callbacks.sinks.redact import key_looks_secret
-from orchestrator.config import get_cfg, parse_overrides
+from trainers.config import get_cfg, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "infra" / "cluster"

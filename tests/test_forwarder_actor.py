@@ -14,7 +14,7 @@ from callbacks.actor import Dispatcher, listened_events, start_callback_actor
 from callbacks.forwarder import EventForwarder
 from callbacks.records import make_record, record_key
 from callbacks.sinks.base import Sink
-from callbacks.registry import CallbackMixin, new_registry, run_callbacks
+from trainers.registry import CallbackMixin, new_registry, run_callbacks
 from trainers.utils import UserError
 
 # The actor process cannot import this test module by name: ship its classes by value.
@@ -321,7 +321,7 @@ class EpochOnly(Sink):
 def test_in_order_rows_go_whole_to_sinks_and_as_records_to_callbacks():
     """An in-order batch reaches sinks whole, function callbacks as records of their event only;
     a batch after a gap waits, and the gap's fill is dispatched record by record, in order."""
-    from callbacks.records import make_row
+    from trainers.events import make_row
 
     def rows(first, n):
         return [make_row("on_fit_epoch_end" if (first + i) % 10 == 9 else "on_train_batch_end",

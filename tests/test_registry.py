@@ -1,8 +1,8 @@
 """The callback registry: event names, object registration, error reporting."""
 import pytest
 
-from callbacks.events import EVENTS
-from callbacks.registry import CallbackError, add_callback, clear_callback, new_registry, run_callbacks
+from trainers.events import EVENTS
+from trainers.registry import CallbackError, add_callback, clear_callback, new_registry, run_callbacks
 from orchestrator import Model
 
 

@@ -139,7 +139,7 @@ def test_event_log_batches_cut_like_records(store_uri, tmp_path):
 
 def test_event_log_drops_only_malformed_rows(tmp_path):
     """A row Arrow cannot convert costs that row (a warning), not the part it was cut into."""
-    from callbacks.records import make_row
+    from trainers.events import make_row
 
     sink = EventLogSink(str(tmp_path / "store"), "run-c")
     good = [make_row("on_train_batch_end", {"epoch": 0, "step": i, "metrics": {"loss": 0.5}}) for i in range(6)]

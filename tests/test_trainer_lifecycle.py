@@ -42,8 +42,8 @@ def test_step_records_carry_the_batch_losses_and_learning_rates(tmp_path):
 def test_trainer_rows_equal_the_checked_rows_of_its_fields(tmp_path):
     """The trainer builds the rows of its per-step events directly (BaseTrainer.record_row):
     at every trainer event of a real fit they equal make_row of record_fields, field types included."""
-    from callbacks.events import EVENTS, TRAINER
-    from callbacks.records import make_row
+    from trainers.events import EVENTS, TRAINER
+    from trainers.events import make_row
 
     model, pairs = Model("cls-n.yaml"), []
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from callbacks.events import EVENTS
+from trainers.events import EVENTS
 from callbacks.records import record_of
 
 
@@ -43,7 +43,7 @@ class Sink:
 
     def handle_rows(self, stream: tuple, first_seq: int, rows: list) -> None:
         """Consecutive rows of ``stream`` (run_id, rank, attempt) from ``first_seq`` (wire form,
-        ``callbacks.records.ROW_FIELDS``); by default each row of an event in ``events`` goes to
+        ``trainers.events.ROW_FIELDS``); by default each row of an event in ``events`` goes to
         the event's method as a record."""
         wanted = self.events
         for i, row in enumerate(rows):

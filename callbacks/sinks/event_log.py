@@ -14,7 +14,8 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from callbacks.records import ROW_FIELDS, row_of, spans_after
+from callbacks.records import row_of, spans_after
+from trainers.events import ROW_FIELDS
 from callbacks.sinks.base import Sink, make_spool_dir
 from callbacks.sinks.delivery import Courier
 from callbacks.sinks.spool import FileStage
@@ -46,7 +47,7 @@ def part_key(run_id: str, rank: int, attempt: int, first_seq: int) -> str:
 
 
 def rows_table(rank: int, attempt: int, seqs: list[int], rows: list[list]) -> pa.Table:
-    """Rows of one (rank, attempt) (``callbacks.records.ROW_FIELDS``) -> an Arrow table in SCHEMA
+    """Rows of one (rank, attempt) (``trainers.events.ROW_FIELDS``) -> an Arrow table in SCHEMA
     (the run id lives in the partition path). Columns are built by Arrow, not per row in Python:
     this runs on every record of a run."""
     n = len(rows)

@@ -477,7 +477,7 @@ COMMANDS = {"up": up, "down": down, "status": status, "env": env}
 
 def run_stack_cli(argv: list[str]) -> int:
     """Entry point of ``orchestrator stack ...``; returns the exit code."""
-    from orchestrator.config import parse_overrides
+    from trainers.config import parse_overrides
 
     if not argv or argv[0] not in COMMANDS:
         given = f" (got {argv[0]!r})" if argv else ""

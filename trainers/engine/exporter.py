@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from callbacks.registry import CallbackMixin, new_registry
-from orchestrator.config import get_cfg
+from trainers.registry import CallbackMixin, new_registry
+from trainers.config import get_cfg
 from trainers.utils import LOGGER, UserError, unwrap_model
 
 

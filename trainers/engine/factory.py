@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from callbacks.registry import copy_registry, new_registry
+from trainers.registry import copy_registry, new_registry
 
 
 @dataclass

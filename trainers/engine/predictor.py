@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from callbacks.registry import CallbackMixin, new_registry
-from orchestrator.config import get_cfg
+from trainers.registry import CallbackMixin, new_registry
+from trainers.config import get_cfg
 from trainers.data.sources import iter_batches
 from trainers.utils import unwrap_model
 

@@ -19,9 +19,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from callbacks.events import STEP_EVENTS
-from callbacks.registry import CallbackMixin, new_registry, stateful_callbacks
-from orchestrator.config import Args, get_cfg
+from trainers.events import STEP_EVENTS
+from trainers.registry import CallbackMixin, new_registry, stateful_callbacks
+from trainers.config import Args, get_cfg
 from trainers.engine import checkpoint as ckpt_io
 from trainers.engine.distributed import (any_rank, broadcast_object, gather_objects, is_dist,
                                          rank_and_world, select_device)
@@ -349,7 +349,7 @@ class BaseTrainer(CallbackMixin):
                 "final_eval": self.final_eval}
 
     def record_row(self, event: str) -> list:
-        """The forwarded row (``callbacks.records.ROW_FIELDS``) of ``event``. Five events fire per
+        """The forwarded row (``trainers.events.ROW_FIELDS``) of ``event``. Five events fire per
         optimizer step, so their rows are built here directly (the metrics are floats already);
         the others go through ``record_fields`` and ``make_row``, which check every field. A subclass
         that adds fields to per-step records overrides this method, not only ``record_fields``."""

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from callbacks.registry import CallbackMixin, new_registry
-from orchestrator.config import get_cfg
+from trainers.registry import CallbackMixin, new_registry
+from trainers.config import get_cfg
 from trainers.engine.distributed import gather_objects, rank_and_world, select_device
 from trainers.utils import unwrap_model
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from callbacks.events import EVENTS, check_event
-from callbacks.records import make_row
+from trainers.events import EVENTS, check_event, make_row
 
 
 class CallbackError(RuntimeError):
@@ -100,6 +99,6 @@ class CallbackMixin:
                 "metrics": {}, "artifacts": {}, "final_eval": bool(getattr(self, "final_eval", False))}
 
     def record_row(self, event: str) -> list:
-        """The wire row of the record of ``event`` (``callbacks.records.ROW_FIELDS``), each field
+        """The wire row of the record of ``event`` (``trainers.events.ROW_FIELDS``), each field
         checked; the trainer builds the rows of its per-step events directly instead."""
         return make_row(event, self.record_fields(event))
