@@ -9,6 +9,9 @@ warm-up. Prints microseconds per record and, for all sinks, the share of one cor
 800 steps/s of one worker (the rate of the tiny model in ``ray_overhead.py``).
 
     OMP_NUM_THREADS=1 python benchmarks/actor_sink_cost.py [--epochs 20]
+
+``--tiny`` runs the same code path end to end with 2 epochs (the warm-up and one counted; a few
+seconds per sink set, for the tests): its figures are not measurements.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import gc
 import tempfile
 import time
 
-from callbacks.actor import Dispatcher
+from callbacks.dispatcher import Dispatcher
 from trainers.events import make_row
 from callbacks.sinks import CheckpointSink, EventLogSink, MLflowSink
 
@@ -26,6 +29,8 @@ STEP_EVENTS = ("on_train_batch_start", "optimizer_step", "on_before_zero_grad", 
 STEPS_PER_EPOCH, BATCH = 1000, 1000
 STEPS_PER_SECOND = 800
 STREAM = ("bench", 0, 0)
+TINY_EPOCHS = 2  # the warm-up epoch and one counted
+TINY_NOTE = "tiny mode: a smoke run of the same code path; its figures are not measurements"
 
 
 def worker_rows(epochs: int) -> list[list]:
@@ -74,7 +79,11 @@ def cost(kind: str, rows: list[list]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--tiny", action="store_true", help=f"{TINY_EPOCHS} epochs, seconds: figures are not measurements")
     args = parser.parse_args()
+    if args.tiny:
+        args.epochs = TINY_EPOCHS
+        print(TINY_NOTE)
     rows = worker_rows(args.epochs)
     costs = {kind: cost(kind, rows) for kind in ("none", "eventlog", "mlflow", "all")}
     for kind, us in costs.items():
@@ -82,6 +91,8 @@ def main() -> None:
     rate = STEPS_PER_SECOND * len(STEP_EVENTS)
     print(f"driver CPU / wall time with all sinks at {STEPS_PER_SECOND} steps/s ({rate:,} records/s): "
           f"{costs['all'] * rate / 1e6:.3f}")
+    if args.tiny:
+        print(TINY_NOTE)
 
 if __name__ == "__main__":
     main()

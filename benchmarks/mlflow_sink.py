@@ -6,6 +6,10 @@
 2. Event-log rows/s from EventLogSink to a local directory and to a moto S3 server.
 
 Usage: python benchmarks/mlflow_sink.py [--points 60000] [--rounds 2]
+
+``--tiny`` runs the same code path end to end against the same servers (started here, as in the
+full mode) with a few hundred points and rows, one round (seconds, for the tests): its figures are
+not measurements.
 """
 from __future__ import annotations
 
@@ -24,6 +28,9 @@ from callbacks.records import make_record  # noqa: E402
 from callbacks.sinks import EventLogSink, MLflowSink  # noqa: E402
 
 METRICS = ("train/box_loss", "train/cls_loss", "train/dfl_loss", "lr/pg0", "lr/pg1", "lr/pg2")
+EVENT_ROWS = 120_000  # event-log points per rank (rows: this / len(METRICS) per rank)
+TINY_POINTS, TINY_EVENT_ROWS = 600, 1_200
+TINY_NOTE = "tiny mode: a smoke run of the same code path; its figures are not measurements"
 
 
 def records(n_points: int, run_id: str = "bench", ranks=(0,)) -> list[dict]:
@@ -90,7 +97,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--points", type=int, default=60_000)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--tiny", action="store_true", help=f"{TINY_POINTS} points, one round, seconds: "
+                                                        "figures are not measurements")
     args = ap.parse_args()
+    event_points = EVENT_ROWS
+    if args.tiny:
+        args.points, args.rounds, event_points = TINY_POINTS, 1, TINY_EVENT_ROWS
+        print(TINY_NOTE)
     recs = records(args.points)
     n = len(recs) * len(METRICS)
     with tempfile.TemporaryDirectory() as tmp, MlflowServer(Path(tmp) / "mlflow") as server:
@@ -102,13 +115,15 @@ def main() -> None:
         print(f"mlflow through MLflowSink : {max(sink):9.0f} points/s  (rounds: {_join(sink)})")
         print(f"ratio sink/raw            : {max(sink) / max(raw):9.2f}  (target >= 0.9)")
 
-    events = records(120_000, ranks=(0, 1))
+    events = records(event_points, ranks=(0, 1))
     with tempfile.TemporaryDirectory() as tmp:
         print(f"event log -> local dir    : {event_log_rate(str(Path(tmp) / 'store'), events):9.0f} rows/s")
         with MotoServer(Path(tmp) / "moto") as moto:
             os.environ.update(moto.client_env())
             moto.create_bucket("bench")
             print(f"event log -> moto S3      : {event_log_rate('s3://bench/events', events):9.0f} rows/s")
+    if args.tiny:
+        print(TINY_NOTE)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@ and from the process start (both import what they use). Start-ups here swing by 
 Step times are kept in the worker's memory and written once at the end.
 
 Usage: OMP_NUM_THREADS=1 python benchmarks/ray_overhead.py [--epochs 24] [--pairs 3]   (--epochs 40: more pairs for (a))
+
+``--tiny`` runs the same code path end to end (6 epochs of ~20 steps on 160 random images, one pair
+for (d), a 1-worker Ray run and the in-process run as in the full mode; under a minute, for the
+tests): its figures are not measurements.
 """
 from __future__ import annotations
 
@@ -50,6 +54,8 @@ from trainers.classify import ClassificationTrainer
 from trainers.models.tasks import ClassificationModel
 
 TINY = {"nc": 10, "backbone": [[-1, 1, "Conv", [8, 3, 2]]], "head": [[-1, 1, "Classify", [10]]]}
+TINY_EPOCHS, TINY_PER_CLASS = 6, 16  # --tiny: the fewest epochs every printed ratio needs (paired: epoch 4 and 5)
+TINY_NOTE = "tiny mode: a smoke run of the same code path; its figures are not measurements"
 
 
 class TinyTrainer(ClassificationTrainer):
@@ -202,13 +208,19 @@ def main() -> None:
     parser.add_argument("--child", choices=("ours", "fit"), help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
+    parser.add_argument("--tiny", action="store_true", help=f"{TINY_EPOCHS} short epochs, one pair: "
+                                                            "figures are not measurements")
     opts = parser.parse_args()
     if opts.child:
         return child(opts)
+    per_class = 800
+    if opts.tiny:
+        opts.epochs, opts.pairs, per_class = TINY_EPOCHS, 1, TINY_PER_CLASS
+        print(TINY_NOTE)
     info = ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
                     runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     tmp = Path(tempfile.mkdtemp(prefix="ray-overhead-"))
-    data = folder_data(tmp / "data")
+    data = folder_data(tmp / "data", per_class=per_class)
     rates, _, cpu = run(tmp, "alternating", alternate=True, data=data, num_workers=1, epochs=opts.epochs)
     local = run(tmp, "in_process", data=data, num_workers=0, epochs=opts.epochs)[0]
     warm, cold, launch = ({"ours": [], "fit": []} for _ in range(3))
@@ -244,6 +256,8 @@ def main() -> None:
               f"{ours / fit:.2f}  (target <= 1.2)  [runs: "
               + ", ".join(f"{a:.1f}|{b:.1f}" for a, b in zip(runs["ours"], runs["fit"])) + "]")
     print(f"    for reference, a TorchTrainer whose loop does nothing: {floor:.1f} s to its start")
+    if opts.tiny:
+        print(TINY_NOTE)
 
 
 if __name__ == "__main__":

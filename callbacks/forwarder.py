@@ -24,7 +24,7 @@ from typing import Iterable
 import ray
 from ray.exceptions import RayActorError, RayError
 
-from trainers.events import EVENTS, check_event
+from trainers.events import ARTIFACTS, EVENTS, TIME, check_event
 from trainers.utils import LOGGER
 
 # Calls that fail for these reasons are resent once the actor answers again.
@@ -103,13 +103,14 @@ class EventForwarder:
     def emit(self, event: str, owner) -> list:
         """Build the row for ``event`` fired by ``owner`` and queue it; sends when due."""
         row = owner.record_row(event)  # owners are CallbackMixins (trainers/registry.py)
-        if row[5] and self.publish is not None:  # artifacts
-            row[5] = self.publish(row[5])
+        if row[ARTIFACTS] and self.publish is not None:
+            row[ARTIFACTS] = self.publish(row[ARTIFACTS])
         records = self._records
         records.append(row)
         # the flush deadline is kept in wall time, so the row's own time stamp serves to check it
-        if self._seq0 + len(records) >= self._pump_at or row[3] >= self._next_flush:
-            self._pump(force=row[3] >= self._next_flush)
+        due = row[TIME] >= self._next_flush
+        if due or self._seq0 + len(records) >= self._pump_at:
+            self._pump(force=due)
         return row
 
     # ----------------------------------------------------------------- sending

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import time
 
-from trainers.events import clean_metrics
+from trainers.events import (ARTIFACTS, EPOCH, EVENT, FINAL_EVAL, METRICS, STEP, TIME, clean_metrics,
+                             make_row)
 
 FIELDS = ("run_id", "event", "rank", "attempt", "seq", "epoch", "step", "time",
           "metrics", "artifacts", "final_eval")
@@ -45,25 +46,20 @@ def make_record(*, run_id: str, event: str, rank: int, attempt: int, seq: int, e
 
 def row_of(record: dict, event: str | None = None) -> list:
     """A record (any source: a worker, a test, a user) -> its row, each field coerced to its type."""
-    metrics, artifacts = record.get("metrics"), record.get("artifacts")
-    return [str(record.get("event") or event), int(record.get("epoch") or 0), int(record.get("step") or 0),
-            float(record.get("time") or 0.0), clean_metrics(metrics) if metrics else {},
-            {str(k): str(v) for k, v in artifacts.items()} if artifacts else {},
-            bool(record.get("final_eval", False))]
+    return make_row(str(record.get("event") or event), record, now=float(record.get("time") or 0.0))
 
 
 def record_of(stream: tuple, seq: int, row: list) -> dict:
     """One row of ``stream`` at ``seq`` -> its record."""
-    event, epoch, step, now, metrics, artifacts, final_eval = row
-    return {"run_id": stream[0], "event": event, "rank": stream[1], "attempt": stream[2], "seq": seq,
-            "epoch": epoch, "step": step, "time": now, "metrics": metrics, "artifacts": artifacts,
-            "final_eval": final_eval}
+    return {"run_id": stream[0], "event": row[EVENT], "rank": stream[1], "attempt": stream[2], "seq": seq,
+            "epoch": row[EPOCH], "step": row[STEP], "time": row[TIME], "metrics": row[METRICS],
+            "artifacts": row[ARTIFACTS], "final_eval": row[FINAL_EVAL]}
 
 
 def spans_after(rows: list, event: str) -> list[tuple[int, int, bool]]:
     """``[start, end)`` spans covering ``rows``, each but maybe the last ending with a row of
     ``event`` (True when it does): where a sink taking a batch whole cuts, as it would per record."""
-    ends = [i + 1 for i, row in enumerate(rows) if row[0] == event]
+    ends = [i + 1 for i, row in enumerate(rows) if row[EVENT] == event]
     spans = [(start, end, True) for start, end in zip([0, *ends], ends)]
     if not ends or ends[-1] < len(rows):
         spans.append((ends[-1] if ends else 0, len(rows), False))

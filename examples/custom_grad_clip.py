@@ -1,8 +1,9 @@
-"""Customization 7: gradient clipping with its own max norm, by overriding ``optimizer_step()``.
+"""Customization 7: gradient clipping with its own max norm, by overriding ``clip_gradients()``.
 
-The override owns the step (it does not call ``super()``), so it also fires the three step
-events in their documented places. The gradient norm before clipping is kept in
-``self.grad_norm`` and its epoch mean is logged as ``train/grad_norm``.
+The default ``optimizer_step()`` calls ``clip_gradients()`` after unscaling the AMP gradients and
+before the optimizer steps; the loop fires the three step events around it, so this override only
+clips. The gradient norm before clipping is kept in ``self.grad_norm`` and its epoch mean is logged
+as ``train/grad_norm``.
 
 Run: ``python examples/custom_grad_clip.py``
 """
@@ -22,17 +23,11 @@ class ClipTrainer(DetectionTrainer):
         self.grad_norm, self.grad_norms = None, []
         self.add_callback("on_train_epoch_end", log_grad_norm)
 
-    def optimizer_step(self):
-        self.scaler.unscale_(self.optimizer)  # clip the true gradients, not AMP-scaled ones
-        self.grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.max_norm))
+    def clip_gradients(self):
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.max_norm)
+        self.grad_norm = float(norm)
         self.grad_norms.append(self.grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.run_callbacks("optimizer_step")
-        self.run_callbacks("on_before_zero_grad")
-        self.optimizer.zero_grad()
-        self.ema.update(self.model)
-        self.run_callbacks("on_params_update")
+        return norm
 
 
 def log_grad_norm(trainer) -> None:

@@ -71,7 +71,7 @@ def run_mode(mode: str, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines are noise on a terminal
-    if not argv or argv[0] in {"-h", "--help", "help"}:
+    if not argv or argv[0] in {"-h", "--help", "help"} or any(a in {"-h", "--help"} for a in argv[1:2]):
         print(usage())
         return 0
     try:

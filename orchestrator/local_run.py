@@ -1,9 +1,7 @@
-"""Run a trainer in this process (``num_workers=0``): same records and sinks, no Ray."""
+"""Train in this process (``num_workers=0``): same records and sinks as on Ray, no Ray."""
 from __future__ import annotations
 
-from callbacks.actor import Dispatcher, listened_events
-from orchestrator.results import ResultSink
-from orchestrator.run_setup import mlflow_run_of, new_run_id, register_best, resolve_run, start_tracking
+from callbacks.dispatcher import Dispatcher
 
 
 class LocalForwarder:
@@ -26,26 +24,34 @@ class LocalForwarder:
         return forward
 
 
-def run_in_process(factory, args, driver_callbacks):
-    """Train here; driver callbacks and sinks see the same records as on Ray. Returns (trainer, metrics)."""
-    run_id = new_run_id()
-    factory.overrides.update(resolve_run(args))
-    args = type(args)(**{**args.to_dict(), **factory.overrides})
-    result = ResultSink()
-    sinks = start_tracking(args, run_id)
-    callbacks = [*sinks, result, *driver_callbacks]
-    dispatcher = Dispatcher(callbacks)
-    dispatcher.start()  # sinks connect in their own threads while the trainer sets up
-    trainer = factory()
-    LocalForwarder(dispatcher, run_id, listened_events(callbacks)).attach(trainer.callbacks)
-    status = "FAILED"
-    try:
-        trainer.train()
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        report = dispatcher.finish(status)
-    register_best(args, mlflow_run_of(report), result.metrics)
-    return trainer, result.metrics
+class LocalBackend:
+    """A ``RunSession`` backend: the driver callbacks in a Dispatcher, the trainer here.
+
+    The driver creates the MLflow run itself (``defer_run`` False): there is no actor whose
+    start-up could hide that cost, and the run should exist even if the trainer's set-up fails.
+    """
+
+    defer_run = False
+
+    def __init__(self):
+        self.dispatcher = self.trainer = None
+
+    def connect(self) -> None:
+        """Nothing to reach: training runs in this process."""
+
+    def start(self, session) -> None:
+        self.dispatcher = Dispatcher(session.callbacks)
+        self.dispatcher.start()  # sinks connect in their own threads while the trainer sets up
+        self.trainer = session.factory()
+        LocalForwarder(self.dispatcher, session.run_id, session.events).attach(self.trainer.callbacks)
+
+    def train(self, session) -> None:
+        self.trainer.train()
+
+    def finish(self, session, status: str) -> dict:
+        return self.dispatcher.finish(status)
+
+    def outcome(self) -> dict:
+        """The trainer itself (``Model.trainer``), and its best.pt (last.pt when none was saved)."""
+        best = self.trainer.best if self.trainer.best.is_file() else self.trainer.last
+        return {"trainer": self.trainer, "best": best}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from callbacks.actor import driver_entries
+from callbacks.dispatcher import driver_entries
 from trainers.events import check_event
 from trainers.registry import add_callback, copy_registry, new_registry
 from callbacks.sinks.storage import local_file
@@ -75,21 +75,15 @@ class Model:
         args = get_cfg(None, overrides)  # fail fast on bad keys, before any worker starts
         trainer_cls.preflight(args)  # and on missing data, before any run is created
         factory = TrainerFactory(trainer_cls, overrides, copy_registry(self.callbacks))
-        if args.num_workers > 0:
-            from orchestrator.ray_launch import run_on_ray
+        from orchestrator.session import train_run
 
-            result = run_on_ray(factory, args, self.driver_callbacks)
-            metrics, best = result["metrics"], result["best"]
-        else:
-            from orchestrator.local_run import run_in_process
-
-            self.trainer, metrics = run_in_process(factory, args, self.driver_callbacks)
-            best = self.trainer.best if self.trainer.best.is_file() else self.trainer.last
-        best = local_file(best) if best else None  # an s3:// URI when rank 0 ran on another node
+        result = train_run(factory, args, self.driver_callbacks)
+        self.trainer = result.get("trainer", self.trainer)  # in process only: Ray's trainers lived in workers
+        best = local_file(result["best"]) if result["best"] else None  # an s3:// URI when rank 0 ran on another node
         if best is not None:
             self._load(best)
-        self.metrics = metrics
-        return metrics
+        self.metrics = result["metrics"]
+        return self.metrics
 
     def tune(self, space: dict | None = None, *, sweep=None, trainer=None, **kwargs):
         """Hyperparameter sweep on Ray Tune (see ``sweeps``): ``space`` or a sweep file/dict;

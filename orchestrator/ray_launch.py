@@ -18,12 +18,10 @@ import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from callbacks.actor import listened_events, start_callback_actor
+from callbacks.actor import start_callback_actor
 from callbacks.artifacts import ArtifactShipper
 from callbacks.forwarder import EventForwarder
-from orchestrator.results import ResultSink
-from orchestrator.run_setup import mlflow_run_of, new_run_id, register_best, resolve_run, start_tracking
-from trainers.engine.distributed import any_rank
+from trainers.engine.trainer import training_finished
 from trainers.utils import LOGGER, UserError
 
 
@@ -70,37 +68,40 @@ def storage_for(storage: str) -> tuple[str, object | None]:
     return storage[len("s3://"):].rstrip("/") + "/ray", fs.S3FileSystem(**kwargs)
 
 
-def run_on_ray(factory, args, driver_callbacks) -> dict:
-    """Launch, wait, finish the driver actor with the run's status; return metrics and best.pt."""
-    connect_ray()
-    run_id = new_run_id()
-    factory.overrides.update(resolve_run(args))
-    args = type(args)(**{**args.to_dict(), **factory.overrides})
-    sinks = start_tracking(args, run_id, defer_run=True)  # the actor creates the MLflow run
-    result = ResultSink()
-    callbacks = [*sinks, result, *driver_callbacks]
-    actor = start_callback_actor(callbacks, name=f"callbacks-{run_id}")
-    trainer = make_torch_trainer(factory, args, actor, run_id, forwarded_events(callbacks),
-                                 name=f"{args.name}-{run_id}")
-    status = "FAILED"
-    try:
-        trainer.fit()
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        report = ray.get(actor.finish.remote(status))
-        ray.kill(actor)
+class RayBackend:
+    """A ``RunSession`` backend: the driver callbacks in one callback actor, the trainer on Ray
+    Train workers (``TorchTrainer.fit`` waits for them).
+
+    ``defer_run``: the actor's MLflow sink creates the MLflow run while Ray starts the workers
+    (MLflow's import and database set-up would otherwise delay the driver by seconds).
+    """
+
+    defer_run = True
+
+    def __init__(self):
+        self.actor = self.trainer = None
+
+    def connect(self) -> None:
+        connect_ray()
+
+    def start(self, session) -> None:
+        self.actor = start_callback_actor(session.callbacks, name=f"callbacks-{session.run_id}")
+        self.trainer = make_torch_trainer(session.factory, session.args, self.actor, session.run_id,
+                                          session.events, name=f"{session.args.name}-{session.run_id}")
+
+    def train(self, session) -> None:
+        self.trainer.fit()
+
+    def finish(self, session, status: str) -> dict:
+        """Close the actor's sinks with the run's status, then stop the actor (it serves one run)."""
+        report = ray.get(self.actor.finish.remote(status))
+        ray.kill(self.actor)
         log_report(report)
-    final = report["sinks"].get(type(result).__name__, {})
-    register_best(args, mlflow_run_of(report), final.get("metrics", {}))
-    return {"metrics": final.get("metrics", {}), "best": final.get("best"), "run_id": run_id, "report": report}
+        return report
 
-
-def forwarded_events(callbacks) -> list[str]:
-    """What workers forward: every event some driver callback listens to."""
-    return sorted(listened_events(callbacks))
+    def outcome(self) -> dict:
+        """Nothing beyond the session's result: the trainers lived in the workers."""
+        return {}
 
 
 def make_torch_trainer(factory, args, actor, run_id: str, events, *, name: str, callbacks=(),
@@ -147,14 +148,16 @@ def train_worker(config: dict) -> None:
     if resume:
         extra["resume"] = resume
     trainer = config["factory"](**extra)
-    trainer.nothing_left = latest is not None and nothing_left(latest, trainer.args.epochs)
+    meta = latest.get_metadata() if latest is not None else {}
+    if "epoch" in meta:  # written by report_epoch (an older checkpoint has none: it trains on)
+        trainer.resume_stop = bool(meta.get("stop"))  # a restart: continue as the run would have
     attempt = time.time_ns() // 1_000_000  # grows with each Ray Train restart of the worker group
     remote = ray.get_runtime_context().get_node_id() != config.get("driver_node")
     publish = ArtifactShipper(trainer.args.storage, config["run_id"], rank) if remote else None
     EventForwarder(config["actor"], config["run_id"], rank, attempt=attempt, events=config["events"],
                    publish=publish).attach(trainer.callbacks)
     trainer.add_callback("on_pretrain_routine_end", freeze_setup_objects)
-    trainer.add_callback("on_fit_epoch_end", report_epoch)
+    trainer.epoch_reporters.append(report_epoch)
     trainer.train()
 
 
@@ -176,28 +179,27 @@ def restore_checkpoint(checkpoint: Checkpoint) -> str:
 
 
 def report_epoch(trainer) -> None:
-    """Every rank reports once per epoch (a barrier); rank 0 attaches last.pt (uploaded async)."""
-    if trainer.final_eval:
-        return
+    """Every rank reports once per epoch (a barrier); rank 0 attaches last.pt (uploaded async) with
+    the epoch and the loop's stop vote of that epoch, which a restart continues from."""
     metrics = {k: float(v) for k, v in trainer.epoch_metrics().items()}
     metrics.update(epoch=trainer.epoch, fitness=float(trainer.fitness if trainer.fitness is not None else 0.0))
-    stop = any_rank(trainer.stop, trainer.device)  # the vote the loop takes next, as every rank will see it
     checkpoint = None
     if trainer.is_main and trainer.last.is_file():
         folder = tempfile.mkdtemp(prefix="ckpt-")
         shutil.copy(trainer.last, Path(folder) / "last.pt")
         checkpoint = Checkpoint.from_directory(folder)
-        checkpoint.set_metadata({"epoch": trainer.epoch, "stop": stop})
+        checkpoint.set_metadata({"epoch": trainer.epoch, "stop": trainer.stop})
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
                      checkpoint_upload_fn=persist_patiently)
 
 
 def nothing_left(checkpoint: Checkpoint, epochs: int) -> bool:
-    """A run restarted from a checkpoint ``report_epoch`` wrote (a Ray Train restart, a sweep
-    trial's retry or resume) has nothing to train when that checkpoint was its last epoch or an
-    early stop. A checkpoint without the metadata (an older one) trains on."""
+    """A run started from a checkpoint ``report_epoch`` wrote (a sweep trial's retry or resume) has
+    nothing to train when that checkpoint ended the training: its last epoch, or the stop vote
+    recorded with it. A checkpoint without the metadata (an older one) trains on. (A Ray Train
+    restart hands the vote to the trainer instead: ``train_worker``.)"""
     meta = checkpoint.get_metadata()
-    return "epoch" in meta and (bool(meta.get("stop")) or int(meta["epoch"]) + 1 >= epochs)
+    return "epoch" in meta and training_finished(int(meta["epoch"]), bool(meta.get("stop")), epochs)
 
 
 UPLOAD_PATIENCE = 600.0  # seconds a checkpoint upload keeps retrying while the storage is unreachable

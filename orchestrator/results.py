@@ -3,6 +3,10 @@ from __future__ import annotations
 
 
 class ResultSink:
+    """Rank 0's latest epoch metrics and the best checkpoint; ``close`` puts both in the report."""
+
+    events = frozenset({"on_fit_epoch_end", "on_train_end"})  # what workers must forward for it
+
     def __init__(self):
         self.metrics: dict = {}
         self.best: str | None = None

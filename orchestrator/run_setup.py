@@ -7,9 +7,10 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from callbacks.sinks import CheckpointSink, EventLogSink, MLflowSink, ObjectStore, create_run, flatten
-from callbacks.sinks.mlflow_sink import RUN_ID_TAG, announce_run, probe_tracking_uri
-from trainers.engine.trainer import increment_path
+from callbacks.sinks import ObjectStore, create_run, flatten
+from callbacks.sinks.factory import run_sinks
+from callbacks.sinks.mlflow_runs import RUN_ID_TAG, announce_run, probe_tracking_uri
+from trainers.engine.paths import latest_checkpoint, project_dir, run_dir
 from trainers.utils import LOGGER
 
 
@@ -27,14 +28,11 @@ def resolve_run(args) -> dict:
     fixed = {"tracking_uri": absolute_uri(args.tracking_uri), "storage": absolute_uri(args.storage)}
     if args.resume:  # the run folder and name come from the checkpoint
         from trainers.engine.checkpoint import load_checkpoint
-        from trainers.engine.trainer import latest_checkpoint
 
         path = latest_checkpoint(args) if args.resume is True else args.resume
         train_args = load_checkpoint(path)["train_args"]
         return {**fixed, "project": train_args["project"], "name": train_args["name"]}
-    project = Path(args.project or Path("runs") / (args.task or "train")).resolve()
-    save_dir = increment_path(project / (args.name or "train"), args.exist_ok)
-    fixed.update(project=str(project), name=save_dir.name, exist_ok=True)
+    fixed.update(project=str(project_dir(args).resolve()), name=run_dir(args).name, exist_ok=True)
     if args.data and Path(str(args.data)).exists():
         fixed["data"] = str(Path(str(args.data)).resolve())
     return fixed
@@ -96,20 +94,20 @@ def start_tracking(args, run_id: str, parent_run_id: str | None = None, defer_ru
     the workers start: importing MLflow and setting up its database take seconds of the driver.
     """
     ObjectStore.from_uri(args.storage).check()  # an unreachable store fails here, in one line
-    params = flatten(args.to_dict())
     tags = {**run_tags(args), RUN_ID_TAG: run_id}
     mlflow_run = None
     if not (defer_run and probe_tracking_uri(args.tracking_uri)):  # unreachable: fails here, in one line
-        mlflow_run = create_run(args.tracking_uri, experiment_name(args), args.name, params=params, tags=tags,
-                                parent_run_id=parent_run_id)
-        announce_run(mlflow_run, experiment_name(args), args.tracking_uri)
-    return [
-        MLflowSink(args.tracking_uri, experiment_name(args), args.name, params=params, tags=tags,
-                   run_id=mlflow_run, parent_run_id=parent_run_id, ckpt_upload_interval=args.ckpt_upload_interval,
-                   log_every_n_steps=args.log_every_n_steps),
-        EventLogSink(args.storage, run_id),
-        CheckpointSink(args.storage, run_id),
-    ]
+        mlflow_run = open_mlflow_run(args, tags, parent_run_id)
+    return run_sinks(args, run_id, experiment=experiment_name(args), tags=tags, mlflow_run=mlflow_run,
+                     parent_run_id=parent_run_id)
+
+
+def open_mlflow_run(args, tags: dict, parent_run_id: str | None) -> str:
+    """Create the run now and say where it is."""
+    run = create_run(args.tracking_uri, experiment_name(args), args.name, params=flatten(args.to_dict()),
+                     tags=tags, parent_run_id=parent_run_id)
+    announce_run(run, experiment_name(args), args.tracking_uri)
+    return run
 
 
 def mlflow_run_of(report: dict) -> str | None:

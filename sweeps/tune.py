@@ -12,11 +12,14 @@ from ray import tune
 from trainers.registry import new_registry
 from orchestrator.ray_launch import connect_ray, storage_for
 from orchestrator.run_setup import absolute_uri, experiment_name, new_run_id
-from sweeps import report, tracking
+from orchestrator.session import run_events
+from sweeps import parent, report
+from sweeps.state import SweepState, register, unregister
+from sweeps.tune_callbacks import FatalStopper, SweepTracker
 from sweeps.config import SweepConfig
 from sweeps.space import param_space, pbt_mutations
 from sweeps.trial import TrialSetup, run_trial
-from trainers.engine.trainer import increment_path
+from trainers.engine.paths import increment_path, project_dir
 from trainers.utils import LOGGER, UserError
 
 METRIC = "objective"
@@ -41,17 +44,17 @@ class SweepResult:
 # ------------------------------------------------------------------------------- setup
 def sweep_folder(sweep: SweepConfig, base_args) -> Path:
     """``<project>/<sweep name>`` (numbered like runs); on resume the existing one."""
-    project = Path(base_args.project or Path("runs") / (base_args.task or "train")).resolve()
+    project = project_dir(base_args).resolve()
     resume = sweep.settings.resume
     if resume is True:
-        candidates = sorted((p for p in project.glob(f"{sweep.name}*") if (p / tracking.STATE_FILE).is_file()),
-                            key=lambda p: (p / tracking.STATE_FILE).stat().st_mtime)
+        candidates = sorted((p for p in project.glob(f"{sweep.name}*") if (p / parent.STATE_FILE).is_file()),
+                            key=lambda p: (p / parent.STATE_FILE).stat().st_mtime)
         if not candidates:
             raise UserError(f"resume: no sweep named '{sweep.name}' to resume in {project}")
         return candidates[-1]
     if resume:
         folder = Path(str(resume)).resolve()
-        tracking.load_state(folder)
+        parent.load_state(folder)
         return folder
     return increment_path(project / sweep.name, exist_ok=False)
 
@@ -127,9 +130,9 @@ def run_sweep(sweep: SweepConfig, trainer_cls, callbacks: dict | None = None, dr
     resuming = bool(sweep.settings.resume)
     storage_path, filesystem = storage_for(base_args.storage)
     if resuming:
-        saved = tracking.load_state(folder)
+        saved = parent.load_state(folder)
         sweep_id, parent_run_id = saved["sweep_id"], saved["parent_run_id"]
-        tracking.reopen_parent(base_args.tracking_uri, parent_run_id)
+        parent.reopen_parent(base_args.tracking_uri, parent_run_id)
     else:
         sweep_id = new_run_id()[:10]
         sweep_file = folder / "sweep.yaml"
@@ -137,16 +140,16 @@ def run_sweep(sweep: SweepConfig, trainer_cls, callbacks: dict | None = None, dr
         params = {"sweep": {k: v for k, v in sweep.settings.model_dump().items() if k != "resume"},
                   "space": {k: {kind: values} for k, (kind, values) in sweep.space.items()},
                   "base": base}
-        parent_run_id = tracking.open_parent(base_args.tracking_uri, experiment, folder.name, sweep_id,
-                                             params, sweep_file, tracking.sweep_description(sweep, base_args))
-        tracking.save_state(folder, {"sweep_id": sweep_id, "parent_run_id": parent_run_id,
-                                     "tune_name": f"sweep-{sweep_id}", "experiment": experiment})
+        parent_run_id = parent.open_parent(base_args.tracking_uri, experiment, folder.name, sweep_id,
+                                           params, sweep_file, parent.sweep_description(sweep, base_args))
+        parent.save_state(folder, {"sweep_id": sweep_id, "parent_run_id": parent_run_id,
+                                   "tune_name": f"sweep-{sweep_id}", "experiment": experiment})
     tune_name = f"sweep-{sweep_id}"
     setup = TrialSetup(sweep_id, trainer_cls, callbacks or new_registry(), base, str(folder / "trials"),
-                       sweep.workers_per_trial, sweep.objective, tracking.listened(driver_callbacks))
-    state = tracking.SweepState(sweep_id, parent_run_id, base_args.tracking_uri, experiment, setup,
-                                base_args, driver_callbacks)
-    tracking.register(state)
+                       sweep.workers_per_trial, sweep.objective, run_events(driver_callbacks))
+    state = SweepState(sweep_id, parent_run_id, base_args.tracking_uri, experiment, setup,
+                       base_args, driver_callbacks)
+    register(state)
     echo(f"sweep {folder.name}: {sweep.num_samples} sample(s), scheduler {sweep.scheduler}, "
          f"search {sweep.search}, objective {setup.objective.describe()} ({sweep.mode}); "
          f"MLflow parent run {parent_run_id}")
@@ -161,9 +164,9 @@ def run_sweep(sweep: SweepConfig, trainer_cls, callbacks: dict | None = None, dr
     finally:
         interrupted = status == "FINISHED" and state.interrupted
         state.finish_all("KILLED")
-        tracking.unregister(sweep_id)
+        unregister(sweep_id)
         if status != "FINISHED":
-            tracking.close_parent(base_args.tracking_uri, parent_run_id, status)
+            parent.close_parent(base_args.tracking_uri, parent_run_id, status)
     return finish(sweep, state, grid, folder, base_args, parent_run_id, interrupted, echo)
 
 
@@ -185,7 +188,7 @@ def make_tuner(sweep: SweepConfig, setup: TrialSetup, base_args, storage_path: s
         trial_dirname_creator=lambda trial: trial.trial_id)
     run_config = tune.RunConfig(
         name=tune_name, storage_path=storage_path, storage_filesystem=filesystem,
-        callbacks=[tracking.SweepTracker(setup.sweep_id)], stop=tracking.FatalStopper(setup.sweep_id),
+        callbacks=[SweepTracker(setup.sweep_id)], stop=FatalStopper(setup.sweep_id),
         failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=sweep.keep_checkpoints,
                                                 checkpoint_score_attribute=METRIC,
@@ -241,7 +244,7 @@ def finish(sweep: SweepConfig, state, grid, folder: Path, base_args, parent_run_
         result.status = "KILLED"
     elif best is None and len(table):
         result.status = "FAILED"
-    tracking.close_parent(uri, parent_run_id, result.status, files=files, metrics=metrics, tags=tags)
+    parent.close_parent(uri, parent_run_id, result.status, files=files, metrics=metrics, tags=tags)
     if state.fatal:
         raise UserError(state.fatal)
     if interrupted:

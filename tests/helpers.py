@@ -56,7 +56,7 @@ def feed_as_batches(callbacks, records, batch: int = 5):
     """Deliver ``records`` to ``callbacks`` the way the callback actor gets them from workers:
     each rank's records as wire rows, ``batch`` at a time, ranks interleaved, through a real
     ``Dispatcher`` (whose in-order path hands sinks the rows whole). Returns the dispatcher."""
-    from callbacks.actor import Dispatcher
+    from callbacks.dispatcher import Dispatcher
     from callbacks.records import row_of
 
     dispatcher = Dispatcher(callbacks)

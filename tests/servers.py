@@ -346,7 +346,7 @@ def record_stream(save_dir: str | Path, run_id: str = "run-1", epochs: int = 2, 
 
 def expected_metrics(records, step_prefix: str = "step/") -> dict[str, list[tuple[int, float, int]]]:
     """What MLflowSink must log for ``records``: key -> sorted (step, value, timestamp_ms)."""
-    from callbacks.sinks.mlflow_sink import metric_key
+    from callbacks.sinks.mlflow_runs import metric_key
     out: dict[str, list] = {}
     for r in records:
         if r["rank"] > 0 or not r["metrics"]:

@@ -17,6 +17,13 @@ def test_help_lists_modes_and_keys():
         assert word in out.stdout
 
 
+@pytest.mark.parametrize("mode", ["train", "val", "predict", "export"])
+def test_mode_help_shows_help(mode):
+    out = run_cli(mode, "--help")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: orchestrator MODE") and "epochs" in out.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", "epoch=3"], "unknown config key 'epoch'; did you mean 'epochs'?"),
     (["train", "epochs=abc"], "config key 'epochs': value 'abc' is not valid (expected int)"),

@@ -23,7 +23,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from callbacks.sinks import ObjectStore, checkpoint_key, read_event_log
-from callbacks.sinks.mlflow_sink import metric_key
+from callbacks.sinks.mlflow_runs import metric_key
 from orchestrator import Model
 from tests.helpers import artifact_paths
 from tests.servers import MlflowServer, MotoServer, TcpProxy, running

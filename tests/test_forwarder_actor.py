@@ -10,7 +10,8 @@ import pytest
 import ray
 from ray import cloudpickle
 
-from callbacks.actor import Dispatcher, listened_events, start_callback_actor
+from callbacks.actor import start_callback_actor
+from callbacks.dispatcher import Dispatcher, listened_events
 from callbacks.forwarder import EventForwarder
 from callbacks.records import make_record, record_key
 from callbacks.sinks.base import Sink

@@ -72,20 +72,17 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
         load_spec(bad)
 
 
-def test_unknown_module_names_row(tmp_path):
-    bad = tmp_path / "odd.yaml"
-    bad.write_text("nc: 2\nbackbone:\n  - [-1, 1, Conv, [16, 3, 2]]\n"
-                   "head:\n  - [-1, 1, Warp, [3]]\n")
-    with pytest.raises(UserError, match=r"odd\.yaml: head\[0\]: unknown module 'Warp'"):
-        DetectionModel(bad, verbose=False)
-
-
-def test_bad_from_index_names_row(tmp_path):
-    bad = tmp_path / "loop.yaml"
-    bad.write_text("nc: 2\nbackbone:\n  - [-1, 1, Conv, [16, 3, 2]]\n"
-                   "head:\n  - [[-1, 5], 1, Concat, [1]]\n  - [-1, 1, Classify, [nc]]\n")
-    with pytest.raises(UserError, match=r"loop\.yaml: head\[0\].*'from' index 5"):
-        ClassificationModel(bad, verbose=False)
+@pytest.mark.parametrize("name, head, model_cls, message", [
+    ("odd.yaml", "  - [-1, 1, Warp, [3]]\n", "DetectionModel", r"odd\.yaml: head\[0\]: unknown module 'Warp'"),
+    ("loop.yaml", "  - [[-1, 5], 1, Concat, [1]]\n  - [-1, 1, Classify, [nc]]\n", "ClassificationModel",
+     r"loop\.yaml: head\[0\].*'from' index 5"),
+])
+def test_bad_spec_row_is_named(tmp_path, name, head, model_cls, message):
+    """An unknown module, a 'from' index past the layers: the error names the file and the row."""
+    bad = tmp_path / name
+    bad.write_text("nc: 2\nbackbone:\n  - [-1, 1, Conv, [16, 3, 2]]\nhead:\n" + head)
+    with pytest.raises(UserError, match=message):
+        {"DetectionModel": DetectionModel, "ClassificationModel": ClassificationModel}[model_cls](bad, verbose=False)
 
 
 # ---------------------------------------------------------------- naming and freezing

@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from callbacks.sinks import EventLogSink, MLflowSink, create_run, replay_run
-from callbacks.sinks.mlflow_sink import probe_tracking_uri
+from callbacks.sinks.mlflow_runs import probe_tracking_uri
 from callbacks.sinks.redact import MASK
 from tests.helpers import artifact_paths, feed_as_batches
 from tests.servers import MlflowServer, expected_metrics, free_port, metric_histories, record_stream, running
@@ -278,3 +278,26 @@ def test_per_step_points_every_n_steps_once_per_step(server, tmp_path, via):
     assert [(m.step, m.value) for m in epoch] == [(0, 0.1)]
     with pytest.raises(ValueError, match="log_every_n_steps"):
         MLflowSink(server.url, "proj", "bad", {}, {}, log_every_n_steps=0)
+
+
+def test_event_log_parts_encoded_once_for_both_destinations(server, tmp_path, monkeypatch):
+    """Beside an event-log sink (as the callback actor holds them) the MLflow sink uploads that
+    sink's parts: each part is encoded once and lands in the bucket and in ``events/`` alike."""
+    from callbacks.sinks import ObjectStore, event_parts
+    from callbacks.sinks.event_log import run_prefix
+
+    encoded, encode = [], event_parts.to_parquet
+    monkeypatch.setattr(event_parts, "to_parquet", lambda table: encoded.append(table.num_rows) or encode(table))
+    records = list(record_stream(tmp_path / "save", run_id="orch-8", epochs=2, steps=5))
+    run_id = create_run(server.url, "proj", "shared-parts", {}, {})
+    sink = MLflowSink(server.url, "proj", "shared-parts", {}, {}, run_id=run_id, upload_artifacts=False)
+    log = EventLogSink(str(tmp_path / "store"), "orch-8")
+    feed_as_batches([sink, log], records, batch=5)
+    assert sink.close("FINISHED")["pending_files"] == []  # closed first, as in a run: its last parts too
+    assert log.close("FINISHED")["pending_parts"] == []
+    keys = ObjectStore.from_uri(str(tmp_path / "store")).list(run_prefix("orch-8"))
+    stored = sorted(key.rsplit("/", 1)[-1] for key in keys)
+    logged = sorted(p.split("/", 1)[1] for p in artifact_paths(MlflowClient(server.url), run_id)
+                    if p.startswith("events/"))
+    assert stored == logged and len(stored) >= 3
+    assert len(encoded) == len(stored) and sum(encoded) == len(records)

@@ -187,3 +187,104 @@ def test_digits_learns(tmp_path):
     assert metrics["metrics/accuracy_top1"] >= 0.8, metrics
     pred = model.predict(torch.rand(2, 1, 16, 16), imgsz=16)
     assert len(pred) == 2 and pred[0].probs is not None
+
+
+def step_events_of(recorder) -> list[str]:
+    from tests.helpers import STEP
+    return [e for e in recorder.names if e in STEP]
+
+
+def grad_norm(model) -> float:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]  # zero_grad sets them to None
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+
+
+class TinyClipTrainer(ClassificationTrainer):
+    """Overrides only clip_gradients: its own max norm, the norm before clipping noted."""
+    max_norm = 1e-3
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.norms_before, self.norms_after = [], []
+        self.add_callback("optimizer_step", lambda t: t.norms_after.append(grad_norm(t.model)))
+
+    def clip_gradients(self):
+        self.norms_before.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)))
+
+
+def train_with_all_events(tmp_path, trainer_cls):
+    """Train ``trainer_cls`` quickly; assert every event fired in the expected order and count."""
+    model = Model("cls-n.yaml")
+    rec = EventRecorder().register(model)
+    model.train(**QUICK, trainer=trainer_cls, project=str(tmp_path), name=trainer_cls.__name__)
+    trainer = model.trainer
+    n_batches, n_val = len(trainer.train_loader), len(trainer.test_loader)
+    assert rec.names == expected_events(2, n_batches, trainer.accumulate, n_val)
+    return trainer, rec
+
+
+def test_clip_gradients_override_changes_clipping_and_keeps_the_step_events(tmp_path):
+    trainer, _ = train_with_all_events(tmp_path, TinyClipTrainer)
+    assert len(trainer.norms_before) == len(trainer.norms_after) == trainer.step == 6
+    assert all(after <= TinyClipTrainer.max_norm * (1 + 1e-5) for after in trainer.norms_after)
+    assert all(before > TinyClipTrainer.max_norm for before in trainer.norms_before)  # the clip acted
+
+
+class OwnStepTrainer(ClassificationTrainer):
+    """Overrides optimizer_step() without super(): steps the optimizer itself, fires no event."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.own_steps = 0
+        self.add_callback("on_before_zero_grad", lambda t: t.seen.append(grad_norm(t.model) > 0))
+        self.add_callback("on_params_update", lambda t: t.seen.append(grad_norm(t.model) == 0))
+        self.seen = []
+
+    def optimizer_step(self):
+        self.own_steps += 1
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+def test_optimizer_step_override_keeps_the_step_events_zeroing_and_ema(tmp_path):
+    trainer, rec = train_with_all_events(tmp_path, OwnStepTrainer)
+    assert step_events_of(rec) == ["optimizer_step", "on_before_zero_grad", "on_params_update"] * 6
+    assert trainer.own_steps == trainer.step == trainer.ema.updates == 6  # one EMA update per step
+    assert trainer.seen == [True, True] * 6  # gradients there before zeroing, zero after
+
+
+def test_one_stop_vote_after_on_fit_epoch_end_reaches_the_epoch_reporters(tmp_path):
+    """A callback that sets stop in on_fit_epoch_end ends the run after that epoch; the launcher's
+    epoch reporters (Ray Train's report) run after the vote and see it."""
+    reported = []
+
+    class Reporting(ClassificationTrainer):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.epoch_reporters.append(lambda t: reported.append((t.epoch, t.stop)))
+
+    model = Model("cls-n.yaml")
+    model.add_callback("on_fit_epoch_end", lambda t: setattr(t, "stop", not t.final_eval and t.epoch == 0))
+    rec = EventRecorder().register(model)
+    model.train(**{**QUICK, "epochs": 3}, trainer=Reporting, project=str(tmp_path), name="vote")
+    assert reported == [(0, True)]
+    assert [(e, final) for name, e, final in rec.events if name == "on_fit_epoch_end"] == [(0, False), (1, True)]
+    assert torch.load(model.trainer.last, weights_only=True)["epoch"] == 0
+
+
+@pytest.mark.parametrize("stop, epochs", [(False, 2), (True, 4)])
+def test_restart_of_a_finished_training_runs_only_the_final_evaluation(tmp_path, stop, epochs):
+    """A launcher's restart (resume_stop known) from a checkpoint that ended the training, by its last
+    epoch or by a stop vote, trains no epoch; a user's resume of it would be an error."""
+    first = Model("cls-n.yaml")
+    first.train(**{**QUICK, "epochs": 2}, project=str(tmp_path), name="done")
+    last = str(first.trainer.last)
+    restarted = ClassificationTrainer(overrides={"resume": last, "epochs": epochs})
+    restarted.resume_stop = stop
+    rec = EventRecorder().register(restarted)
+    metrics = restarted.train()
+    assert "on_train_epoch_start" not in rec.names and "metrics/accuracy_top1" in metrics
+    assert [(e, final) for name, e, final in rec.events if name == "on_fit_epoch_end"] == [(2, True)]
+    if epochs > 2:  # not finished by its epochs: a user's resume trains on
+        resumed = ClassificationTrainer(overrides={"resume": last, "epochs": epochs})
+        assert resumed._resume_start(torch.load(last, weights_only=True)) == 2

@@ -57,18 +57,28 @@ def check_event(event: str) -> str:
 # On the wire a record travels as a row: the fields below, in this order. A batch names its
 # stream (run_id, rank, attempt) and first seq once, so rows carry neither; the actor rebuilds
 # the records. Building a list costs a worker a fraction of building the dict (five events
-# fire per optimizer step).
+# fire per optimizer step). Code reads a row's slots by the names below, never by number.
 ROW_FIELDS = ("event", "epoch", "step", "time", "metrics", "artifacts", "final_eval")
+EVENT, EPOCH, STEP, TIME, METRICS, ARTIFACTS, FINAL_EVAL = range(len(ROW_FIELDS))
 
 
-def make_row(event: str, fields: dict) -> list:
-    """The wire form of one event from ``owner.record_fields(event)``-style ``fields``; a list,
-    not a tuple, because Ray's msgpack serializer pickles each tuple separately."""
+def wire_row(event: str, epoch: int, step: int, now: float, metrics: dict, artifacts: dict,
+             final_eval: bool) -> list:
+    """The one place a row is laid out; it checks nothing, so the trainer's per-step path can
+    call it with fields it knows are clean. A list, not a tuple: Ray's msgpack serializer
+    pickles each tuple separately."""
+    return [event, epoch, step, now, metrics, artifacts, final_eval]
+
+
+def make_row(event: str, fields: dict, now: float | None = None) -> list:
+    """The row of ``event`` from ``owner.record_fields(event)``-style ``fields`` (or a record),
+    each field coerced to its type; ``now`` defaults to the current time."""
     metrics, artifacts = fields.get("metrics"), fields.get("artifacts")
-    return [event, int(fields.get("epoch") or 0), int(fields.get("step") or 0), time.time(),
-            clean_metrics(metrics) if metrics else {},
-            {str(k): str(v) for k, v in artifacts.items()} if artifacts else {},
-            bool(fields.get("final_eval", False))]
+    return wire_row(event, int(fields.get("epoch") or 0), int(fields.get("step") or 0),
+                    time.time() if now is None else float(now),
+                    clean_metrics(metrics) if metrics else {},
+                    {str(k): str(v) for k, v in artifacts.items()} if artifacts else {},
+                    bool(fields.get("final_eval", False)))
 
 
 def clean_metrics(metrics: dict) -> dict[str, float]:

@@ -4,9 +4,10 @@ Each sink has methods named after events taking one record, plus ``flush()`` and
 ``close(status)``; none blocks on the network, all survive outages of their endpoint.
 """
 from callbacks.sinks.checkpoints import CheckpointSink, checkpoint_key
-from callbacks.sinks.event_log import SCHEMA as EVENT_SCHEMA
 from callbacks.sinks.event_log import EventLogSink, read_event_log
-from callbacks.sinks.mlflow_sink import MLflowSink, create_run
+from callbacks.sinks.event_parts import SCHEMA as EVENT_SCHEMA
+from callbacks.sinks.mlflow_runs import create_run
+from callbacks.sinks.mlflow_sink import MLflowSink
 from callbacks.sinks.redact import SecretFilter, flatten, install_log_filter, redact_params
 from callbacks.sinks.replay import replay_run
 from callbacks.sinks.storage import LocalStore, ObjectStore, S3Store

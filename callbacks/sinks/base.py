@@ -9,7 +9,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from trainers.events import EVENTS
+from trainers.events import EVENT, EVENTS
 from callbacks.records import record_of
 
 
@@ -34,6 +34,11 @@ class Sink:
     def __setstate__(self, state):
         self.__init__(**state["_args"])
 
+    def bind(self, peers: list) -> None:
+        """See the run's other sinks (the dispatcher calls this once, before ``start``), so a sink
+        can take over work a peer does anyway: the MLflow sink uploads the event-log sink's
+        encoded parts instead of encoding the same rows again. By default a sink works alone."""
+
     def start(self) -> None:
         """Open clients and threads now rather than on the first record (the callback actor calls
         this at start-up, while workers are still starting, so training does not pay for it)."""
@@ -47,8 +52,8 @@ class Sink:
         the event's method as a record."""
         wanted = self.events
         for i, row in enumerate(rows):
-            if wanted is None or row[0] in wanted:
-                getattr(self, row[0])(record_of(stream, first_seq + i, row))
+            if wanted is None or row[EVENT] in wanted:
+                getattr(self, row[EVENT])(record_of(stream, first_seq + i, row))
 
     def flush(self) -> None:
         """Ask for delivery of what is queued; never blocks on the network."""

@@ -4,14 +4,18 @@ The sink owns its queues; ``Courier`` calls the sink's ``pump()`` when kicked or
 ``interval`` seconds. ``pump`` sends what is queued and returns True when nothing is left; when
 it raises, the courier waits (exponential backoff with jitter) and tries again, for as long as
 the sink lives. ``flush``/``close`` wait a bounded time for a pump that started after them.
+``FileCourier`` is a courier with its own ``FileStage``: what a sink that only uploads files needs.
 """
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
+from callbacks.sinks.spool import FileStage
 from trainers.utils import LOGGER
 
 
@@ -135,6 +139,45 @@ class Courier:
             if ticket is not None:
                 self._done = max(self._done, ticket)
             self._cond.notify_all()
+
+
+class FileCourier(Courier):
+    """Snapshots staged in ``directory`` and uploaded with ``upload(target, path)`` in the
+    background: staging never waits on the endpoint, and what was not delivered stays on disk.
+    ``before`` runs at the start of every pump (the event log cuts a part that has grown old)."""
+
+    def __init__(self, name: str, directory: str | os.PathLike, upload: Callable[[str, Path], None],
+                 before: Callable[[], None] | None = None):
+        super().__init__(name, self._send)
+        self.stage = FileStage(directory)
+        self.upload, self.before = upload, before
+        self.sent = 0
+        self.start()
+
+    def _send(self) -> bool:
+        if self.before is not None:
+            self.before()
+        self.sent += len(self.stage.send(self.upload))
+        return len(self.stage) == 0
+
+    def put_file(self, target: str, source: str | os.PathLike) -> bool:
+        """Snapshot ``source`` for ``target`` now; False when that content was staged or sent already."""
+        staged = self.stage.stage(target, source)
+        if staged:
+            self.kick()
+        return staged
+
+    def put_bytes(self, target: str, data: bytes) -> None:
+        if self.stage.stage_bytes(target, data):
+            self.kick()
+
+    def pending(self) -> list[str]:
+        """Targets not delivered yet."""
+        return self.stage.targets()
+
+    def spool_dir(self) -> str | None:
+        """Where undelivered snapshots are kept, while there are any."""
+        return str(self.stage.dir) if len(self.stage) else None
 
 
 def _short(exc: Exception, limit: int = 300) -> str:

@@ -3,7 +3,8 @@
 ``Spool`` is a FIFO of small JSON items (metric points): up to ``max_memory`` items live in
 memory, the rest go to JSON-lines chunk files so an outage of any length costs disk, not RAM.
 ``FileStage`` holds file snapshots waiting for upload, one per target name (latest wins), so a
-file the trainer rewrites later is uploaded as it was when its record arrived.
+file the trainer rewrites later is uploaded as it was when its record arrived; ``FileStage.send``
+is the one upload loop of every sink that stages files.
 """
 from __future__ import annotations
 
@@ -155,6 +156,21 @@ class FileStage:
             items = [(t, p) for t, (p, _) in self._pending.items()]
             self._inflight.update(p for _, p in items)
             return items
+
+    def send(self, upload: Callable[[str, Path], None]) -> list[str]:
+        """Deliver every pending snapshot with ``upload(target, path)``; the targets sent. The
+        first failure leaves it and the rest pending, to be tried again, and is raised."""
+        items, sent = self.pending(), []
+        for i, (target, snap) in enumerate(items):
+            try:
+                upload(target, snap)
+            except Exception:
+                for later_target, later_snap in items[i:]:
+                    self.done(later_target, later_snap, delivered=False)
+                raise
+            self.done(target, snap)
+            sent.append(target)
+        return sent
 
     def done(self, target: str, snap: Path, delivered: bool = True) -> None:
         with self._lock:

@@ -1,7 +1,6 @@
 """torch.distributed helpers that also work in a single process (no process group)."""
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -65,7 +64,3 @@ class ShardSampler(Sampler):
 
     def __len__(self):
         return len(self.indices)
-
-
-def shard_batches(n_items: int, batch: int, world_size: int) -> int:
-    return math.ceil(math.ceil(n_items / world_size) / batch)

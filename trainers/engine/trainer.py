@@ -1,7 +1,8 @@
 """BaseTrainer: the training loop, its lifecycle events (SPEC §3) and overridable methods (SPEC §4).
 
-Read ``train()`` top to bottom: every event is fired from exactly one place in this file, and each
-overridable method is called from one clear place.
+Read ``train()`` top to bottom: each overridable method is called from one clear place, and each
+event fires from one place, except ``on_fit_epoch_end``, which fires at the end of every epoch and
+once more in the final evaluation of best.pt (with ``final_eval`` True).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from trainers.events import STEP_EVENTS
+from trainers.events import STEP_EVENTS, wire_row
 from trainers.registry import CallbackMixin, new_registry, stateful_callbacks
 from trainers.config import Args, get_cfg
 from trainers.engine import checkpoint as ckpt_io
@@ -28,6 +29,7 @@ from trainers.engine.distributed import (any_rank, broadcast_object, gather_obje
 from trainers.engine.ema import ModelEMA
 from trainers.engine.history import History
 from trainers.engine.optim import lr_lambda, make_optimizer, warmup
+from trainers.engine.paths import latest_checkpoint, run_dir
 from trainers.engine.stopper import EarlyStopping
 from trainers.utils import LOGGER, UserError, unwrap_model
 
@@ -51,9 +53,14 @@ class BaseTrainer(CallbackMixin):
         self.args: Args = get_cfg(cfg, overrides)
         self.callbacks = _callbacks if _callbacks is not None else new_registry()
         self.resume_ckpt = self.check_resume()
-        # Set by the Ray worker when Ray Train restarts the run from a checkpoint that ended its
-        # training (the last epoch or an early stop): only the final evaluation is left.
-        self.nothing_left = False
+        # The stop vote recorded with the resumed checkpoint, known when a launcher restarts the run
+        # after a fault (Ray Train keeps it in the checkpoint's metadata). A restart continues as the
+        # run would have: a checkpoint that ended the training leaves only the final evaluation.
+        # None, a user's resume: it trains on after the checkpoint, and a finished run is an error.
+        self.resume_stop: bool | None = None
+        # Launcher functions ``fn(trainer)`` run on every rank at each epoch's end, after the stop
+        # vote, so what they record (Ray Train's report) holds the stop every rank acts on.
+        self.epoch_reporters: list = []
         self.rank, self.world_size = rank_and_world()
         self.device = select_device(self.args.device)
         if self.args.imgsz is None:
@@ -89,11 +96,16 @@ class BaseTrainer(CallbackMixin):
                 self.epoch = epoch
                 self._train_one_epoch()
                 self.run_callbacks("on_train_epoch_end")
-                self.metrics, self.fitness = self._validate_epoch()
-                self._save_epoch()
+                self.metrics, self.fitness = self._validate_when_due()
+                self._update_best_fitness()
+                self._apply_early_stopping()
+                self._gather_rng_states()
+                self._save_checkpoints()
                 self.run_callbacks("on_fit_epoch_end")
-                self._record_epoch()
-                if self._should_stop():
+                self._add_results_row()
+                self._vote_stop()
+                self._report_epoch()
+                if self.stop:
                     break
             self._final_evaluation()
             if self.is_main:
@@ -184,55 +196,75 @@ class BaseTrainer(CallbackMixin):
             self.tloss = self.loss_items if self.tloss is None else (self.tloss * i + self.loss_items) / (i + 1)
             self.scaler.scale(self.loss / self.accumulate).backward()
             if (i + 1) % self.accumulate == 0 or i == nb - 1:
-                self.optimizer_step()
-                self.step += 1
+                self._take_step()
             self.lr = {f"lr/pg{j}": float(g["lr"]) for j, g in enumerate(self.optimizer.param_groups)}
             self.run_callbacks("on_train_batch_end")
             if self.stop and self.world_size == 1:
                 break
         self.scheduler.step()
 
-    def optimizer_step(self) -> None:
-        """Unscale, clip, step, update the scaler, zero the gradients, update the EMA."""
-        self.scaler.unscale_(self.optimizer)
-        nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.args.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+    def _take_step(self) -> None:
+        """One optimizer step with its three events. They fire here, around ``optimizer_step()``,
+        so a subclass that overrides that method keeps them; zeroing and the EMA sit between them."""
+        self.optimizer_step()
         self.run_callbacks("optimizer_step")
         self.run_callbacks("on_before_zero_grad")
         self.optimizer.zero_grad()
         self.ema.update(self.model)
         self.run_callbacks("on_params_update")
+        self.step += 1
 
-    def _validate_epoch(self):
-        """Validate when asked (always on the last epoch); update best fitness."""
-        final_epoch = self.epoch + 1 >= self.epochs
-        if not (self.args.val or final_epoch):
+    def optimizer_step(self) -> None:
+        """Unscale the gradients, clip them, step the optimizer, update the scaler."""
+        self.scaler.unscale_(self.optimizer)
+        self.clip_gradients()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def clip_gradients(self):
+        """Clip the (already unscaled) gradient norm to ``args.clip_grad``; return the norm before."""
+        return nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.args.clip_grad)
+
+    def _validate_when_due(self):
+        """``validate()`` when ``val`` is on and always on the last epoch; ``({}, None)`` otherwise.
+        A NaN fitness counts as 0, so it can neither win best.pt nor hide an improvement."""
+        if not (self.args.val or self.epoch + 1 >= self.epochs):
             return {}, None
         metrics, fitness = self.validate()
-        metrics = dict(metrics)
-        if fitness is not None:
-            fitness = float(np.nan_to_num(float(fitness)))
-            if self.best_fitness is None or fitness > self.best_fitness:
-                self.best_fitness = fitness
-        return metrics, fitness
+        return dict(metrics), None if fitness is None else float(np.nan_to_num(float(fitness)))
 
-    def _save_epoch(self) -> None:
-        """Rank 0 writes last.pt (and best.pt), then fires ``on_model_save``."""
+    def _update_best_fitness(self) -> None:
+        if self.fitness is not None and (self.best_fitness is None or self.fitness > self.best_fitness):
+            self.best_fitness = self.fitness
+
+    def _apply_early_stopping(self) -> None:
+        """``patience`` epochs without a better fitness set ``stop`` (voted on at the epoch's end)."""
         self.stop |= self.stopper(self.epoch, self.fitness)
+
+    def _gather_rng_states(self) -> None:
+        """Every rank's RNG state for the checkpoint, so each rank resumes its own streams."""
+        self._rng_states = gather_objects(ckpt_io.rng_state())
+
+    def _save_checkpoints(self) -> None:
+        """Rank 0 writes last.pt (and best.pt), then fires ``on_model_save``."""
         self._saved_best = False
-        self._rng_states = gather_objects(ckpt_io.rng_state())  # every rank's, so each resumes its own
         if self.is_main and (self.args.save or self.epoch + 1 >= self.epochs):
             if self.save_model() is not False:
                 self.run_callbacks("on_model_save")
 
-    def _record_epoch(self) -> None:
+    def _add_results_row(self) -> None:
         if self.is_main:
             self.history.add(self.epoch_row())
 
-    def _should_stop(self) -> bool:
+    def _vote_stop(self) -> None:
+        """The epoch's one stop vote: every rank stops if any rank set ``stop``, early stopping or
+        a callback (``on_fit_epoch_end`` included), so no rank stops, or waits, alone."""
         self.stop = any_rank(self.stop, self.device)
-        return self.stop
+
+    def _report_epoch(self) -> None:
+        """The launcher's reporters, after the vote: what they record holds the stop all ranks act on."""
+        for report in self.epoch_reporters:
+            report(self)
 
     def _final_evaluation(self) -> None:
         """Validate best.pt once more; ``on_fit_epoch_end`` fires with ``final_eval`` True."""
@@ -350,12 +382,12 @@ class BaseTrainer(CallbackMixin):
 
     def record_row(self, event: str) -> list:
         """The forwarded row (``trainers.events.ROW_FIELDS``) of ``event``. Five events fire per
-        optimizer step, so their rows are built here directly (the metrics are floats already);
+        optimizer step, so their rows go to ``wire_row`` unchecked (the metrics are floats already);
         the others go through ``record_fields`` and ``make_row``, which check every field. A subclass
         that adds fields to per-step records overrides this method, not only ``record_fields``."""
         if event in STEP_EVENTS:
             metrics = self.step_metrics() if event == "on_train_batch_end" and self.loss_items is not None else {}
-            return [event, self.epoch, self.step, time.time(), metrics, {}, self.final_eval]
+            return wire_row(event, self.epoch, self.step, time.time(), metrics, {}, self.final_eval)
         return super().record_row(event)
 
     def step_metrics(self) -> dict:
@@ -450,12 +482,7 @@ class BaseTrainer(CallbackMixin):
 
     def resume_training(self, ckpt: dict) -> None:
         """Restore everything the checkpoint holds and continue after its epoch."""
-        start = ckpt["epoch"] + 1
-        if self.nothing_left:
-            start = self.epochs
-        elif start >= self.epochs:
-            raise UserError(f"run in {self.save_dir} already trained {start} epochs (epochs={self.epochs}); "
-                            f"pass a larger epochs= to continue, or model=<best.pt> to fine-tune")
+        start = self._resume_start(ckpt)
         unwrap_model(self.model).load_state_dict(ckpt["model"])
         self.ema.ema.load_state_dict(ckpt["ema"])
         self.ema.updates = ckpt["updates"]
@@ -476,10 +503,20 @@ class BaseTrainer(CallbackMixin):
                     else f"restarting {self.save_dir} after its last trained epoch ({ckpt['epoch'] + 1}): "
                          f"only the final evaluation is left")
 
+    def _resume_start(self, ckpt: dict) -> int:
+        """The first epoch left to train: the one after the checkpoint's. A restart whose checkpoint
+        ended the training (``resume_stop`` known) has none left: ``epochs``, the final evaluation only."""
+        if self.resume_stop is not None and training_finished(ckpt["epoch"], self.resume_stop, self.epochs):
+            return self.epochs
+        start = ckpt["epoch"] + 1
+        if start >= self.epochs:
+            raise UserError(f"run in {self.save_dir} already trained {start} epochs (epochs={self.epochs}); "
+                            f"pass a larger epochs= to continue, or model=<best.pt> to fine-tune")
+        return start
+
     def get_save_dir(self) -> Path:
         """``project/name`` (numbered unless exist_ok); a resumed run keeps its checkpoint's folder."""
-        project = Path(self.args.project or Path("runs") / (self.args.task or "train"))
-        return increment_path(project / (self.args.name or "train"), self.args.exist_ok)
+        return run_dir(self.args)
 
 
 def init_seeds(seed: int, deterministic: bool, device: torch.device) -> None:
@@ -502,19 +539,7 @@ def take_fraction(dataset, fraction: float):
     return torch.utils.data.Subset(dataset, range(n))
 
 
-def increment_path(path: Path, exist_ok: bool = False) -> Path:
-    """``runs/x/train`` -> ``train2``, ``train3``, ... unless ``exist_ok``."""
-    if exist_ok or not path.exists():
-        return path
-    n = 2
-    while path.with_name(f"{path.name}{n}").exists():
-        n += 1
-    return path.with_name(f"{path.name}{n}")
-
-
-def latest_checkpoint(args) -> Path:
-    root = Path(args.project or "runs")
-    found = sorted(root.rglob("last.pt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise UserError(f"resume=True but no last.pt was found under {root}; pass resume=<path to last.pt>")
-    return found[-1]
+def training_finished(epoch: int, stop: bool, epochs: int) -> bool:
+    """Whether a checkpoint of ``epoch`` (0-based) ended a run of ``epochs``: its last epoch, or
+    every rank voted to stop after it."""
+    return bool(stop) or epoch + 1 >= epochs

@@ -24,7 +24,10 @@ class BaseValidator(CallbackMixin):
         self.training = False
         self.model = None
         self.device = None
+        # The task's metrics object, made by init_metrics; after a validation it holds that
+        # validation's results (SPEC §6). A task without one gets the flat results dict.
         self.metrics = None
+        self.metrics_dict: dict = {}
         self.loss = None
         self.batch_i = 0
         self.batch = None
@@ -60,9 +63,16 @@ class BaseValidator(CallbackMixin):
             self.run_callbacks("on_val_batch_end")
         stats = self.get_stats()
         stats.update(self._val_losses())
-        self.metrics_dict = stats
+        self._keep_results(stats)
         self.run_callbacks("on_val_end")
         return {**stats, **self._logged}
+
+    def _keep_results(self, stats: dict) -> None:
+        """``metrics_dict`` is the flat dict returned; ``metrics`` stays the task's object, or is that
+        dict when the task keeps none (also when it was the previous validation's dict)."""
+        if self.metrics is None or self.metrics is self.metrics_dict:
+            self.metrics = stats
+        self.metrics_dict = stats
 
     def _val_losses(self) -> dict:
         if not self.training or self.trainer is None:
@@ -104,7 +114,7 @@ class BaseValidator(CallbackMixin):
 
     def record_fields(self, event: str) -> dict:
         trainer = self.trainer or self.parent
-        metrics = dict(getattr(self, "metrics_dict", {})) if event == "on_val_end" else {}
+        metrics = dict(self.metrics_dict) if event == "on_val_end" else {}
         return {"epoch": trainer.epoch if trainer else 0, "step": trainer.step if trainer else self.batch_i,
                 "metrics": metrics, "artifacts": dict(self.plots) if event == "on_val_end" else {},
                 "final_eval": bool(trainer and trainer.final_eval)}

@@ -1,0 +1,325 @@
+"""Driver side of event forwarding: the dispatcher of worker records to driver callbacks.
+
+It runs inside the callback actor (``callbacks/actor.py``) on Ray, and in the training process
+itself when a run has no Ray workers.
+
+Driver callbacks are ``(event, fn)`` pairs (``fn(record)``) and sink objects (event-named
+methods taking a record, optional ``start()``, ``flush()`` and ``close(status)``); both run here,
+in registration order, so a slow or failing logger never runs in a training process.
+
+Each stream (run_id, rank, attempt) is dispatched strictly in ``seq`` order: early arrivals
+wait until the gap fills, duplicates are dropped. ``ingest`` returns only after dispatching and
+acknowledges the next expected ``seq`` per stream, so an acknowledged record has reached every
+callback. The actor is restartable (``max_restarts=-1``): Ray rebuilds it from the same
+constructor arguments, the forwarders resend what was not acknowledged, and each batch's
+``floors`` tell the new incarnation where each stream resumes.
+
+A failing callback is isolated: logged once per callback and event, counted, and listed in the
+report; it never raises into ``ingest``.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Callable, Iterable
+
+import ray
+
+from trainers.events import EVENT, EVENTS, check_event
+from trainers.registry import callback_name
+from callbacks.records import record_key, record_of, records_from_rows
+from callbacks.sinks.base import Sink
+from trainers.utils import LOGGER, UserError
+
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+class _Entry:
+    """One driver callback: a function for one event, or a sink with event-named methods (and
+    maybe ``handle_rows``, which takes in-order batches whole)."""
+
+    __slots__ = ("name", "obj", "handlers", "is_sink", "rows")
+
+    def __init__(self, name: str, obj, handlers: dict[str, Callable], is_sink: bool):
+        self.name, self.obj, self.handlers, self.is_sink = name, obj, handlers, is_sink
+        rows = getattr(obj, "handle_rows", None) if is_sink else None
+        self.rows: Callable | None = rows if callable(rows) else None
+
+
+def _entry(item, index: int) -> _Entry:
+    if isinstance(item, tuple):
+        if len(item) != 2 or not isinstance(item[0], str):
+            raise UserError(f"driver callback #{index}: expected (event, fn) or a sink object, got {item!r}")
+        event, fn = check_event(item[0]), item[1]
+        if not callable(fn):
+            raise UserError(f"driver callback #{index} for {event!r} is not callable: {fn!r}")
+        return _Entry(callback_name(fn), fn, {event: fn}, is_sink=False)
+    wanted = (isinstance(item, Sink) and item.events) or EVENTS  # a Sink may name the events it acts on
+    handlers = {e: getattr(item, e) for e in EVENTS if e in wanted and callable(getattr(item, e, None))}
+    if not handlers:
+        raise UserError(f"driver callback #{index} ({type(item).__name__}) is neither an (event, fn) "
+                        f"pair nor a sink with a method named after an event")
+    return _Entry(type(item).__name__, item, handlers, is_sink=True)
+
+
+def driver_entries(driver_callbacks: Iterable) -> list[_Entry]:
+    """Validate and normalize driver callbacks, keeping their registration order."""
+    return [_entry(item, i) for i, item in enumerate(driver_callbacks or ())]
+
+
+def listened_events(driver_callbacks: Iterable) -> set[str]:
+    """The events some driver callback handles: what forwarders need to send (``events=``)."""
+    return {event for entry in driver_entries(driver_callbacks) for event in entry.handlers}
+
+
+def bind_sinks(entries: list[_Entry]) -> None:
+    """Introduce each ``Sink`` to the others (``Sink.bind``) before any of them starts."""
+    sinks = [entry.obj for entry in entries if isinstance(entry.obj, Sink)]
+    for sink in sinks:
+        sink.bind([peer for peer in sinks if peer is not sink])
+
+
+class _Stream:
+    __slots__ = ("next_seq", "pending")
+
+    def __init__(self, next_seq: int = 0):
+        self.next_seq = next_seq
+        self.pending: dict[int, dict] = {}
+
+
+class Dispatcher:
+    """The actor's logic as a plain class; ``CallbackActor`` below is its Ray actor form."""
+
+    def __init__(self, driver_callbacks: Iterable = ()):
+        self._entries = driver_entries(driver_callbacks)
+        self._table: dict[str, list[tuple[int, Callable]]] = {}  # event -> per-record handlers
+        self._row_table: dict[str, list[tuple[int, Callable]]] = {}  # the same without bulk sinks
+        for index, entry in enumerate(self._entries):
+            for event, fn in entry.handlers.items():
+                self._table.setdefault(event, []).append((index, fn))
+                if entry.rows is None:
+                    self._row_table.setdefault(event, []).append((index, fn))
+        self._bulk = [(index, entry.rows) for index, entry in enumerate(self._entries) if entry.rows]
+        bind_sinks(self._entries)
+        self._streams: dict[tuple, _Stream] = {}
+        self._counts = dict(received=0, duplicates=0, dispatched=0, malformed=0,
+                            after_finish=0, gaps=0, batches=0)
+        self._failures: dict[tuple[int, str], list] = {}  # (entry, event) -> [count, first error]
+        self._status: str | None = None
+        self._busy = 0.0  # seconds spent inside ingest (dispatch included)
+        self._sink_reports: dict = {}  # what each sink's close(status) returned
+        self._restarted = _was_restarted()
+        if self._restarted:
+            LOGGER.warning("callback actor restarted: workers resend what was not acknowledged")
+
+    # ------------------------------------------------------------------ ingest
+    def ping(self) -> bool:
+        return True
+
+    def ingest(self, batch: list[dict], floors: dict | None = None) -> dict:
+        """Dispatch a batch in per-stream seq order; ack = next expected seq of each stream."""
+        started = time.perf_counter()
+        touched = self._apply_floors(floors)
+        duplicates = self._counts["duplicates"]
+        self._counts["batches"] += 1
+        for record in batch:
+            stream = self._accept(record, touched)
+            if stream is not None and stream.pending:
+                self._drain(stream)
+        self._busy += time.perf_counter() - started
+        return {"received": len(batch), "duplicates": self._counts["duplicates"] - duplicates,
+                "next_seq": {key: stream.next_seq for key, stream in touched.items()}}
+
+    def ingest_rows(self, stream: tuple, first_seq: int, rows: list, floors: dict | None = None) -> dict:
+        """``ingest`` for a forwarder's compact batch: consecutive rows of one stream.
+
+        The common case, a batch that continues its stream with nothing waiting, is dispatched
+        without building a record per row: sinks with ``handle_rows`` take the rows whole, and
+        records are built only for rows that another callback listens to. Anything else (a gap,
+        a resend) goes through ``ingest`` record by record."""
+        started = time.perf_counter()
+        key, first_seq = tuple(stream), int(first_seq)
+        touched = self._apply_floors(floors)
+        current = touched.get(key) or self._stream(key)
+        if self._status is not None or first_seq != current.next_seq or current.pending:
+            return self.ingest(records_from_rows(key, first_seq, rows), floors)
+        touched[key] = current
+        self._counts["batches"] += 1
+        self._counts["received"] += len(rows)
+        self._dispatch_rows(key, first_seq, rows)
+        current.next_seq = first_seq + len(rows)
+        self._busy += time.perf_counter() - started
+        return {"received": len(rows), "duplicates": 0,
+                "next_seq": {k: s.next_seq for k, s in touched.items()}}
+
+    def _apply_floors(self, floors: dict | None) -> dict[tuple, _Stream]:
+        return {tuple(key): self._apply_floor(tuple(key), int(floor)) for key, floor in (floors or {}).items()}
+
+    def _stream(self, key: tuple) -> _Stream:
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = _Stream()
+        return stream
+
+    def _apply_floor(self, key: tuple, floor: int) -> _Stream:
+        """Everything below ``floor`` was dispatched already (maybe by an earlier incarnation)."""
+        stream = self._stream(key)
+        if floor > stream.next_seq:
+            for seq in [s for s in stream.pending if s < floor]:
+                del stream.pending[seq]
+                self._counts["duplicates"] += 1
+            stream.next_seq = floor
+            self._drain(stream)
+        return stream
+
+    def _accept(self, record, touched: dict) -> _Stream | None:
+        self._counts["received"] += 1
+        try:
+            key = record_key(record)
+            stream_key, seq = key[:3], int(key[3])
+        except (KeyError, TypeError, ValueError, IndexError):
+            self._count_malformed(record)
+            return None
+        stream = touched.get(stream_key) or self._stream(stream_key)
+        touched[stream_key] = stream
+        if self._status is not None:  # sinks are closed: consume so senders stop resending
+            if self._counts["after_finish"] == 0:
+                LOGGER.warning(f"callback actor: records arrived after finish({self._status}); "
+                               f"they are counted, not dispatched")
+            self._counts["after_finish"] += 1
+            stream.next_seq = max(stream.next_seq, seq + 1)
+            return None
+        if seq < stream.next_seq or seq in stream.pending:
+            self._counts["duplicates"] += 1
+        elif seq == stream.next_seq and not stream.pending:
+            self._dispatch(record)
+            stream.next_seq += 1
+        else:
+            stream.pending[seq] = record
+        return stream
+
+    def _drain(self, stream: _Stream) -> None:
+        pending = stream.pending
+        while stream.next_seq in pending:
+            self._dispatch(pending.pop(stream.next_seq))
+            stream.next_seq += 1
+
+    def _count_malformed(self, record) -> None:
+        if self._counts["malformed"] == 0:
+            LOGGER.warning(f"callback actor: dropped a malformed record (further ones are counted): "
+                           f"{str(record)[:200]}")
+        self._counts["malformed"] += 1
+
+    # ------------------------------------------------------------------ dispatch
+    def _dispatch(self, record: dict) -> None:
+        event = record.get("event")
+        self._call(self._table.get(event, ()), event, record)
+        self._counts["dispatched"] += 1
+
+    def _call(self, handlers, event: str, record: dict) -> None:
+        for index, fn in handlers:
+            try:
+                fn(record)
+            except Exception as exc:  # isolate: a driver callback never breaks ingest
+                self._fail(index, event, exc)
+
+    def _dispatch_rows(self, stream: tuple, first_seq: int, rows: list) -> None:
+        """An in-order batch: whole to bulk sinks, then record by record to other callbacks
+        (each callback still sees every stream's records in seq order)."""
+        for index, handle_rows in self._bulk:
+            try:
+                handle_rows(stream, first_seq, rows)
+            except Exception as exc:
+                self._fail(index, "handle_rows", exc)
+        table = self._row_table
+        if table:
+            for i, row in enumerate(rows):
+                handlers = table.get(row[EVENT])
+                if handlers:
+                    self._call(handlers, row[EVENT], record_of(stream, first_seq + i, row))
+        self._counts["dispatched"] += len(rows)
+
+    def _fail(self, index: int, event: str, exc: BaseException) -> None:
+        slot = self._failures.get((index, event))
+        if slot is None:
+            message = f"{type(exc).__name__}: {exc}"
+            self._failures[(index, event)] = [1, message]
+            LOGGER.warning(f"driver callback {self._entries[index].name} failed in {event}: {message} "
+                           f"(later failures are counted in the run report)")
+        else:
+            slot[0] += 1
+
+    def _call_sinks(self, method: str, *args) -> dict:
+        """Call ``method`` on every sink that has it; what each returned, by sink name."""
+        results = {}
+        for index, entry in enumerate(self._entries):
+            fn = getattr(entry.obj, method, None) if entry.is_sink else None
+            if callable(fn):
+                name = entry.name if entry.name not in results else f"{entry.name}#{index}"
+                try:
+                    results[name] = fn(*args)
+                except Exception as exc:
+                    self._fail(index, method, exc)
+        return results
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> dict:
+        """Let sinks open their clients before the first record arrives (``Sink.start``)."""
+        self._call_sinks("start")
+        return self.stats()
+
+    def flush(self) -> dict:
+        """Ask every sink to flush what it buffers."""
+        self._call_sinks("flush")
+        return self.stats()
+
+    def finish(self, status: str = "FINISHED") -> dict:
+        """Dispatch what waits behind a gap, flush, close sinks with ``status``; the report
+        (with each sink's own close() result under ``sinks``)."""
+        if status not in STATUSES:
+            raise ValueError(f"finish status={status!r}: must be one of {', '.join(STATUSES)}")
+        if self._status is None:
+            self._release_pending()
+            self._call_sinks("flush")
+            self._sink_reports = self._call_sinks("close", status)
+            self._status = status
+        return self.report()
+
+    def _release_pending(self) -> None:
+        """At the end no resend can fill a gap: dispatch the rest in order, counting the holes."""
+        for key, stream in self._streams.items():
+            if stream.pending:
+                missing = max(stream.pending) + 1 - stream.next_seq - len(stream.pending)
+                LOGGER.warning(f"callback actor: stream {key} ends with {missing} missing records")
+                self._counts["gaps"] += missing
+                for seq in sorted(stream.pending):
+                    self._dispatch(stream.pending.pop(seq))
+                    stream.next_seq = seq + 1
+
+    def stats(self) -> dict:
+        out = dict(self._counts)
+        out.update(pending=sum(len(s.pending) for s in self._streams.values()),
+                   streams={key: s.next_seq for key, s in self._streams.items()},
+                   restarted=self._restarted, status=self._status, busy_seconds=self._busy,
+                   failed_calls=sum(count for count, _ in self._failures.values()))
+        return out
+
+    def report(self) -> dict:
+        """Counts plus, per failing callback and event, the failure count and first error."""
+        out = self.stats()
+        out["failures"] = [{"callback": self._entries[index].name, "event": event, "count": count,
+                            "first_error": first}
+                           for (index, event), (count, first) in sorted(self._failures.items())]
+        out["sinks"] = dict(self._sink_reports)
+        return out
+
+
+def _was_restarted() -> bool:
+    if not ray.is_initialized():  # a plain Dispatcher: asking the runtime would start Ray
+        return False
+    with warnings.catch_warnings():  # Ray's property warns about an internal deprecated call
+        warnings.simplefilter("ignore")
+        try:
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        except Exception:  # not inside an actor (plain Dispatcher)
+            return False

@@ -1,0 +1,210 @@
+"""Event-log parts: a run's rows as immutable Parquet files in one schema, each encoded once.
+
+A part holds consecutive records of one (rank, attempt), named ``part-<rank>-<attempt>-<first
+seq>.parquet`` under ``events/run_id=<id>/``: its name is fixed by its content, so a part re-sent
+after an uncertain failure overwrites itself. ``EventParts`` buffers rows, decides when to cut
+(size, age, epoch end, close) and hands each part's bytes to every subscriber: the event-log
+sink's object store, and the MLflow sink's ``events/`` artifacts. Encoding is most of what the
+event log costs the callback actor, so when both sinks serve a run the MLflow sink subscribes to
+the event-log sink's parts (``Sink.bind``) instead of encoding the same rows again; either sink
+alone keeps its own ``EventParts``, cut the same way.
+"""
+from __future__ import annotations
+
+import io
+import threading
+import time
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from callbacks.records import row_of, spans_after
+from trainers.events import ROW_FIELDS
+from trainers.utils import LOGGER
+
+SCHEMA = pa.schema([
+    ("event", pa.string()),
+    ("rank", pa.int32()),
+    ("attempt", pa.int64()),  # a start time in ms under Ray (callbacks/records.py)
+    ("seq", pa.int64()),
+    ("epoch", pa.int32()),
+    ("step", pa.int64()),
+    ("time", pa.float64()),
+    ("metrics", pa.map_(pa.string(), pa.float64())),
+    ("artifacts", pa.map_(pa.string(), pa.string())),
+    ("final_eval", pa.bool_()),
+])
+MAX_ROWS = 20_000  # rows per part at most (bounds the actor's memory)
+MAX_AGE = 30.0  # seconds the oldest buffered row waits for its part at most
+EPOCH_END = "on_fit_epoch_end"  # every epoch's records are in parts once the epoch is over
+
+
+def run_prefix(run_id: str) -> str:
+    return f"events/run_id={run_id}/"
+
+
+def part_key(run_id: str, rank: int, attempt: int, first_seq: int) -> str:
+    return f"{run_prefix(run_id)}part-{rank}-{attempt}-{first_seq:09d}.parquet"
+
+
+def rows_table(rank: int, attempt: int, seqs: list[int], rows: list[list]) -> pa.Table:
+    """Rows of one (rank, attempt) (``trainers.events.ROW_FIELDS``) -> an Arrow table in SCHEMA
+    (the run id lives in the partition path). Columns are built by Arrow, not per row in Python:
+    this runs on every record of a run."""
+    n = len(rows)
+    columns = list(zip(*rows)) if rows else [()] * len(ROW_FIELDS)
+    by_name = dict(zip(ROW_FIELDS, columns))
+    by_name.update(rank=[rank] * n, attempt=[attempt] * n, seq=seqs)
+    arrays = [pa.array(by_name[f.name], f.type) for f in SCHEMA]
+    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+
+
+def _coerced(seqs: list[int], rows: list) -> tuple[list[int], list[list]]:
+    """Rows with each field coerced to its type; a row that cannot be is dropped, with a warning."""
+    kept_seqs, kept_rows = [], []
+    for seq, row in zip(seqs, rows):
+        try:
+            kept_rows.append(row_of(dict(zip(ROW_FIELDS, row))))
+        except (TypeError, ValueError, AttributeError) as exc:
+            LOGGER.warning(f"event log: dropped a malformed row ({type(exc).__name__}: {exc}): {str(row)[:200]}")
+            continue
+        kept_seqs.append(seq)
+    return kept_seqs, kept_rows
+
+
+def to_parquet(table: pa.Table) -> bytes:
+    """Dictionary encoding for the event names only: tried on every column (the default) it
+    doubled the time and the size, since times, steps and seqs never repeat."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd", use_dictionary=["event"])
+    return sink.getvalue()
+
+
+class _Group:
+    """Rows of one (rank, attempt) waiting for the next cut, with their seqs."""
+
+    __slots__ = ("run_id", "seqs", "rows")
+
+    def __init__(self, run_id):
+        self.run_id, self.seqs, self.rows = run_id, [], []
+
+
+class PartBuffer:
+    """Collects rows and cuts them into parts: one per (rank, attempt), ordered by seq.
+
+    Rows arrive whole from the callback actor (``add_rows``: a worker's batch, consecutive seqs)
+    or one record at a time (``add``); either way they are kept as rows and turned into columns
+    only at the cut."""
+
+    def __init__(self):
+        self._groups: dict[tuple[int, int], _Group] = {}
+        self.count = 0
+        self.first_time: float | None = None
+
+    def _group(self, run_id, rank: int, attempt: int) -> _Group:
+        group = self._groups.get((rank, attempt))
+        if group is None:
+            group = self._groups[(rank, attempt)] = _Group(run_id)
+        if self.first_time is None:
+            self.first_time = time.monotonic()
+        return group
+
+    def add(self, record: dict, event: str | None = None) -> None:
+        group = self._group(record.get("run_id"), int(record.get("rank", -1)), int(record.get("attempt", 0)))
+        group.seqs.append(int(record.get("seq", 0)))
+        group.rows.append(row_of(record, event))
+        self.count += 1
+
+    def add_rows(self, stream: tuple, first_seq: int, rows: list) -> None:
+        run_id, rank, attempt = stream
+        group = self._group(run_id, int(rank), int(attempt))
+        group.seqs.extend(range(first_seq, first_seq + len(rows)))
+        group.rows.extend(rows)
+        self.count += len(rows)
+
+    def age(self) -> float:
+        return 0.0 if self.first_time is None else time.monotonic() - self.first_time
+
+    def cut(self, run_id: str | None = None) -> list[tuple[str, bytes]]:
+        """(key, parquet bytes) per group; ``run_id`` defaults to the records' own."""
+        parts = []
+        for (rank, attempt), group in sorted(self._groups.items()):
+            seqs, rows = group.seqs, group.rows
+            if any(b < a for a, b in zip(seqs, seqs[1:])):  # records added out of order
+                order = sorted(range(len(seqs)), key=seqs.__getitem__)
+                seqs, rows = [seqs[i] for i in order], [rows[i] for i in order]
+            try:
+                table = rows_table(rank, attempt, seqs, rows)
+            except (pa.ArrowException, TypeError, ValueError):  # a malformed row: coerce each
+                table = rows_table(rank, attempt, *_coerced(seqs, rows))
+            key = part_key(run_id or group.run_id, rank, attempt, seqs[0])
+            parts.append((key, to_parquet(table)))
+        self._groups.clear()
+        self.count, self.first_time = 0, None
+        return parts
+
+
+class EventParts:
+    """A run's rows cut into parts, each encoded once and handed to every subscriber.
+
+    Parts are cut when ``max_rows`` rows are buffered, when the oldest is ``max_age`` s old (seen
+    as rows arrive, or by ``cut_if_old`` from a courier), after every epoch end and on ``cut``.
+    A subscriber is ``fn(key, data)`` and should only stage the bytes: it runs on the caller's
+    thread. Thread-safe: rows come from the actor, age cuts from a courier thread."""
+
+    def __init__(self, run_id: str | None = None, max_rows: int = MAX_ROWS, max_age: float = MAX_AGE):
+        self.run_id, self.max_rows, self.max_age = run_id, max_rows, max_age
+        self.rows = 0  # rows cut into parts so far
+        self._buffer = PartBuffer()
+        self._receivers: list[Callable[[str, bytes], None]] = []
+        self._lock = threading.Lock()
+
+    def subscribe(self, receiver: Callable[[str, bytes], None]) -> None:
+        with self._lock:
+            self._receivers.append(receiver)
+
+    def unsubscribe(self, receiver: Callable[[str, bytes], None]) -> None:
+        with self._lock:
+            if receiver in self._receivers:
+                self._receivers.remove(receiver)
+
+    def add(self, record: dict, event: str) -> None:
+        """One record (cut after it when it ends an epoch)."""
+        with self._lock:
+            self._buffer.add(record, event)
+        self._cut_if_due(event == EPOCH_END)
+
+    def add_rows(self, stream: tuple, first_seq: int, rows: list) -> None:
+        """A worker's batch as it came: kept as rows, cut at the same epoch ends as per record."""
+        for start, end, epoch_end in spans_after(rows, EPOCH_END):
+            with self._lock:
+                self._buffer.add_rows(stream, first_seq + start, rows[start:end])
+            self._cut_if_due(epoch_end)
+
+    def _cut_if_due(self, epoch_end: bool) -> None:
+        if epoch_end or self._buffer.count >= self.max_rows or self._buffer.age() >= self.max_age:
+            self.cut()
+
+    def cut_if_old(self) -> None:
+        if self._buffer.age() >= self.max_age:
+            self.cut()
+
+    def cut(self) -> None:
+        """Encode what is buffered into parts now and hand them out."""
+        with self._lock:
+            self.rows += self._buffer.count
+            parts = self._buffer.cut(self.run_id)
+            receivers = list(self._receivers)
+        for key, data in parts:
+            for receiver in receivers:
+                _hand(receiver, key, data)
+
+
+def _hand(receiver: Callable[[str, bytes], None], key: str, data: bytes) -> None:
+    """One destination failing to stage a part (a full disk) costs it that part, not the others."""
+    try:
+        receiver(key, data)
+    except Exception as exc:
+        LOGGER.warning(f"event log: part {key} could not be staged for "
+                       f"{getattr(receiver, '__qualname__', receiver)}: {type(exc).__name__}: {exc}")

@@ -1,0 +1,101 @@
+"""The MLflow sink's delivery side: the only code that waits on the tracking server.
+
+It runs on the sink's courier thread. Attaching finds the run by its ``orchestrator.run_id``
+tag (so the sink of a restarted actor reuses the run) or creates it, then logs params (once)
+and tags. Metrics go with ``log_batch``; a batch MLflow rejects as invalid is split until the bad
+point is found and dropped (counted), so one bad value never blocks the rest of the run.
+Re-sending a point after an uncertain failure is harmless: the SQL store ignores an exact
+duplicate (same key, value, step, timestamp). Any other failure propagates to the courier,
+which keeps the data queued and retries.
+"""
+from __future__ import annotations
+
+import posixpath
+from pathlib import Path
+
+from callbacks.sinks.mlflow_runs import (RUN_ID_TAG, announce_run, find_run, first_line, is_invalid,
+                                         log_params_tags, mlflow_client, new_run)
+from trainers.utils import LOGGER
+
+
+class RunWriter:
+    """Writes to one MLflow run: ``attach`` first, then points, files and finally the status."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, params: dict[str, str],
+                 tags: dict[str, str], *, run_id: str | None = None, parent_run_id: str | None = None,
+                 orch_run_id: str | None = None, find_existing: bool = True):
+        self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
+        self.params, self.tags, self.parent_run_id = params, tags, parent_run_id
+        self.run_id, self.orch_run_id, self.find_existing = run_id, orch_run_id, find_existing
+        self.ready = self.terminated = False
+        self.delivered = self.rejected = 0
+        self._client = None
+
+    def client(self):
+        if self._client is None:
+            self._client = mlflow_client(self.tracking_uri)
+        return self._client
+
+    def attach(self) -> None:
+        """Find or create the run, then log params (once) and tags."""
+        if self.ready:
+            return
+        tags = dict(self.tags)
+        if self.orch_run_id:
+            tags.setdefault(RUN_ID_TAG, self.orch_run_id)
+        if self.run_id is None:
+            self.run_id = self._existing_run() or self._new_run(tags)
+        try:
+            log_params_tags(self.client(), self.run_id, self.params, tags)
+        except Exception as exc:
+            if not is_invalid(exc):
+                raise
+            LOGGER.warning(f"mlflow: params/tags of run {self.run_id} rejected ({first_line(exc)}); "
+                           f"logging metrics without them")
+        self.ready = True
+
+    def _existing_run(self) -> str | None:
+        """A run already made for these records (e.g. before an actor restart)."""
+        if not (self.find_existing and self.orch_run_id):
+            return None
+        run = find_run(self.client(), self.experiment, self.orch_run_id)
+        return run.info.run_id if run else None
+
+    def _new_run(self, tags: dict) -> str:
+        run_id = new_run(self.client(), self.experiment, self.run_name, tags, self.parent_run_id)
+        announce_run(run_id, self.experiment, self.tracking_uri)
+        return run_id
+
+    def send_points(self, points: list[list]) -> None:
+        """Points ``[key, value, timestamp ms, step]``, at most 1000 (MLflow's limit per request)."""
+        from mlflow.entities import Metric
+        self._send([Metric(k, v, ts, step) for k, v, ts, step in points])
+        self.delivered += len(points)
+
+    def _send(self, metrics: list) -> None:
+        try:
+            self.client().log_batch(self.run_id, metrics=metrics, synchronous=True)
+        except Exception as exc:
+            if not is_invalid(exc):
+                raise
+            if len(metrics) == 1:
+                self._reject(metrics[0], exc)
+                return
+            half = len(metrics) // 2
+            self._send(metrics[:half])
+            self._send(metrics[half:])
+
+    def _reject(self, metric, exc: Exception) -> None:
+        self.rejected += 1
+        if self.rejected == 1:
+            LOGGER.warning(f"mlflow: point {metric.key}@{metric.step} rejected "
+                           f"({first_line(exc)}); dropped (further ones are counted)")
+
+    def send_file(self, target: str, path: Path) -> None:
+        """A staged snapshot as the artifact ``target`` (its folder part is the artifact path)."""
+        self.client().log_artifact(self.run_id, str(path), posixpath.dirname(target) or None)
+
+    def terminate(self, status: str) -> None:
+        if not self.terminated:
+            self.client().set_terminated(self.run_id, status)
+            self.terminated = True

@@ -1,0 +1,89 @@
+"""One training run on the driver, whichever backend trains it.
+
+Every run goes through the same steps: a run id, the run folder fixed before any worker starts,
+the MLflow run and the sinks, the driver callbacks started, training, the sinks closed with the
+run's status, best.pt registered. A backend only says where the callbacks run and where training
+runs: this process (``local_run.LocalBackend``) or Ray Train workers (``ray_launch.RayBackend``).
+
+A backend has ``defer_run`` (whether the callback actor, not the driver, creates the MLflow run),
+``connect()``, ``start(session)``, ``train(session)``, ``finish(session, status) -> report`` and
+``outcome() -> dict`` (what it adds to the result).
+"""
+from __future__ import annotations
+
+from callbacks.sinks.factory import SINK_CLASSES, forwarded_events
+from orchestrator.results import ResultSink
+from orchestrator.run_setup import mlflow_run_of, new_run_id, register_best, resolve_run, start_tracking
+
+
+def run_events(driver_callbacks) -> list[str]:
+    """What a run's workers forward: the events of its sinks, its ResultSink and the user's callbacks."""
+    return forwarded_events(driver_callbacks, (*SINK_CLASSES, ResultSink))
+
+
+def run_callbacks(sinks: list, driver_callbacks) -> list:
+    """A run's driver callbacks in dispatch order: its sinks, a ResultSink, the user's."""
+    return [*sinks, ResultSink(), *driver_callbacks]
+
+
+def train_run(factory, args, driver_callbacks) -> dict:
+    """Train on Ray Train workers (``num_workers > 0``) or in this process; see ``RunSession.run``."""
+    return RunSession(factory, args, driver_callbacks, backend_for(args)).run()
+
+
+def backend_for(args):
+    """Ray's training modules are imported only for a Ray run (seconds of start-up otherwise)."""
+    if args.num_workers > 0:
+        from orchestrator.ray_launch import RayBackend
+
+        return RayBackend()
+    from orchestrator.local_run import LocalBackend
+
+    return LocalBackend()
+
+
+class RunSession:
+    """A run's set-up (run id, args with the fixed run folder, sinks, callbacks) and its one
+    way from start to result."""
+
+    def __init__(self, factory, args, driver_callbacks, backend):
+        self.backend = backend
+        backend.connect()  # an unreachable cluster fails before a run is created
+        self.run_id = new_run_id()
+        factory.overrides.update(resolve_run(args))
+        self.factory = factory
+        self.args = type(args)(**{**args.to_dict(), **factory.overrides})
+        self.sinks = start_tracking(self.args, self.run_id, defer_run=backend.defer_run)
+        self.callbacks = run_callbacks(self.sinks, driver_callbacks)
+        self.events = run_events(driver_callbacks)
+        self.report: dict = {}
+
+    def run(self) -> dict:
+        """Train; close the sinks with FINISHED, FAILED or KILLED (Ctrl+C); register best.pt.
+        Returns metrics, best (best.pt's path), run_id, report and what the backend adds."""
+        self.backend.start(self)
+        self.report = self._train()
+        register_best(self.args, mlflow_run_of(self.report), self.results.get("metrics", {}))
+        return self.outcome()
+
+    def _train(self) -> dict:
+        status = "FAILED"
+        try:
+            self.backend.train(self)
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            report = self.backend.finish(self, status)
+        return report
+
+    @property
+    def results(self) -> dict:
+        """What the run's ResultSink reported when it closed."""
+        return self.report.get("sinks", {}).get(ResultSink.__name__, {})
+
+    def outcome(self) -> dict:
+        results = self.results
+        return {"metrics": results.get("metrics", {}), "best": results.get("best"), "run_id": self.run_id,
+                "report": self.report, **self.backend.outcome()}

@@ -1,0 +1,182 @@
+"""Driver-side state of a sweep: one callback actor and one MLflow child run per trial.
+
+The sweep driver starts a trial's callback actor when Tune starts the trial: it holds the
+trial's MLflow, event-log and checkpoint sinks, exactly as for ``orchestrator train``, and the
+trial's workers forward their records to it. Because the driver owns it, it outlives the
+trial: when Tune stops a trial early (ASHA), kills it or the trial fails, the driver still
+closes the child run with KILLED or FAILED. A PBT restart or a retry of the same trial reuses
+the actor and the child run.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import ray
+
+from callbacks.actor import start_callback_actor
+from callbacks.sinks import flatten
+from callbacks.sinks.factory import run_sinks
+from callbacks.sinks.mlflow_runs import RUN_ID_TAG, create_run, find_run, mlflow_client, reopen_run
+from orchestrator.run_setup import run_tags
+from orchestrator.session import run_callbacks
+from trainers.config import get_cfg
+from trainers.utils import LOGGER, UserError
+
+_SWEEPS: dict[str, "SweepState"] = {}  # sweep id -> live state of this driver process
+
+
+class SweepState:
+    """Driver-side bookkeeping of one sweep: trial actors, child runs, final statuses."""
+
+    def __init__(self, sweep_id: str, parent_run_id: str, tracking_uri: str, experiment: str,
+                 setup, base_args, driver_callbacks=()):
+        self.sweep_id, self.parent_run_id = sweep_id, parent_run_id
+        self.tracking_uri, self.experiment = tracking_uri, experiment
+        self.setup, self.base_args, self.driver_callbacks = setup, base_args, list(driver_callbacks)
+        self.actors: dict[str, object] = {}
+        self.mlflow_runs: dict[str, str] = {}
+        self.configs: dict[str, dict] = {}
+        self.status: dict[str, str] = {}
+        self.pending: dict[str, object] = {}  # trial id -> ObjectRef of actor.finish(status)
+        self.fatal: str | None = None
+        self.interrupted = False  # Ctrl+C / SIGUSR1: Tune saved the experiment and stopped
+        self.errors: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    # -------------------------------------------------------------------- trials
+    def trial_args(self, trial_id: str, config: dict):
+        return get_cfg(None, self.setup.overrides(trial_id, config))
+
+    def open_trial(self, trial) -> None:
+        trial_id, config = trial.trial_id, dict(trial.config)
+        if trial_id in self.actors:
+            self._log_new_config(trial, config)
+            return
+        args = self.trial_args(trial_id, config)
+        run_id = self.setup.run_id(trial_id)
+        mlflow_run = self._child_run(args, run_id, trial_id)
+        sinks = run_sinks(args, run_id, experiment=self.experiment, tags=run_tags(args), mlflow_run=mlflow_run,
+                          parent_run_id=self.parent_run_id)  # as for a plain run, bound to the child run
+        callbacks = run_callbacks(sinks, self.driver_callbacks)
+        name = self.setup.actor_name(trial_id)
+        release_name(name)
+        self.actors[trial_id] = start_callback_actor(callbacks, name=name)
+        self.mlflow_runs[trial_id] = mlflow_run
+        self.configs[trial_id] = config
+        self.status.pop(trial_id, None)
+
+    def _child_run(self, args, run_id: str, trial_id: str) -> str:
+        """The trial's child run: found again after a sweep resume, else created now."""
+        client = mlflow_client(self.tracking_uri)
+        found = find_run(client, self.experiment, run_id)
+        if found is not None:
+            reopen_run(client, found.info.run_id)
+            return found.info.run_id
+        tags = {**run_tags(args), RUN_ID_TAG: run_id, "sweep.id": self.sweep_id, "sweep.trial_id": trial_id}
+        return create_run(self.tracking_uri, self.experiment, trial_id, params=flatten(args.to_dict()),
+                          tags=tags, parent_run_id=self.parent_run_id)
+
+    def _log_new_config(self, trial, config: dict) -> None:
+        """PBT changed the trial's hyperparameters: params are write-once in MLflow, so the new
+        values go in as metrics ``hparam/<key>`` at the trial's current epoch (and as tags)."""
+        old = self.configs.get(trial.trial_id, {})
+        changed = {k: v for k, v in config.items() if old.get(k) != v}
+        self.configs[trial.trial_id] = config
+        if not changed:
+            return
+        client = mlflow_client(self.tracking_uri)
+        run = self.mlflow_runs[trial.trial_id]
+        step = int((trial.last_result or {}).get("training_iteration", 0))
+        for key, value in changed.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                client.log_metric(run, f"hparam/{key}", float(value), step=step)
+            client.set_tag(run, f"hparam.{key}", str(value))
+        LOGGER.info(f"trial {trial.trial_id}: continues with {changed} from a cloned checkpoint")
+
+    def log_objective(self, trial_id: str, result: dict) -> None:
+        """Each report's objective on the trial's child run, at its epoch: the sweep's durable
+        record of it. Tune's own ``result.json`` of a trial restarted from a checkpoint (a retry,
+        a resumed sweep) is restored from a copy in storage that can lag the last reports."""
+        run, value = self.mlflow_runs.get(trial_id), result.get("objective")
+        if run is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+            return
+        timestamp = int(float(result.get("timestamp") or time.time()) * 1000)  # a re-send is an exact duplicate
+        try:
+            mlflow_client(self.tracking_uri).log_metric(run, "objective", float(value), timestamp=timestamp,
+                                                        step=int(result.get("epoch", 0)))
+        except Exception as exc:  # the table falls back to Tune's results
+            LOGGER.warning(f"trial {trial_id}: logging its objective to MLflow failed: {exc}")
+
+    def objective_history(self, run_id: str) -> list[float]:
+        """A trial's reported objectives in order, from its child run (exact re-sends once)."""
+        try:
+            points = mlflow_client(self.tracking_uri).get_metric_history(run_id, "objective")
+        except Exception as exc:
+            LOGGER.warning(f"run {run_id}: reading its objective history from MLflow failed: {exc}")
+            return []
+        return [value for _, _, value in sorted({(m.timestamp, m.step, m.value) for m in points})]
+
+    def recorded(self, trial_id: str) -> tuple[str, str] | None:
+        """(child run id, status) of a trial this process did not run (a resumed sweep's
+        earlier trials), from MLflow."""
+        run = find_run(mlflow_client(self.tracking_uri), self.experiment, self.setup.run_id(trial_id))
+        return (run.info.run_id, run.info.status) if run is not None else None
+
+    def close_trial(self, trial_id: str, status: str) -> None:
+        """Ask the trial's actor to close its sinks with ``status`` (does not wait)."""
+        with self._lock:
+            actor = self.actors.get(trial_id)
+            if actor is None or trial_id in self.pending:
+                return
+            LOGGER.info(f"trial {trial_id}: closing its runs ({status} unless it finished by itself)")
+            self.status[trial_id] = status
+            self.pending[trial_id] = actor.finish.remote(status)
+
+    def finish_all(self, status: str = "KILLED", timeout: float = 300.0) -> dict:
+        """Close what is still open with ``status``; wait for every close; stop the actors."""
+        for trial_id in list(self.actors):
+            self.close_trial(trial_id, status)
+        reports = {}
+        for trial_id, ref in list(self.pending.items()):
+            try:
+                reports[trial_id] = ray.get(ref, timeout=timeout)
+                self.status[trial_id] = reports[trial_id].get("status") or self.status[trial_id]
+            except Exception as exc:  # a close that failed must not hide the sweep's result
+                LOGGER.warning(f"trial {trial_id}: closing its sinks failed: {exc}")
+            ray.kill(self.actors.pop(trial_id))
+            self.pending.pop(trial_id)
+        for trial_id, report in reports.items():
+            for failure in report.get("failures", []):
+                LOGGER.warning(f"trial {trial_id}: driver callback {failure['callback']} failed "
+                               f"{failure['count']} times in {failure['event']}: {failure['first_error']}")
+        return reports
+
+
+def register(state: SweepState) -> None:
+    _SWEEPS[state.sweep_id] = state
+
+
+def unregister(sweep_id: str) -> None:
+    _SWEEPS.pop(sweep_id, None)
+
+
+def live_state(sweep_id: str) -> "SweepState | None":
+    """The state of a sweep this process runs (Tune callbacks are pickled; they keep only the id)."""
+    return _SWEEPS.get(sweep_id)
+
+
+def release_name(name: str, timeout: float = 30.0) -> None:
+    """Kill an actor still alive under ``name`` from an earlier incarnation of the trial (a
+    sweep resumed in the same Ray session) and wait until the name is free: ``ray.kill`` is
+    asynchronous, and a new actor under a taken name fails to start."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            actor = ray.get_actor(name)
+        except ValueError:
+            return
+        if time.monotonic() > deadline:
+            raise UserError(f"sweep: the callback actor {name} of an earlier run of this trial did not exit")
+        ray.kill(actor)
+        time.sleep(0.1)

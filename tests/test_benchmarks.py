@@ -1,0 +1,133 @@
+"""Every script in benchmarks/ runs end to end in its ``--tiny`` mode and prints its result lines.
+
+Each script runs in a subprocess as a user would start it (``python benchmarks/x.py --tiny``),
+with one intra-op thread, its working directory and temporary files in the test's tmp dir. Tiny
+mode's figures are not measurements: these tests check that the lines are there and that the
+figures parse as finite numbers, never their values against the targets.
+
+A script that uses Ray starts its own local Ray (``RAY_ADDRESS=local``): it neither joins this
+session's Ray (tests/conftest.py) nor a cluster some other test started with ``ray start``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+NUMBER = r"(-?[\d,]*\.?\d+(?:e[-+]?\d+)?|nan|inf)"
+TINY_NOTE = "tiny mode: a smoke run of the same code path; its figures are not measurements"
+TIMEOUT = 240  # seconds per script: a tiny run takes 10-50 s on 2 busy cores
+
+
+def run_tiny(script: str, tmp_path: Path) -> str:
+    """Run ``benchmarks/<script> --tiny``; return its stdout, failing with the output's tail."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": "local",
+           # the scripts' mkdtemp() folders land in tmp_path; Ray keeps its own temp dir (short
+           # socket paths), the one it would use in this process
+           "RAY_TMPDIR": os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp",
+           "TMPDIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        out = subprocess.run([sys.executable, str(BENCH / script), "--tiny"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{script} --tiny did not finish in {TIMEOUT} s:\n{_tail(exc.stdout, exc.stderr)}")
+    assert out.returncode == 0, f"{script} --tiny exited {out.returncode}:\n{_tail(out.stdout, out.stderr)}"
+    assert TINY_NOTE in out.stdout, f"{script} --tiny does not say its figures are not measurements"
+    return out.stdout
+
+
+def _tail(stdout, stderr, lines: int = 40) -> str:
+    text = lambda s: s.decode(errors="replace") if isinstance(s, bytes) else (s or "")  # noqa: E731
+    return "\n".join(("--- stdout", *text(stdout).splitlines()[-lines:],
+                      "--- stderr", *text(stderr).splitlines()[-lines:]))
+
+
+def figures(output: str, pattern: str) -> tuple[float, ...]:
+    """The numbers the ``pattern`` line holds (``{n}`` marks each); fails if no line matches."""
+    regex = NUMBER.join(r"\s+".join(map(re.escape, part.split(" "))) for part in pattern.split("{n}"))
+    found = re.search(regex, output)
+    assert found, f"no line matching {pattern!r} in:\n{output}"
+    return tuple(float(g.replace(",", "")) for g in found.groups())
+
+
+def finite(*values: float, positive: bool = False) -> None:
+    for value in values:
+        assert math.isfinite(value) and (value > 0 if positive else value >= 0), values
+
+
+def test_actor_ingest_tiny(tmp_path):
+    out = run_tiny("actor_ingest.py", tmp_path)
+    for rank in (0, 1):
+        events, rate, per_event = figures(out, f"sender {rank}: {{n}} events, emit {{n}} ev/s ({{n}} us/event)")
+        finite(events, rate, per_event, positive=True)
+    events, seconds, rate = figures(out, "actor ingest: {n} events from 2 senders in {n} s = {n} events/s")
+    assert events == 2 * 5_001  # 5,000 step events and the teardown per sender
+    finite(seconds, rate, positive=True)
+    (ratio,) = figures(out, "ratio to target 100,000 events/s: {n}")
+    finite(ratio, positive=True)
+
+
+def test_actor_sink_cost_tiny(tmp_path):
+    out = run_tiny("actor_sink_cost.py", tmp_path)
+    for kind in ("none", "eventlog", "mlflow", "all"):
+        finite(*figures(out, f"{kind}: {{n}} us of driver CPU per record"))
+    finite(*figures(out, "driver CPU / wall time with all sinks at 800 steps/s (4,000 records/s): {n}"))
+
+
+def test_digits_quality_tiny(tmp_path):
+    out = run_tiny("digits_quality.py", tmp_path)
+    top1, mean, seconds, ratio = figures(
+        out, "digits held-out top-1 after 1 epochs, seeds 0-0: {n}; mean {n} in {n} s per run (target 0.95: ratio {n})")
+    assert 0 <= top1 <= 1 and mean == top1
+    finite(seconds, ratio)
+
+
+def test_detect_quality_tiny(tmp_path):
+    out = run_tiny("detect_quality.py", tmp_path)
+    map50, map5095 = figures(out, "shapes8 val mAP50 {n} (mAP50-95 {n}) after 1 epochs")
+    assert 0 <= map5095 <= map50 <= 1
+    finite(*figures(out, "(target 0.8: ratio {n})"))
+
+
+def test_mlflow_sink_tiny(tmp_path):
+    out = run_tiny("mlflow_sink.py", tmp_path)
+    finite(*figures(out, "mlflow raw log_batch loop : {n} points/s"), positive=True)
+    finite(*figures(out, "mlflow through MLflowSink : {n} points/s"), positive=True)
+    finite(*figures(out, "ratio sink/raw : {n} (target >= 0.9)"), positive=True)
+    finite(*figures(out, "event log -> local dir : {n} rows/s"), positive=True)
+    finite(*figures(out, "event log -> moto S3 : {n} rows/s"), positive=True)
+
+
+def test_ray_overhead_tiny(tmp_path):
+    out = run_tiny("ray_overhead.py", tmp_path)
+    finite(*figures(out, "steps/s (medians): forwarded {n}, not forwarded {n}, in-process {n}"), positive=True)
+    finite(*figures(out, "(a) forwarding on / off: {n} (target >= 0.97); paired with the epochs either side: {n}"),
+           positive=True)
+    cpu_on, cpu_off = figures(out, "the training thread's CPU per step is {n} us forwarded, {n} us not")
+    finite(cpu_on, cpu_off, positive=True)
+    finite(*figures(out, "(c) Ray 1 worker / in-process (both forwarding): {n} (target >= 0.95)"), positive=True)
+    for name in ("in a process that ran before", "each in a new process", "(a CLI call vs a script)"):
+        ours, fit, ratio = figures(out, f"{name}: medians {{n}} s / {{n}} s = {{n}} (target <= 1.2)")
+        finite(ours, fit, ratio, positive=True)
+    finite(*figures(out, "a TorchTrainer whose loop does nothing: {n} s to its start"), positive=True)
+
+
+def test_sweep_asha_tiny(tmp_path):
+    out = run_tiny("sweep_asha.py", tmp_path)
+    for scheduler in ("FIFO", "ASHA"):
+        objective, epochs, minutes, rate = figures(
+            out, f"{scheduler}: best objective {{n}}, {{n}} epochs, {{n}} min, {{n}} trials/min")
+        assert 0 <= objective <= 1 and 1 <= epochs <= 2  # 2 trials x 1 epoch
+        finite(minutes, rate, positive=True)
+    for what in ("objective", "epochs", "time"):
+        finite(*figures(out, f"ASHA/FIFO {what} ratio {{n}}"), positive=True)
+    assert re.search(r"^(targets met|TARGETS MISSED)$", out, re.M), out
