@@ -21,7 +21,7 @@ from ray.train.torch import TorchTrainer
 from callbacks.actor import start_callback_actor
 from callbacks.artifacts import ArtifactShipper
 from callbacks.forwarder import EventForwarder
-from trainers.engine.trainer import training_finished
+from trainers.engine.resume import training_finished
 from trainers.utils import LOGGER, UserError
 
 

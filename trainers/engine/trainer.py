@@ -7,9 +7,6 @@ once more in the final evaluation of best.pt (with ``final_eval`` True).
 from __future__ import annotations
 
 import math
-import os
-import random
-import re
 import time
 from pathlib import Path
 
@@ -21,24 +18,19 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from trainers.events import STEP_EVENTS, wire_row
-from trainers.registry import CallbackMixin, new_registry, stateful_callbacks
+from trainers.registry import CallbackMixin, new_registry
 from trainers.config import Args, get_cfg
 from trainers.engine import checkpoint as ckpt_io
+from trainers.engine import resume
 from trainers.engine.distributed import (any_rank, broadcast_object, gather_objects, is_dist,
                                          rank_and_world, select_device)
 from trainers.engine.ema import ModelEMA
 from trainers.engine.history import History
 from trainers.engine.optim import lr_lambda, make_optimizer, warmup
-from trainers.engine.paths import latest_checkpoint, run_dir
+from trainers.engine.paths import run_dir
+from trainers.engine.setup import init_seeds, take_fraction
 from trainers.engine.stopper import EarlyStopping
 from trainers.utils import LOGGER, UserError, unwrap_model
-
-URL_USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
-
-# Keys a resumed run may change; everything else comes from the checkpoint's args.
-RESUME_OVERRIDES = {"epochs", "device", "workers", "patience", "save_period", "val", "plots",
-                    "verbose", "num_workers", "use_gpu", "resources_per_worker", "max_failures",
-                    "tracking_uri", "storage", "ckpt_upload_interval", "batch", "register"}
 
 
 class BaseTrainer(CallbackMixin):
@@ -450,96 +442,30 @@ class BaseTrainer(CallbackMixin):
             raise UserError(f"loss is {float(self.loss)} at epoch {self.epoch + 1}, batch {batch_i}: "
                             f"training stopped; last saved weights: {where}; try a lower lr0")
 
+    # ------------------------------------------------------------------ checkpoint and resume
+    # Overridable here (SPEC §4); the work is in ``resume.py``, which calls back into these methods.
     def checkpoint(self) -> dict:
         """Plain-data checkpoint: weights, optimizer, scaler, scheduler, RNG and callback state."""
-        entry = ckpt_io.model_entry(self.model)
-        return {
-            **entry, **ckpt_io.stamp(),
-            "ema": ckpt_io.float_state(self.ema.ema), "updates": self.ema.updates,
-            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
-            "best_fitness": self.best_fitness, "fitness": self.fitness,
-            "train_args": self.args_without_credentials(), "train_metrics": dict(self.metrics),
-            "stopper": self.stopper.state_dict(), "rng": self._rng_states,
-            "callbacks": {k: cb.state_dict() for k, cb in stateful_callbacks(self.callbacks).items()},
-        }
+        return resume.checkpoint_contents(self)
 
     def args_without_credentials(self) -> dict:
         """Config for checkpoints: a ``user:password@`` in a URI never lands in a file."""
-        return {k: URL_USERINFO.sub(r"\1", v) if isinstance(v, str) else v for k, v in self.args.to_dict().items()}
+        return resume.args_without_credentials(self.args)
 
     def check_resume(self):
         """Resolve ``resume`` to a checkpoint; adopt its args (a few keys may be overridden)."""
-        resume = self.args.resume
-        if not resume:
-            return None
-        path = latest_checkpoint(self.args) if resume is True else Path(resume)
-        ckpt = ckpt_io.load_checkpoint(path)
-        overrides = {k: v for k, v in self.args.to_dict().items()
-                     if k in RESUME_OVERRIDES and v != get_cfg().get(k)}
-        self.args = get_cfg(ckpt["train_args"], {**overrides, "resume": str(path), "exist_ok": True})
+        self.args, ckpt = resume.resolve_resume(self.args)
         return ckpt
 
     def resume_training(self, ckpt: dict) -> None:
         """Restore everything the checkpoint holds and continue after its epoch."""
-        start = self._resume_start(ckpt)
-        unwrap_model(self.model).load_state_dict(ckpt["model"])
-        self.ema.ema.load_state_dict(ckpt["ema"])
-        self.ema.updates = ckpt["updates"]
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if self.scheduler.last_epoch != start:  # epochs changed: rebuild the schedule
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lf, last_epoch=start - 1)
-        self.stopper.load_state_dict(ckpt["stopper"])
-        self.best_fitness, self.step, self.start_epoch = ckpt["best_fitness"], ckpt["step"], start
-        self.epoch = ckpt["epoch"]  # the last one trained (the loop moves on from it)
-        for key, cb in stateful_callbacks(self.callbacks).items():
-            if key in ckpt.get("callbacks", {}) and hasattr(cb, "load_state_dict"):
-                cb.load_state_dict(ckpt["callbacks"][key])
-        states = ckpt["rng"]
-        ckpt_io.set_rng_state(states[self.rank] if len(states) == self.world_size else states[0])
-        LOGGER.info(f"resuming {self.save_dir} from epoch {start + 1} of {self.epochs}" if start < self.epochs
-                    else f"restarting {self.save_dir} after its last trained epoch ({ckpt['epoch'] + 1}): "
-                         f"only the final evaluation is left")
+        resume.restore_trainer(self, ckpt)
 
     def _resume_start(self, ckpt: dict) -> int:
-        """The first epoch left to train: the one after the checkpoint's. A restart whose checkpoint
-        ended the training (``resume_stop`` known) has none left: ``epochs``, the final evaluation only."""
-        if self.resume_stop is not None and training_finished(ckpt["epoch"], self.resume_stop, self.epochs):
-            return self.epochs
-        start = ckpt["epoch"] + 1
-        if start >= self.epochs:
-            raise UserError(f"run in {self.save_dir} already trained {start} epochs (epochs={self.epochs}); "
-                            f"pass a larger epochs= to continue, or model=<best.pt> to fine-tune")
-        return start
+        """The first epoch left to train (``epochs`` when a restart's checkpoint ended the training)."""
+        return resume.first_epoch_left(ckpt["epoch"], self.epochs, self.resume_stop, self.save_dir)
 
     def get_save_dir(self) -> Path:
         """``project/name`` (numbered unless exist_ok); a resumed run keeps its checkpoint's folder."""
         return run_dir(self.args)
 
-
-def init_seeds(seed: int, deterministic: bool, device: torch.device) -> None:
-    """Seed every RNG; on CUDA also force deterministic kernels (CPU kernels already are, and
-    ``use_deterministic_algorithms`` costs seconds of imports at start-up)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-    if deterministic and device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-
-
-def take_fraction(dataset, fraction: float):
-    """The first ``fraction`` of a dataset (at least one item), for quick runs."""
-    n = max(int(len(dataset) * fraction), 1)
-    return torch.utils.data.Subset(dataset, range(n))
-
-
-def training_finished(epoch: int, stop: bool, epochs: int) -> bool:
-    """Whether a checkpoint of ``epoch`` (0-based) ended a run of ``epochs``: its last epoch, or
-    every rank voted to stop after it."""
-    return bool(stop) or epoch + 1 >= epochs

@@ -1,0 +1,112 @@
+"""Checkpoint contents <-> trainer state: what a run's checkpoint holds, and how a run resumes from it.
+
+``checkpoint.py`` reads and writes the files (plain data, model rebuild); this module decides what
+of a trainer goes into one and puts it back. ``BaseTrainer`` keeps ``checkpoint``,
+``check_resume``, ``resume_training`` and ``args_without_credentials`` as thin methods that call
+these functions, so a subclass still overrides them there (SPEC §4). The functions call the
+trainer's methods, not each other, where a subclass may have overridden one.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from trainers.config import Args, get_cfg
+from trainers.engine import checkpoint as ckpt_io
+from trainers.engine.paths import latest_checkpoint
+from trainers.registry import stateful_callbacks
+from trainers.utils import LOGGER, UserError, unwrap_model
+
+URL_USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
+
+# Keys a resumed run may change; everything else comes from the checkpoint's args.
+RESUME_OVERRIDES = {"epochs", "device", "workers", "patience", "save_period", "val", "plots",
+                    "verbose", "num_workers", "use_gpu", "resources_per_worker", "max_failures",
+                    "tracking_uri", "storage", "ckpt_upload_interval", "batch", "register"}
+
+
+def training_finished(epoch: int, stop: bool, epochs: int) -> bool:
+    """Whether a checkpoint of ``epoch`` (0-based) ended a run of ``epochs``: its last epoch, or
+    every rank voted to stop after it. One rule for the trainer's restart and the launcher's retry."""
+    return bool(stop) or epoch + 1 >= epochs
+
+
+def args_without_credentials(args: Args) -> dict:
+    """Config for checkpoints: a ``user:password@`` in a URI never lands in a file."""
+    return {k: URL_USERINFO.sub(r"\1", v) if isinstance(v, str) else v for k, v in args.to_dict().items()}
+
+
+def checkpoint_contents(trainer) -> dict:
+    """Plain-data checkpoint: weights, optimizer, scaler, scheduler, RNG and callback state."""
+    return {
+        **ckpt_io.model_entry(trainer.model), **ckpt_io.stamp(),
+        "ema": ckpt_io.float_state(trainer.ema.ema), "updates": trainer.ema.updates,
+        "optimizer": trainer.optimizer.state_dict(), "scaler": trainer.scaler.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(), "epoch": trainer.epoch, "step": trainer.step,
+        "best_fitness": trainer.best_fitness, "fitness": trainer.fitness,
+        "train_args": trainer.args_without_credentials(), "train_metrics": dict(trainer.metrics),
+        "stopper": trainer.stopper.state_dict(), "rng": trainer._rng_states,
+        "callbacks": {k: cb.state_dict() for k, cb in stateful_callbacks(trainer.callbacks).items()},
+    }
+
+
+def resolve_resume(args: Args) -> tuple[Args, dict | None]:
+    """``(args, checkpoint)`` for ``args.resume``: the checkpoint's args with the few keys a resume
+    may change (``RESUME_OVERRIDES``) taken from ``args`` when set; ``(args, None)`` without resume."""
+    resume = args.resume
+    if not resume:
+        return args, None
+    path = latest_checkpoint(args) if resume is True else Path(resume)
+    ckpt = ckpt_io.load_checkpoint(path)
+    overrides = {k: v for k, v in args.to_dict().items() if k in RESUME_OVERRIDES and v != get_cfg().get(k)}
+    return get_cfg(ckpt["train_args"], {**overrides, "resume": str(path), "exist_ok": True}), ckpt
+
+
+def first_epoch_left(ckpt_epoch: int, epochs: int, resume_stop: bool | None, save_dir) -> int:
+    """The first epoch left to train: the one after the checkpoint's. A restart whose checkpoint
+    ended the training (``resume_stop`` known) has none left: ``epochs``, the final evaluation only.
+    A user's resume (``resume_stop`` None) of a finished run is an error, so it is never a no-op."""
+    if resume_stop is not None and training_finished(ckpt_epoch, resume_stop, epochs):
+        return epochs
+    start = ckpt_epoch + 1
+    if start >= epochs:
+        raise UserError(f"run in {save_dir} already trained {start} epochs (epochs={epochs}); "
+                        f"pass a larger epochs= to continue, or model=<best.pt> to fine-tune")
+    return start
+
+
+def restore_trainer(trainer, ckpt: dict) -> None:
+    """Restore everything the checkpoint holds and continue after its epoch."""
+    start = trainer._resume_start(ckpt)
+    _restore_training_state(trainer, ckpt, start)
+    trainer.best_fitness, trainer.step, trainer.start_epoch = ckpt["best_fitness"], ckpt["step"], start
+    trainer.epoch = ckpt["epoch"]  # the last one trained (the loop moves on from it)
+    _restore_callbacks(trainer.callbacks, ckpt)
+    states = ckpt["rng"]  # one per rank; a different world size continues rank 0's streams
+    ckpt_io.set_rng_state(states[trainer.rank] if len(states) == trainer.world_size else states[0])
+    LOGGER.info(f"resuming {trainer.save_dir} from epoch {start + 1} of {trainer.epochs}" if start < trainer.epochs
+                else f"restarting {trainer.save_dir} after its last trained epoch ({ckpt['epoch'] + 1}): "
+                     f"only the final evaluation is left")
+
+
+def _restore_training_state(trainer, ckpt: dict, start: int) -> None:
+    """Model, EMA, optimizer, scaler, scheduler and early stopping, as the checkpoint left them."""
+    unwrap_model(trainer.model).load_state_dict(ckpt["model"])
+    trainer.ema.ema.load_state_dict(ckpt["ema"])
+    trainer.ema.updates = ckpt["updates"]
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    trainer.scaler.load_state_dict(ckpt["scaler"])
+    trainer.scheduler.load_state_dict(ckpt["scheduler"])
+    if trainer.scheduler.last_epoch != start:  # epochs changed: rebuild the schedule
+        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, trainer.lf, last_epoch=start - 1)
+    trainer.stopper.load_state_dict(ckpt["stopper"])
+
+
+def _restore_callbacks(callbacks: dict, ckpt: dict) -> None:
+    """Hand each stateful callback (SPEC §2) its saved state; one added since the save starts fresh."""
+    saved = ckpt.get("callbacks", {})
+    for key, cb in stateful_callbacks(callbacks).items():
+        if key in saved and hasattr(cb, "load_state_dict"):
+            cb.load_state_dict(saved[key])
