@@ -10,8 +10,8 @@ warm-up. Prints microseconds per record and, for all sinks, the share of one cor
 
     OMP_NUM_THREADS=1 python benchmarks/actor_sink_cost.py [--epochs 20]
 
-``--tiny`` runs the same code path end to end with 2 epochs (the warm-up and one counted; a few
-seconds per sink set, for the tests): its figures are not measurements.
+``--tiny`` runs the same code path end to end with 2 epochs (the warm-up and one counted) and a
+shorter wait for the sinks' start-up (seconds, for the tests): its figures are not measurements.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ STEPS_PER_EPOCH, BATCH = 1000, 1000
 STEPS_PER_SECOND = 800
 STREAM = ("bench", 0, 0)
 TINY_EPOCHS = 2  # the warm-up epoch and one counted
+TINY_SETTLE = 0.2  # seconds left to the sinks' start-up before the rows (2 s otherwise)
 TINY_NOTE = "tiny mode: a smoke run of the same code path; its figures are not measurements"
 
 
@@ -54,13 +55,13 @@ def sinks_of(kind: str, folder: str) -> list:
             "all": [mlflow, EventLogSink(f"{folder}/store", "bench"), CheckpointSink(f"{folder}/store", "bench")]}[kind]
 
 
-def cost(kind: str, rows: list[list]) -> float:
+def cost(kind: str, rows: list[list], settle: float = 2.0) -> float:
     """CPU microseconds per record after the first epoch (sinks started, start-up frozen)."""
     with tempfile.TemporaryDirectory() as folder:
         dispatcher = Dispatcher(sinks_of(kind, folder))
         dispatcher.start()
         dispatcher.flush()
-        time.sleep(2.0)  # the MLflow sink attaches to its run in the background
+        time.sleep(settle)  # the MLflow sink attaches to its run in the background
         gc.freeze()  # as the callback actor does at its first batch
         batches = [rows[i:i + BATCH] for i in range(0, len(rows), BATCH)]
         warm = STEPS_PER_EPOCH * len(STEP_EVENTS) // BATCH + 1
@@ -85,7 +86,8 @@ def main() -> None:
         args.epochs = TINY_EPOCHS
         print(TINY_NOTE)
     rows = worker_rows(args.epochs)
-    costs = {kind: cost(kind, rows) for kind in ("none", "eventlog", "mlflow", "all")}
+    settle = TINY_SETTLE if args.tiny else 2.0
+    costs = {kind: cost(kind, rows, settle) for kind in ("none", "eventlog", "mlflow", "all")}
     for kind, us in costs.items():
         print(f"{kind:>8}: {us:5.2f} us of driver CPU per record")
     rate = STEPS_PER_SECOND * len(STEP_EVENTS)

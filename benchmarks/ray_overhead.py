@@ -28,8 +28,9 @@ Step times are kept in the worker's memory and written once at the end.
 Usage: OMP_NUM_THREADS=1 python benchmarks/ray_overhead.py [--epochs 24] [--pairs 3]   (--epochs 40: more pairs for (a))
 
 ``--tiny`` runs the same code path end to end (6 epochs of ~20 steps on 160 random images, one pair
-for (d), a 1-worker Ray run and the in-process run as in the full mode; under a minute, for the
-tests): its figures are not measurements.
+for (d), a 1-worker Ray run and the in-process run as in the full mode; for the tests): its figures
+are not measurements. It still starts Ray Train six times (~15 s each on the 2-core machine), so it
+takes 2-3 minutes.
 """
 from __future__ import annotations
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 NUMBER = r"(-?[\d,]*\.?\d+(?:e[-+]?\d+)?|nan|inf)"
 TINY_NOTE = "tiny mode: a smoke run of the same code path; its figures are not measurements"
-TIMEOUT = 240  # seconds per script: a tiny run takes 10-50 s on 2 busy cores
+TIMEOUT = 420  # seconds per script: a tiny run takes 12-160 s on 2 idle cores, more on busy ones
 
 
 def run_tiny(script: str, tmp_path: Path) -> str:
@@ -33,16 +35,53 @@ def run_tiny(script: str, tmp_path: Path) -> str:
            # socket paths), the one it would use in this process
            "RAY_TMPDIR": os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp",
            "TMPDIR": str(tmp_path),
-           "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+           # Ray Train notices a finished worker group sooner (as in tests/conftest.py's session)
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")}
     env.pop("MLFLOW_TRACKING_URI", None)
     try:
         out = subprocess.run([sys.executable, str(BENCH / script), "--tiny"], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=TIMEOUT)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"{script} --tiny did not finish in {TIMEOUT} s:\n{_tail(exc.stdout, exc.stderr)}")
+    finally:
+        end_leftovers(env["TMPDIR"])
     assert out.returncode == 0, f"{script} --tiny exited {out.returncode}:\n{_tail(out.stdout, out.stderr)}"
     assert TINY_NOTE in out.stdout, f"{script} --tiny does not say its figures are not measurements"
     return out.stdout
+
+
+def end_leftovers(marker_tmpdir: str, grace: float = 5.0) -> None:
+    """End the processes the script left behind, known by the TMPDIR this test gave it (its Ray's
+    workers inherit it). A Ray Train controller whose actor was killed sometimes hangs in its
+    interpreter's exit after its raylet is gone; nothing else here should outlive the script."""
+    needle = f"TMPDIR={marker_tmpdir}".encode()
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if int(entry.name) != os.getpid() and needle in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while pids and time.monotonic() < deadline:
+            pids = [pid for pid in pids if Path(f"/proc/{pid}").exists() and not _zombie(pid)]
+            time.sleep(0.1)
+        if not pids:
+            return
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _tail(stdout, stderr, lines: int = 40) -> str:
@@ -126,7 +165,7 @@ def test_sweep_asha_tiny(tmp_path):
     for scheduler in ("FIFO", "ASHA"):
         objective, epochs, minutes, rate = figures(
             out, f"{scheduler}: best objective {{n}}, {{n}} epochs, {{n}} min, {{n}} trials/min")
-        assert 0 <= objective <= 1 and 1 <= epochs <= 2  # 2 trials x 1 epoch
+        assert 0 <= objective <= 1 and epochs == 1  # 1 trial x 1 epoch
         finite(minutes, rate, positive=True)
     for what in ("objective", "epochs", "time"):
         finite(*figures(out, f"ASHA/FIFO {what} ratio {{n}}"), positive=True)
