@@ -19,13 +19,13 @@ import time
 
 import ray
 
+import tiny
 from callbacks.actor import start_callback_actor
 from callbacks.forwarder import EventForwarder
 from trainers.registry import CallbackMixin, new_registry, run_callbacks
 
 TARGET = 100_000  # events/s the driver side must absorb
 TINY_EVENTS = 5_000  # per sender in --tiny mode
-TINY_NOTE = "tiny mode: a smoke run of the same code path; its figures are not measurements"
 STEP_CYCLE = ("on_train_batch_start", "optimizer_step", "on_before_zero_grad",
               "on_params_update", "on_train_batch_end")
 
@@ -83,12 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events-per-sender", type=int, default=300_000)
     parser.add_argument("--max-batch", type=int, default=1000)
-    parser.add_argument("--tiny", action="store_true", help=f"{TINY_EVENTS:,} events per sender, seconds: "
-                                                            "figures are not measurements")
-    args = parser.parse_args()
-    if args.tiny:
-        args.events_per_sender = min(args.events_per_sender, TINY_EVENTS)
-        print(TINY_NOTE)
+    args = tiny.parse(parser, f"{TINY_EVENTS:,} events per sender, seconds", events_per_sender=TINY_EVENTS)
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     actor = start_callback_actor([CountingSink()])
@@ -113,8 +108,7 @@ def main() -> None:
     print(f"actor busy in ingest {busy:.2f} s ({100 * busy / elapsed:.0f}% of wall time): "
           f"{total / busy:,.0f} events/s per busy second (deserialization not included)")
     print(f"ratio to target {TARGET:,} events/s: {rate / TARGET:.2f}")
-    if args.tiny:
-        print(TINY_NOTE)
+    tiny.end(args)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import gc
 import tempfile
 import time
 
+import tiny
 from callbacks.dispatcher import Dispatcher
 from trainers.events import make_row
 from callbacks.sinks import CheckpointSink, EventLogSink, MLflowSink
@@ -31,7 +32,6 @@ STEPS_PER_SECOND = 800
 STREAM = ("bench", 0, 0)
 TINY_EPOCHS = 2  # the warm-up epoch and one counted
 TINY_SETTLE = 0.2  # seconds left to the sinks' start-up before the rows (2 s otherwise)
-TINY_NOTE = "tiny mode: a smoke run of the same code path; its figures are not measurements"
 
 
 def worker_rows(epochs: int) -> list[list]:
@@ -80,21 +80,16 @@ def cost(kind: str, rows: list[list], settle: float = 2.0) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--tiny", action="store_true", help=f"{TINY_EPOCHS} epochs, seconds: figures are not measurements")
-    args = parser.parse_args()
-    if args.tiny:
-        args.epochs = TINY_EPOCHS
-        print(TINY_NOTE)
+    parser.set_defaults(settle=2.0)
+    args = tiny.parse(parser, f"{TINY_EPOCHS} epochs, seconds", epochs=TINY_EPOCHS, settle=TINY_SETTLE)
     rows = worker_rows(args.epochs)
-    settle = TINY_SETTLE if args.tiny else 2.0
-    costs = {kind: cost(kind, rows, settle) for kind in ("none", "eventlog", "mlflow", "all")}
+    costs = {kind: cost(kind, rows, args.settle) for kind in ("none", "eventlog", "mlflow", "all")}
     for kind, us in costs.items():
         print(f"{kind:>8}: {us:5.2f} us of driver CPU per record")
     rate = STEPS_PER_SECOND * len(STEP_EVENTS)
     print(f"driver CPU / wall time with all sinks at {STEPS_PER_SECOND} steps/s ({rate:,} records/s): "
           f"{costs['all'] * rate / 1e6:.3f}")
-    if args.tiny:
-        print(TINY_NOTE)
+    tiny.end(args)
 
 if __name__ == "__main__":
     main()

@@ -20,25 +20,21 @@ import argparse
 import tempfile
 import time
 
+import tiny
 from orchestrator import Model
 
 TARGET = 0.8
 RECIPE = dict(batch=16, nbs=16, optimizer="AdamW", lr0=0.003, warmup_epochs=0.5, lrf=0.1,
               scale=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, fliplr=0.0)
 TINY = dict(fraction=0.1)  # with one epoch
-TINY_NOTE = "tiny mode: a smoke run of the same code path; its figures are not measurements"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--defaults", action="store_true", help="global defaults instead of the recipe")
-    parser.add_argument("--tiny", action="store_true", help="one epoch on a tenth of the data: figures are not measurements")
-    opts = parser.parse_args()
-    recipe = {} if opts.defaults else RECIPE
-    if opts.tiny:
-        opts.epochs, recipe = 1, {**recipe, **TINY}
-        print(TINY_NOTE)
+    opts = tiny.parse(parser, "one epoch on a tenth of the data", epochs=1)
+    recipe = {**({} if opts.defaults else RECIPE), **(TINY if opts.tiny else {})}
     tmp = tempfile.mkdtemp(prefix="detect-quality-")
     start = time.time()
     metrics = Model("det-n.yaml").train(data="shapes8.yaml", epochs=opts.epochs, verbose=False, plots=False,
@@ -48,8 +44,7 @@ def main() -> None:
     what = "global defaults" if opts.defaults else f"recipe {RECIPE}"
     print(f"shapes8 val mAP50 {map50:.4f} (mAP50-95 {map5095:.4f}) after {opts.epochs} epochs with {what} "
           f"in {time.time() - start:.0f} s (target {TARGET}: ratio {map50 / TARGET:.3f})")
-    if opts.tiny:
-        print(TINY_NOTE)
+    tiny.end(opts)
 
 
 if __name__ == "__main__":

@@ -15,20 +15,16 @@ import statistics
 import tempfile
 import time
 
+import tiny
 from orchestrator import Model
 
-TINY_NOTE = "tiny mode: a smoke run of the same code path; its figures are not measurements"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--tiny", action="store_true", help="one seed, one epoch: figures are not measurements")
-    opts = parser.parse_args()
-    if opts.tiny:
-        opts.epochs, opts.seeds = 1, 1
-        print(TINY_NOTE)
+    opts = tiny.parse(parser, "one seed, one epoch", epochs=1, seeds=1)
     tmp = tempfile.mkdtemp(prefix="digits-")
     start, top1 = time.time(), []
     for seed in range(opts.seeds):
@@ -40,8 +36,7 @@ def main() -> None:
     print(f"digits held-out top-1 after {opts.epochs} epochs, seeds 0-{opts.seeds - 1}: "
           + ", ".join(f"{t:.4f}" for t in top1)
           + f"; mean {mean:.4f} in {(time.time() - start) / opts.seeds:.0f} s per run (target 0.95: ratio {mean / 0.95:.3f})")
-    if opts.tiny:
-        print(TINY_NOTE)
+    tiny.end(opts)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.servers import MlflowServer, MotoServer  # noqa: E402
 
+import tiny  # noqa: E402
 from callbacks.records import make_record  # noqa: E402
 from callbacks.sinks import EventLogSink, MLflowSink  # noqa: E402
 
 METRICS = ("train/box_loss", "train/cls_loss", "train/dfl_loss", "lr/pg0", "lr/pg1", "lr/pg2")
 EVENT_ROWS = 120_000  # event-log points per rank (rows: this / len(METRICS) per rank)
 TINY_POINTS, TINY_EVENT_ROWS = 600, 1_200
-TINY_NOTE = "tiny mode: a smoke run of the same code path; its figures are not measurements"
 
 
 def records(n_points: int, run_id: str = "bench", ranks=(0,)) -> list[dict]:
@@ -97,13 +97,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--points", type=int, default=60_000)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--tiny", action="store_true", help=f"{TINY_POINTS} points, one round, seconds: "
-                                                        "figures are not measurements")
-    args = ap.parse_args()
-    event_points = EVENT_ROWS
-    if args.tiny:
-        args.points, args.rounds, event_points = TINY_POINTS, 1, TINY_EVENT_ROWS
-        print(TINY_NOTE)
+    ap.set_defaults(event_points=EVENT_ROWS)
+    args = tiny.parse(ap, f"{TINY_POINTS} points, one round, seconds", points=TINY_POINTS, rounds=1,
+                      event_points=TINY_EVENT_ROWS)
     recs = records(args.points)
     n = len(recs) * len(METRICS)
     with tempfile.TemporaryDirectory() as tmp, MlflowServer(Path(tmp) / "mlflow") as server:
@@ -115,15 +111,14 @@ def main() -> None:
         print(f"mlflow through MLflowSink : {max(sink):9.0f} points/s  (rounds: {_join(sink)})")
         print(f"ratio sink/raw            : {max(sink) / max(raw):9.2f}  (target >= 0.9)")
 
-    events = records(event_points, ranks=(0, 1))
+    events = records(args.event_points, ranks=(0, 1))
     with tempfile.TemporaryDirectory() as tmp:
         print(f"event log -> local dir    : {event_log_rate(str(Path(tmp) / 'store'), events):9.0f} rows/s")
         with MotoServer(Path(tmp) / "moto") as moto:
             os.environ.update(moto.client_env())
             moto.create_bucket("bench")
             print(f"event log -> moto S3      : {event_log_rate('s3://bench/events', events):9.0f} rows/s")
-    if args.tiny:
-        print(TINY_NOTE)
+    tiny.end(args)
 
 
 if __name__ == "__main__":

@@ -50,20 +50,20 @@ from pathlib import Path
 import numpy as np
 import ray
 
+import tiny
 from orchestrator import Model
 from trainers.classify import ClassificationTrainer
 from trainers.models.tasks import ClassificationModel
 
-TINY = {"nc": 10, "backbone": [[-1, 1, "Conv", [8, 3, 2]]], "head": [[-1, 1, "Classify", [10]]]}
+TINY_MODEL = {"nc": 10, "backbone": [[-1, 1, "Conv", [8, 3, 2]]], "head": [[-1, 1, "Classify", [10]]]}
 TINY_EPOCHS, TINY_PER_CLASS = 6, 16  # --tiny: the fewest epochs every printed ratio needs (paired: epoch 4 and 5)
-TINY_NOTE = "tiny mode: a smoke run of the same code path; its figures are not measurements"
 
 
 class TinyTrainer(ClassificationTrainer):
     """A model small enough that per-step overhead, not compute, sets the pace."""
 
     def get_model(self, cfg=None, weights=None, verbose=True):
-        return ClassificationModel(TINY, ch=self.data["ch"], nc=self.data["nc"], verbose=False)
+        return ClassificationModel(TINY_MODEL, ch=self.data["ch"], nc=self.data["nc"], verbose=False)
 
 
 STEP_EVENTS = ("on_train_batch_start", "optimizer_step", "on_before_zero_grad", "on_params_update",
@@ -209,19 +209,15 @@ def main() -> None:
     parser.add_argument("--child", choices=("ours", "fit"), help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
-    parser.add_argument("--tiny", action="store_true", help=f"{TINY_EPOCHS} short epochs, one pair: "
-                                                            "figures are not measurements")
-    opts = parser.parse_args()
+    parser.set_defaults(per_class=800)
+    opts = tiny.parse(parser, f"{TINY_EPOCHS} short epochs, one pair", epochs=TINY_EPOCHS, pairs=1,
+                      per_class=TINY_PER_CLASS)
     if opts.child:
         return child(opts)
-    per_class = 800
-    if opts.tiny:
-        opts.epochs, opts.pairs, per_class = TINY_EPOCHS, 1, TINY_PER_CLASS
-        print(TINY_NOTE)
     info = ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
                     runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     tmp = Path(tempfile.mkdtemp(prefix="ray-overhead-"))
-    data = folder_data(tmp / "data", per_class=per_class)
+    data = folder_data(tmp / "data", per_class=opts.per_class)
     rates, _, cpu = run(tmp, "alternating", alternate=True, data=data, num_workers=1, epochs=opts.epochs)
     local = run(tmp, "in_process", data=data, num_workers=0, epochs=opts.epochs)[0]
     warm, cold, launch = ({"ours": [], "fit": []} for _ in range(3))
@@ -257,8 +253,7 @@ def main() -> None:
               f"{ours / fit:.2f}  (target <= 1.2)  [runs: "
               + ", ".join(f"{a:.1f}|{b:.1f}" for a, b in zip(runs["ours"], runs["fit"])) + "]")
     print(f"    for reference, a TorchTrainer whose loop does nothing: {floor:.1f} s to its start")
-    if opts.tiny:
-        print(TINY_NOTE)
+    tiny.end(opts)
 
 
 if __name__ == "__main__":

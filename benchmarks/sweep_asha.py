@@ -23,11 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
+import tiny  # noqa: E402  (this folder: the script's own)
+
 SPACE = {"lr0": {"loguniform": [0.0005, 0.3]}, "momentum": {"uniform": [0.6, 0.98]}}
 BASE = dict(data="digits", imgsz=16, batch=32, nbs=32, fraction=0.5, verbose=False, plots=False, workers=0,
             optimizer="SGD", warmup_epochs=0.0)  # the search seed is the sweep setting `seed`
 TINY = dict(samples=1, epochs=1, concurrent=1)
-TINY_NOTE = "tiny mode: a smoke run of the same code path; its figures are not measurements"
 
 
 def run(scheduler, args, folder: Path):
@@ -49,13 +50,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--concurrent", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tiny", action="store_true", help="1 trial x 1 epoch per sweep: "
-                                                            "figures are not measurements")
-    args = parser.parse_args()
-    if args.tiny:  # tiny sizes, unless given on the command line
-        parser.set_defaults(**TINY)
-        args = parser.parse_args()
-        print(TINY_NOTE)
+    args = tiny.parse(parser, "1 trial x 1 epoch per sweep", **TINY)
     import ray
 
     root = str(Path(__file__).resolve().parents[1])
@@ -82,10 +77,8 @@ def main() -> int:
     ok = quality >= 0.98 and cost <= 0.5
     print("targets met" if ok else "TARGETS MISSED")
     ray.shutdown()
-    if args.tiny:
-        print(TINY_NOTE)
-        return 0
-    return 0 if ok else 1
+    tiny.end(args)
+    return 0 if ok or args.tiny else 1
 
 
 if __name__ == "__main__":

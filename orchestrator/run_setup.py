@@ -9,7 +9,7 @@ from pathlib import Path
 
 from callbacks.sinks import ObjectStore, create_run, flatten
 from callbacks.sinks.factory import run_sinks
-from callbacks.sinks.mlflow_runs import RUN_ID_TAG, announce_run, probe_tracking_uri
+from callbacks.sinks.mlflow_runs import RUN_ID_TAG, announce_run, mlflow_client, probe_tracking_uri
 from trainers.engine.paths import latest_checkpoint, project_dir, run_dir
 from trainers.utils import LOGGER
 
@@ -123,10 +123,8 @@ def register_best(args, mlflow_run: str | None, metrics: dict) -> str | None:
     if mlflow_run is None:
         LOGGER.warning("register: best.pt not registered: the run has no MLflow run")
         return None
-    from mlflow.tracking import MlflowClient
-
     name = experiment_name(args) if args.register is True else str(args.register)
-    client = MlflowClient(args.tracking_uri)
+    client = mlflow_client(args.tracking_uri)
     try:
         client.get_registered_model(name)
     except Exception:  # not there yet

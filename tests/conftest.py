@@ -36,3 +36,13 @@ def ray_session():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """Two MLflow servers for a module, started in parallel: the main one and a replay target."""
+    from tests.servers import MlflowServer, running
+
+    root = tmp_path_factory.mktemp("mlflow")
+    with running([MlflowServer(root / "main"), MlflowServer(root / "replay")]) as pair:
+        yield pair

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.tiny import NOTE as TINY_NOTE
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 NUMBER = r"(-?[\d,]*\.?\d+(?:e[-+]?\d+)?|nan|inf)"
-TINY_NOTE = "tiny mode: a smoke run of the same code path; its figures are not measurements"
 TIMEOUT = 420  # seconds per script: a tiny run takes 12-160 s on 2 idle cores, more on busy ones
 
 

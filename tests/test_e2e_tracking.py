@@ -26,7 +26,7 @@ from callbacks.sinks import ObjectStore, checkpoint_key, read_event_log
 from callbacks.sinks.mlflow_runs import metric_key
 from orchestrator import Model
 from tests.helpers import artifact_paths
-from tests.servers import MlflowServer, MotoServer, TcpProxy, running
+from tests.servers import MotoServer, TcpProxy
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "e2e-tracking"
@@ -66,14 +66,6 @@ def s3_env(s3):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-
-
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    """The main MLflow server and a second one to replay into, started in parallel."""
-    root = tmp_path_factory.mktemp("e2e-mlflow")
-    with running([MlflowServer(root / "main"), MlflowServer(root / "replay")]) as pair:
-        yield pair
 
 
 @pytest.fixture

@@ -83,30 +83,36 @@ def test_overfitting_one_batch_learns_boxes_and_classes(model):
         assert torch.equal(dets[b][best.indices, 5].long(), batch["cls"][mine, 0].long())
 
 
-def test_pos_weight_bce_changes_only_class_loss(model):
+def eval_preds(model):
+    """A shapes batch and the model's eval-mode predictions for it."""
     batch = shapes_batch()
     model.eval()
     with torch.no_grad():
-        preds = model(batch["img"])
-        _, plain = model.loss(batch, preds)
-        model.criterion.bce = nn.BCEWithLogitsLoss(reduction="none",
-                                                   pos_weight=torch.tensor([1.0, 20.0]))
-        _, weighted = model.loss(batch, preds)
+        return batch, model(batch["img"])
+
+
+@torch.no_grad()
+def loss_items(model, batch, preds):
+    return model.loss(batch, preds)[1]
+
+
+def test_pos_weight_bce_changes_only_class_loss(model):
+    batch, preds = eval_preds(model)
+    plain = loss_items(model, batch, preds)
+    model.criterion.bce = nn.BCEWithLogitsLoss(reduction="none", pos_weight=torch.tensor([1.0, 20.0]))
+    weighted = loss_items(model, batch, preds)
     assert weighted[1] > plain[1] * 1.5
     assert torch.allclose(weighted[[0, 2]], plain[[0, 2]])
 
 
 def test_gains_follow_model_args(model):
-    batch = shapes_batch()
-    model.eval()
-    with torch.no_grad():
-        preds = model(batch["img"])
-        _, default = model.loss(batch, preds)
-        model.args = SimpleNamespace(box=15.0, cls=0.0, dfl=1.5)
-        model.criterion = model.init_criterion()
-        _, scaled = model.loss(batch, preds)
-        model.args = {"box": 7.5, "cls": 1.0, "dfl": 0.0}  # set after the criterion exists
-        _, from_dict = model.loss(batch, preds)
+    batch, preds = eval_preds(model)
+    default = loss_items(model, batch, preds)
+    model.args = SimpleNamespace(box=15.0, cls=0.0, dfl=1.5)
+    model.criterion = model.init_criterion()
+    scaled = loss_items(model, batch, preds)
+    model.args = {"box": 7.5, "cls": 1.0, "dfl": 0.0}  # set after the criterion exists
+    from_dict = loss_items(model, batch, preds)
     assert torch.allclose(scaled[0], 2 * default[0]) and scaled[1] == 0
     assert torch.allclose(from_dict[1], 2 * default[1]) and from_dict[2] == 0
 
