@@ -253,6 +253,24 @@ def test_optimizer_step_override_keeps_the_step_events_zeroing_and_ema(tmp_path)
     assert trainer.seen == [True, True] * 6  # gradients there before zeroing, zero after
 
 
+
+class WholeStepTrainer(ClassificationTrainer):
+    """Owns the whole step as SPEC §4 lets it: zeroing and the EMA update too."""
+
+    def optimizer_step(self):
+        self.scaler.unscale_(self.optimizer)
+        self.clip_gradients()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad()
+        self.ema.update(self.model)
+
+
+def test_override_that_owns_zeroing_and_the_ema_moves_the_ema_once_per_step(tmp_path):
+    trainer, rec = train_with_all_events(tmp_path, WholeStepTrainer)
+    assert step_events_of(rec) == ["optimizer_step", "on_before_zero_grad", "on_params_update"] * 6
+    assert trainer.step == trainer.ema.updates == 6
+
 def test_one_stop_vote_after_on_fit_epoch_end_reaches_the_epoch_reporters(tmp_path):
     """A callback that sets stop in on_fit_epoch_end ends the run after that epoch; the launcher's
     epoch reporters (Ray Train's report) run after the vote and see it."""

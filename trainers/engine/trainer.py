@@ -197,12 +197,16 @@ class BaseTrainer(CallbackMixin):
 
     def _take_step(self) -> None:
         """One optimizer step with its three events. They fire here, around ``optimizer_step()``,
-        so a subclass that overrides that method keeps them; zeroing and the EMA sit between them."""
+        so a subclass that overrides that method keeps them; zeroing and the EMA sit between them.
+        An override that owns the whole step (zeroing and the EMA too, as SPEC §4 allows) has its
+        EMA update counted: the EMA moves once per step either way."""
+        updates = self.ema.updates
         self.optimizer_step()
         self.run_callbacks("optimizer_step")
         self.run_callbacks("on_before_zero_grad")
         self.optimizer.zero_grad()
-        self.ema.update(self.model)
+        if self.ema.updates == updates:
+            self.ema.update(self.model)
         self.run_callbacks("on_params_update")
         self.step += 1
 
