@@ -3,11 +3,7 @@ from __future__ import annotations
 
 import logging
 import pickle
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -18,8 +14,6 @@ from callbacks.sinks.redact import MASK
 from tests.helpers import artifact_paths, feed_as_batches
 from tests.servers import expected_metrics, free_port, metric_histories, record_stream
 from trainers.utils import LOGGER, UserError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = {"epochs": 2, "lr0": 0.01, "model": "det-n.yaml", "db_password": "hunter2-pass",
           "data": {"path": "datasets/shapes8", "token": "tok-12345678"}}
@@ -299,21 +293,3 @@ def test_event_log_parts_encoded_once_for_both_destinations(server, tmp_path, mo
                     if p.startswith("events/"))
     assert stored == logged and len(stored) >= 3
     assert len(encoded) == len(stored) and sum(encoded) == len(records)
-
-
-def test_process_killed_while_creating_a_sqlite_store_leaves_none_half_made(tmp_path):
-    """A process SIGKILLed while MLflow builds a new SQLite store's schema (the callback actor
-    killed early in a run) leaves no store file; the next open builds a whole one."""
-    db = tmp_path / "store" / "mlflow.db"
-    uri = f"sqlite:///{db}"
-    code = f"from callbacks.sinks.mlflow_runs import mlflow_client; mlflow_client({uri!r})"
-    creator = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
-    deadline = time.monotonic() + 120
-    while not list(db.parent.glob(".mlflow.db.*.tmp")):  # schema being built
-        assert creator.poll() is None and time.monotonic() < deadline, "the creator never built a schema"
-        time.sleep(0.01)
-    creator.send_signal(signal.SIGKILL)
-    creator.wait()
-    assert not db.exists()
-    run_id = create_run(uri, "proj", "after-kill", {"lr0": 0.01})
-    assert MlflowClient(uri).get_run(run_id).data.params == {"lr0": "0.01"}

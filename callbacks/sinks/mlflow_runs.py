@@ -87,29 +87,7 @@ def scoped_short_retries():
 # ----------------------------------------------------------------------------- runs
 def mlflow_client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
-    if str(tracking_uri).startswith("sqlite:///"):
-        ready_sqlite_store(str(tracking_uri))
     return MlflowClient(tracking_uri)
-
-
-def ready_sqlite_store(uri: str) -> None:
-    """Make a new SQLite store whole or not at all. MLflow builds its schema in place, migration
-    after migration; a process killed in between (the callback actor, in a fault test) leaves a
-    file that no later open can migrate. So the schema is built in a temporary file beside it
-    and linked into place; a store another process made meanwhile is kept (it is whole too)."""
-    path = Path(uri[len("sqlite:///"):]).expanduser()
-    if path.exists():
-        return
-    _make_sqlite_folder(uri)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-    try:
-        SqlAlchemyStore(f"sqlite:///{tmp}", (path.parent.resolve() / "mlartifacts").as_uri()).engine.dispose()
-        os.link(tmp, path)
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def local_artifact_root(client, name: str) -> str | None:
