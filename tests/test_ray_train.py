@@ -3,6 +3,7 @@ import gc
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -234,6 +235,7 @@ def test_callback_actor_killed_mid_run_loses_nothing(ray_session, tmp_path):
         import ray
 
         if trainer.epoch == 0 and trainer.rank == 0:
+            wait_for_mlflow_run(trainer.args.tracking_uri, "actorkill")
             for entry in ray.util.list_named_actors(all_namespaces=True):
                 if entry["name"].startswith("callbacks-") and entry["name"] not in earlier:
                     ray.kill(ray.get_actor(entry["name"], namespace=entry["namespace"]), no_restart=False)
@@ -265,6 +267,18 @@ def test_callback_actor_killed_mid_run_loses_nothing(ray_session, tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("runs").experiment_id], "attributes.run_name = 'actorkill'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
 
+
+def wait_for_mlflow_run(tracking_uri: str, run_name: str, timeout: float = 120.0) -> None:
+    """Until the actor has made the run's MLflow run: the kill then lands mid-run, not inside
+    MLflow's first build of a new SQLite store (a kill there leaves a store MLflow cannot migrate:
+    a separate fault, not this test's)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        exp = MlflowClient(tracking_uri).get_experiment_by_name("runs")
+        if exp and MlflowClient(tracking_uri).search_runs([exp.experiment_id], f"attributes.run_name = '{run_name}'"):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no MLflow run {run_name!r} after {timeout} s")
 
 def read_run_id(cfg, name) -> str:
     client = MlflowClient(cfg["tracking_uri"])
