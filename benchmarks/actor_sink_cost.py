@@ -55,7 +55,7 @@ def sinks_of(kind: str, folder: str) -> list:
             "all": [mlflow, EventLogSink(f"{folder}/store", "bench"), CheckpointSink(f"{folder}/store", "bench")]}[kind]
 
 
-def cost(kind: str, rows: list[list], settle: float = 2.0) -> float:
+def cost(kind: str, rows: list[list], settle: float) -> float:
     """CPU microseconds per record after the first epoch (sinks started, start-up frozen)."""
     with tempfile.TemporaryDirectory() as folder:
         dispatcher = Dispatcher(sinks_of(kind, folder))

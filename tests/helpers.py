@@ -95,3 +95,20 @@ def wait_for_registered_checkpoint(storage, name: str, epoch: int, timeout: floa
                 return
         time.sleep(0.2)
     raise TimeoutError(f"no checkpoint of epoch {epoch} registered for {name} under {storage} in {timeout:.0f}s")
+
+
+def wait_for_mlflow_run(tracking_uri: str, run_name: str, timeout: float = 120.0) -> None:
+    """Block (in a worker callback) until the callback actor has made the MLflow run ``run_name``
+    in experiment ``runs``: a fault injected after that lands mid-run, not inside MLflow's first
+    build of a new SQLite store (a kill there leaves a store MLflow cannot migrate: another fault)."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    client, deadline = MlflowClient(tracking_uri), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        exp = client.get_experiment_by_name("runs")
+        if exp and client.search_runs([exp.experiment_id], f"attributes.run_name = '{run_name}'"):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"no MLflow run {run_name} at {tracking_uri} in {timeout:.0f}s")

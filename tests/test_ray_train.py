@@ -3,7 +3,6 @@ import gc
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from orchestrator import Model
 from trainers.classify import ClassificationTrainer
 from trainers.utils import UserError
 
-from tests.helpers import wait_for_registered_checkpoint
+from tests.helpers import wait_for_mlflow_run, wait_for_registered_checkpoint
 
 RAY_QUICK = dict(data="digits", imgsz=16, batch=16, nbs=16, fraction=0.1, epochs=2, verbose=False, plots=False,
                  workers=0, seed=0)
@@ -267,18 +266,6 @@ def test_callback_actor_killed_mid_run_loses_nothing(ray_session, tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("runs").experiment_id], "attributes.run_name = 'actorkill'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
 
-
-def wait_for_mlflow_run(tracking_uri: str, run_name: str, timeout: float = 120.0) -> None:
-    """Until the actor has made the run's MLflow run: the kill then lands mid-run, not inside
-    MLflow's first build of a new SQLite store (a kill there leaves a store MLflow cannot migrate:
-    a separate fault, not this test's)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        exp = MlflowClient(tracking_uri).get_experiment_by_name("runs")
-        if exp and MlflowClient(tracking_uri).search_runs([exp.experiment_id], f"attributes.run_name = '{run_name}'"):
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"no MLflow run {run_name!r} after {timeout} s")
 
 def read_run_id(cfg, name) -> str:
     client = MlflowClient(cfg["tracking_uri"])
