@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
+import time
 from typing import Iterable
 
 import ray
 
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
 from callbacks.dispatcher import Dispatcher, driver_entries
+from callbacks.journal import Journal
+from trainers.utils import LOGGER
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
@@ -23,18 +29,55 @@ class CallbackActor(Dispatcher):
     Falling behind is safe: workers buffer, and backpressure (counted) bounds the lag.
     """
 
-    def __init__(self, driver_callbacks: Iterable = ()):
+    def __init__(self, driver_callbacks: Iterable = (), journal: Journal | None = None,
+                 orphan_after: float | None = None):
         lower_priority()
-        super().__init__(driver_callbacks)
+        super().__init__(driver_callbacks, journal)
         self._frozen = False
+        self._heard = time.monotonic()  # the driver's heartbeat or a worker's batch
+        self._orphan_after = orphan_after
+        if orphan_after:
+            threading.Thread(target=self._watch_driver, name="driver-watch", daemon=True).start()
 
     def ingest(self, batch: list[dict], floors: dict | None = None) -> dict:
         self._freeze_once()
+        self._heard = time.monotonic()
         return super().ingest(batch, floors)
 
     def ingest_rows(self, stream: tuple, first_seq: int, rows: list, floors: dict | None = None) -> dict:
         self._freeze_once()
+        self._heard = time.monotonic()
         return super().ingest_rows(stream, first_seq, rows, floors)
+
+    # ----------------------------------------------------------------- a lost driver
+    def heartbeat(self) -> bool:
+        """The driver is alive (it calls this every few seconds while its run trains)."""
+        self._heard = time.monotonic()
+        return True
+
+    def _silent(self) -> bool:
+        return self._status is None and time.monotonic() - self._heard > self._orphan_after
+
+    def _watch_driver(self) -> None:
+        """A detached actor outlives its driver; its workers do not (Ray ends them with the
+        driver). So silence from both means the driver is gone: end the run from here, through
+        the actor's own queue, after the calls already waiting in it."""
+        while self._status is None:
+            time.sleep(1.0)
+            if self._silent():
+                me = ray.get_runtime_context().current_actor
+                me.finish_orphan.remote(f"the driver was lost (no word from it or its workers for "
+                                        f"{self._orphan_after:.0f} s); ended by its callback actor")
+                return
+
+    def finish_orphan(self, reason: str) -> None:
+        """Deliver the journal, end the run KILLED with ``reason``, and leave (detached: nobody
+        else would)."""
+        if not self._silent():
+            return
+        LOGGER.warning(f"callback actor: {reason}")
+        self.finish("KILLED", reason)
+        ray.actor.exit_actor()
 
     def _freeze_once(self) -> None:
         if not self._frozen:  # see freeze_startup_objects
@@ -65,11 +108,18 @@ def lower_priority() -> None:
 
 
 def start_callback_actor(driver_callbacks: Iterable, name: str | None = None,
-                         namespace: str | None = None):
-    """Validate driver callbacks here (errors surface on the driver) and start the actor."""
+                         namespace: str | None = None, journal: Journal | None = None,
+                         orphan_after: float | None = None):
+    """Validate driver callbacks here (errors surface on the driver) and start the actor on this
+    node: the journal's folder and the files records name are on this node's disk. With
+    ``orphan_after`` the actor is detached: it outlives a killed driver, notices the silence
+    (``heartbeat``) and ends the run itself; the driver kills it after ``finish``."""
     callbacks = list(driver_callbacks or ())
     driver_entries(callbacks)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    lifetime = "detached" if orphan_after else None
     actor = CallbackActor.options(num_cpus=0, max_restarts=-1, max_task_retries=0, name=name,
-                                  namespace=namespace).remote(callbacks)
+                                  namespace=namespace, scheduling_strategy=here,
+                                  lifetime=lifetime).remote(callbacks, journal, orphan_after)
     actor.start.remote()  # not awaited: sinks connect while the workers start
     return actor

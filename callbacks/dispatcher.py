@@ -27,8 +27,9 @@ import ray
 
 from trainers.events import EVENT, EVENTS, check_event
 from trainers.registry import callback_name
-from callbacks.records import record_key, record_of, records_from_rows
-from callbacks.sinks.base import Sink
+from callbacks.journal import Journal
+from callbacks.records import record_key, record_of, records_from_rows, row_of
+from callbacks.sinks.base import Progress, Sink
 from trainers.utils import LOGGER, UserError
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -90,18 +91,21 @@ class _Stream:
 class Dispatcher:
     """The actor's logic as a plain class; ``CallbackActor`` below is its Ray actor form."""
 
-    def __init__(self, driver_callbacks: Iterable = ()):
+    def __init__(self, driver_callbacks: Iterable = (), journal: Journal | None = None):
         self._entries = driver_entries(driver_callbacks)
-        self._table: dict[str, list[tuple[int, Callable]]] = {}  # event -> per-record handlers
-        self._row_table: dict[str, list[tuple[int, Callable]]] = {}  # the same without bulk sinks
+        self._row_table: dict[str, list[tuple[int, Callable]]] = {}  # event -> per-record handlers
         for index, entry in enumerate(self._entries):
             for event, fn in entry.handlers.items():
-                self._table.setdefault(event, []).append((index, fn))
                 if entry.rows is None:
                     self._row_table.setdefault(event, []).append((index, fn))
-        self._bulk = [(index, entry.rows) for index, entry in enumerate(self._entries) if entry.rows]
+        self._bulk = [(index, entry.rows, _progress_of(entry.obj, index, journal))
+                      for index, entry in enumerate(self._entries) if entry.rows]
         bind_sinks(self._entries)
-        self._streams: dict[tuple, _Stream] = {}
+        self._journal = journal
+        if journal is not None and not journal.claim():
+            raise RuntimeError(f"journal {journal.dir} is in use by a live process")
+        self._streams: dict[tuple, _Stream] = {key: _Stream(position) for key, position
+                                               in (journal.positions.items() if journal else ())}
         self._counts = dict(received=0, duplicates=0, dispatched=0, malformed=0,
                             after_finish=0, gaps=0, batches=0)
         self._failures: dict[tuple[int, str], list] = {}  # (entry, event) -> [count, first error]
@@ -126,6 +130,7 @@ class Dispatcher:
             stream = self._accept(record, touched)
             if stream is not None and stream.pending:
                 self._drain(stream)
+        self._commit()
         self._busy += time.perf_counter() - started
         return {"received": len(batch), "duplicates": self._counts["duplicates"] - duplicates,
                 "next_seq": {key: stream.next_seq for key, stream in touched.items()}}
@@ -148,6 +153,7 @@ class Dispatcher:
         self._counts["received"] += len(rows)
         self._dispatch_rows(key, first_seq, rows)
         current.next_seq = first_seq + len(rows)
+        self._commit()
         self._busy += time.perf_counter() - started
         return {"received": len(rows), "duplicates": 0,
                 "next_seq": {k: s.next_seq for k, s in touched.items()}}
@@ -212,9 +218,13 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ dispatch
     def _dispatch(self, record: dict) -> None:
-        event = record.get("event")
-        self._call(self._table.get(event, ()), event, record)
-        self._counts["dispatched"] += 1
+        key = record_key(record)
+        self._dispatch_rows(tuple(key[:3]), int(key[3]), [row_of(record)])
+
+    def _commit(self) -> None:
+        """What this call dispatched is on disk before the call returns its acknowledgement."""
+        if self._journal is not None:
+            self._journal.commit()
 
     def _call(self, handlers, event: str, record: dict) -> None:
         for index, fn in handlers:
@@ -224,13 +234,12 @@ class Dispatcher:
                 self._fail(index, event, exc)
 
     def _dispatch_rows(self, stream: tuple, first_seq: int, rows: list) -> None:
-        """An in-order batch: whole to bulk sinks, then record by record to other callbacks
-        (each callback still sees every stream's records in seq order)."""
-        for index, handle_rows in self._bulk:
-            try:
-                handle_rows(stream, first_seq, rows)
-            except Exception as exc:
-                self._fail(index, "handle_rows", exc)
+        """An in-order batch (one journal entry): whole to bulk sinks, then record by record to
+        other callbacks (each callback still sees every stream's records in seq order)."""
+        if self._journal is not None:
+            self._journal.append(stream, first_seq, rows)
+        for index, handle_rows, progress in self._bulk:
+            self._feed(index, handle_rows, progress, stream, first_seq, rows)
         table = self._row_table
         if table:
             for i, row in enumerate(rows):
@@ -238,6 +247,29 @@ class Dispatcher:
                 if handlers:
                     self._call(handlers, row[EVENT], record_of(stream, first_seq + i, row))
         self._counts["dispatched"] += len(rows)
+
+    def _feed(self, index: int, handle_rows, progress: Progress | None, stream, first_seq, rows) -> None:
+        """One entry to one bulk sink; its ``progress.fed`` counts it first (the sink reads it)."""
+        if progress is not None:
+            progress.fed += 1
+        try:
+            handle_rows(stream, first_seq, rows)
+        except Exception as exc:
+            self._fail(index, "handle_rows", exc)
+
+    def _replay(self) -> None:
+        """Hand each sink the journal's entries after its watermark (a restarted actor, a
+        recovered run): what it had taken but not delivered died with the old process."""
+        behind = [(i, rows, p) for i, rows, p in self._bulk if p is not None and p.fed < self._journal.next_entry]
+        if not behind:
+            return
+        replayed = 0
+        for entry, stream, first_seq, rows in self._journal.entries(min(p.fed for _, _, p in behind)):
+            for index, handle_rows, progress in behind:
+                if progress.fed == entry:
+                    self._feed(index, handle_rows, progress, stream, first_seq, rows)
+            replayed += 1
+        LOGGER.info(f"callback actor: {replayed} journal entries handed again to sinks that had not delivered them")
 
     def _fail(self, index: int, event: str, exc: BaseException) -> None:
         slot = self._failures.get((index, event))
@@ -264,8 +296,11 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> dict:
-        """Let sinks open their clients before the first record arrives (``Sink.start``)."""
+        """Let sinks open their clients before the first record arrives (``Sink.start``), and
+        hand them again what the journal holds beyond their watermarks."""
         self._call_sinks("start")
+        if self._journal is not None:
+            self._replay()
         return self.stats()
 
     def flush(self) -> dict:
@@ -273,17 +308,28 @@ class Dispatcher:
         self._call_sinks("flush")
         return self.stats()
 
-    def finish(self, status: str = "FINISHED") -> dict:
-        """Dispatch what waits behind a gap, flush, close sinks with ``status``; the report
-        (with each sink's own close() result under ``sinks``)."""
+    def finish(self, status: str = "FINISHED", reason: str | None = None) -> dict:
+        """Dispatch what waits behind a gap, flush, close sinks with ``status`` (``reason``, one
+        line, goes to the sinks that keep it: why a run failed or was killed); the report (with
+        each sink's own close() result under ``sinks``)."""
         if status not in STATUSES:
             raise ValueError(f"finish status={status!r}: must be one of {', '.join(STATUSES)}")
         if self._status is None:
             self._release_pending()
+            self._commit()
+            if reason:
+                self._call_sinks("note_end", status, reason)
             self._call_sinks("flush")
             self._sink_reports = self._call_sinks("close", status)
             self._status = status
+            if self._journal is not None:
+                self._journal.finish(status, self.delivered(), reason)
         return self.report()
+
+    def delivered(self) -> bool:
+        """Whether every sink that keeps a watermark has delivered every journal entry."""
+        end = self._journal.next_entry if self._journal is not None else 0
+        return all(p.delivered >= end for _, _, p in self._bulk if p is not None and p.path is not None)
 
     def _release_pending(self) -> None:
         """At the end no resend can fill a gap: dispatch the rest in order, counting the holes."""
@@ -312,6 +358,17 @@ class Dispatcher:
                            for (index, event), (count, first) in sorted(self._failures.items())]
         out["sinks"] = dict(self._sink_reports)
         return out
+
+
+def _progress_of(obj, index: int, journal: Journal | None) -> Progress | None:
+    """A ``Sink``'s watermark: kept in the journal when the sink reports delivery itself
+    (``Sink.tracks_delivery``), else in memory from 0, so a restarted actor hands such a sink
+    (state in memory) the whole run again. Other bulk callbacks have none."""
+    if not isinstance(obj, Sink):
+        return None
+    tracked = journal is not None and obj.tracks_delivery
+    obj.progress = journal.progress(f"{index}-{type(obj).__name__}") if tracked else Progress()
+    return obj.progress
 
 
 def _was_restarted() -> bool:

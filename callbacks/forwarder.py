@@ -24,15 +24,13 @@ from typing import Iterable
 import ray
 from ray.exceptions import RayActorError, RayError
 
+from callbacks.records import CLOSE_EVENT, FLUSH_EVENTS
 from trainers.events import ARTIFACTS, EVENTS, TIME, check_event
 from trainers.utils import LOGGER
 
 # Calls that fail for these reasons are resent once the actor answers again.
 ACTOR_ERRORS = (RayActorError,)  # ActorDiedError and ActorUnavailableError derive from it
 
-FLUSH_EVENTS = frozenset({"on_train_epoch_end", "on_fit_epoch_end", "on_train_end",
-                          "on_val_end", "on_predict_end", "on_export_end"})
-CLOSE_EVENT = "teardown"
 PROBE_INTERVAL = 0.2        # seconds between pings while the actor does not answer
 MAX_TASK_ERRORS = 3         # consecutive non-actor failures of one batch before giving it up
 

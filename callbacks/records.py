@@ -28,6 +28,11 @@ import time
 from trainers.events import (ARTIFACTS, EPOCH, EVENT, FINAL_EVAL, METRICS, STEP, TIME, clean_metrics,
                              make_row)
 
+# Where a forwarder sends what it holds without waiting for a full batch; and its last event.
+FLUSH_EVENTS = frozenset({"on_train_epoch_end", "on_fit_epoch_end", "on_train_end",
+                          "on_val_end", "on_predict_end", "on_export_end"})
+CLOSE_EVENT = "teardown"
+
 FIELDS = ("run_id", "event", "rank", "attempt", "seq", "epoch", "step", "time",
           "metrics", "artifacts", "final_eval")
 
@@ -54,16 +59,6 @@ def record_of(stream: tuple, seq: int, row: list) -> dict:
     return {"run_id": stream[0], "event": row[EVENT], "rank": stream[1], "attempt": stream[2], "seq": seq,
             "epoch": row[EPOCH], "step": row[STEP], "time": row[TIME], "metrics": row[METRICS],
             "artifacts": row[ARTIFACTS], "final_eval": row[FINAL_EVAL]}
-
-
-def spans_after(rows: list, event: str) -> list[tuple[int, int, bool]]:
-    """``[start, end)`` spans covering ``rows``, each but maybe the last ending with a row of
-    ``event`` (True when it does): where a sink taking a batch whole cuts, as it would per record."""
-    ends = [i + 1 for i, row in enumerate(rows) if row[EVENT] == event]
-    spans = [(start, end, True) for start, end in zip([0, *ends], ends)]
-    if not ends or ends[-1] < len(rows):
-        spans.append((ends[-1] if ends else 0, len(rows), False))
-    return spans
 
 
 def records_from_rows(stream: tuple, first_seq: int, rows: list) -> list[dict]:

@@ -20,6 +20,7 @@ MODES = {
     "ui": "open the MLflow UI on the embedded store: orchestrator ui [port=5000]",
     "stack": "local stack (MLflow server, S3, Ray head): orchestrator stack up|down|status",
     "events": "event log tools: orchestrator events replay run=<id> tracking_uri=<uri>",
+    "recover": "deliver runs whose driver died and end them KILLED: orchestrator recover [journal=runs/journal]",
 }
 
 
@@ -65,6 +66,10 @@ def run_mode(mode: str, argv: list[str]) -> int:
         from orchestrator.commands import run_events
 
         return run_events(argv)
+    if mode == "recover":
+        from orchestrator.commands import run_recover
+
+        return run_recover(parse_overrides(argv))
     raise UserError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
 
 
@@ -84,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         raise
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"{exc}: the run ended KILLED; resume=True continues from its last checkpoint" if str(exc)
+              else "interrupted", file=sys.stderr)
         return 130
 
 

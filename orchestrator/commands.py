@@ -15,10 +15,22 @@ def summary_table(metrics: dict) -> str:
     return "\n".join(["results:", *rows])
 
 
+def model_spec(mode: str, args) -> str:
+    """The model to build: the given one; when resuming without one, the checkpoint (its task and
+    data come with it); else the task's small default."""
+    if args.model:
+        return args.model
+    if mode == "train" and args.resume:
+        from trainers.engine.paths import latest_checkpoint
+
+        return str(latest_checkpoint(args) if args.resume is True else args.resume)
+    return "cls-n.yaml" if args.task == "classify" else "det-n.yaml"
+
+
 def run_task_mode(mode: str, args, given: dict) -> int:
     from orchestrator.model import Model
 
-    model = Model(args.model or ("cls-n.yaml" if args.task == "classify" else "det-n.yaml"), task=args.task)
+    model = Model(model_spec(mode, args), task=args.task)
     kwargs = {k: v for k, v in given.items() if k not in {"model", "mode"}}
     if mode == "train":
         metrics = model.train(**kwargs)
@@ -118,4 +130,17 @@ def run_events(argv: list[str]) -> int:
     new_id = replay_run(opts.get("storage", DEFAULTS["storage"]), str(opts["run"]), opts["tracking_uri"],
                         experiment=opts.get("experiment", "replay"), log_every_n_steps=every)
     print(f"replayed run {opts['run']} into {opts['tracking_uri']} as run {new_id}")
+    return 0
+
+
+def run_recover(options: dict) -> int:
+    """``orchestrator recover [journal=<folder>]``: one line per run taken over."""
+    from trainers.config import DEFAULTS
+    from orchestrator.recovery import recover
+
+    unknown = set(options) - {"journal"}
+    if unknown:
+        raise UserError(f"recover: unknown option {sorted(unknown)[0]!r}; usage: orchestrator recover [journal=runs/journal]")
+    for line in recover(options.get("journal") or DEFAULTS["journal"]):
+        print(line)
     return 0

@@ -1,27 +1,47 @@
 """Train in this process (``num_workers=0``): same records and sinks as on Ray, no Ray."""
 from __future__ import annotations
 
+import time
+
 from callbacks.dispatcher import Dispatcher
+from callbacks.records import CLOSE_EVENT, FLUSH_EVENTS
 
 
 class LocalForwarder:
-    """The in-process twin of the worker forwarder: records go straight to a Dispatcher."""
+    """The in-process twin of the worker forwarder: rows built as on a Ray worker, handed to a
+    Dispatcher in batches (each batch is one journal entry and one fsync), at the same flush
+    points as on Ray: a full batch, a second's age, the end of an epoch, of a fit, teardown."""
 
-    def __init__(self, dispatcher: Dispatcher, run_id: str, events):
+    def __init__(self, dispatcher: Dispatcher, run_id: str, events, max_batch: int = 1000,
+                 flush_interval: float = 1.0):
         self.dispatcher, self.run_id, self.events = dispatcher, run_id, set(events)
+        self.max_batch, self.flush_interval = max_batch, flush_interval
+        self.stream = (run_id, -1, 0)
         self.seq = 0
+        self._rows: list = []
+        self._due = time.monotonic() + flush_interval
 
     def attach(self, registry: dict) -> None:
-        for event in self.events:
+        for event in set(self.events) | FLUSH_EVENTS | {CLOSE_EVENT}:
             registry[event].append(self._sender(event))
 
     def _sender(self, event: str):
+        forwarded, flushes = event in self.events, event in FLUSH_EVENTS or event == CLOSE_EVENT
+
         def forward(owner):
-            row = owner.record_row(event)  # built as on a Ray worker
-            self.dispatcher.ingest_rows((self.run_id, -1, 0), self.seq, [row])
-            self.seq += 1
+            if forwarded:
+                self._rows.append(owner.record_row(event))  # built as on a Ray worker
+            if flushes or len(self._rows) >= self.max_batch or time.monotonic() >= self._due:
+                self.flush()
         forward.__qualname__ = f"forward_{event}"
         return forward
+
+    def flush(self) -> None:
+        if self._rows:
+            rows, self._rows = self._rows, []
+            self.dispatcher.ingest_rows(self.stream, self.seq, rows)
+            self.seq += len(rows)
+        self._due = time.monotonic() + self.flush_interval
 
 
 class LocalBackend:
@@ -32,24 +52,29 @@ class LocalBackend:
     """
 
     defer_run = False
+    stops_at_once = False  # the trainer is here: a stop signal waits for a step boundary
 
     def __init__(self):
-        self.dispatcher = self.trainer = None
+        self.dispatcher = self.trainer = self.forwarder = None
 
     def connect(self) -> None:
         """Nothing to reach: training runs in this process."""
 
     def start(self, session) -> None:
-        self.dispatcher = Dispatcher(session.callbacks)
+        self.dispatcher = Dispatcher(session.callbacks, journal=session.journal)
         self.dispatcher.start()  # sinks connect in their own threads while the trainer sets up
         self.trainer = session.factory()
-        LocalForwarder(self.dispatcher, session.run_id, session.events).attach(self.trainer.callbacks)
+        self.forwarder = LocalForwarder(self.dispatcher, session.run_id, session.events)
+        self.forwarder.attach(self.trainer.callbacks)
 
     def train(self, session) -> None:
+        session.stops.watch(self.trainer.callbacks)
         self.trainer.train()
 
-    def finish(self, session, status: str) -> dict:
-        return self.dispatcher.finish(status)
+    def finish(self, session, status: str, reason: str | None = None) -> dict:
+        if self.forwarder is not None:
+            self.forwarder.flush()
+        return self.dispatcher.finish(status, reason)
 
     def outcome(self) -> dict:
         """The trainer itself (``Model.trainer``), and its best.pt (last.pt when none was saved)."""

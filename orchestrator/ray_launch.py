@@ -11,6 +11,7 @@ import shutil
 import socket
 import time
 import tempfile
+import threading
 from pathlib import Path
 
 import ray
@@ -77,24 +78,29 @@ class RayBackend:
     """
 
     defer_run = True
+    stops_at_once = True  # the driver only waits on the workers; the job's end stops them
 
     def __init__(self):
         self.actor = self.trainer = None
+        self._beating = threading.Event()
 
     def connect(self) -> None:
         connect_ray()
 
     def start(self, session) -> None:
-        self.actor = start_callback_actor(session.callbacks, name=f"callbacks-{session.run_id}")
+        self.actor = start_callback_actor(session.callbacks, name=f"callbacks-{session.run_id}",
+                                          journal=session.journal, orphan_after=ORPHAN_AFTER)
+        threading.Thread(target=heartbeat, args=(self.actor, self._beating), name="heartbeat", daemon=True).start()
         self.trainer = make_torch_trainer(session.factory, session.args, self.actor, session.run_id,
                                           session.events, name=f"{session.args.name}-{session.run_id}")
 
     def train(self, session) -> None:
         self.trainer.fit()
 
-    def finish(self, session, status: str) -> dict:
+    def finish(self, session, status: str, reason: str | None = None) -> dict:
         """Close the actor's sinks with the run's status, then stop the actor (it serves one run)."""
-        report = ray.get(self.actor.finish.remote(status))
+        self._beating.set()
+        report = ray.get(self.actor.finish.remote(status, reason))
         ray.kill(self.actor)
         log_report(report)
         return report
@@ -102,6 +108,16 @@ class RayBackend:
     def outcome(self) -> dict:
         """Nothing beyond the session's result: the trainers lived in the workers."""
         return {}
+
+
+HEARTBEAT = 5.0  # seconds between the driver's heartbeats to its callback actor
+ORPHAN_AFTER = 30.0  # seconds of silence after which the actor ends the run itself (the driver died)
+
+
+def heartbeat(actor, stop: threading.Event) -> None:
+    """Tell the callback actor every ``HEARTBEAT`` s that this driver lives (fire and forget)."""
+    while not stop.wait(HEARTBEAT):
+        actor.heartbeat.remote()
 
 
 def make_torch_trainer(factory, args, actor, run_id: str, events, *, name: str, callbacks=(),

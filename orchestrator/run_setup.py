@@ -25,7 +25,8 @@ def absolute_uri(uri: str) -> str:
 
 def resolve_run(args) -> dict:
     """Fix the run folder on the driver so every worker (and every restart) writes to the same one."""
-    fixed = {"tracking_uri": absolute_uri(args.tracking_uri), "storage": absolute_uri(args.storage)}
+    fixed = {"tracking_uri": absolute_uri(args.tracking_uri), "storage": absolute_uri(args.storage),
+             "journal": str(Path(args.journal).expanduser().resolve())}
     if args.resume:  # the run folder and name come from the checkpoint
         from trainers.engine.checkpoint import load_checkpoint
 

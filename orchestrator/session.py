@@ -6,13 +6,21 @@ run's status, best.pt registered. A backend only says where the callbacks run an
 runs: this process (``local_run.LocalBackend``) or Ray Train workers (``ray_launch.RayBackend``).
 
 A backend has ``defer_run`` (whether the callback actor, not the driver, creates the MLflow run),
-``connect()``, ``start(session)``, ``train(session)``, ``finish(session, status) -> report`` and
+``stops_at_once`` (whether a stop signal may interrupt its ``train`` anywhere: a driver that only
+waits on workers; else the trainer here stops at a step boundary, ``orchestrator/stops.py``),
+``connect()``, ``start(session)``, ``train(session)``, ``finish(session, status, reason) -> report`` and
 ``outcome() -> dict`` (what it adds to the result).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+from callbacks.journal import Journal
 from callbacks.sinks.factory import SINK_CLASSES, forwarded_events
+from trainers.utils import LOGGER
+from orchestrator.recovery import pending_journals, recover_run
 from orchestrator.results import ResultSink
+from orchestrator.stops import StopSignals
 from orchestrator.run_setup import mlflow_run_of, new_run_id, register_best, resolve_run, start_tracking
 
 
@@ -42,6 +50,24 @@ def backend_for(args):
     return LocalBackend()
 
 
+def run_journal(args, run_id: str, sinks: list) -> Journal:
+    """The run's journal under ``args.journal``, with the sinks ``orchestrator recover`` rebuilds."""
+    journal = Journal(Path(args.journal) / run_id, run_id)
+    journal.save_sinks(sinks)
+    return journal
+
+
+def recover_before_resume(journal_root: str) -> None:
+    for folder in pending_journals(journal_root):
+        LOGGER.info(f"recover: {recover_run(folder)}")
+
+
+def end_reason(exc: BaseException) -> str:
+    """The one line a failed run keeps as its reason."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 class RunSession:
     """A run's set-up (run id, args with the fixed run folder, sinks, callbacks) and its one
     way from start to result."""
@@ -49,14 +75,18 @@ class RunSession:
     def __init__(self, factory, args, driver_callbacks, backend):
         self.backend = backend
         backend.connect()  # an unreachable cluster fails before a run is created
+        if args.resume:  # the run resumed may have died with its driver: end it first
+            recover_before_resume(args.journal)
         self.run_id = new_run_id()
         factory.overrides.update(resolve_run(args))
         self.factory = factory
         self.args = type(args)(**{**args.to_dict(), **factory.overrides})
         self.sinks = start_tracking(self.args, self.run_id, defer_run=backend.defer_run)
+        self.journal = run_journal(self.args, self.run_id, self.sinks)
         self.callbacks = run_callbacks(self.sinks, driver_callbacks)
         self.events = run_events(driver_callbacks)
         self.report: dict = {}
+        self.stops: StopSignals | None = None  # while training: what the backend's trainer watches
 
     def run(self) -> dict:
         """Train; close the sinks with FINISHED, FAILED or KILLED (Ctrl+C); register best.pt.
@@ -67,15 +97,19 @@ class RunSession:
         return self.outcome()
 
     def _train(self) -> dict:
-        status = "FAILED"
+        status, reason = "FAILED", None
         try:
-            self.backend.train(self)
+            with StopSignals(immediate=self.backend.stops_at_once) as self.stops:
+                self.backend.train(self)
             status = "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
+        except KeyboardInterrupt as exc:
+            status, reason = "KILLED", str(exc) or "interrupted (Ctrl+C)"
+            raise
+        except BaseException as exc:
+            reason = end_reason(exc)
             raise
         finally:
-            report = self.backend.finish(self, status)
+            report = self.backend.finish(self, status, reason)
         return report
 
     @property

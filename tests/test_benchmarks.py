@@ -171,3 +171,15 @@ def test_sweep_asha_tiny(tmp_path):
     for what in ("objective", "epochs", "time"):
         finite(*figures(out, f"ASHA/FIFO {what} ratio {{n}}"), positive=True)
     assert re.search(r"^(targets met|TARGETS MISSED)$", out, re.M), out
+
+
+def test_journal_tiny(tmp_path):
+    out = run_tiny("journal.py", tmp_path)
+    on, off, rounds = figures(out, "journal fsync on: {n} records/s, off: {n} records/s (median of {n} rounds, "
+                                   "batches of 500)")
+    finite(on, off, positive=True)
+    (ratio,) = figures(out, "ratio on/off: {n} (goal >= 0.8)")
+    finite(ratio, positive=True)
+    count, rate, p50, p99 = figures(out, "emit to journal: {n} records at {n}/s, p50 {n} ms, p99 {n} ms, "
+                                         "then one fsync (forwarder flush interval 1.0 s)")
+    assert count == 6_000 and p99 >= p50  # 3 s at 2,000 rows/s, each journaled once

@@ -219,9 +219,15 @@ def test_backpressure_slow_sink_loses_nothing(ray_env, tmp_path):
 
 
 def test_actor_killed_mid_stream_every_record_arrives(ray_env, tmp_path):
-    sink_path = tmp_path / "sink.jsonl"
+    """The actor dies mid-stream and Ray restarts it: the driver callback sees every record, and
+    the event log (fed from the run's journal after the restart) holds each exactly once."""
+    from callbacks.journal import Journal
+    from callbacks.sinks import EventLogSink, read_event_log
+
+    sink_path, store = tmp_path / "sink.jsonl", str(tmp_path / "store")
     # A slow sink keeps calls in flight, so the kill interrupts some of them.
-    actor = start_callback_actor([FileSink(sink_path, delay=0.003)])
+    actor = start_callback_actor([FileSink(sink_path, delay=0.003), EventLogSink(store, "run-d", max_rows=50)],
+                                 journal=Journal(tmp_path / "journal" / "run-d", "run-d"))
     ray.get(actor.ping.remote())  # killed while still starting, it would fail no call
     registry = new_registry()
     forwarder = EventForwarder(actor, "run-d", 2, attempt=1, max_batch=10, max_inflight=2,
@@ -251,7 +257,10 @@ def test_actor_killed_mid_stream_every_record_arrives(ray_env, tmp_path):
             incarnations[-1].append(line["seq"])
     assert all(seqs == sorted(seqs) for seqs in incarnations)  # each dispatched in seq order
     assert ray.get(actor.stats.remote())["restarted"] is True
+    ray.get(actor.finish.remote("FINISHED"))
     ray.kill(actor)
+    raw = read_event_log(store, "run-d", dedup_rows=False)  # every stored row, duplicates included
+    assert sorted(zip(raw.column("seq").to_pylist(), raw.column("event").to_pylist())) == list(enumerate(fired))
 
 
 def test_forwarder_narrowed_to_listened_events(ray_env, tmp_path):
@@ -290,11 +299,13 @@ class RowsSink(Sink):
     def __init__(self, fail_at: int | None = None):
         super().__init__(fail_at=fail_at)
         self.got = []  # (path, stream, seq)
+        self.calls = []  # (first seq, rows) per handle_rows
 
     def handle_rows(self, stream, first_seq, rows):
         if self.fail_at is not None and first_seq <= self.fail_at < first_seq + len(rows):
             raise RuntimeError(f"rows sink broke at {first_seq}")
         self.got += [("rows", stream, first_seq + i) for i in range(len(rows))]
+        self.calls.append((first_seq, len(rows)))
 
     def handle(self, event, record):
         self.got.append(("record", (record["run_id"], record["rank"], record["attempt"]), record["seq"]))
@@ -321,7 +332,8 @@ class EpochOnly(Sink):
 
 def test_in_order_rows_go_whole_to_sinks_and_as_records_to_callbacks():
     """An in-order batch reaches sinks whole, function callbacks as records of their event only;
-    a batch after a gap waits, and the gap's fill is dispatched record by record, in order."""
+    a batch after a gap waits, and the gap's fill is dispatched record by record (one-row
+    batches: one journal entry each), in order."""
     from trainers.events import make_row
 
     def rows(first, n):
@@ -341,8 +353,8 @@ def test_in_order_rows_go_whole_to_sinks_and_as_records_to_callbacks():
 
     paths = [(path, seq) for path, key, seq in bulk.got]
     assert [seq for _, seq in paths] == list(range(40)) and {key for _, key, _ in bulk.got} == {stream}
-    assert {path for path, seq in paths if seq < 10 or seq >= 35} == {"rows"}
-    assert {path for path, seq in paths if 10 <= seq < 35} == {"record"}  # behind the gap, the overlap
+    assert {path for path, seq in paths} == {"rows"}
+    assert bulk.calls == [(0, 10), *((seq, 1) for seq in range(10, 35)), (35, 5)]  # behind the gap, the overlap
     assert [(r["seq"], r["rank"], r["attempt"], r["step"]) for r in seen] == [(s, 1, 7, s) for s in (9, 19, 29, 39)]
     assert epochs.seqs == [(1, s, float(s)) for s in (9, 19, 29, 39)]
     assert [seq for _, _, seq in broken.got] == list(range(35))  # its failing batch did not stop others

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -209,3 +210,68 @@ def test_sweep_job_with_the_cli_and_token_env(stack, aws, tmp_path):
         assert any(k.startswith(f"sweep/events/run_id={run_id}/") for k in keys)
         assert f"sweep/runs/{run_id}/weights/best.pt" in keys
     assert any(k.startswith("sweep/ray/sweep-") for k in keys), "the Tune experiment is in the bucket"
+
+
+# ------------------------------------------------------------------------ stops and a killed driver
+def wait_run_of_job(client, submission_id: str, timeout: float = 300):
+    """The MLflow run tagged with the job's submission id, once it has logged two epochs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        experiment = client.get_experiment_by_name("classify")
+        runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.ray_job_id = '{submission_id}'") \
+            if experiment else []
+        if runs and len(client.get_metric_history(runs[0].info.run_id, "fitness")) >= 2:
+            return runs[0]
+        time.sleep(1)
+    pytest.fail(f"job {submission_id}: no MLflow run with two epochs after {timeout:.0f} s")
+
+
+def wait_ended(client, run_id: str, timeout: float):
+    deadline = time.monotonic() + timeout
+    while (run := client.get_run(run_id)).info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(1)
+    return run
+
+
+def assert_each_once(client, run, storage: str) -> None:
+    """Every logged epoch once in MLflow; the event log holds each stream's records from seq 0
+    without a gap or a duplicate (counted raw)."""
+    from callbacks.sinks import read_event_log
+
+    steps = sorted(point.step for point in client.get_metric_history(run.info.run_id, "fitness"))
+    assert steps == list(range(len(steps))) and len(steps) >= 2
+    raw = read_event_log(storage, run.data.tags["orchestrator.run_id"], dedup_rows=False).to_pylist()
+    streams: dict[tuple, list[int]] = {}
+    for row in raw:
+        streams.setdefault((row["rank"], row["attempt"]), []).append(row["seq"])
+    assert streams and all(sorted(seqs) == list(range(len(seqs))) for seqs in streams.values())
+
+
+def test_job_stop_and_a_killed_driver_end_their_runs_killed(stack, jobs, aws):
+    """``ray job stop`` (SIGTERM, 3 s before Ray's SIGKILL) ends the run KILLED with the signal as
+    its reason; a driver killed with SIGKILL while Ray stays up has its run ended KILLED by its
+    callback actor within 60 s. Both keep every epoch once and every record once."""
+    from mlflow.tracking import MlflowClient
+
+    storage = f"s3://{BUCKET}/faults"
+    entrypoint = ("python -m orchestrator train model=cls-n.yaml data=digits epochs=60 imgsz=16 fraction=0.5 "
+                  f"num_workers=1 verbose=false tracking_uri={stack['mlflow']} storage={storage}")
+    runtime_env = {"working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": {"OMP_NUM_THREADS": "1"}}
+    stopped = jobs.submit_job(entrypoint=f"{entrypoint} name=stopped", runtime_env=runtime_env)
+    killed = jobs.submit_job(entrypoint=f"{entrypoint} name=killed", runtime_env=runtime_env)
+    client = MlflowClient(stack["mlflow"])
+    runs = {job: wait_run_of_job(client, job) for job in (stopped, killed)}
+
+    jobs.stop_job(stopped)
+    os.kill(int(jobs.get_job_info(killed).driver_info.pid), signal.SIGKILL)
+    start = time.monotonic()
+    ended = wait_ended(client, runs[killed].info.run_id, timeout=90)
+    took = time.monotonic() - start
+    assert ended.info.status == "KILLED" and took <= 60, f"{ended.info.status} after {took:.0f} s"
+    assert "driver was lost" in ended.data.tags["orchestrator.end_reason"]
+    assert_each_once(client, ended, storage)
+
+    ended = wait_ended(client, runs[stopped].info.run_id, timeout=30)
+    assert ended.info.status == "KILLED" and ended.data.tags["orchestrator.end_reason"] == "stopped by SIGTERM"
+    assert wait_for(jobs, stopped) == "STOPPED"
+    assert_each_once(client, ended, storage)

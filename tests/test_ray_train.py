@@ -135,6 +135,7 @@ def test_worker_sigkill_restarts_from_checkpoint_without_duplicates(ray_session,
 
     run_id = read_run_id(cfg, "crash")
     table = read_event_log(cfg["storage"], run_id).to_pylist()
+    assert read_event_log(cfg["storage"], run_id, dedup_rows=False).num_rows == len(table)  # none stored twice
     attempts = {r["attempt"] for r in table}
     assert len(attempts) >= 3  # 2 ranks x first attempt + restarted group
     restarted = [r for r in table if r["event"] == "on_train_start"][-1]["attempt"]

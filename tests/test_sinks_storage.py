@@ -120,9 +120,10 @@ def test_event_log_roundtrip_one_schema(store_uri, tmp_path, via):
     assert read_event_log(store_uri, "no-such-run").num_rows == 0
 
 
-def test_event_log_batches_cut_like_records(store_uri, tmp_path):
-    """Rows taken whole are cut into the same parts, at the same epoch ends, as records one by
-    one: the part names (rank, attempt, first seq) and the rows agree."""
+def test_event_log_batches_cut_on_batch_boundaries(store_uri, tmp_path):
+    """Rows taken whole (journal entries) are cut after the batch that ends an epoch: as many
+    parts as records one by one, each starting on a batch boundary (a sink restarted from its
+    watermark cuts the same first part again), and the same rows."""
     records = list(record_stream(tmp_path / "save", run_id="run-b", epochs=3, steps=7, ranks=(0,)))
     one_by_one = EventLogSink(f"{store_uri}/one", "run-b")
     feed(one_by_one, records)
@@ -133,7 +134,10 @@ def test_event_log_batches_cut_like_records(store_uri, tmp_path):
         assert sink.close("FINISHED")["pending_parts"] == []
         keys.append([k.rsplit("/", 1)[-1] for k in ObjectStore.from_uri(f"{store_uri}/{folder}").list(run_prefix("run-b"))])
         tables.append(read_event_log(f"{store_uri}/{folder}", "run-b"))
-    assert keys[0] == keys[1] and len(keys[0]) == 5  # 3 epochs, the final evaluation, the rest at close
+    assert len(keys[0]) == 5  # 3 epochs, the final evaluation, the rest at close
+    ends = {(i // 4 + 1) * 4 for i, r in enumerate(records) if r["event"] == "on_fit_epoch_end"}
+    firsts = sorted({0} | {end for end in ends if end < len(records)})  # cut after each batch with an epoch end
+    assert keys[1] == [f"part-0-0-{first:09d}.parquet" for first in firsts]
     assert tables[0].equals(tables[1]) and tables[0].num_rows == len(records)
 
 

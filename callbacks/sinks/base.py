@@ -6,7 +6,10 @@ clients, threads and directories lazily on first use.
 """
 from __future__ import annotations
 
+import json
+import os
 import tempfile
+import threading
 from pathlib import Path
 
 from trainers.events import EVENT, EVENTS
@@ -22,11 +25,16 @@ class Sink:
     """
 
     events: frozenset[str] | None = None  # the events this sink acts on; None: all
+    # True: the sink calls ``self.progress.deliver(n)`` once the first n journal entries it was
+    # handed are delivered for good, so a restart hands it only the rest. False: its state lives
+    # in memory, and a restarted actor hands it the whole run again.
+    tracks_delivery = False
 
     def __init__(self, **args):
         """Keep the constructor arguments (for pickling) and expose each as an attribute."""
         self._args = args
         self.__dict__.update(args)
+        self.progress = Progress()  # the dispatcher's, once it takes the sink
 
     def __getstate__(self):
         return {"_args": self._args}
@@ -82,3 +90,38 @@ def make_spool_dir(spool_dir: str | None, kind: str, name: str | None) -> Path:
         parent.mkdir(parents=True, exist_ok=True)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name or "run"))[:60]
     return Path(tempfile.mkdtemp(prefix=f"{kind}-{safe}-", dir=parent))
+
+
+class Progress:
+    """A sink's watermark: entries below ``delivered`` are delivered for good (kept in a file).
+
+    The dispatcher sets ``fed`` (entries handed to the sink so far) before each hand-over; the
+    sink's delivery thread calls ``deliver(n)`` once everything from the first ``n`` entries is out.
+    Without a path (a sink used alone) it is kept in memory only."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path is not None else None
+        self.delivered = 0
+        if self.path is not None and self.path.is_file():
+            self.delivered = int(json.loads(self.path.read_text())["delivered"])
+        self.fed = self.delivered
+        self._lock = threading.Lock()
+
+    def deliver(self, n: int) -> None:
+        with self._lock:
+            if n <= self.delivered:
+                return
+            self.delivered = n
+            if self.path is not None:
+                write_atomic(self.path, json.dumps({"delivered": n}).encode())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

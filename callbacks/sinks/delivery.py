@@ -144,21 +144,27 @@ class Courier:
 class FileCourier(Courier):
     """Snapshots staged in ``directory`` and uploaded with ``upload(target, path)`` in the
     background: staging never waits on the endpoint, and what was not delivered stays on disk.
-    ``before`` runs at the start of every pump (the event log cuts a part that has grown old)."""
+    ``before`` runs at the start of every round (the event log cuts a part that has grown old);
+    ``sent_one(target)`` after each upload; ``idle(token)`` after a round that left nothing staged,
+    with what ``before`` returned (a sink's watermark at the start of the round)."""
 
     def __init__(self, name: str, directory: str | os.PathLike, upload: Callable[[str, Path], None],
-                 before: Callable[[], None] | None = None):
+                 before: Callable[[], object] | None = None, sent_one: Callable[[str], None] | None = None,
+                 idle: Callable[[object], None] | None = None):
         super().__init__(name, self._send)
         self.stage = FileStage(directory)
-        self.upload, self.before = upload, before
+        self.upload, self.before, self.sent_one, self.idle = upload, before, sent_one, idle
         self.sent = 0
         self.start()
 
     def _send(self) -> bool:
-        if self.before is not None:
-            self.before()
-        self.sent += len(self.stage.send(self.upload))
-        return len(self.stage) == 0
+        """One round; ``idle(what before() returned)`` when it left nothing staged."""
+        token = self.before() if self.before is not None else None
+        self.sent += len(self.stage.send(self.upload, self.sent_one))
+        done = len(self.stage) == 0
+        if done and self.idle is not None:
+            self.idle(token)
+        return done
 
     def put_file(self, target: str, source: str | os.PathLike) -> bool:
         """Snapshot ``source`` for ``target`` now; False when that content was staged or sent already."""

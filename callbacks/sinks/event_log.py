@@ -6,6 +6,8 @@ restart re-sends records; ``read_event_log`` keeps one row per (rank, attempt, s
 """
 from __future__ import annotations
 
+import threading
+
 import pyarrow as pa
 
 from callbacks.sinks.event_parts import MAX_AGE, MAX_ROWS, SCHEMA, EventParts, run_prefix
@@ -20,9 +22,13 @@ class EventLogSink(StoreSink):
     """Every record (all events, all ranks) to Parquet parts in ``store_uri``.
 
     Parts are cut when ``max_rows`` records are buffered, when the oldest is ``max_age`` s old,
-    at each epoch end and at close. A cut part goes to a local spool file at once and is
-    uploaded in the background, so an unreachable store only grows the spool. ``parts`` hands
-    the same encoded parts to other subscribers (a bound MLflow sink).
+    after each batch holding an epoch end and at close. A cut part goes to a local spool file at
+    once and is uploaded in the background, so an unreachable store only grows the spool.
+    ``parts`` hands the same encoded parts to other subscribers (a bound MLflow sink).
+
+    Its watermark moves when every part of a cut is in the store, before any later part goes:
+    a restart re-cuts from there, so a part uploaded just before a crash is cut again with the
+    same first rows, under the same name, and overwritten, never duplicated.
     """
 
     kind, label, pending_key = "eventlog", "event log", "pending_parts"
@@ -32,12 +38,34 @@ class EventLogSink(StoreSink):
                  max_rows: int = MAX_ROWS, max_age: float = MAX_AGE, close_timeout: float = 60.0):
         super().__init__(store_uri, run_id, spool_dir, close_timeout, max_rows=max_rows, max_age=max_age)
         self.parts = EventParts(run_id, max_rows, max_age)
+        self._cuts: list[tuple[int, set[str]]] = []  # (mark, parts not yet uploaded), oldest first
+        self._cuts_lock = threading.Lock()
 
     def start(self) -> None:
         self._start()
 
     def _opened(self, courier) -> None:
         self.parts.subscribe(courier.put_bytes)
+        self.parts.watch(self._cut)
+
+    def _cut(self, mark: int, keys: list[str]) -> None:
+        with self._cuts_lock:
+            staged = set(self._courier.pending())
+            self._cuts.append((mark, {key for key in keys if key in staged}))
+            self._settle()
+
+    def _sent_one(self, target: str) -> None:
+        with self._cuts_lock:
+            for _, waiting in self._cuts:
+                waiting.discard(target)
+            self._settle()
+
+    def _settle(self) -> None:
+        while self._cuts and not self._cuts[0][1]:
+            self.progress.deliver(self._cuts.pop(0)[0])
+
+    def _idle(self, taken: int) -> None:
+        """Rows not cut yet are not delivered: the watermark follows the cuts (``_sent_one``)."""
 
     def handle(self, event: str, record: dict) -> None:
         if self._closed is None:
@@ -45,13 +73,15 @@ class EventLogSink(StoreSink):
             self.parts.add(record, event)
 
     def handle_rows(self, stream: tuple, first_seq: int, rows: list) -> None:
-        """A worker's batch as it came: stored as rows, cut at the same epoch ends as per record."""
+        """A worker's batch (one journal entry) as it came: stored as rows, cut after it when it
+        holds an epoch end."""
         if self._closed is None:
             self._start()
-            self.parts.add_rows(stream, first_seq, rows)
+            self.parts.add_rows(stream, first_seq, rows, self.progress.fed)
 
-    def _before_pump(self) -> None:
+    def _before_pump(self) -> int:
         self.parts.cut_if_old()
+        return 0
 
     def _before_close(self) -> None:
         self.parts.cut()
@@ -60,8 +90,9 @@ class EventLogSink(StoreSink):
         return {"rows": self.parts.rows}
 
 
-def read_event_log(store_uri: str, run_id: str) -> pa.Table:
-    """All records of ``run_id`` (one row per rank/attempt/seq) via ``pyarrow.dataset``."""
+def read_event_log(store_uri: str, run_id: str, dedup_rows: bool = True) -> pa.Table:
+    """All records of ``run_id`` via ``pyarrow.dataset``: one row per rank/attempt/seq, sorted;
+    ``dedup_rows=False`` gives every stored row as stored (to check that none is there twice)."""
     import pyarrow.dataset as ds
     store = ObjectStore.from_uri(store_uri)
     keys = [k for k in store.list(run_prefix(run_id)) if k.endswith(".parquet")]
@@ -72,7 +103,7 @@ def read_event_log(store_uri: str, run_id: str) -> pa.Table:
     dataset = ds.dataset([f"{base}/{k}" for k in keys], schema=schema, format="parquet", filesystem=fs,
                          partitioning=ds.partitioning(PARTITION, flavor="hive"),
                          partition_base_dir=f"{base}/events")
-    return dedup(dataset.to_table())
+    return dedup(dataset.to_table()) if dedup_rows else dataset.to_table()
 
 
 def dedup(table: pa.Table) -> pa.Table:

@@ -19,8 +19,8 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from callbacks.records import row_of, spans_after
-from trainers.events import ROW_FIELDS
+from callbacks.records import row_of
+from trainers.events import EVENT, ROW_FIELDS
 from trainers.utils import LOGGER
 
 SCHEMA = pa.schema([
@@ -73,6 +73,15 @@ def _coerced(seqs: list[int], rows: list) -> tuple[list[int], list[list]]:
     return kept_seqs, kept_rows
 
 
+def table_of(rank: int, attempt: int, seqs, rows: list) -> pa.Table:
+    """``rows_table``, coercing each row's fields when a malformed row makes Arrow refuse them."""
+    seqs = list(seqs)
+    try:
+        return rows_table(rank, attempt, seqs, rows)
+    except (pa.ArrowException, TypeError, ValueError):
+        return rows_table(rank, attempt, *_coerced(seqs, rows))
+
+
 def to_parquet(table: pa.Table) -> bytes:
     """Dictionary encoding for the event names only: tried on every column (the default) it
     doubled the time and the size, since times, steps and seqs never repeat."""
@@ -101,6 +110,7 @@ class PartBuffer:
         self._groups: dict[tuple[int, int], _Group] = {}
         self.count = 0
         self.first_time: float | None = None
+        self.mark = 0  # journal entries wholly added so far (``Progress.fed`` when rows came with it)
 
     def _group(self, run_id, rank: int, attempt: int) -> _Group:
         group = self._groups.get((rank, attempt))
@@ -116,12 +126,14 @@ class PartBuffer:
         group.rows.append(row_of(record, event))
         self.count += 1
 
-    def add_rows(self, stream: tuple, first_seq: int, rows: list) -> None:
+    def add_rows(self, stream: tuple, first_seq: int, rows: list, mark: int | None = None) -> None:
         run_id, rank, attempt = stream
         group = self._group(run_id, int(rank), int(attempt))
         group.seqs.extend(range(first_seq, first_seq + len(rows)))
         group.rows.extend(rows)
         self.count += len(rows)
+        if mark is not None:
+            self.mark = max(self.mark, mark)
 
     def age(self) -> float:
         return 0.0 if self.first_time is None else time.monotonic() - self.first_time
@@ -134,10 +146,7 @@ class PartBuffer:
             if any(b < a for a, b in zip(seqs, seqs[1:])):  # records added out of order
                 order = sorted(range(len(seqs)), key=seqs.__getitem__)
                 seqs, rows = [seqs[i] for i in order], [rows[i] for i in order]
-            try:
-                table = rows_table(rank, attempt, seqs, rows)
-            except (pa.ArrowException, TypeError, ValueError):  # a malformed row: coerce each
-                table = rows_table(rank, attempt, *_coerced(seqs, rows))
+            table = table_of(rank, attempt, seqs, rows)
             key = part_key(run_id or group.run_id, rank, attempt, seqs[0])
             parts.append((key, to_parquet(table)))
         self._groups.clear()
@@ -158,11 +167,16 @@ class EventParts:
         self.rows = 0  # rows cut into parts so far
         self._buffer = PartBuffer()
         self._receivers: list[Callable[[str, bytes], None]] = []
+        self._watchers: list[Callable[[int, list[str]], None]] = []
         self._lock = threading.Lock()
 
     def subscribe(self, receiver: Callable[[str, bytes], None]) -> None:
         with self._lock:
             self._receivers.append(receiver)
+
+    def watch(self, watcher: Callable[[int, list[str]], None]) -> None:
+        """``watcher(mark, keys)`` after each cut: the parts holding the first ``mark`` entries."""
+        self._watchers.append(watcher)
 
     def unsubscribe(self, receiver: Callable[[str, bytes], None]) -> None:
         with self._lock:
@@ -175,12 +189,13 @@ class EventParts:
             self._buffer.add(record, event)
         self._cut_if_due(event == EPOCH_END)
 
-    def add_rows(self, stream: tuple, first_seq: int, rows: list) -> None:
-        """A worker's batch as it came: kept as rows, cut at the same epoch ends as per record."""
-        for start, end, epoch_end in spans_after(rows, EPOCH_END):
-            with self._lock:
-                self._buffer.add_rows(stream, first_seq + start, rows[start:end])
-            self._cut_if_due(epoch_end)
+    def add_rows(self, stream: tuple, first_seq: int, rows: list, mark: int | None = None) -> None:
+        """A worker's batch (one journal entry) whole, cut after it when it holds an epoch end:
+        parts end on entry boundaries, so a sink restarted from its watermark cuts the same
+        first part again. ``mark``: the journal entries wholly added with this one."""
+        with self._lock:
+            self._buffer.add_rows(stream, first_seq, rows, mark)
+        self._cut_if_due(any(row[EVENT] == EPOCH_END for row in rows))
 
     def _cut_if_due(self, epoch_end: bool) -> None:
         if epoch_end or self._buffer.count >= self.max_rows or self._buffer.age() >= self.max_age:
@@ -194,11 +209,13 @@ class EventParts:
         """Encode what is buffered into parts now and hand them out."""
         with self._lock:
             self.rows += self._buffer.count
-            parts = self._buffer.cut(self.run_id)
-            receivers = list(self._receivers)
+            mark, parts = self._buffer.mark, self._buffer.cut(self.run_id)
+            receivers, watchers = list(self._receivers), list(self._watchers)
         for key, data in parts:
             for receiver in receivers:
                 _hand(receiver, key, data)
+        for watcher in watchers:
+            watcher(mark, [key for key, _ in parts])
 
 
 def _hand(receiver: Callable[[str, bytes], None], key: str, data: bytes) -> None:

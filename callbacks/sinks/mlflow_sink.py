@@ -31,6 +31,7 @@ from trainers.events import ARTIFACTS, EVENT, STEP
 from trainers.utils import LOGGER
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+END_REASON_TAG = "orchestrator.end_reason"
 
 
 class MLflowSink(Sink):
@@ -38,6 +39,7 @@ class MLflowSink(Sink):
 
     kind = "mlflow"
     events = None  # all: every record goes into the run's copy of the event log
+    tracks_delivery = True  # the watermark moves when a delivery round leaves nothing queued
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, params: dict | None = None,
                  tags: dict | None = None, run_id: str | None = None, parent_run_id: str | None = None,
@@ -63,12 +65,21 @@ class MLflowSink(Sink):
         self._started = False
         self._start_lock = threading.Lock()  # parts may arrive on an event-log sink's courier thread
         self._closed: dict | None = None
+        self._taken = 0  # journal entries whose points and files are queued
+        self._end_tags: dict[str, str] = {}
+        self._cut_mark = None  # with parts of its own: entries whose rows are in cut parts
 
     def _use_parts(self, parts: EventParts, feeds: bool) -> None:
         if self._parts is not None:
             self._parts.unsubscribe(self._take_part)
         self._parts, self._feeds_parts = parts, feeds
         parts.subscribe(self._take_part)
+        if feeds:
+            self._cut_mark = 0
+            parts.watch(self._parts_cut)
+
+    def _parts_cut(self, mark: int, keys: list) -> None:
+        self._cut_mark = mark
 
     def bind(self, peers: list) -> None:
         """Upload the parts of an event-log sink among ``peers`` rather than encode the same rows."""
@@ -90,6 +101,7 @@ class MLflowSink(Sink):
         # MLflow writes run URLs (user:password@ of the tracking URI included) straight to stdout.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         params, secrets = clean_params(self.params)
+        self._secrets = secrets
         install_log_filter(LOGGER, secrets)
         install_log_filter(logging.getLogger("mlflow"), secrets)
         self._dir = make_spool_dir(self.spool_dir, self.kind, self.run_id or self.run_name)
@@ -131,12 +143,12 @@ class MLflowSink(Sink):
             return
         self._start()
         if self._feeds_parts:
-            self._parts.add_rows(stream, first_seq, rows)
-        if int(stream[1]) > 0:
-            return
-        for i, row in enumerate(rows):
-            if self._wanted(row[EVENT], row[STEP], row[ARTIFACTS]):
-                self._log(row[EVENT], record_of(stream, first_seq + i, row))
+            self._parts.add_rows(stream, first_seq, rows, self.progress.fed)
+        if int(stream[1]) <= 0:
+            for i, row in enumerate(rows):
+                if self._wanted(row[EVENT], row[STEP], row[ARTIFACTS]):
+                    self._log(row[EVENT], record_of(stream, first_seq + i, row))
+        self._taken = self.progress.fed
 
     def _wanted(self, event: str, step: int, artifacts) -> bool:
         """Whether a rank-0 record can make points or carry files (the rest only go to the event log)."""
@@ -162,20 +174,27 @@ class MLflowSink(Sink):
 
     # ----------------------------------------------------------------- delivery side (courier thread)
     def _pump(self) -> bool:
+        """One delivery round; when it leaves nothing queued, what was taken before it is
+        delivered (with parts of its own, only rows already cut into parts count)."""
+        taken = self._taken if self._cut_mark is None else min(self._taken, self._cut_mark)
         if self._feeds_parts:
             self._parts.cut_if_old()
         writer = self._writer
-        if not writer.ready and not (self._attach_now or len(self._points) or len(self._stage) or self._status):
-            return True
+        if writer.ready or self._attach_now or len(self._points) or len(self._stage) or self._status:
+            self._deliver(writer)
+        idle = not len(self._points) and not len(self._stage)
+        if idle:
+            self.progress.deliver(taken)
+        return idle
+
+    def _deliver(self, writer: RunWriter) -> None:
         writer.attach()
         while batch := self._points.peek(self.batch_size):
             writer.send_points(batch)
             self._points.drop(len(batch))
         self._stage.send(writer.send_file)
-        idle = not len(self._points) and not len(self._stage)
-        if idle and self._status:
-            writer.terminate(self._status)
-        return idle
+        if self._status and not len(self._points) and not len(self._stage):
+            writer.terminate(self._status, self._end_tags)
 
     # ----------------------------------------------------------------- flush / close / report
     def flush(self, timeout: float = 0.0) -> bool:
@@ -198,6 +217,10 @@ class MLflowSink(Sink):
                 "status": self._status if writer.terminated else None,
                 "spool_dir": str(self._dir) if (pending or files) else None,
                 "last_error": self._courier.last_error}
+
+    def note_end(self, status: str, reason: str) -> None:
+        """Why the run ends ``status`` (an error's line, a signal): a tag set with the status."""
+        self._end_tags[END_REASON_TAG] = redact_text(" ".join(str(reason).split()), getattr(self, "_secrets", ()))[:5000]
 
     def close(self, status: str = "FINISHED") -> dict:
         """Final flush within ``close_timeout`` s, then the run status; returns ``report()``."""

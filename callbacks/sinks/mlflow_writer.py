@@ -95,7 +95,9 @@ class RunWriter:
         """A staged snapshot as the artifact ``target`` (its folder part is the artifact path)."""
         self.client().log_artifact(self.run_id, str(path), posixpath.dirname(target) or None)
 
-    def terminate(self, status: str) -> None:
+    def terminate(self, status: str, tags: dict[str, str] | None = None) -> None:
         if not self.terminated:
+            for key, value in (tags or {}).items():
+                self.client().set_tag(self.run_id, key, value)
             self.client().set_terminated(self.run_id, status)
             self.terminated = True

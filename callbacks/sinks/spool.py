@@ -157,9 +157,11 @@ class FileStage:
             self._inflight.update(p for _, p in items)
             return items
 
-    def send(self, upload: Callable[[str, Path], None]) -> list[str]:
-        """Deliver every pending snapshot with ``upload(target, path)``; the targets sent. The
-        first failure leaves it and the rest pending, to be tried again, and is raised."""
+    def send(self, upload: Callable[[str, Path], None],
+             sent_one: Callable[[str], None] | None = None) -> list[str]:
+        """Deliver every pending snapshot with ``upload(target, path)`` (then ``sent_one(target)``),
+        in staging order; the targets sent. The first failure leaves it and the rest pending, to be
+        tried again, and is raised."""
         items, sent = self.pending(), []
         for i, (target, snap) in enumerate(items):
             try:
@@ -170,6 +172,8 @@ class FileStage:
                 raise
             self.done(target, snap)
             sent.append(target)
+            if sent_one is not None:
+                sent_one(target)
         return sent
 
     def done(self, target: str, snap: Path, delivered: bool = True) -> None:

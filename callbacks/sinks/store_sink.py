@@ -3,6 +3,8 @@
 Such a sink stages files for ``store_uri`` in a ``FileCourier``: staging never waits on the
 store, uploads run in the background and survive outages, and ``close`` waits at most
 ``close_timeout`` s, then reports what stayed in the local spool (and says so in a log line).
+Its watermark (``Sink.progress``) moves when a round of uploads leaves nothing staged: every
+entry it had been handed when the round began is then in the store.
 """
 from __future__ import annotations
 
@@ -24,21 +26,36 @@ class StoreSink(Sink):
                          close_timeout=close_timeout, **more)
         self._courier: FileCourier | None = None
         self._closed: dict | None = None
+        self._taken = 0  # journal entries whose files are staged (``progress.fed`` after handling)
+
+    tracks_delivery = True
+
+    def handle_rows(self, stream: tuple, first_seq: int, rows: list) -> None:
+        super().handle_rows(stream, first_seq, rows)
+        self._taken = self.progress.fed
 
     def _start(self) -> FileCourier:
         if self._courier is None:
             store = ObjectStore.from_uri(self.store_uri)
             spool = make_spool_dir(self.spool_dir, self.kind, self.run_id)
             self._courier = FileCourier(f"{self.label} {store.uri()}", spool, store.put_file,
-                                        before=self._before_pump)
+                                        before=self._before_pump, sent_one=self._sent_one, idle=self._idle)
             self._opened(self._courier)
         return self._courier
 
     def _opened(self, courier: FileCourier) -> None:
         """Runs once the courier exists (on the first record, or at ``start``)."""
 
-    def _before_pump(self) -> None:
-        """Runs on the courier thread before each upload round."""
+    def _before_pump(self) -> int:
+        """Runs on the courier thread before each upload round; what ``_idle`` gets."""
+        return self._taken
+
+    def _sent_one(self, target: str) -> None:
+        """Runs on the courier thread after each upload."""
+
+    def _idle(self, taken: int) -> None:
+        """A round left nothing staged: what was taken before it is delivered."""
+        self.progress.deliver(taken)
 
     def _before_close(self) -> None:
         """Runs at close, before the final uploads."""
@@ -67,6 +84,8 @@ class StoreSink(Sink):
             self._courier.close(self.close_timeout)
         self._closed = report = self.report()
         pending = report[self.pending_key]
+        if not pending:
+            self._idle(self._taken)
         if pending:
             LOGGER.warning(f"{self.label}: {len(pending)} files of run {self.run_id} ({_some(pending)}) not "
                            f"delivered to {self.store_uri} (last error: {report['last_error']}); "

@@ -32,7 +32,9 @@ def latest_checkpoint(args) -> Path:
     """The newest ``last.pt`` under ``project`` (under all of ``runs`` without one: ``resume=True``
     should find the last run whatever its task)."""
     root = Path(args.project or "runs")
-    found = sorted(root.rglob("last.pt"), key=lambda p: p.stat().st_mtime)
+    store = Path(str(args.storage)).resolve() if not str(args.storage).startswith("s3://") else None
+    found = sorted((p for p in root.rglob("last.pt") if store is None or store not in p.resolve().parents),
+                   key=lambda p: p.stat().st_mtime)  # not the object store's copies (runs/store/...)
     if not found:
         raise UserError(f"resume=True but no last.pt was found under {root}; pass resume=<path to last.pt>")
     return found[-1]

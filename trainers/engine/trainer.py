@@ -32,6 +32,9 @@ from trainers.engine.setup import init_seeds, take_fraction
 from trainers.engine.stopper import EarlyStopping
 from trainers.utils import LOGGER, UserError, unwrap_model
 
+# Records that carry run files early (rank 0), so a run that fails later has them in MLflow.
+EARLY_FILES = ("on_pretrain_routine_end", "on_train_epoch_start")
+
 
 class BaseTrainer(CallbackMixin):
     """Task-independent training loop; tasks override the data/model/validator methods."""
@@ -373,8 +376,17 @@ class BaseTrainer(CallbackMixin):
         elif event == "on_train_end":
             artifacts = {"results.csv": str(self.history.path), "args.yaml": str(self.save_dir / "args.yaml"),
                          "best": str(self.best), **self.plots}
+        elif self.is_main and event in EARLY_FILES:  # a run that fails later still has them in MLflow
+            artifacts = self._early_files(event)
         return {"epoch": self.epoch, "step": self.step, "metrics": metrics, "artifacts": artifacts,
                 "final_eval": self.final_eval}
+
+    def _early_files(self, event: str) -> dict:
+        """args.yaml once set-up wrote it; results.csv as the last epoch left it, when the next starts."""
+        if event == "on_pretrain_routine_end":
+            return {"args.yaml": str(self.save_dir / "args.yaml")}
+        path = getattr(self.history, "path", None)
+        return {"results.csv": str(path)} if path is not None and path.is_file() else {}
 
     def record_row(self, event: str) -> list:
         """The forwarded row (``trainers.events.ROW_FIELDS``) of ``event``. Five events fire per

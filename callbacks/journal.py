@@ -1,0 +1,219 @@
+"""A run's durable journal: every batch the dispatcher takes, on disk before it is acknowledged.
+
+Layout of ``<journal>/<run id>/``:
+- ``seg-<first entry>.arrow``: Arrow IPC stream segments. An *entry* is one in-order batch of
+  one stream (the rows of ``trainers.events.ROW_FIELDS`` plus rank, attempt, seq), numbered
+  from 0 across the run; a segment is rolled after ``segment_rows`` rows. ``commit`` fsyncs, and
+  the dispatcher acknowledges a batch to its worker only after it.
+- ``progress/<sink>.json``: how many entries a sink has delivered for good (its watermark). A
+  sink that restarts (a new actor, ``orchestrator recover``) is fed the entries after it again;
+  sinks are idempotent on such redelivery.
+- ``sinks.pkl``: the run's sinks (they pickle as their arguments), for ``orchestrator recover``.
+- ``finished.json``: the run's end status and whether every sink delivered everything.
+- ``lock``: held (``flock``) by the process that writes the journal; the OS frees it when that
+  process dies, so ``orchestrator recover`` never takes over a live run.
+
+A segment cut short by a crash keeps its whole entries: an entry not fully written was never
+acknowledged, and its worker sends it again.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pyarrow as pa
+
+from callbacks.sinks.base import Progress, write_atomic
+from callbacks.sinks.event_parts import SCHEMA, table_of
+from trainers.events import ROW_FIELDS
+
+ENTRY = "entry"
+JOURNAL_SCHEMA = SCHEMA.append(pa.field(ENTRY, pa.int64()))
+SEGMENT_ROWS = 50_000
+FINISHED, SINKS, LOCK = "finished.json", "sinks.pkl", "lock"
+
+
+class Journal:
+    """Append-only entries of one run in ``directory``; pickles as its arguments (the actor's
+    restart opens the same folder and carries on)."""
+
+    def __init__(self, directory: str | os.PathLike, run_id: str, durable: bool = True,
+                 segment_rows: int = SEGMENT_ROWS):
+        self.dir, self.run_id = Path(directory), str(run_id)
+        self.durable, self.segment_rows = bool(durable), int(segment_rows)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.next_entry, self.positions = 0, {}
+        for batch in self._batches(columns=("rank", "attempt", "seq", ENTRY)):
+            self._note(batch)
+        self._file = self._writer = self._lock = None
+        self._segment_rows = 0
+        self._dirty = False
+
+    def claim(self) -> bool:
+        """Take the journal for writing in this process (an advisory lock the OS drops when the
+        process dies); False while a live process holds it."""
+        if self._lock is None:
+            handle = open(self.dir / LOCK, "a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                return False
+            self._lock = handle
+        return True
+
+    def __reduce__(self):
+        return Journal, (str(self.dir), self.run_id, self.durable, self.segment_rows)
+
+    # ----------------------------------------------------------------- writing
+    def append(self, stream: tuple, first_seq: int, rows: list) -> int:
+        """Write one entry (not yet durable: ``commit``); its number."""
+        n = self.next_entry
+        table = table_of(int(stream[1]), int(stream[2]), range(first_seq, first_seq + len(rows)), rows)
+        table = table.append_column(ENTRY, pa.array([n] * table.num_rows, pa.int64()))
+        self._open_segment(n).write_table(table)
+        self._segment_rows += table.num_rows
+        self.next_entry = n + 1
+        key = (self.run_id, int(stream[1]), int(stream[2]))
+        self.positions[key] = max(self.positions.get(key, 0), first_seq + len(rows))
+        self._dirty = True
+        return n
+
+    def commit(self) -> None:
+        """Make every appended entry durable (one fsync for all of them)."""
+        if self._dirty and self._file is not None:
+            self._file.flush()
+            if self.durable:
+                os.fdatasync(self._file.fileno())  # the data and the size; not the timestamps
+        self._dirty = False
+        if self._segment_rows >= self.segment_rows:
+            self._close_segment()
+
+    def _open_segment(self, first_entry: int):
+        if self._writer is None:
+            self._file = open(self.dir / f"seg-{first_entry:010d}.arrow", "wb")
+            self._writer = pa.ipc.new_stream(self._file, JOURNAL_SCHEMA)
+            self._segment_rows = 0
+        return self._writer
+
+    def _close_segment(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._file.close()
+            self._writer = self._file = None
+
+    def close(self) -> None:
+        self.commit()
+        self._close_segment()
+
+    # ----------------------------------------------------------------- reading
+    def segments(self) -> list[Path]:
+        return sorted(self.dir.glob("seg-*.arrow"))
+
+    def _batches(self, columns=None, since: int = 0):
+        """Record batches of whole entries from entry ``since`` on (a torn tail is left out)."""
+        for path in self.segments():
+            if since > 0 and self._segment_end(path) <= since:
+                continue
+            for batch in read_segment(path):
+                if columns:
+                    batch = batch.select(list(columns))
+                yield batch
+
+    def _segment_end(self, path: Path) -> int:
+        """First entry of the next segment (entries of one segment are below it)."""
+        later = [_first_entry(p) for p in self.segments() if _first_entry(p) > _first_entry(path)]
+        return min(later) if later else self.next_entry
+
+    def _note(self, batch: pa.RecordBatch) -> None:
+        entries = batch.column(ENTRY).to_pylist()
+        if entries:
+            self.next_entry = max(self.next_entry, entries[-1] + 1)
+        for rank, attempt, seq in zip(*(batch.column(c).to_pylist() for c in ("rank", "attempt", "seq"))):
+            key = (self.run_id, rank, attempt)
+            if seq >= self.positions.get(key, 0):
+                self.positions[key] = seq + 1
+
+    def entries(self, since: int = 0):
+        """``(entry, stream, first_seq, rows)`` of every durable entry from ``since`` on, in order."""
+        for batch in self._batches(since=since):
+            yield from _split_entries(self.run_id, batch, since)
+
+    # ----------------------------------------------------------------- run-level files
+    def progress(self, name: str) -> "Progress":
+        return Progress(self.dir / "progress" / f"{name}.json")
+
+    def save_sinks(self, sinks: list) -> None:
+        write_atomic(self.dir / SINKS, pickle.dumps(sinks))
+
+    def load_sinks(self) -> list:
+        return pickle.loads((self.dir / SINKS).read_bytes())
+
+    def finish(self, status: str, delivered: bool, reason: str | None = None) -> None:
+        """Record the run's end; once every sink delivered everything the segments go (the
+        event log in the object store holds the same records)."""
+        self.close()
+        if delivered:
+            for path in self.segments():
+                path.unlink(missing_ok=True)
+        write_atomic(self.dir / FINISHED, json.dumps({"status": status, "delivered": delivered,
+                                                       "reason": reason}).encode())
+
+    def finished(self) -> dict | None:
+        return self.read_finished(self.dir / FINISHED)
+
+    @staticmethod
+    def read_finished(path: Path) -> dict | None:
+        """How a run ended (``finish``), or None while it has not."""
+        return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_segment(path: Path):
+    """The whole entries of one segment; a crash may have cut its last entry short."""
+    try:
+        reader = pa.ipc.open_stream(pa.OSFile(str(path)))
+    except (pa.ArrowInvalid, OSError):
+        return
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            return
+        except (pa.ArrowInvalid, OSError):  # a torn tail
+            return
+        yield batch
+
+
+def _first_entry(path: Path) -> int | None:
+    try:
+        return int(path.stem.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def _split_entries(run_id: str, batch: pa.RecordBatch, since: int):
+    """One written table can hold several record batches, one record batch one entry (or part of
+    one when Arrow splits a large table): group consecutive rows by entry."""
+    data = batch.to_pydict()
+    entries, n = data[ENTRY], len(data[ENTRY])
+    start = 0
+    while start < n:
+        end = start
+        while end < n and entries[end] == entries[start]:
+            end += 1
+        if entries[start] >= since:
+            rows = [_row(data, i) for i in range(start, end)]
+            stream = (run_id, data["rank"][start], data["attempt"][start])
+            yield entries[start], stream, data["seq"][start], rows
+        start = end
+
+
+def _row(data: dict, i: int) -> list:
+    row = []
+    for field in ROW_FIELDS:
+        value = data[field][i]
+        row.append(dict(value or ()) if field in ("metrics", "artifacts") else value)
+    return row

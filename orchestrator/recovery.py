@@ -1,0 +1,69 @@
+"""Runs whose driver died: deliver what their journals hold and mark them ended.
+
+A run's journal (``callbacks/journal.py``) holds every record its workers had acknowledged and
+the sinks that deliver them. A run whose journal has no end (the driver, the actor and the local
+Ray died with it), or whose sinks had not delivered everything when it ended (an outage that
+outlasted the run), is taken over here: its sinks are rebuilt, handed the entries after their
+watermarks, and closed with the run's status (KILLED when it never ended).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from callbacks.dispatcher import Dispatcher
+from callbacks.journal import FINISHED, SINKS, Journal
+from callbacks.sinks.base import Sink
+from trainers.utils import LOGGER
+
+LOST = "the driver died before the run ended (recovered from its journal)"
+
+
+def pending_journals(root: str | Path) -> list[Path]:
+    """Journal folders under ``root`` whose run has not ended or not been delivered in full."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return [folder for folder in sorted(root.iterdir()) if (folder / SINKS).is_file() and not _done(folder)]
+
+
+def _done(folder: Path) -> bool:
+    ended = Journal.read_finished(folder / FINISHED)
+    return bool(ended and ended.get("delivered"))
+
+
+def recover_run(folder: Path) -> str:
+    """Deliver one run's journal and end it; the line that says what happened."""
+    journal = Journal(folder, folder.name)
+    if not journal.claim():
+        return f"{folder.name}: still running (its journal is held by a live process); left alone"
+    ended = journal.finished()
+    status, reason = (ended["status"], ended.get("reason")) if ended else ("KILLED", LOST)
+    sinks = [sink for sink in journal.load_sinks() if isinstance(sink, Sink)]
+    dispatcher = Dispatcher(sinks, journal=journal)
+    dispatcher.start()
+    report = dispatcher.finish(status, reason)
+    return _line(folder.name, journal.next_entry, status, dispatcher.delivered(), report)
+
+
+def _line(run_id: str, entries: int, status: str, delivered: bool, report: dict) -> str:
+    mlflow = next((r for r in report.get("sinks", {}).values() if isinstance(r, dict) and r.get("sink") == "mlflow"), {})
+    where = f"MLflow run {mlflow['run_id']}" if mlflow.get("run_id") else "no MLflow run"
+    if delivered:
+        return f"{run_id}: {entries} journal entries delivered, {where} ended {status}"
+    return (f"{run_id}: not fully delivered yet ({where}); the rest stays in its journal, "
+            f"run `orchestrator recover` again once the endpoints answer")
+
+
+def recover(root: str | Path) -> list[str]:
+    """Recover every pending run under ``root``; one line per run."""
+    folders = pending_journals(root)
+    if not folders:
+        return [f"nothing to recover: every run under {root} ended and was delivered"]
+    lines = []
+    for folder in folders:
+        try:
+            lines.append(recover_run(folder))
+        except Exception as exc:  # one broken journal does not stop the others
+            LOGGER.warning(f"recover {folder}: {type(exc).__name__}: {exc}")
+            lines.append(f"{folder.name}: could not be recovered ({type(exc).__name__}: {exc})")
+    return lines

@@ -1,0 +1,184 @@
+"""The run journal: durable entries, exactly-once redelivery after a restart, ``orchestrator recover``."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+
+from callbacks.dispatcher import Dispatcher
+from callbacks.journal import Journal
+from callbacks.sinks import EventLogSink, MLflowSink
+from trainers.events import make_row
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rows(first: int, n: int, epoch_every: int = 10) -> list:
+    """Rank rows: a step per row, an epoch end every ``epoch_every`` rows."""
+    return [make_row("on_fit_epoch_end" if (first + i) % epoch_every == epoch_every - 1 else "on_train_batch_end",
+                     {"epoch": (first + i) // epoch_every, "step": first + i,
+                      "metrics": {"loss": float(first + i), "fitness": float(first + i)}}, now=1e9 + first + i)
+            for i in range(n)]
+
+
+def raw_event_rows(store: Path, run_id: str):
+    """Every row of every part, duplicates included (no de-duplication)."""
+    return ds.dataset(str(store / "events" / f"run_id={run_id}"), format="parquet").to_table()
+
+
+def test_entries_survive_reopen_and_a_torn_tail(tmp_path):
+    journal = Journal(tmp_path / "j", "run")
+    assert journal.append(("run", 0, 5), 0, rows(0, 3)) == 0
+    assert journal.append(("run", 1, 5), 0, rows(0, 2)) == 1
+    journal.commit()
+    segment = journal.segments()[0]
+    whole = segment.stat().st_size
+    journal.append(("run", 0, 5), 3, rows(3, 4))
+    journal.commit()
+    with open(segment, "r+b") as fh:  # a crash in the middle of writing the third entry
+        fh.truncate(whole + (segment.stat().st_size - whole) // 2)
+    again = Journal(tmp_path / "j", "run")
+    assert again.next_entry == 2 and again.positions == {("run", 0, 5): 3, ("run", 1, 5): 2}
+    entries = list(again.entries())
+    assert [(n, stream, first, len(r)) for n, stream, first, r in entries] == [
+        (0, ("run", 0, 5), 0, 3), (1, ("run", 1, 5), 0, 2)]
+    assert entries[0][3] == rows(0, 3)  # the rows come back as they went in
+    again.append(("run", 0, 5), 3, rows(3, 4))  # a new segment after the torn one
+    again.commit()
+    assert [n for n, *_ in Journal(tmp_path / "j", "run").entries(1)] == [1, 2]
+
+
+def test_restarted_dispatcher_redelivers_exactly_once(tmp_path):
+    """A dispatcher (the callback actor) dies after acknowledging entries its sinks had not
+    delivered; the next one, on the same journal, drops the workers' resends and hands the sinks
+    the journal's entries after their watermarks: every row in the event log once, every epoch
+    point in MLflow once."""
+    store, uri = tmp_path / "store", f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def sinks():
+        return [MLflowSink(uri, "journal", "run", params={}, tags={"orchestrator.run_id": "r"}),
+                EventLogSink(str(store), "r", max_rows=25)]
+
+    first = Dispatcher(sinks(), journal=Journal(tmp_path / "j", "r"))
+    first.start()
+    stream = ("r", 0, 7)
+    for start in range(0, 60, 6):
+        assert first.ingest_rows(stream, start, rows(start, 6))["next_seq"] == {stream: start + 6}
+    del first  # killed: no finish, whatever its sinks held in memory is gone
+    second = Dispatcher(sinks(), journal=Journal(tmp_path / "j", "r"))
+    second.start()
+    resent = second.ingest_rows(stream, 54, rows(54, 6))  # a worker resending its last batch
+    assert resent["duplicates"] == 6 and resent["next_seq"] == {stream: 60}
+    second.ingest_rows(stream, 60, rows(60, 20))
+    report = second.finish("FINISHED")
+    assert second.delivered() and report["sinks"]["MLflowSink"]["status"] == "FINISHED"
+    table = raw_event_rows(store, "r")
+    assert table.num_rows == 80 and sorted(table.column("seq").to_pylist()) == list(range(80))
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    history = client.get_metric_history(report["sinks"]["MLflowSink"]["run_id"], "fitness")
+    assert sorted(point.step for point in history) == list(range(8))  # epochs 0-7, each once
+
+
+def train_command(epochs: int) -> list[str]:
+    return [sys.executable, "-m", "orchestrator", "train", "model=cls-n.yaml", "data=digits", "imgsz=16",
+            f"epochs={epochs}", "fraction=0.5", "verbose=False", "plots=False", "log_every_n_steps=5"]
+
+
+def orchestrator(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_recover_after_the_driver_is_killed(tmp_path):
+    """SIGKILL to an in-process run mid-training, then ``orchestrator recover``: the MLflow run
+    ends KILLED with the reason, holds each journaled epoch once, and the event log holds every
+    journaled row once; a second ``recover`` has nothing left to do."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(train_command(40), cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    results = tmp_path / "runs" / "classify" / "train" / "results.csv"
+    deadline = time.monotonic() + 240
+    while not (results.is_file() and len(results.read_text().splitlines()) >= 4):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    folder = next((tmp_path / "runs" / "journal").iterdir())
+    journal = Journal(folder, folder.name)
+    journaled = [r for _, _, _, rs in journal.entries() for r in rs]
+    epochs = sorted(r[1] for r in journaled if r[0] == "on_fit_epoch_end")
+    assert len(epochs) >= 3 and not (folder / "finished.json").exists()
+
+    out = orchestrator(["recover"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [f"{folder.name}: {journal.next_entry} journal entries delivered, "
+                                       f"MLflow run {_mlflow_run(tmp_path).info.run_id} ended KILLED"]
+    run = _mlflow_run(tmp_path)
+    assert run.info.status == "KILLED" and "driver died" in run.data.tags["orchestrator.end_reason"]
+    from mlflow import MlflowClient
+
+    history = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db").get_metric_history(run.info.run_id, "fitness")
+    assert sorted(point.step for point in history) == epochs == list(range(len(epochs)))
+    table = raw_event_rows(tmp_path / "runs" / "store", folder.name)
+    assert table.num_rows == len(journaled) and sorted(table.column("seq").to_pylist()) == list(range(len(journaled)))
+    again = orchestrator(["recover"], tmp_path)
+    assert again.returncode == 0 and again.stdout.startswith("nothing to recover")
+
+
+def _mlflow_run(tmp_path: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
+    return client.search_runs([client.get_experiment_by_name("classify").experiment_id])[0]
+
+
+def test_recover_on_a_clean_project_says_so(tmp_path):
+    out = orchestrator(["recover"], tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "nothing to recover: every run under runs/journal ended and was delivered"
+    bad = orchestrator(["recover", "jornal=x"], tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: recover: unknown option 'jornal'")
+
+
+def test_a_live_run_is_left_alone(tmp_path):
+    """``recover`` while another process holds a journal says so and does not touch it."""
+    journal = Journal(tmp_path / "runs" / "journal" / "abc", "abc")
+    journal.save_sinks([])
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from callbacks.journal import Journal; "
+                               f"j = Journal({str(journal.dir)!r}, 'abc'); assert j.claim(); print('held', flush=True); time.sleep(60)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        out = orchestrator(["recover"], tmp_path)
+        assert out.stdout.strip() == "abc: still running (its journal is held by a live process); left alone"
+        assert not (journal.dir / "finished.json").exists()
+    finally:
+        holder.kill()
+
+
+def test_resume_recovers_the_killed_run_first(tmp_path):
+    """``resume=True`` after a SIGKILL ends the killed run (KILLED, delivered) before training on."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "orchestrator", "train", "model=cls-n.yaml", "data=digits", "imgsz=16",
+               "epochs=8", "fraction=0.3", "verbose=False", "plots=False"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    results = tmp_path / "runs" / "classify" / "train" / "results.csv"
+    deadline = time.monotonic() + 240
+    while not (results.is_file() and len(results.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = _mlflow_run(tmp_path).info.run_id
+    out = orchestrator(["train", "resume=True"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "recover: " in out.stderr and f"MLflow run {killed} ended KILLED" in out.stderr
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
+    assert client.get_run(killed).info.status == "KILLED"
+    assert orchestrator(["recover"], tmp_path).stdout.startswith("nothing to recover")

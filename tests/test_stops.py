@@ -1,0 +1,90 @@
+"""SIGTERM/SIGINT to a training driver: the run stops, flushes, ends KILLED with the signal as its
+reason, and ``resume=True`` continues from its last checkpoint."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["model=cls-n.yaml", "data=digits", "imgsz=16", "fraction=0.5", "verbose=False", "plots=False"]
+
+
+def start_training(cwd: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "orchestrator", "train", *QUICK, *args], cwd=cwd,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_epochs(proc: subprocess.Popen, results: Path, epochs: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not (results.is_file() and len(results.read_text().splitlines()) > epochs):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"training ended or stalled before epoch {epochs}: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.2)
+
+
+def mlflow_runs(cwd: Path, experiment: str = "classify"):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{cwd}/runs/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], order_by=["start_time ASC"])
+    return client, runs
+
+
+def test_sigterm_stops_at_a_step_and_resume_continues(tmp_path):
+    proc = start_training(tmp_path, "epochs=12")
+    results = tmp_path / "runs" / "classify" / "train" / "results.csv"
+    wait_for_epochs(proc, results, 2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == ("stopped by SIGTERM: the run ended KILLED; resume=True continues "
+                                            "from its last checkpoint")
+    client, runs = mlflow_runs(tmp_path)
+    run = runs[0]
+    assert run.info.status == "KILLED" and run.data.tags["orchestrator.end_reason"] == "stopped by SIGTERM"
+    fitness = sorted(point.step for point in client.get_metric_history(run.info.run_id, "fitness"))
+    assert fitness == list(range(len(fitness))) and len(fitness) >= 2  # each finished epoch once
+    finished = next((tmp_path / "runs" / "journal").iterdir()) / "finished.json"
+    assert '"status": "KILLED"' in finished.read_text() and '"delivered": true' in finished.read_text()
+    last = torch.load(tmp_path / "runs" / "classify" / "train" / "weights" / "last.pt", weights_only=True)
+    stopped_at = last["epoch"]  # the stop never cuts a checkpoint short: it loads
+
+    resumed = subprocess.run([sys.executable, "-m", "orchestrator", "train", "resume=True"],
+                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    client, runs = mlflow_runs(tmp_path)
+    steps = sorted(point.step for point in client.get_metric_history(runs[-1].info.run_id, "fitness"))
+    assert runs[-1].info.status == "FINISHED" and steps == list(range(stopped_at + 1, 12))
+
+
+def test_a_failing_run_ends_failed_with_its_reason_and_files(tmp_path, monkeypatch):
+    """A run that raises in epoch 2 ends FAILED with the error's line as its reason, and MLflow has
+    args.yaml and results.csv as the failure left them (two epochs)."""
+    from orchestrator import Model
+    from tests.helpers import artifact_paths
+
+    monkeypatch.chdir(tmp_path)
+
+    def explode(trainer):
+        if trainer.epoch == 2:
+            raise RuntimeError("disk on fire")
+
+    model = Model("cls-n.yaml")
+    model.add_callback("on_train_batch_end", explode)
+    with pytest.raises(Exception, match="disk on fire"):
+        model.train(data="digits", imgsz=16, fraction=0.05, epochs=4, verbose=False, plots=False)
+    client, runs = mlflow_runs(tmp_path)
+    run = runs[0]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["orchestrator.end_reason"].endswith("RuntimeError: disk on fire")
+    assert {"args.yaml", "results.csv"} <= set(artifact_paths(client, run.info.run_id))
+    csv = Path(client.download_artifacts(run.info.run_id, "results.csv", str(tmp_path / "dl"))).read_text()
+    assert len(csv.strip().splitlines()) == 3  # the header and epochs 0 and 1
