@@ -84,9 +84,22 @@ def test_restarted_dispatcher_redelivers_exactly_once(tmp_path):
     assert sorted(point.step for point in history) == list(range(8))  # epochs 0-7, each once
 
 
-def train_command(epochs: int) -> list[str]:
+def train_command(epochs: int, fraction: float) -> list[str]:
     return [sys.executable, "-m", "orchestrator", "train", "model=cls-n.yaml", "data=digits", "imgsz=16",
-            f"epochs={epochs}", "fraction=0.5", "verbose=False", "plots=False", "log_every_n_steps=5"]
+            f"epochs={epochs}", f"fraction={fraction}", "verbose=False", "plots=False", "log_every_n_steps=5"]
+
+
+def kill_after_epochs(cwd: Path, command: list[str], epochs: int) -> None:
+    """Start an in-process training run and SIGKILL it once ``epochs`` epochs are in results.csv."""
+    proc = subprocess.Popen(command, cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    results = cwd / "runs" / "classify" / "train" / "results.csv"
+    deadline = time.monotonic() + 240
+    while not (results.is_file() and len(results.read_text().splitlines()) > epochs):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def orchestrator(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -98,16 +111,7 @@ def test_recover_after_the_driver_is_killed(tmp_path):
     """SIGKILL to an in-process run mid-training, then ``orchestrator recover``: the MLflow run
     ends KILLED with the reason, holds each journaled epoch once, and the event log holds every
     journaled row once; a second ``recover`` has nothing left to do."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(train_command(40), cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    results = tmp_path / "runs" / "classify" / "train" / "results.csv"
-    deadline = time.monotonic() + 240
-    while not (results.is_file() and len(results.read_text().splitlines()) >= 4):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_epochs(tmp_path, train_command(40, 0.5), epochs=3)
     folder = next((tmp_path / "runs" / "journal").iterdir())
     journal = Journal(folder, folder.name)
     journaled = [r for _, _, _, rs in journal.entries() for r in rs]
@@ -162,17 +166,7 @@ def test_a_live_run_is_left_alone(tmp_path):
 
 def test_resume_recovers_the_killed_run_first(tmp_path):
     """``resume=True`` after a SIGKILL ends the killed run (KILLED, delivered) before training on."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "orchestrator", "train", "model=cls-n.yaml", "data=digits", "imgsz=16",
-               "epochs=8", "fraction=0.3", "verbose=False", "plots=False"]
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    results = tmp_path / "runs" / "classify" / "train" / "results.csv"
-    deadline = time.monotonic() + 240
-    while not (results.is_file() and len(results.read_text().splitlines()) >= 3):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_epochs(tmp_path, train_command(8, 0.3), epochs=2)
     killed = _mlflow_run(tmp_path).info.run_id
     out = orchestrator(["train", "resume=True"], tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
