@@ -95,7 +95,22 @@ class RayBackend:
                                           session.events, name=f"{session.args.name}-{session.run_id}")
 
     def train(self, session) -> None:
-        self.trainer.fit()
+        """``fit()`` on a thread of its own, so that Ray Train installs no SIGINT handler of its own
+        (it does on the main thread): Ctrl+C and SIGTERM stay ours (``orchestrator/stops.py``)."""
+        failure: list[BaseException] = []
+
+        def fit() -> None:
+            try:
+                self.trainer.fit()
+            except BaseException as exc:  # handed to the waiting thread
+                failure.append(exc)
+
+        thread = threading.Thread(target=fit, name="train-fit", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)  # a signal's handler runs between these waits
+        if failure:
+            raise failure[0]
 
     def finish(self, session, status: str, reason: str | None = None) -> dict:
         """Close the actor's sinks with the run's status, then stop the actor (it serves one run)."""

@@ -20,7 +20,7 @@ from callbacks.sinks.factory import SINK_CLASSES, forwarded_events
 from trainers.utils import LOGGER
 from orchestrator.recovery import pending_journals, recover_run
 from orchestrator.results import ResultSink
-from orchestrator.stops import StopSignals
+from orchestrator.stops import RunStopped, StopSignals
 from orchestrator.run_setup import mlflow_run_of, new_run_id, register_best, resolve_run, start_tracking
 
 
@@ -52,7 +52,7 @@ def backend_for(args):
 
 def run_journal(args, run_id: str, sinks: list) -> Journal:
     """The run's journal under ``args.journal``, with the sinks ``orchestrator recover`` rebuilds."""
-    journal = Journal(Path(args.journal) / run_id, run_id)
+    journal = Journal(Path(args.journal).expanduser().resolve() / run_id, run_id)
     journal.save_sinks(sinks)
     return journal
 
@@ -102,9 +102,9 @@ class RunSession:
             with StopSignals(immediate=self.backend.stops_at_once) as self.stops:
                 self.backend.train(self)
             status = "FINISHED"
-        except KeyboardInterrupt as exc:
-            status, reason = "KILLED", str(exc) or "interrupted (Ctrl+C)"
-            raise
+        except KeyboardInterrupt as exc:  # Ray's waits turn our RunStopped into a bare KeyboardInterrupt
+            status, reason = "KILLED", (self.stops and self.stops.reason) or str(exc) or "interrupted (Ctrl+C)"
+            raise RunStopped(reason) from None
         except BaseException as exc:
             reason = end_reason(exc)
             raise

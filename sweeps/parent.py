@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from callbacks.journal import Journal
+from callbacks.sinks import MLflowSink
 from callbacks.sinks.mlflow_runs import RUN_ID_TAG, create_run, mlflow_client, reopen_run
 from orchestrator.run_setup import run_description
 from sweeps.space import Objective
@@ -37,7 +39,19 @@ def reopen_parent(tracking_uri: str, run_id: str) -> None:
     reopen_run(mlflow_client(tracking_uri), run_id)
 
 
-def close_parent(tracking_uri: str, run_id: str, status: str, files=(), metrics=None, tags=None) -> None:
+def parent_journal(journal_root: str, sweep_id: str, tracking_uri: str, experiment: str, run_id: str) -> Journal:
+    """A journal with no records for the parent run: if the sweep driver dies, ``orchestrator
+    recover`` finds it unfinished and ends the parent run KILLED, as it ends the trials' runs."""
+    name = f"sweep-{sweep_id}"
+    journal = Journal(Path(journal_root).expanduser().resolve() / name, name)
+    journal.save_sinks([MLflowSink(tracking_uri, experiment, name, run_id=run_id, event_log=False,
+                                   upload_artifacts=False)])
+    return journal
+
+
+def close_parent(tracking_uri: str, run_id: str, status: str, files=(), metrics=None, tags=None,
+                 journal: Journal | None = None) -> None:
+    """Final metrics, tags and files, then the status; the parent's journal says it ended."""
     client = mlflow_client(tracking_uri)
     for key, value in (metrics or {}).items():
         client.log_metric(run_id, key, float(value))
@@ -47,6 +61,8 @@ def close_parent(tracking_uri: str, run_id: str, status: str, files=(), metrics=
         if Path(path).is_file():
             client.log_artifact(run_id, str(path))
     client.set_terminated(run_id, status)
+    if journal is not None:
+        journal.finish(status, delivered=True)
 
 
 def save_state(folder: Path, state: dict) -> None:

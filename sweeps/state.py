@@ -19,7 +19,7 @@ from callbacks.sinks import flatten
 from callbacks.sinks.factory import run_sinks
 from callbacks.sinks.mlflow_runs import RUN_ID_TAG, create_run, find_run, mlflow_client, reopen_run
 from orchestrator.run_setup import run_tags
-from orchestrator.session import run_callbacks
+from orchestrator.session import run_callbacks, run_journal
 from trainers.config import get_cfg
 from trainers.utils import LOGGER, UserError
 
@@ -42,6 +42,7 @@ class SweepState:
         self.fatal: str | None = None
         self.interrupted = False  # Ctrl+C / SIGUSR1: Tune saved the experiment and stopped
         self.errors: dict[str, str] = {}
+        self.parent_journal = None  # set by the sweep: ends when the parent run ends
         self._lock = threading.Lock()
 
     # -------------------------------------------------------------------- trials
@@ -61,7 +62,7 @@ class SweepState:
         callbacks = run_callbacks(sinks, self.driver_callbacks)
         name = self.setup.actor_name(trial_id)
         release_name(name)
-        self.actors[trial_id] = start_callback_actor(callbacks, name=name)
+        self.actors[trial_id] = start_callback_actor(callbacks, name=name, journal=run_journal(args, run_id, sinks))
         self.mlflow_runs[trial_id] = mlflow_run
         self.configs[trial_id] = config
         self.status.pop(trial_id, None)

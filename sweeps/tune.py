@@ -144,11 +144,13 @@ def run_sweep(sweep: SweepConfig, trainer_cls, callbacks: dict | None = None, dr
                                            params, sweep_file, parent.sweep_description(sweep, base_args))
         parent.save_state(folder, {"sweep_id": sweep_id, "parent_run_id": parent_run_id,
                                    "tune_name": f"sweep-{sweep_id}", "experiment": experiment})
+    journal = parent.parent_journal(base_args.journal, sweep_id, base_args.tracking_uri, experiment, parent_run_id)
     tune_name = f"sweep-{sweep_id}"
     setup = TrialSetup(sweep_id, trainer_cls, callbacks or new_registry(), base, str(folder / "trials"),
                        sweep.workers_per_trial, sweep.objective, run_events(driver_callbacks))
     state = SweepState(sweep_id, parent_run_id, base_args.tracking_uri, experiment, setup,
                        base_args, driver_callbacks)
+    state.parent_journal = journal
     register(state)
     echo(f"sweep {folder.name}: {sweep.num_samples} sample(s), scheduler {sweep.scheduler}, "
          f"search {sweep.search}, objective {setup.objective.describe()} ({sweep.mode}); "
@@ -166,7 +168,7 @@ def run_sweep(sweep: SweepConfig, trainer_cls, callbacks: dict | None = None, dr
         state.finish_all("KILLED")
         unregister(sweep_id)
         if status != "FINISHED":
-            parent.close_parent(base_args.tracking_uri, parent_run_id, status)
+            parent.close_parent(base_args.tracking_uri, parent_run_id, status, journal=journal)
     return finish(sweep, state, grid, folder, base_args, parent_run_id, interrupted, echo)
 
 
@@ -244,7 +246,8 @@ def finish(sweep: SweepConfig, state, grid, folder: Path, base_args, parent_run_
         result.status = "KILLED"
     elif best is None and len(table):
         result.status = "FAILED"
-    parent.close_parent(uri, parent_run_id, result.status, files=files, metrics=metrics, tags=tags)
+    parent.close_parent(uri, parent_run_id, result.status, files=files, metrics=metrics, tags=tags,
+                        journal=state.parent_journal)
     if state.fatal:
         raise UserError(state.fatal)
     if interrupted:

@@ -176,3 +176,46 @@ def test_resume_recovers_the_killed_run_first(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
     assert client.get_run(killed).info.status == "KILLED"
     assert orchestrator(["recover"], tmp_path).stdout.startswith("nothing to recover")
+
+
+def test_recover_ends_a_killed_sweeps_runs(tmp_path):
+    """A sweep driver and its embedded Ray killed outright mid-trial: ``orchestrator recover``
+    ends the parent run and every child run, and none is left RUNNING."""
+    import json
+
+    from mlflow import MlflowClient
+
+    sweep = tmp_path / "tiny.yaml"
+    sweep.write_text(json.dumps({  # JSON is YAML
+        "base": {"model": "cls-n.yaml", "data": "digits", "epochs": 30, "imgsz": 16, "fraction": 0.3,
+                 "verbose": False, "plots": False, "project": "killed-sweep", "optimizer": "SGD"},
+        "space": {"lr0": {"grid": [0.01, 0.02]}}, "name": "tiny", "search": "grid", "num_samples": 1,
+        "max_concurrent": 1, "scheduler": "fifo"}))
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(sweep)], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "local"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    client = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
+    deadline = time.monotonic() + 300
+    while not _a_child_logged_an_epoch(client):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:] if proc.poll() else "slow"
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    experiment = client.get_experiment_by_name("killed-sweep").experiment_id
+    assert {r.info.status for r in client.search_runs([experiment])} == {"RUNNING"}
+
+    out = orchestrator(["recover"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    runs = client.search_runs([experiment])
+    assert len(out.stdout.splitlines()) == len(runs) >= 2  # the parent and the trials that started
+    assert {r.info.status for r in runs} == {"KILLED"}
+    parent = next(r for r in runs if r.data.tags.get("sweep.role") == "parent")
+    assert "driver died" in parent.data.tags["orchestrator.end_reason"]
+
+
+def _a_child_logged_an_epoch(client) -> bool:
+    experiment = client.get_experiment_by_name("killed-sweep") if (Path(client.tracking_uri[10:])).is_file() else None
+    if experiment is None:
+        return False
+    return any("fitness" in r.data.metrics for r in client.search_runs([experiment.experiment_id])
+               if r.data.tags.get("mlflow.parentRunId"))
