@@ -141,6 +141,6 @@ def run_recover(options: dict) -> int:
     unknown = set(options) - {"journal"}
     if unknown:
         raise UserError(f"recover: unknown option {sorted(unknown)[0]!r}; usage: orchestrator recover [journal=runs/journal]")
-    for line in recover(options.get("journal") or DEFAULTS["journal"]):
-        print(line)
+    root = options.get("journal") or DEFAULTS["journal"]
+    print("\n".join(recover(root)) or f"nothing to recover: every run under {root} ended and was delivered")
     return 0

@@ -18,7 +18,7 @@ from pathlib import Path
 from callbacks.journal import Journal
 from callbacks.sinks.factory import SINK_CLASSES, forwarded_events
 from trainers.utils import LOGGER
-from orchestrator.recovery import pending_journals, recover_run
+from orchestrator.recovery import recover
 from orchestrator.results import ResultSink
 from orchestrator.stops import RunStopped, StopSignals
 from orchestrator.run_setup import mlflow_run_of, new_run_id, register_best, resolve_run, start_tracking
@@ -58,8 +58,8 @@ def run_journal(args, run_id: str, sinks: list) -> Journal:
 
 
 def recover_before_resume(journal_root: str) -> None:
-    for folder in pending_journals(journal_root):
-        LOGGER.info(f"recover: {recover_run(folder)}")
+    for line in recover(journal_root):
+        LOGGER.info(f"recover: {line}")
 
 
 def end_reason(exc: BaseException) -> str:

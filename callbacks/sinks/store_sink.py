@@ -20,6 +20,7 @@ class StoreSink(Sink):
 
     label = "store"  # names the sink in log lines
     pending_key = "pending"  # the report's key for the targets not delivered yet
+    tracks_delivery = True
 
     def __init__(self, store_uri: str, run_id: str, spool_dir: str | None, close_timeout: float, **more):
         super().__init__(store_uri=str(store_uri), run_id=run_id, spool_dir=spool_dir,
@@ -27,8 +28,6 @@ class StoreSink(Sink):
         self._courier: FileCourier | None = None
         self._closed: dict | None = None
         self._taken = 0  # journal entries whose files are staged (``progress.fed`` after handling)
-
-    tracks_delivery = True
 
     def handle_rows(self, stream: tuple, first_seq: int, rows: list) -> None:
         super().handle_rows(stream, first_seq, rows)
