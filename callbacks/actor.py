@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import os
+import tempfile
 import threading
 import time
 from typing import Iterable
@@ -17,7 +18,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from callbacks.dispatcher import Dispatcher, driver_entries
 from callbacks.journal import Journal
-from trainers.utils import LOGGER
+from trainers.utils import LOGGER, log_details_to
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
@@ -32,6 +33,7 @@ class CallbackActor(Dispatcher):
     def __init__(self, driver_callbacks: Iterable = (), journal: Journal | None = None,
                  orphan_after: float | None = None):
         lower_priority()
+        log_details_to(ray_log_file(f"callback-actor-{os.getpid()}.log"))
         super().__init__(driver_callbacks, journal)
         self._frozen = False
         self._heard = time.monotonic()  # the driver's heartbeat or a worker's batch
@@ -97,6 +99,13 @@ def freeze_startup_objects() -> None:
 
 
 NICE = 10
+
+
+def ray_log_file(name: str) -> str:
+    """A file in this Ray session's log folder (beside Ray Train's own), for a process's details."""
+    from ray.train.v2._internal.logging.logging import LoggingManager
+
+    return os.path.join(LoggingManager.get_log_directory() or tempfile.gettempdir(), "orchestrator", name)
 
 
 def lower_priority() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from callbacks.sinks.s3 import S3Setup
 from callbacks.sinks.storage import ObjectStore
 from trainers.utils import LOGGER
 
@@ -26,13 +27,13 @@ class ArtifactShipper:
     training never fails for it.
     """
 
-    def __init__(self, store_uri: str, run_id: str, rank: int):
-        self.store_uri, self.run_id, self.rank = str(store_uri), str(run_id), int(rank)
+    def __init__(self, store_uri: str, run_id: str, rank: int, s3: S3Setup | None = None):
+        self.store_uri, self.run_id, self.rank, self.s3 = str(store_uri), str(run_id), int(rank), s3
         self._store = None
 
     def __call__(self, artifacts: dict) -> dict:
         if self._store is None:
-            self._store = ObjectStore.from_uri(self.store_uri)
+            self._store = ObjectStore.from_uri(self.store_uri, self.s3)
         out = {}
         for name, path in artifacts.items():
             local = Path(str(path))

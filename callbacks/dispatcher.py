@@ -350,6 +350,17 @@ class Dispatcher:
                    failed_calls=sum(count for count, _ in self._failures.values()))
         return out
 
+    def take_lines(self) -> list[str]:
+        """Console lines the driver callbacks made since the last call (``take_lines``), in order:
+        under Ray the driver prints them, since this process's output reaches the user prefixed."""
+        return [line for entry in self._entries if callable(getattr(entry.obj, "take_lines", None))
+                for line in entry.obj.take_lines()]
+
+    def callback_objects(self, first: int = 0) -> list:
+        """The driver callbacks from the ``first`` on as they are now (a pair's fn, or the object):
+        under Ray they ran on copies in this process, and the user's process takes their state back."""
+        return [entry.obj for entry in self._entries[first:]]
+
     def report(self) -> dict:
         """Counts plus, per failing callback and event, the failure count and first error."""
         out = self.stats()

@@ -266,8 +266,15 @@ class EventForwarder:
         return self._retained() == 0
 
     def close(self, timeout: float | None = None) -> bool:
-        """Final flush at teardown: wait, bounded, for every acknowledgement."""
-        return self.flush(wait=True, timeout=timeout)
+        """Final flush at teardown: wait, bounded, for every acknowledgement; then say whether
+        training ever waited for the actor, or records were lost (nothing is said otherwise)."""
+        done = self.flush(wait=True, timeout=timeout)
+        waits, lost = self._counts["backpressure_waits"], self._counts["lost"]
+        if waits or lost:
+            LOGGER.warning(f"event forwarder rank {self.rank}: training waited {waits} times "
+                           f"({self._counts['backpressure_seconds']:.1f} s) for the callback actor to catch "
+                           f"up; {lost} event records lost")
+        return done
 
     def stats(self) -> dict:
         out = dict(self._counts)

@@ -12,7 +12,8 @@ thousand. Fields:
 - ``epoch``      int   0-based epoch (``epochs`` during the final evaluation)
 - ``step``       int   optimizer steps taken so far in the run (global, survives resume)
 - ``time``       float wall clock (``time.time()``) when the event fired
-- ``metrics``    dict[str, float]  what is known at that event (losses, lr, val metrics, fitness)
+- ``metrics``    dict[str, float]  what is known at that event (losses, lr, val metrics, fitness; in the
+                 final evaluation rank 0 adds per-class values, ``trainers.metrics.base``)
 - ``artifacts``  dict[str, str]    name -> local path or URI of a file made at that event
 - ``final_eval`` bool  True for events of the final evaluation of best.pt
 

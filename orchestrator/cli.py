@@ -5,10 +5,12 @@ User errors print one line and exit 2; there is no traceback for them.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from contextlib import contextmanager
 
 from trainers.config import DEFAULT_CFG_PATH, get_cfg, load_yaml, parse_overrides
-from trainers.utils import UserError
+from trainers.utils import LOGGER, UserError
 
 MODES = {
     "train": "train a model: orchestrator train model=det-n.yaml data=shapes8.yaml epochs=5",
@@ -34,6 +36,17 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+@contextmanager
+def details_shown(verbose: bool):
+    """``verbose=False``: the run's INFO lines stay off the console (warnings and the result remain)."""
+    level = LOGGER.level
+    LOGGER.setLevel(logging.INFO if verbose else logging.WARNING)
+    try:
+        yield
+    finally:
+        LOGGER.setLevel(level)
+
+
 def split_args(argv: list[str]) -> tuple[dict | None, dict]:
     overrides = parse_overrides(argv)
     cfg_file = overrides.pop("cfg", None)
@@ -45,7 +58,9 @@ def run_mode(mode: str, argv: list[str]) -> int:
         from orchestrator.commands import run_task_mode
 
         cfg, overrides = split_args(argv)
-        return run_task_mode(mode, get_cfg(cfg, overrides), {**(cfg or {}), **overrides})
+        args = get_cfg(cfg, overrides)
+        with details_shown(args.verbose):
+            return run_task_mode(mode, args, {**(cfg or {}), **overrides})
     if mode == "data":
         from orchestrator.commands import run_data
 
@@ -75,7 +90,8 @@ def run_mode(mode: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines are noise on a terminal
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its INFO lines are noise on a terminal
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])  # (when already imported)
     if not argv or argv[0] in {"-h", "--help", "help"} or any(a in {"-h", "--help"} for a in argv[1:2]):
         print(usage())
         return 0

@@ -88,12 +88,12 @@ def run_ui(opts: dict) -> int:
     import subprocess
     import sys
 
-    from trainers.config import DEFAULTS
+    from trainers.config import defaults
 
     for key in opts:
         if key not in ("port", "tracking_uri"):
             raise UserError(f"unknown option '{key}' for ui; valid: port, tracking_uri")
-    uri = str(opts.get("tracking_uri", DEFAULTS["tracking_uri"]))
+    uri = str(opts.get("tracking_uri", defaults()["tracking_uri"]))  # else $MLFLOW_TRACKING_URI, as for a run
     port = opts.get("port", 5000)
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise UserError(f"ui: port={port!r} is not a port number (1-65535)")

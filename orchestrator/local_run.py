@@ -5,6 +5,7 @@ import time
 
 from callbacks.dispatcher import Dispatcher
 from callbacks.records import CLOSE_EVENT, FLUSH_EVENTS
+from orchestrator.console import print_lines
 
 
 class LocalForwarder:
@@ -66,6 +67,8 @@ class LocalBackend:
         self.trainer = session.factory()
         self.forwarder = LocalForwarder(self.dispatcher, session.run_id, session.events)
         self.forwarder.attach(self.trainer.callbacks)
+        if session.console is not None:  # after the forwarder's flush: the epoch's line is made
+            self.trainer.add_callback("on_fit_epoch_end", lambda trainer: print_lines(session.console.take_lines()))
 
     def train(self, session) -> None:
         session.stops.watch(self.trainer.callbacks)

@@ -6,13 +6,14 @@ from pathlib import Path
 from callbacks.dispatcher import driver_entries
 from trainers.events import check_event
 from trainers.registry import add_callback, copy_registry, new_registry
+from callbacks.sinks.s3 import S3Setup
 from callbacks.sinks.storage import local_file
 from trainers.config import get_cfg
 from orchestrator.tasks import task_class
 from trainers.engine import checkpoint as ckpt_io
 from trainers.engine.exporter import Exporter
 from trainers.engine.factory import TrainerFactory
-from trainers.models.build import load_spec, spec_task
+from trainers.models.build import load_spec, spec_classes, spec_task
 from trainers.utils import LOGGER, UserError
 
 # Config keys a checkpoint passes on to val/predict/export of the same model.
@@ -68,8 +69,11 @@ class Model:
         self.callbacks[check_event(event)] = []
 
     # ------------------------------------------------------------------ verbs
-    def train(self, trainer=None, **kwargs) -> dict:
-        """Train with ``trainer`` (a class) in this process or on Ray Train workers."""
+    def train(self, trainer=None, **kwargs):
+        """Train with ``trainer`` (a class) in this process or on Ray Train workers. Returns the task's
+        metrics object of the final evaluation of best.pt (``DetMetrics``, ``ClassifyMetrics``; it
+        reads as the flat results dict too), the same whichever backend trained: rebuilt from the
+        evaluation's record, so ``box`` has no ``image_metrics`` or curves (the plots hold those)."""
         trainer_cls = self._trainer_class(trainer)
         overrides = {**self.overrides, **kwargs, "mode": "train"}
         args = get_cfg(None, overrides)  # fail fast on bad keys, before any worker starts
@@ -79,10 +83,10 @@ class Model:
 
         result = train_run(factory, args, self.driver_callbacks)
         self.trainer = result.get("trainer", self.trainer)  # in process only: Ray's trainers lived in workers
-        best = local_file(result["best"]) if result["best"] else None  # an s3:// URI when rank 0 ran on another node
+        best = local_file(result["best"], S3Setup.of(args)) if result["best"] else None  # s3:// if rank 0 ran elsewhere
         if best is not None:
             self._load(best)
-        self.metrics = result["metrics"]
+        self.metrics = self._final_metrics(args, result)
         return self.metrics
 
     def tune(self, space: dict | None = None, *, sweep=None, trainer=None, **kwargs):
@@ -92,10 +96,13 @@ class Model:
 
         return tune_model(self, space, sweep=sweep, trainer=trainer, **kwargs)
 
-    def val(self, **kwargs) -> dict:
+    def val(self, **kwargs):
+        """Validate on ``args.split``; returns the validator's metrics object (SPEC §6), which reads
+        as the flat results dict too."""
         args = self._args("val", kwargs)
         validator = task_class(self.task, "validator")(args=args, _callbacks=copy_registry(self.callbacks))
-        self.metrics = validator(model=self._model_for(args))
+        validator(model=self._model_for(args))
+        self.metrics = validator.metrics
         return self.metrics
 
     def predict(self, source=None, stream: bool = False, **kwargs):
@@ -113,6 +120,12 @@ class Model:
         return exporter(self._model_for(args), stem=stem)
 
     # ------------------------------------------------------------------ helpers
+    def _final_metrics(self, args, result: dict):
+        """The final evaluation ran in the trainer (maybe on a Ray worker); its record's metrics and
+        per-class values rebuild the task's metrics object here."""
+        validator = task_class(self.task, "validator")(args=args)
+        return validator.results_object({**result["metrics"], **result["per_class"]}, self.model)
+
     def _args(self, mode: str, kwargs: dict):
         args = get_cfg(None, {**self.overrides, **kwargs, "mode": mode})
         if args.imgsz is None:
@@ -122,10 +135,15 @@ class Model:
     def _model_for(self, args):
         if self.model is None:
             LOGGER.warning(f"{self.spec} has no trained weights: using a freshly initialised model")
-            trainer = task_class(self.task, "trainer")(overrides={**self.overrides, "data": args.data})
-            trainer.data = trainer.get_dataset()
-            self.model = trainer.get_model(cfg=self.spec, verbose=False)
+            self.model = self._fresh_model(args.data)
         return self.model.to(args.device or "cpu")
+
+    def _fresh_model(self, data):
+        """The spec's model as the task's trainer builds it; its classes come from ``data`` when
+        given, else from the spec (``Model("det-n.yaml")(images)`` needs no data set)."""
+        trainer = task_class(self.task, "trainer")(overrides={**self.overrides, "data": data})
+        trainer.data = trainer.get_dataset() if data else spec_classes(load_spec(self.spec))
+        return trainer.get_model(cfg=self.spec, verbose=False)
 
     def _trainer_class(self, trainer):
         if trainer is None:

@@ -6,9 +6,11 @@ Per-step data travels through the event forwarder; once per epoch every rank cal
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import shutil
 import socket
+import sys
 import time
 import tempfile
 import threading
@@ -16,14 +18,20 @@ from pathlib import Path
 
 import ray
 import ray.train
+from ray._private.log import PlainRayHandler
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.v2._internal.execution import context as train_context
+from ray.train.v2.api.config import LoggingConfig
 from ray.train.torch import TorchTrainer
 
-from callbacks.actor import start_callback_actor
+from callbacks.actor import ray_log_file, start_callback_actor
 from callbacks.artifacts import ArtifactShipper
 from callbacks.forwarder import EventForwarder
+from callbacks.sinks.s3 import S3Setup
+from orchestrator.console import print_lines
+from orchestrator.results import take_back
 from trainers.engine.resume import training_finished
-from trainers.utils import LOGGER, UserError
+from trainers.utils import LOGGER, UserError, log_details_to
 
 
 def connect_ray() -> None:
@@ -51,22 +59,14 @@ def probe_address(address: str, timeout: float = 5.0) -> None:
         raise UserError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {exc.strerror or exc}") from None
 
 
-def storage_for(storage: str) -> tuple[str, object | None]:
-    """Ray Train's ``(storage_path, storage_filesystem)`` for a local path or ``s3://bucket/prefix``."""
+def storage_for(storage: str, s3: S3Setup | None = None) -> tuple[str, object | None]:
+    """Ray Train's ``(storage_path, storage_filesystem)`` for a local path or ``s3://bucket/prefix``
+    (reached as the run's ``s3`` set-up says, like its other S3 traffic)."""
     if not storage.startswith("s3://"):
         path = Path(storage).resolve() / "ray"
         path.mkdir(parents=True, exist_ok=True)
         return str(path), None
-    from pyarrow import fs
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs = {"endpoint_override": endpoint} if endpoint else {}
-    if endpoint and endpoint.startswith("http://"):
-        kwargs["scheme"] = "http"
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-    if region:
-        kwargs["region"] = region
-    return storage[len("s3://"):].rstrip("/") + "/ray", fs.S3FileSystem(**kwargs)
+    return storage[len("s3://"):].rstrip("/") + "/ray", (s3 or S3Setup()).arrow_fs()
 
 
 class RayBackend:
@@ -89,7 +89,8 @@ class RayBackend:
 
     def start(self, session) -> None:
         self.actor = start_callback_actor(session.callbacks, name=f"callbacks-{session.run_id}",
-                                          journal=session.journal, orphan_after=ORPHAN_AFTER)
+                                          namespace=ACTOR_NAMESPACE, journal=session.journal,
+                                          orphan_after=ORPHAN_AFTER)
         threading.Thread(target=heartbeat, args=(self.actor, self._beating), name="heartbeat", daemon=True).start()
         self.trainer = make_torch_trainer(session.factory, session.args, self.actor, session.run_id,
                                           session.events, name=f"{session.args.name}-{session.run_id}")
@@ -108,7 +109,9 @@ class RayBackend:
         thread = threading.Thread(target=fit, name="train-fit", daemon=True)
         thread.start()
         while thread.is_alive():
-            thread.join(0.5)  # a signal's handler runs between these waits
+            thread.join(1.0)  # a signal's handler runs between these waits
+            self._print_console(session)
+        self._print_console(session)
         if failure:
             raise failure[0]
 
@@ -116,15 +119,36 @@ class RayBackend:
         """Close the actor's sinks with the run's status, then stop the actor (it serves one run)."""
         self._beating.set()
         report = ray.get(self.actor.finish.remote(status, reason))
+        take_back(session.driver_callbacks, self._callback_objects(session))
         ray.kill(self.actor)
         log_report(report)
         return report
+
+    def _print_console(self, session) -> None:
+        """Print the console lines the actor made (``orchestrator/console.py``); a slow or restarting
+        actor only delays them."""
+        if session.console is None:
+            return
+        try:
+            print_lines(ray.get(self.actor.take_lines.remote(), timeout=10))
+        except (ray.exceptions.RayError, TimeoutError):
+            pass
+
+    def _callback_objects(self, session) -> list:
+        """The user's driver callbacks as the actor left them; none when they cannot travel back."""
+        try:
+            return ray.get(self.actor.callback_objects.remote(len(session.callbacks) - len(session.driver_callbacks)))
+        except Exception as exc:  # e.g. a callback that gathered an unpicklable object
+            LOGGER.warning(f"the driver callbacks' final state stays in the callback actor: "
+                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            return []
 
     def outcome(self) -> dict:
         """Nothing beyond the session's result: the trainers lived in the workers."""
         return {}
 
 
+ACTOR_NAMESPACE = "orchestrator"  # a detached actor's namespace (it outlives the driver's own)
 HEARTBEAT = 5.0  # seconds between the driver's heartbeats to its callback actor
 ORPHAN_AFTER = 30.0  # seconds of silence after which the actor ends the run itself (the driver died)
 
@@ -145,7 +169,7 @@ def make_torch_trainer(factory, args, actor, run_id: str, events, *, name: str, 
     ``driver_node`` is the node of the callback actor (default: this one); a worker on another
     node ships the files its records name to the object store (callbacks/artifacts.py).
     """
-    storage_path, filesystem = storage_for(args.storage)
+    storage_path, filesystem = storage_for(args.storage, S3Setup.of(args))
     return TorchTrainer(
         train_worker,
         train_loop_config={"factory": factory, "actor": actor, "run_id": run_id, "events": list(events),
@@ -156,7 +180,7 @@ def make_torch_trainer(factory, args, actor, run_id: str, events, *, name: str, 
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=args.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
-                             callbacks=list(callbacks)),
+                             callbacks=list(callbacks), logging_config=RAY_TRAIN_LOGGING),
     )
 
 
@@ -166,11 +190,37 @@ def log_report(report: dict) -> None:
                        f"{failure['event']}: {failure['first_error']}")
 
 
+# Ray Train's own INFO lines (each report's metrics, its failure-policy decisions) stay in Ray's log
+# files: the user's console has the run's own lines.
+RAY_TRAIN_LOGGING = LoggingConfig(log_level="WARNING")
+
+
+def quiet_console() -> None:
+    """Keep two kinds of Ray Train lines off the worker's console (Ray forwards it to the user's):
+    a ``UserError``'s traceback (the driver prints its one line) and each report's metric dump."""
+    for logger in (logging.getLogger("ray.train"), logging.getLogger()):
+        for handler in logger.handlers:
+            if isinstance(handler, PlainRayHandler):
+                handler.addFilter(for_the_console)
+
+
+REPORT_LOGGER = train_context.__file__  # Ray Train names the logger of its per-report line by file path
+
+
+def for_the_console(record: logging.LogRecord) -> bool:
+    """Ray logs a failure inside its ``except`` block: the exception being handled is the user's."""
+    if isinstance(sys.exc_info()[1], UserError):
+        return False
+    return record.name != REPORT_LOGGER or record.levelno >= logging.WARNING
+
+
 def train_worker(config: dict) -> None:
     """Body of each Ray Train worker: build the trainer from the factory and run it."""
+    quiet_console()
     gc.freeze()  # imports and Ray's state, before set-up's own full collection (see freeze_setup_objects)
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    log_details_to(ray_log_file(f"{config['run_id']}-rank{rank}-{os.getpid()}.log"))
     extra = {"device": str(ray.train.torch.get_device())}
     latest = ray.train.get_checkpoint()  # set when Ray Train restarted the worker group
     resume = restore_checkpoint(latest) if latest is not None else None
@@ -184,7 +234,8 @@ def train_worker(config: dict) -> None:
         trainer.resume_stop = bool(meta.get("stop"))  # a restart: continue as the run would have
     attempt = time.time_ns() // 1_000_000  # grows with each Ray Train restart of the worker group
     remote = ray.get_runtime_context().get_node_id() != config.get("driver_node")
-    publish = ArtifactShipper(trainer.args.storage, config["run_id"], rank) if remote else None
+    publish = ArtifactShipper(trainer.args.storage, config["run_id"], rank, S3Setup.of(trainer.args)) \
+        if remote else None
     EventForwarder(config["actor"], config["run_id"], rank, attempt=attempt, events=config["events"],
                    publish=publish).attach(trainer.callbacks)
     trainer.add_callback("on_pretrain_routine_end", freeze_setup_objects)
@@ -205,7 +256,7 @@ def restore_checkpoint(checkpoint: Checkpoint) -> str:
     local = Path(tempfile.mkdtemp(prefix="resume-")) / "last.pt"
     with checkpoint.as_directory() as folder:
         shutil.copy(Path(folder) / "last.pt", local)
-    LOGGER.info(f"restarting from the latest checkpoint ({checkpoint.path})")
+    LOGGER.warning(f"restarting from the latest checkpoint ({checkpoint.path})")
     return str(local)
 
 

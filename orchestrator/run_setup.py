@@ -10,6 +10,7 @@ from pathlib import Path
 from callbacks.sinks import ObjectStore, create_run, flatten
 from callbacks.sinks.factory import run_sinks
 from callbacks.sinks.mlflow_runs import RUN_ID_TAG, announce_run, mlflow_client, probe_tracking_uri
+from callbacks.sinks.s3 import S3Setup
 from trainers.engine.paths import latest_checkpoint, project_dir, run_dir
 from trainers.utils import LOGGER
 
@@ -23,16 +24,25 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
+def pinned_endpoints(args) -> dict:
+    """Where a run's records and files go, as the driver resolved them (absolute paths, the
+    environment's values): Ray processes have other working directories and environments."""
+    return {"tracking_uri": absolute_uri(args.tracking_uri), "storage": absolute_uri(args.storage),
+            "experiment": experiment_name(args), **S3Setup.of(args).as_config()}
+
+
 def resolve_run(args) -> dict:
     """Fix the run folder on the driver so every worker (and every restart) writes to the same one."""
-    fixed = {"tracking_uri": absolute_uri(args.tracking_uri), "storage": absolute_uri(args.storage),
-             "journal": str(Path(args.journal).expanduser().resolve())}
+    fixed = {"journal": str(Path(args.journal).expanduser().resolve())}
     if args.resume:  # the run folder and name come from the checkpoint
         from trainers.engine.checkpoint import load_checkpoint
 
         path = latest_checkpoint(args) if args.resume is True else args.resume
         train_args = load_checkpoint(path)["train_args"]
-        return {**fixed, "project": train_args["project"], "name": train_args["name"]}
+        moved = {"project": train_args["project"], "name": train_args["name"]}
+        at = {**args.to_dict(), **moved, "experiment": args.experiment or train_args.get("experiment")}
+        return {**fixed, **pinned_endpoints(type(args)(**at)), **moved}
+    fixed.update(pinned_endpoints(args))
     fixed.update(project=str(project_dir(args).resolve()), name=run_dir(args).name, exist_ok=True)
     if args.data and Path(str(args.data)).exists():
         fixed["data"] = str(Path(str(args.data)).resolve())
@@ -84,6 +94,9 @@ def run_description(args) -> str:
 
 
 def experiment_name(args) -> str:
+    """``experiment`` (given, or $MLFLOW_EXPERIMENT_NAME), else the project folder's name, else the task."""
+    if args.experiment:
+        return str(args.experiment)
     return Path(args.project).name if args.project else str(args.task or "train")
 
 
@@ -94,7 +107,7 @@ def start_tracking(args, run_id: str, parent_run_id: str | None = None, defer_ru
     checked, and the callback actor's MLflow sink creates the run when the actor starts, while
     the workers start: importing MLflow and setting up its database take seconds of the driver.
     """
-    ObjectStore.from_uri(args.storage).check()  # an unreachable store fails here, in one line
+    ObjectStore.from_uri(args.storage, S3Setup.of(args)).check()  # an unreachable store fails here, in one line
     tags = {**run_tags(args), RUN_ID_TAG: run_id}
     mlflow_run = None
     if not (defer_run and probe_tracking_uri(args.tracking_uri)):  # unreachable: fails here, in one line

@@ -17,21 +17,23 @@ from pathlib import Path
 
 from callbacks.journal import Journal
 from callbacks.sinks.factory import SINK_CLASSES, forwarded_events
-from trainers.utils import LOGGER
+from trainers.utils import LOGGER, user_error_in
 from orchestrator.recovery import recover
+from orchestrator.console import EpochConsole
 from orchestrator.results import ResultSink
 from orchestrator.stops import RunStopped, StopSignals
 from orchestrator.run_setup import mlflow_run_of, new_run_id, register_best, resolve_run, start_tracking
 
 
 def run_events(driver_callbacks) -> list[str]:
-    """What a run's workers forward: the events of its sinks, its ResultSink and the user's callbacks."""
-    return forwarded_events(driver_callbacks, (*SINK_CLASSES, ResultSink))
+    """What a run's workers forward: the events of its sinks, its ResultSink, its console and the
+    user's callbacks."""
+    return forwarded_events(driver_callbacks, (*SINK_CLASSES, ResultSink, EpochConsole))
 
 
-def run_callbacks(sinks: list, driver_callbacks) -> list:
-    """A run's driver callbacks in dispatch order: its sinks, a ResultSink, the user's."""
-    return [*sinks, ResultSink(), *driver_callbacks]
+def run_callbacks(sinks: list, driver_callbacks, console: EpochConsole | None = None) -> list:
+    """A run's driver callbacks in dispatch order: its sinks, a ResultSink, its console, the user's."""
+    return [*sinks, ResultSink(), *([console] if console else []), *driver_callbacks]
 
 
 def train_run(factory, args, driver_callbacks) -> dict:
@@ -83,14 +85,17 @@ class RunSession:
         self.args = type(args)(**{**args.to_dict(), **factory.overrides})
         self.sinks = start_tracking(self.args, self.run_id, defer_run=backend.defer_run)
         self.journal = run_journal(self.args, self.run_id, self.sinks)
-        self.callbacks = run_callbacks(self.sinks, driver_callbacks)
+        self.driver_callbacks = list(driver_callbacks)
+        self.console = EpochConsole(self.args.epochs) if self.args.verbose else None
+        self.callbacks = run_callbacks(self.sinks, self.driver_callbacks, self.console)
         self.events = run_events(driver_callbacks)
         self.report: dict = {}
         self.stops: StopSignals | None = None  # while training: what the backend's trainer watches
 
     def run(self) -> dict:
         """Train; close the sinks with FINISHED, FAILED or KILLED (Ctrl+C); register best.pt.
-        Returns metrics, best (best.pt's path), run_id, report and what the backend adds."""
+        Returns metrics, per_class (the final evaluation's, ``trainers.metrics.base``), best (best.pt's
+        path), run_id, report and what the backend adds."""
         self.backend.start(self)
         self.report = self._train()
         register_best(self.args, mlflow_run_of(self.report), self.results.get("metrics", {}))
@@ -105,9 +110,12 @@ class RunSession:
         except KeyboardInterrupt as exc:  # Ray's waits turn our RunStopped into a bare KeyboardInterrupt
             status, reason = "KILLED", (self.stops and self.stops.reason) or str(exc) or "interrupted (Ctrl+C)"
             raise RunStopped(reason) from None
-        except BaseException as exc:
-            reason = end_reason(exc)
-            raise
+        except BaseException as exc:  # a UserError wrapped by Ray (a worker's, the actor's) as raised
+            error = user_error_in(exc) or exc
+            reason = end_reason(error)
+            if error is exc:
+                raise
+            raise error from None
         finally:
             report = self.backend.finish(self, status, reason)
         return report
@@ -119,5 +127,5 @@ class RunSession:
 
     def outcome(self) -> dict:
         results = self.results
-        return {"metrics": results.get("metrics", {}), "best": results.get("best"), "run_id": self.run_id,
-                "report": self.report, **self.backend.outcome()}
+        return {"metrics": results.get("metrics", {}), "per_class": results.get("per_class", {}),
+                "best": results.get("best"), "run_id": self.run_id, "report": self.report, **self.backend.outcome()}

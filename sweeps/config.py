@@ -21,6 +21,7 @@ SCHEDULERS = ("fifo", "asha", "pbt")
 SEARCHES = ("random", "grid", "optuna")
 # Keys that name or place a run, or size it: set once per sweep, never sampled.
 NOT_SEARCHABLE = {"mode", "resume", "register", "project", "name", "exist_ok", "tracking_uri", "storage",
+                  "experiment", "s3_endpoint", "s3_region", "s3_profile",
                   "num_workers", "use_gpu", "resources_per_worker", "task"}
 
 

@@ -24,7 +24,7 @@ from orchestrator.ray_launch import make_torch_trainer, nothing_left
 from sweeps.exploit import ExploitedCheckpoint
 from sweeps.space import Objective
 from trainers.engine.factory import TrainerFactory
-from trainers.utils import LOGGER, UserError
+from trainers.utils import LOGGER, UserError, user_error_in
 
 _DONE = "__trial_done__"
 ACTOR_WAIT_S = 60.0
@@ -145,17 +145,5 @@ def _relay(queue: Queue, objective: Objective, thread: threading.Thread) -> None
 
 
 def trial_error(exc: BaseException) -> BaseException:
-    """A user error inside the Train run, as one ``UserError`` line; other errors unchanged."""
-    seen = set()
-    stack = [exc]
-    while stack:
-        err = stack.pop()
-        if err is None or id(err) in seen:
-            continue
-        seen.add(id(err))
-        if isinstance(err, UserError):
-            return UserError(str(err).splitlines()[0])
-        stack.extend([getattr(err, "cause", None), err.__cause__, err.__context__])
-        stack.extend(getattr(err, "worker_failures", {}).values() if isinstance(
-            getattr(err, "worker_failures", None), dict) else [])
-    return exc
+    """A user error inside the Train run as it was raised (one line, its own type); others unchanged."""
+    return user_error_in(exc) or exc

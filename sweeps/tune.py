@@ -11,7 +11,7 @@ from ray import tune
 
 from trainers.registry import new_registry
 from orchestrator.ray_launch import connect_ray, storage_for
-from orchestrator.run_setup import absolute_uri, experiment_name, new_run_id
+from orchestrator.run_setup import experiment_name, new_run_id, pinned_endpoints
 from orchestrator.session import run_events
 from sweeps import parent, report
 from sweeps.state import SweepState, register, unregister
@@ -61,12 +61,13 @@ def sweep_folder(sweep: SweepConfig, base_args) -> Path:
 
 def resolved_base(sweep: SweepConfig, task: str | None) -> dict:
     """Base overrides with absolute URIs/paths: trials run in other processes and folders."""
+    from trainers.config import get_cfg
+
     base = dict(sweep.base)
-    args = sweep.base_args()
-    base["tracking_uri"] = absolute_uri(args.tracking_uri)
-    base["storage"] = absolute_uri(args.storage)
     if task and not base.get("task"):
         base["task"] = task
+    args = get_cfg(None, base)
+    base.update(pinned_endpoints(args))
     if args.data and Path(str(args.data)).exists():
         base["data"] = str(Path(str(args.data)).resolve())
     if args.model and Path(str(args.model)).exists():
@@ -122,13 +123,14 @@ def run_sweep(sweep: SweepConfig, trainer_cls, callbacks: dict | None = None, dr
 
     base_args = get_cfg(None, base)
     from callbacks.sinks import ObjectStore
+    from callbacks.sinks.s3 import S3Setup
 
-    ObjectStore.from_uri(base_args.storage).check()  # an unreachable store fails here, in one line
+    ObjectStore.from_uri(base_args.storage, S3Setup.of(base_args)).check()  # unreachable: fails here, in one line
     folder = sweep_folder(sweep, base_args)
     folder.mkdir(parents=True, exist_ok=True)
     experiment = experiment_name(base_args)
     resuming = bool(sweep.settings.resume)
-    storage_path, filesystem = storage_for(base_args.storage)
+    storage_path, filesystem = storage_for(base_args.storage, S3Setup.of(base_args))
     if resuming:
         saved = parent.load_state(folder)
         sweep_id, parent_run_id = saved["sweep_id"], saved["parent_run_id"]

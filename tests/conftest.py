@@ -1,4 +1,5 @@
 """Session fixtures: one Ray session for every test that needs Ray (start-up costs seconds)."""
+import logging
 import os
 from pathlib import Path
 
@@ -9,6 +10,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # Small models on a few cores: one intra-op thread per process is several times faster than
 # oversubscribed threads (subprocesses and Ray workers inherit this).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Runs honour these when tracking_uri/experiment are not given (trainers/config.py ENV_VARS): a
+# developer's shell must not send the suite's runs to their MLflow server. Tests set them with
+# monkeypatch where they test them.
+for _name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+    os.environ.pop(_name, None)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -46,3 +52,24 @@ def servers(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow")
     with running([MlflowServer(root / "main"), MlflowServer(root / "replay")]) as pair:
         yield pair
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture
+def warnings_seen():
+    """The orchestrator logger's warnings during a test (it does not propagate to pytest's caplog)."""
+    from trainers.utils import LOGGER
+
+    handler = _Records()
+    handler.setLevel(logging.WARNING)
+    LOGGER.addHandler(handler)
+    yield handler.records
+    LOGGER.removeHandler(handler)

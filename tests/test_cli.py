@@ -49,3 +49,28 @@ def test_train_from_cli_prints_summary(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "metrics/accuracy_top1" in out.stdout and str(tmp_path / "cli" / "weights") in out.stdout
     assert (tmp_path / "cli" / "results.csv").is_file()
+
+
+def tiny_train(tmp_path, *extra) -> list[str]:
+    return ["train", "model=cls-n.yaml", "data=digits", "epochs=2", "imgsz=16", "fraction=0.05", "batch=16",
+            "nbs=16", "plots=False", f"project={tmp_path / 'runs'}", f"tracking_uri=sqlite:///{tmp_path}/m.db",
+            f"storage={tmp_path / 'store'}", f"journal={tmp_path / 'journal'}", *extra]
+
+
+def test_train_prints_a_header_one_line_per_epoch_and_the_result(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    assert main(tiny_train(tmp_path)) == 0
+    out = capsys.readouterr().out.splitlines()
+    head = next(i for i, line in enumerate(out) if line.split()[:1] == ["epoch"])
+    assert out[head].split() == ["epoch", "loss", "top1", "top5", "time", "ETA"]
+    assert [line.split()[0] for line in out[head + 1:head + 4]] == ["1/2", "2/2", "best.pt"]
+    assert out[head + 4] == "results:" and len(out) <= head + 4 + 8
+
+
+def test_train_with_verbose_false_prints_only_the_result(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    assert main(tiny_train(tmp_path, "verbose=False")) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0] == "results:" and captured.err == ""

@@ -134,7 +134,7 @@ def test_rayjob_experiment_config_is_valid_and_mounted(rayjob):
 
 
 @pytest.mark.parametrize("mode", ["K8sJobMode", "HTTPMode"])
-def test_rayjob_entrypoint_reaches_the_driver_with_the_head_environment(rayjob, mode):
+def test_rayjob_entrypoint_reaches_the_driver_with_the_head_environment(rayjob, mode, monkeypatch):
     job = rayjob["RayJob"]
     entry = job["spec"]["entrypoint"]
     assert job["spec"]["submissionMode"] == "K8sJobMode"
@@ -147,10 +147,12 @@ def test_rayjob_entrypoint_reaches_the_driver_with_the_head_environment(rayjob, 
         argv = json.loads(subprocess.run(["/bin/sh", "-c", script], env={"PATH": "/usr/bin:/bin", **env},
                                          capture_output=True, text=True, check=True).stdout)
     overrides = parse_overrides(argv)
-    assert overrides["tracking_uri"] == env["MLFLOW_TRACKING_URI"]
     assert overrides["storage"] == env["ORCHESTRATOR_STORAGE"] and str(overrides["storage"]).startswith("s3://")
     assert overrides["cfg"].startswith("/")
-    get_cfg(None, {k: v for k, v in overrides.items() if k != "cfg"})  # every key is a config key
+    for name, value in env.items():  # the driver's environment: MLflow's and AWS's own variables
+        monkeypatch.setenv(name, value)
+    args = get_cfg(None, {k: v for k, v in overrides.items() if k != "cfg"})  # every key is a config key
+    assert args.tracking_uri == env["MLFLOW_TRACKING_URI"] and args.s3_region == env["AWS_DEFAULT_REGION"]
 
 
 def test_rayjob_cluster_auth_version_and_images(rayjob):

@@ -16,6 +16,7 @@ from orchestrator import Model
 from tests.helpers import EventRecorder, expected_events
 from trainers.data.shapes import generate_shapes
 from trainers.metrics.coco import coco_eval
+from trainers.utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,6 +71,22 @@ def test_short_run_learns(work, trained):
     assert metrics["metrics/mAP50(B)"] > untrained["metrics/mAP50(B)"] + 0.15, metrics
 
 
+def test_train_returns_the_final_evaluation_as_a_metrics_object(trained):
+    """Rebuilt on the driver from the final evaluation's record: the same arrays and means as the
+    validator's own object (in process here, so both can be compared)."""
+    model, metrics = trained
+    final = model.trainer.validator.metrics
+    for name in ("p", "r", "f1", "ap50", "ap", "ap_class_index"):
+        assert getattr(metrics.box, name).tolist() == getattr(final.box, name).tolist(), name
+    assert len(metrics.box.ap) == len(metrics.box.ap_class_index) == model.model.nc
+    box = metrics.box
+    assert (box.mp, box.mr, box.map50, box.map) == (final.box.mp, final.box.mr, final.box.map50, final.box.map)
+    assert [box.mp, box.mr, box.map50, box.map, metrics.fitness] == [
+        metrics[k] for k in ("metrics/precision(B)", "metrics/recall(B)", "metrics/mAP50(B)",
+                             "metrics/mAP50-95(B)", "fitness")]
+    assert metrics.names == model.model.names and not any(k.startswith("per_class/") for k in metrics)
+
+
 def test_val_save_json_agrees_with_pycocotools(work, trained):
     model, _ = trained
     out = work["root"] / "val"
@@ -81,6 +98,7 @@ def test_val_save_json_agrees_with_pycocotools(work, trained):
     assert (out / "PR_curve.png").is_file() and (out / "confusion_matrix_normalized.png").is_file()
     coco = coco_eval(labels, preds, max_dets=300)
     assert metrics["metrics/mAP50-95(B)"] > 0.05  # a model that finds things: a meaningful comparison
+    assert metrics.box.map == metrics["metrics/mAP50-95(B)"] and len(metrics.box.image_metrics) == 48
     assert abs(coco["map"] - metrics["metrics/mAP50-95(B)"]) < 0.005, (coco, metrics)
     assert abs(coco["map50"] - metrics["metrics/mAP50(B)"]) < 0.005, (coco, metrics)
 
@@ -222,6 +240,21 @@ class Trainer(DetectionTrainer):
 
 IN_MODULE = "from examples.custom_class_weights import WeightedTrainer as Trainer"
 
+# Classes of the user's script on Ray workers: trained on 1 and 2 workers, then validated and
+# loaded in the same script.
+MAIN_ON_RAY = "from orchestrator import Model" + IN_MAIN + """
+import sys
+for workers in (1, 2):
+    model = Model("det-n.yaml")
+    model.train(data={data!r}, trainer=Trainer, epochs=1, batch=16, imgsz=64, verbose=False, plots=False,
+                num_workers=workers, project={project!r}, name={name!r} + str(workers), tracking_uri={uri!r},
+                storage={store!r})
+    metrics = model.val(data={data!r}, batch=16, plots=False)
+    again = Model(str(model.ckpt_path))
+    print("TRAINED", workers, type(model.model).__name__, type(again.model).__name__,
+          "metrics/mAP50(B)" in metrics, model.ckpt_path)
+"""
+
 LOAD = """
 from orchestrator import Model
 from trainers.utils import UserError
@@ -233,26 +266,28 @@ except UserError as e:
 """
 
 
-@pytest.mark.parametrize("where", ["module", "main"])
-def test_custom_model_class_checkpoint_in_fresh_process(work, where):
-    name = f"custom_{where}"
-    script = TRAIN_SCRIPT.format(define=IN_MODULE if where == "module" else textwrap.dedent(IN_MAIN),
-                                 data=str(work["tiny"]), project=work["run"]["project"], name=name,
-                                 uri=work["run"]["tracking_uri"], store=work["run"]["storage"])
+def test_custom_model_class_from_a_module_loads_in_a_fresh_process(work):
+    script = TRAIN_SCRIPT.format(define=IN_MODULE, data=str(work["tiny"]), project=work["run"]["project"],
+                                 name="custom_module", uri=work["run"]["tracking_uri"], store=work["run"]["storage"])
     trained = _run(script, ROOT)
-    best = Path(work["run"]["project"]) / name / "weights" / "best.pt"
-    if where == "main":  # training ends by loading best.pt, which already fails in the script
-        assert "ScriptModel" in trained.stderr and best.is_file(), trained.stderr[-2000:]
-    else:
-        assert trained.returncode == 0, trained.stderr[-2000:]
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    best = Path(work["run"]["project"]) / "custom_module" / "weights" / "best.pt"
     loaded = _run(LOAD.format(path=str(best)), work["root"])  # cwd without the repo: a fresh process
-    assert loaded.returncode == 0, loaded.stderr[-2000:]
-    if where == "module":
-        assert loaded.stdout.split() == ["LOADED", "examples.custom_class_weights", "WeightedDetectionModel"]
-    else:
-        message = loaded.stdout
-        assert message.startswith("ERROR") and "'ScriptModel'" in message, message
-        assert "__main__" in message and "define it in a module" in message, message
+    assert loaded.stdout.split() == ["LOADED", "examples.custom_class_weights", "WeightedDetectionModel"]
+
+
+def test_script_classes_train_on_ray_workers_and_load_in_their_script(work):
+    script = textwrap.dedent(MAIN_ON_RAY).format(
+        data=str(work["tiny"]), project=work["run"]["project"], name="custom_main",
+        uri=work["run"]["tracking_uri"], store=work["run"]["storage"])
+    trained = _run(script, ROOT)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    done = [line.split() for line in trained.stdout.splitlines() if line.startswith("TRAINED")]
+    assert [d[:5] for d in done] == [["TRAINED", str(w), "ScriptModel", "ScriptModel", "True"] for w in (1, 2)]
+    loaded = _run(LOAD.format(path=done[-1][5]), work["root"])  # a fresh process has no ScriptModel
+    message = loaded.stdout
+    assert message.startswith("ERROR") and "'ScriptModel'" in message, message
+    assert "__main__" in message and "define it in a module" in message, message
 
 
 def test_plots_saved_at_every_validation_and_forwarded(work):
@@ -270,3 +305,15 @@ def test_plots_saved_at_every_validation_and_forwarded(work):
     assert len(seen) == 3  # two epochs and the final evaluation, each writing fresh plots
     assert seen[0] != seen[1] != seen[2]
     assert all("PR_curve.png" in r["artifacts"] for r in records)
+
+
+def test_a_fresh_spec_predicts_and_exports_without_a_data_set_and_validates_on_one(work, tmp_path):
+    model = Model("det-n.yaml")  # as YOLO("yolov8n.yaml")(images): classes from the spec
+    (result,) = model([np.zeros((64, 64, 3), dtype=np.uint8)], imgsz=64)
+    assert result.names == {i: str(i) for i in range(8)} and result.boxes.data.shape[1] == 6
+    path = model.export(format="torchscript", imgsz=64, project=str(tmp_path))
+    assert torch.jit.load(path)(torch.rand(1, 3, 64, 64)).shape == (1, 4 + 8, 84)
+    metrics = Model("det-n.yaml").val(data=str(work["tiny"]), imgsz=64, batch=16, plots=False)
+    assert metrics.box.map50 == metrics["metrics/mAP50(B)"] and 0.0 <= metrics.box.map50 <= 1.0
+    with pytest.raises(UserError, match="config key 'data' is required"):
+        Model("det-n.yaml").val()

@@ -133,8 +133,8 @@ def test_perfect_predictions_and_fitness():
     m = DetMetrics(NAMES, fitness_weights=(0.25, 0.25, 0.25, 0.25))
     m.update(preds, targets, ["a.png"])
     res = m.compute()
-    assert m.keys == ["metrics/precision(B)", "metrics/recall(B)", "metrics/mAP50(B)", "metrics/mAP50-95(B)"]
-    assert list(res) == m.keys + ["fitness"]
+    assert m.metric_keys == ["metrics/precision(B)", "metrics/recall(B)", "metrics/mAP50(B)", "metrics/mAP50-95(B)"]
+    assert list(res) == list(m.keys()) == m.metric_keys + ["fitness"]  # keys() is the dict's, as for a dict
     assert res == pytest.approx({k: 1.0 for k in res})
     assert m.box.ap_class_index.tolist() == [0, 2]
     assert m.box.maps.tolist() == pytest.approx([1.0] * 4)
@@ -157,6 +157,30 @@ def test_image_metrics_on_a_hand_built_case():
     assert im["a.png"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "tp": 1, "fp": 1, "fn": 1}
     assert im["empty.png"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "tp": 0, "fp": 0, "fn": 0}
     assert im["fp.png"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "tp": 0, "fp": 1, "fn": 0}
+
+
+def test_per_class_values_survive_the_wire_and_rebuild_the_object():
+    """What model.train() returns on the driver is rebuilt from the final evaluation's record: every
+    per-class array and mean must come back exactly, through the wire row and the Parquet event log."""
+    from callbacks.sinks.event_parts import rows_table
+    from trainers.events import make_row
+
+    labels, preds, targets, files = _random_split(3)
+    worker = DetMetrics(NAMES, fitness_weights=(0.1, 0.1, 0.3, 0.5))
+    worker.update(preds, targets, files)
+    worker.compute()
+    worker.keep_extra({**worker.results_dict, "val/box_loss": 1.5})
+    record = {**worker.results_dict, **worker.per_class_results()}
+    assert len(worker.per_class_results()) == 13 * len(worker.box.ap_class_index)
+    row = make_row("on_fit_epoch_end", {"metrics": record, "final_eval": True})
+    (sent,) = rows_table(0, 0, [0], [row]).to_pylist()
+    driver = DetMetrics(NAMES, fitness_weights=(0.1, 0.1, 0.3, 0.5))
+    driver.restore(dict(sent["metrics"]))
+    for name in ("p", "r", "f1", "ap50", "ap", "all_ap", "ap_class_index"):
+        assert np.array_equal(getattr(driver.box, name), getattr(worker.box, name)), name
+    assert driver.results_dict == worker.results_dict and driver.extra == {"val/box_loss": 1.5}
+    assert driver.box.map == driver["metrics/mAP50-95(B)"] > 0.05 and driver.fitness == worker.fitness
+    assert driver.box.map75 == worker.box.map75 and driver.summary()[0]["map"] == worker.summary()[0]["map"]
 
 
 def test_state_merge_matches_single_process():

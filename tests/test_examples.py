@@ -221,7 +221,12 @@ def test_unfreeze_on_two_workers_keeps_ranks_in_sync_and_val_matches_one_process
     assert set(by) == {(0, 0), (1, 0), (0, 1), (1, 1)}
     assert by[(0, 0)] == by[(1, 0)] and by[(0, 1)] == by[(1, 1)]  # identical on both ranks
     assert by[(0, 1)] != by[(0, 0)]  # and the backbone did train after unfreezing
-    ddp_metrics = {k: v for k, v in model.metrics.items() if k.startswith("metrics/")}
+    trained = model.metrics  # the final evaluation on 2 ranks, rebuilt from rank 0's record (SPEC §6)
+    ddp_metrics = {k: v for k, v in trained.items() if k.startswith("metrics/")}
     one = model.val(data=work["run"]["data"], batch=16, verbose=False, plots=False)
     for key, value in ddp_metrics.items():
         assert one[key] == pytest.approx(value, abs=1e-6), key
+    assert trained.box.ap_class_index.tolist() == one.box.ap_class_index.tolist()
+    for name in ("p", "r", "ap50", "ap"):
+        assert getattr(trained.box, name) == pytest.approx(getattr(one.box, name), abs=1e-6), name
+    assert trained.box.map50 == trained["metrics/mAP50(B)"] and trained.box.map == trained["metrics/mAP50-95(B)"]

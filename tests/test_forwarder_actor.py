@@ -204,7 +204,7 @@ def test_failing_driver_callback_is_isolated_and_reported(ray_env, tmp_path):
     ray.kill(actor)
 
 
-def test_backpressure_slow_sink_loses_nothing(ray_env, tmp_path):
+def test_backpressure_slow_sink_loses_nothing(ray_env, tmp_path, warnings_seen):
     sink_path = tmp_path / "sink.jsonl"
     actor = start_callback_actor([FileSink(sink_path, delay=0.01)])
     registry = new_registry()
@@ -215,6 +215,10 @@ def test_backpressure_slow_sink_loses_nothing(ray_env, tmp_path):
     assert stats["backpressure_waits"] > 0 and stats["backpressure_seconds"] > 0
     assert stats["acked"] == len(fired) and stats["lost"] == 0
     assert [r["seq"] for r in records_of(sink_path)] == list(range(len(fired)))
+    said = [r.getMessage() for r in warnings_seen if "training waited" in r.getMessage()]
+    assert said == [f"event forwarder rank 0: training waited {stats['backpressure_waits']} times "
+                    f"({stats['backpressure_seconds']:.1f} s) for the callback actor to catch up; "
+                    f"0 event records lost"]
     ray.kill(actor)
 
 

@@ -269,3 +269,9 @@ def test_classifier_learns_digits():
     with torch.no_grad():
         acc = (model(x[test]).argmax(1) == y[test]).float().mean().item()
     assert acc > 0.9, acc
+
+
+def test_model_classes_take_nc_second_as_the_spec_says():
+    model = DetectionModel("det-n.yaml", 2, False)  # SPEC §5: DetectionModel(cfg, nc, verbose)
+    assert model.nc == 2 and model.model[-1].nc == 2
+    assert ClassificationModel("cls-n.yaml", 5, False).nc == 5

@@ -12,6 +12,8 @@ from mlflow.tracking import MlflowClient
 from callbacks.sinks import read_event_log
 from callbacks.sinks.event_log import epoch_events
 from orchestrator import Model
+from orchestrator.cli import main
+from trainers.data.shapes import generate_shapes
 from trainers.classify import ClassificationTrainer
 from trainers.utils import UserError
 
@@ -32,7 +34,7 @@ def lines(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("num_workers", [1, 2])
-def test_custom_trainer_and_callbacks_run_on_every_rank(ray_session, tmp_path, num_workers):
+def test_custom_trainer_and_callbacks_run_on_every_rank(ray_session, tmp_path, num_workers, capsys):
     log = tmp_path / "events.jsonl"
 
     class MarkedTrainer(ClassificationTrainer):  # defined here: travels by value, like __main__ code
@@ -48,13 +50,14 @@ def test_custom_trainer_and_callbacks_run_on_every_rank(ray_session, tmp_path, n
 
     class DriverSink:  # a sink object on the driver: start, an event method, close(status)
         def __init__(self, path):
-            self.path, self.started, self.epochs = str(path), False, []
+            self.path, self.started, self.epochs, self.per_rank = str(path), False, [], {}
 
         def start(self):
             self.started = True
 
         def on_fit_epoch_end(self, record):
             self.epochs.append((record["rank"], record["epoch"], record["final_eval"]))
+            self.per_rank[record["rank"]] = self.per_rank.get(record["rank"], 0) + 1
 
         def close(self, status):
             with open(self.path, "w") as f:
@@ -65,14 +68,27 @@ def test_custom_trainer_and_callbacks_run_on_every_rank(ray_session, tmp_path, n
     model = Model("cls-n.yaml")
     model.add_callback("on_train_epoch_end", record)
     model.add_callback("on_fit_epoch_end", driver_seen.append, where="driver")
-    model.add_callback(DriverSink(tmp_path / "sink.json"), where="driver")
+    counter = DriverSink(tmp_path / "sink.json")
+    model.add_callback(counter, where="driver")
     with pytest.raises(UserError, match="neither an"):
         model.add_callback(object(), where="driver")
-    cfg = run_cfg(tmp_path, f"ranks{num_workers}", num_workers=num_workers, register=f"ranks{num_workers}")
+    cfg = run_cfg(tmp_path, f"ranks{num_workers}", num_workers=num_workers, register=f"ranks{num_workers}",
+                  verbose=True)
     metrics = model.train(**cfg, trainer=MarkedTrainer)
+    # the driver's console: rank 0's records as a header and a line per epoch; no Ray report dumps
+    captured = capsys.readouterr()
+    table = [line.split()[0] for line in captured.out.splitlines() if line.split()[:1] in (["epoch"], ["1/2"],
+                                                                                          ["2/2"], ["best.pt"])]
+    assert table == ["epoch", "1/2", "2/2", "best.pt"], captured.out
+    assert "Reporting training result" not in captured.out + captured.err
     sink = json.loads((tmp_path / "sink.json").read_text())
     assert sink["started"] and sink["status"] == "FINISHED"
     assert sorted({(r, e) for r, e, final in sink["epochs"] if not final}) == \
+        sorted((r, e) for e in range(2) for r in range(num_workers))
+    # the user's own objects hold what the actor's copies gathered (SPEC §8)
+    assert counter.started and [list(e) for e in counter.epochs] == sink["epochs"]
+    assert counter.per_rank == {r: 3 for r in range(num_workers)}  # two epochs and the final evaluation
+    assert sorted((r["rank"], r["epoch"]) for r in driver_seen if not r["final_eval"]) == \
         sorted((r, e) for e in range(2) for r in range(num_workers))
     rows = lines(log)
     assert {(r["rank"], r["epoch"]) for r in rows} == {(r, e) for r in range(num_workers) for e in range(2)}
@@ -87,6 +103,40 @@ def test_custom_trainer_and_callbacks_run_on_every_rank(ray_session, tmp_path, n
     run = client.get_run(version.run_id)
     assert run.info.run_name == f"ranks{num_workers}" and run.info.status == "FINISHED"
     assert run.data.params["num_workers"] == str(num_workers) and "orchestrator.run_id" in run.data.tags
+    marker = client.get_metric_history(run.info.run_id, "custom/marker")  # trainer.log() on every epoch
+    assert [(m.step, m.value) for m in marker] == [(0, 7.0), (1, 7.0)]
+
+
+def bad_labels(tmp_path) -> Path:
+    """A tiny detection set whose first training label line has a class out of range."""
+    data = generate_shapes(tmp_path / "bad", n_train=8, n_val=4, imgsz=32)
+    label = sorted((data.parent / "labels" / "train").glob("*.txt"))[0]
+    label.write_text("7 0.5 0.5 0.2 0.2\n" + label.read_text())
+    return data
+
+
+def test_user_errors_on_workers_reach_the_cli_and_the_caller_as_raised(ray_session, tmp_path, capsys):
+    """A NaN loss, a strict data error and resuming a finished run, each raised inside 2 Ray workers:
+    one ``error:`` line and exit 2 from the CLI, the same exception type and line from Model.train."""
+    done = Model("cls-n.yaml")
+    done.train(**run_cfg(tmp_path, "done", epochs=1))  # in process: a finished run to resume
+    cases = [(["model=det-n.yaml", f"data={bad_labels(tmp_path)}", "strict=True", "imgsz=32"], "class 7"),
+             ([f"resume={done.trainer.last}", "epochs=1"], "already trained 1 epochs")]
+    common = [f"{k}={v}" for k, v in run_cfg(tmp_path, "bad", num_workers=2).items() if k not in ("data", "imgsz")]
+    for argv, message in cases:
+        assert main(["train", *common, *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and message in err[-1], err[-5:]
+        assert not any("Traceback" in line for line in err), err
+    with pytest.raises(UserError) as info:
+        Model("cls-n.yaml").train(**run_cfg(tmp_path, "nan", num_workers=2, optimizer="SGD", lr0=1e30, warmup_epochs=0))
+    assert type(info.value) is UserError and str(info.value).startswith("loss is nan at epoch 1, batch 1")
+    client = MlflowClient(run_cfg(tmp_path, "nan")["tracking_uri"])
+    (run,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+              if r.info.run_name == "nan"]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["orchestrator.end_reason"] == f"UserError: {info.value}"
+    assert "\n" not in str(info.value)
 
 
 def test_two_worker_validation_equals_one_process_validation(ray_session, tmp_path):
@@ -95,6 +145,23 @@ def test_two_worker_validation_equals_one_process_validation(ray_session, tmp_pa
     local = Model(str(model.ckpt_path)).val(data="digits", imgsz=16, batch=32)
     for key in ("metrics/accuracy_top1", "metrics/accuracy_top5"):
         assert abs(ray_metrics[key] - local[key]) < 1e-6, (key, ray_metrics[key], local[key])
+    # train() on Ray returns the metrics object of the final evaluation, rebuilt from its record (SPEC §6)
+    assert type(ray_metrics) is type(local) and ray_metrics.top1 == ray_metrics["metrics/accuracy_top1"]
+    assert ray_metrics.top5 == pytest.approx(local.top5, abs=1e-6) and ray_metrics.fitness == ray_metrics["fitness"]
+
+
+def test_patience_on_two_workers_stops_every_rank_at_best_plus_patience(ray_session, tmp_path):
+    from tests.test_training_mechanics import ScriptedFitness  # best fitness at epoch 1
+
+    cfg = run_cfg(tmp_path, "patience", num_workers=2, epochs=8, patience=1)
+    model = Model("cls-n.yaml")
+    model.train(**cfg, trainer=ScriptedFitness)
+    last = torch.load(Path(cfg["project"]) / "patience" / "weights" / "last.pt", weights_only=True)
+    assert last["epoch"] == 2 and last["best_fitness"] == 0.9  # epoch 2 was worse: patience 1 ends it
+    assert torch.load(model.ckpt_path, weights_only=True)["epoch"] == 1
+    table = read_event_log(cfg["storage"], read_run_id(cfg, "patience")).to_pylist()
+    trained = sorted((r["rank"], r["epoch"]) for r in table if r["event"] == "on_train_epoch_end")
+    assert trained == [(rank, epoch) for rank in (0, 1) for epoch in range(3)]
 
 
 def test_stop_on_one_rank_stops_all_without_hanging(ray_session, tmp_path):

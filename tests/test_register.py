@@ -14,6 +14,7 @@ def test_register_best_model_with_metrics(tmp_path):
     (version,) = client.search_model_versions("name='digits-classifier'")
     assert version.source.endswith("/weights")
     assert abs(float(version.tags["metrics/accuracy_top1"]) - metrics["metrics/accuracy_top1"]) < 1e-5
+    assert metrics.top1 == metrics["metrics/accuracy_top1"] and metrics.fitness == metrics["fitness"]  # SPEC §6
     artifacts = [a.path for a in client.list_artifacts(version.run_id, "weights")]
     assert "weights/best.pt" in artifacts
     assert client.get_run(version.run_id).info.status == "FINISHED"

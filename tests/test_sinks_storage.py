@@ -18,6 +18,7 @@ import torch
 from callbacks.sinks import (EVENT_SCHEMA, CheckpointSink, EventLogSink, ObjectStore, checkpoint_key,
                              read_event_log)
 from callbacks.sinks.event_log import run_prefix
+from callbacks.sinks.s3 import S3Setup
 from tests.helpers import feed_as_batches
 from tests.servers import MotoServer, TcpProxy, record_stream
 from trainers.utils import UserError
@@ -220,3 +221,33 @@ def test_close_during_outage_reports_where_parts_are(proxy, tmp_path):
     kept = [p for p in (tmp_path / "spool").rglob("*.parquet")]
     assert len(kept) == len(report["pending_parts"])
     assert sum(pq.read_table(p).num_rows for p in kept) == len(records)
+
+
+def test_s3_config_keys_reach_boto3_pyarrow_and_ray_storage(moto, monkeypatch, tmp_path):
+    """Endpoint, region and profile as config keys, no AWS variable naming them: one set-up for
+    the store's boto3 client, its pyarrow reader and Ray Train's storage filesystem, and it
+    survives pickling (sinks and shippers travel to the callback actor and the workers)."""
+    from orchestrator.ray_launch import storage_for
+    from trainers.config import ENV_VARS, get_cfg
+
+    for name in [n for names in ENV_VARS.values() for n in names] + ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]:
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "credentials").write_text("[ci]\naws_access_key_id = ci\naws_secret_access_key = ci-secret\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    args = get_cfg(None, {"storage": f"s3://{BUCKET}/keys", "s3_endpoint": moto.url, "s3_region": "eu-west-1",
+                          "s3_profile": "ci"})
+    s3 = S3Setup.of(args)
+    store = pickle.loads(pickle.dumps(ObjectStore.from_uri(args.storage, s3)))
+    store.put_bytes("boto3.txt", b"via boto3")
+    assert (store.client.meta.endpoint_url, store.client.meta.region_name) == (moto.url, "eu-west-1")
+    fs, base = store.arrow_fs()
+    assert fs.open_input_stream(f"{base}/boto3.txt").read() == b"via boto3"
+    path, ray_fs = storage_for(args.storage, s3)
+    with pickle.loads(pickle.dumps(ray_fs)).open_output_stream(f"{path}/pyarrow.txt") as out:
+        out.write(b"via pyarrow")
+    assert store.get_bytes("ray/pyarrow.txt") == b"via pyarrow"
+    with pytest.raises(UserError, match="AWS profile 'nope'"):
+        ObjectStore.from_uri(args.storage, S3Setup(moto.url, profile="nope")).check()
+    with pytest.raises(UserError, match="s3_endpoint"):
+        S3Setup.of(get_cfg(None, {"s3_endpoint": "127.0.0.1:9000"}))

@@ -415,3 +415,15 @@ def test_trial_retried_after_its_last_report_finishes_without_training_again(swe
     history = MlflowClient(uri).get_metric_history(children[0].info.run_id, "objective")
     points = sorted((m.step, m.value) for m in history)
     assert [step for step, _ in points] == [0, 1] and [v for _, v in points] == pytest.approx([0.02, 0.04])
+
+
+def test_a_user_error_raised_in_the_trials_is_one_line_from_the_cli(sweep_ray, tmp_path, capsys):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "base": {"model": "cls-n.yaml", "epochs": 1, "warmup_epochs": 0, **QUICK, **where(tmp_path)},
+        "space": {"lr0": {"grid": [1e30]}}}))
+    assert main(["sweep", str(sweep)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("error:")] == [err[-1]]
+    assert err[-1].startswith("error: every trial failed; first error: loss is nan at epoch 1, batch 1: ")
+    assert not any("Traceback" in line for line in err), err

@@ -1,7 +1,6 @@
 """YOLO-layout data: the shapes generator, the data YAML, label validation, letterbox, loader."""
 from __future__ import annotations
 
-import logging
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
@@ -14,25 +13,7 @@ from torch.utils.data.distributed import DistributedSampler
 from trainers.data.augment import unletterbox_boxes
 from trainers.data.shapes import NAMES, ensure_shapes8, generate_shapes, render_image
 from trainers.data.yolo import YOLODataset, build_yolo_loader, load_data_yaml
-from trainers.utils import LOGGER, UserError
-
-
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
-@pytest.fixture
-def warnings_seen():
-    handler = _Records()
-    handler.setLevel(logging.WARNING)
-    LOGGER.addHandler(handler)
-    yield handler.records
-    LOGGER.removeHandler(handler)
+from trainers.utils import UserError
 
 
 def _files(root):

@@ -6,6 +6,7 @@ the default value does not tell it (null defaults, unions).
 from __future__ import annotations
 
 import difflib
+import os
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +20,18 @@ from trainers.utils import UserError
 DEFAULT_CFG_PATH = Path(__file__).with_name("default.yaml")
 DEFAULTS: dict[str, Any] = yaml.safe_load(DEFAULT_CFG_PATH.read_text())
 
+# Config keys that the ecosystem's standard environment variables set when the key is not given:
+# a cfg file, key=value or a keyword always wins, the environment wins over default.yaml. The first
+# variable set wins (boto3's order). MLflow users expect MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME;
+# AWS users their endpoint, region and profile. The run's args (args.yaml, MLflow params) show the value used.
+ENV_VARS: dict[str, tuple[str, ...]] = {
+    "tracking_uri": ("MLFLOW_TRACKING_URI",),
+    "experiment": ("MLFLOW_EXPERIMENT_NAME",),
+    "s3_endpoint": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+    "s3_region": ("AWS_DEFAULT_REGION", "AWS_REGION"),
+    "s3_profile": ("AWS_DEFAULT_PROFILE", "AWS_PROFILE"),
+}
+
 # Keys whose type is not the type of their default.
 _TYPES: dict[str, Any] = {
     "task": Optional[str], "model": Optional[str], "data": Optional[str],
@@ -28,6 +41,8 @@ _TYPES: dict[str, Any] = {
     "resources_per_worker": Optional[dict[str, float]], "warmup_epochs": float,
     "fraction": float, "lr0": float, "lrf": float, "momentum": float, "weight_decay": float,
     "clip_grad": float, "ckpt_upload_interval": float, "register": Optional[Union[bool, str]],
+    "experiment": Optional[str], "s3_endpoint": Optional[str], "s3_region": Optional[str],
+    "s3_profile": Optional[str],
 }
 _CHOICES = {
     "task": {None, "classify", "detect"}, "mode": {"train", "val", "predict", "export"},
@@ -54,6 +69,17 @@ class Args(SimpleNamespace):
 
     def to_dict(self) -> dict:
         return dict(vars(self))
+
+
+def env_value(*names: str) -> str | None:
+    """The first of the variables ``names`` that is set and not empty."""
+    return next((os.environ[name] for name in names if os.environ.get(name)), None)
+
+
+def defaults() -> dict:
+    """default.yaml's values, with those the environment sets in this process (``ENV_VARS``)."""
+    found = {key: env_value(*names) for key, names in ENV_VARS.items()}
+    return {**DEFAULTS, **{key: value for key, value in found.items() if value is not None}}
 
 
 def closest_key(key: str) -> str:
@@ -98,7 +124,7 @@ def validate(values: dict) -> Args:
         if key not in DEFAULTS:
             raise UserError(f"unknown config key '{key}'{closest_key(key)}")
     try:
-        cfg = Schema(**{**DEFAULTS, **values}).model_dump()
+        cfg = Schema(**{**defaults(), **values}).model_dump()
     except ValidationError as exc:
         err = exc.errors()[0]
         key = err["loc"][0]
@@ -112,11 +138,27 @@ def validate(values: dict) -> Args:
     if cfg["log_every_n_steps"] < 1:
         raise UserError(f"config key 'log_every_n_steps': value {cfg['log_every_n_steps']!r} is not valid "
                         f"(expected an int >= 1)")
+    check_optimizer_values(cfg["optimizer"], cfg["lr0"], cfg["momentum"], cfg["weight_decay"])
     return Args(**cfg)
 
 
+def check_optimizer_values(optimizer: str, lr0: float, momentum: float, weight_decay: float) -> None:
+    """torch's limits on the optimizer's arguments, said in config keys (torch's own errors name none).
+    ``validate`` checks the configured optimizer; ``make_optimizer`` checks the one ``auto`` chose."""
+    for key, value in (("lr0", lr0), ("momentum", momentum), ("weight_decay", weight_decay)):
+        if value < 0:
+            raise UserError(f"config key '{key}': value {value!r} is not valid (expected a number >= 0)")
+    if optimizer == "SGD" and momentum == 0:
+        raise UserError(f"config keys 'optimizer', 'momentum': SGD uses Nesterov momentum, which needs "
+                        f"momentum > 0 (got momentum={momentum!r})")
+    if optimizer in {"Adam", "AdamW"} and momentum >= 1:
+        raise UserError(f"config keys 'optimizer', 'momentum': momentum is {optimizer}'s beta1, which must be "
+                        f"< 1 (got momentum={momentum!r})")
+
+
 def get_cfg(cfg: str | Path | dict | None = None, overrides: dict | None = None) -> Args:
-    """Defaults, then a YAML file or dict ``cfg``, then ``overrides``; validated."""
+    """Defaults, then the environment (``ENV_VARS``), then a YAML file or dict ``cfg``, then
+    ``overrides``; validated."""
     values = dict(load_yaml(cfg) if isinstance(cfg, (str, Path)) else (cfg or {}))
     values.update(overrides or {})
     return validate(values)

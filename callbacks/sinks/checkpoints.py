@@ -25,8 +25,8 @@ class CheckpointSink(StoreSink):
     events = frozenset({"on_model_save"})
 
     def __init__(self, store_uri: str, run_id: str, spool_dir: str | None = None,
-                 close_timeout: float = 120.0):
-        super().__init__(store_uri, run_id, spool_dir, close_timeout)
+                 close_timeout: float = 120.0, s3=None):
+        super().__init__(store_uri, run_id, spool_dir, close_timeout, s3)
 
     def handle(self, event: str, record: dict) -> None:
         if event != "on_model_save" or self._closed is not None or record.get("rank", -1) > 0:
@@ -36,7 +36,7 @@ class CheckpointSink(StoreSink):
             path = (record.get("artifacts") or {}).get(name)
             if not path:
                 continue
-            local = local_file(path)  # an s3:// URI when rank 0 ran on another node
+            local = local_file(path, self.s3)  # an s3:// URI when rank 0 ran on another node
             if local is None:
                 LOGGER.warning(f"checkpoints: {name} checkpoint {path} not found on the driver; skipped")
                 continue

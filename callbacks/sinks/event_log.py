@@ -35,8 +35,8 @@ class EventLogSink(StoreSink):
     events = None  # all: the event log is the run's complete record
 
     def __init__(self, store_uri: str, run_id: str, spool_dir: str | None = None,
-                 max_rows: int = MAX_ROWS, max_age: float = MAX_AGE, close_timeout: float = 60.0):
-        super().__init__(store_uri, run_id, spool_dir, close_timeout, max_rows=max_rows, max_age=max_age)
+                 max_rows: int = MAX_ROWS, max_age: float = MAX_AGE, close_timeout: float = 60.0, s3=None):
+        super().__init__(store_uri, run_id, spool_dir, close_timeout, s3, max_rows=max_rows, max_age=max_age)
         self.parts = EventParts(run_id, max_rows, max_age)
         self._cuts: list[tuple[int, set[str]]] = []  # (mark, parts not yet uploaded), oldest first
         self._cuts_lock = threading.Lock()
@@ -90,11 +90,11 @@ class EventLogSink(StoreSink):
         return {"rows": self.parts.rows}
 
 
-def read_event_log(store_uri: str, run_id: str, dedup_rows: bool = True) -> pa.Table:
+def read_event_log(store_uri: str, run_id: str, dedup_rows: bool = True, s3=None) -> pa.Table:
     """All records of ``run_id`` via ``pyarrow.dataset``: one row per rank/attempt/seq, sorted;
     ``dedup_rows=False`` gives every stored row as stored (to check that none is there twice)."""
     import pyarrow.dataset as ds
-    store = ObjectStore.from_uri(store_uri)
+    store = ObjectStore.from_uri(store_uri, s3)
     keys = [k for k in store.list(run_prefix(run_id)) if k.endswith(".parquet")]
     schema = SCHEMA.append(PARTITION.field("run_id"))
     if not keys:

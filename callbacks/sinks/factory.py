@@ -13,6 +13,7 @@ from callbacks.sinks.checkpoints import CheckpointSink
 from callbacks.sinks.event_log import EventLogSink
 from callbacks.sinks.mlflow_sink import MLflowSink
 from callbacks.sinks.redact import flatten
+from callbacks.sinks.s3 import S3Setup
 from trainers.events import EVENTS
 
 SINK_CLASSES = (MLflowSink, EventLogSink, CheckpointSink)
@@ -22,16 +23,18 @@ def run_sinks(args, run_id: str, *, experiment: str, tags: dict, mlflow_run: str
               parent_run_id: str | None = None) -> list:
     """The MLflow, event-log and checkpoint sinks of run ``run_id``. Without ``mlflow_run`` the
     MLflow sink finds or creates the run itself when it starts (in the callback actor)."""
+    s3 = S3Setup.of(args)
     return [mlflow_sink(args, experiment, tags, mlflow_run, parent_run_id),
-            EventLogSink(args.storage, run_id),
-            CheckpointSink(args.storage, run_id)]
+            EventLogSink(args.storage, run_id, s3=s3),
+            CheckpointSink(args.storage, run_id, s3=s3)]
 
 
 def mlflow_sink(args, experiment: str, tags: dict, mlflow_run: str | None, parent_run_id: str | None) -> MLflowSink:
     """The run's params are its whole config, flattened (``MLflowSink`` redacts secrets)."""
     return MLflowSink(args.tracking_uri, experiment, args.name, params=flatten(args.to_dict()), tags=tags,
                       run_id=mlflow_run, parent_run_id=parent_run_id,
-                      ckpt_upload_interval=args.ckpt_upload_interval, log_every_n_steps=args.log_every_n_steps)
+                      ckpt_upload_interval=args.ckpt_upload_interval, log_every_n_steps=args.log_every_n_steps,
+                      s3=S3Setup.of(args))
 
 
 def class_events(cls) -> frozenset[str]:

@@ -15,6 +15,7 @@ from typing import Callable
 
 from callbacks.sinks.redact import SecretInFile, redact_file
 from callbacks.sinks.spool import FileStage
+from callbacks.sinks.s3 import S3Setup
 from callbacks.sinks.storage import local_file
 from trainers.utils import LOGGER
 
@@ -24,8 +25,11 @@ BEST = "weights/best.pt"
 class RunFiles:
     """Stages files for an MLflow run in ``stage`` and calls ``kick`` when something is new."""
 
-    def __init__(self, stage: FileStage, secrets: set[str], best_interval: float, kick: Callable[[], object]):
+    def __init__(self, stage: FileStage, secrets: set[str], best_interval: float, kick: Callable[[], object],
+                 s3: S3Setup | None = None):
+        """``s3``: how to fetch files that a worker on another node shipped to the run's store."""
         self.stage, self.secrets, self.best_interval, self.kick = stage, secrets, best_interval, kick
+        self.s3 = s3
         self._best_path: str | None = None
         self._best_at = float("-inf")
 
@@ -56,7 +60,7 @@ class RunFiles:
             self.kick()
 
     def _stage(self, target: str, path: str) -> None:
-        local = local_file(path)  # an s3:// URI when rank 0 ran on another node (callbacks/artifacts.py)
+        local = local_file(path, self.s3)  # an s3:// URI when rank 0 ran on another node (callbacks/artifacts.py)
         if local is None:
             LOGGER.warning(f"mlflow: artifact {path} not found on the driver; skipped")
             return

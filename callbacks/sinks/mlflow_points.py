@@ -2,7 +2,9 @@
 
 Metric steps: ``on_train_batch_end`` values go under ``step_prefix`` (default ``step/``) at the
 optimizer step, ``on_fit_epoch_end`` values under their own names at the epoch, and the final
-evaluation's under ``final/``, so no key mixes two x axes and no step is logged twice.
+evaluation's under ``final/``, so no key mixes two x axes and no step is logged twice. The final
+evaluation's per-class values (``trainers.metrics.base``) make no points: they are for the metrics
+object ``Model.train`` returns, and stay in the event log.
 Per-step points go at every ``every``-th optimizer step (``log_every_n_steps``; the first batch
 that reaches it, when several batches share a step): MLflow's SQL store spends ~100 us of CPU
 per point, which at hundreds of steps/s would take a core from training. The event log keeps
@@ -13,6 +15,7 @@ from __future__ import annotations
 import time
 
 from callbacks.sinks.mlflow_runs import MAX_KEY, metric_key
+from trainers.metrics.base import is_per_class
 
 BATCH_END, EPOCH_END = "on_train_batch_end", "on_fit_epoch_end"
 
@@ -41,6 +44,7 @@ class MetricPoints:
             self._last_step = step
         elif event == EPOCH_END:
             prefix, step = ("final/" if record.get("final_eval") else ""), int(record.get("epoch", 0))
+            metrics = {k: v for k, v in metrics.items() if not is_per_class(k)}
         else:
             return []
         ts = int(float(record.get("time", time.time())) * 1000)

@@ -2,9 +2,9 @@
 
 Keys are relative posix paths chosen deterministically by callers, so an upload repeated after
 an uncertain failure just rewrites the same object. S3 goes through boto3 (managed multipart
-transfers, "standard" retries) with endpoint and credentials from the usual AWS environment and
-config files (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...). Stores pickle
-without their client, which is opened lazily in the process that uses it.
+transfers, "standard" retries) as the run's ``S3Setup`` says (``callbacks/sinks/s3.py``: the
+``s3_*`` config keys, then the usual AWS environment and config files). Stores pickle with their
+set-up but without their client, which is opened lazily in the process that uses it.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
+from callbacks.sinks.s3 import S3Setup
 from trainers.utils import LOGGER, UserError
 
 MiB = 1 << 20
@@ -29,16 +30,17 @@ def check_key(key: str) -> str:
 
 
 class ObjectStore(abc.ABC):
-    """Base and factory: ``ObjectStore.from_uri("s3://bucket/prefix")`` or a local path."""
+    """Base and factory: ``ObjectStore.from_uri("s3://bucket/prefix", s3)`` or a local path."""
 
     @staticmethod
-    def from_uri(uri: str | os.PathLike) -> "ObjectStore":
+    def from_uri(uri: str | os.PathLike, s3: S3Setup | None = None) -> "ObjectStore":
+        """The store at ``uri``; an S3 one reached as ``s3`` says (default: the AWS environment)."""
         text = str(uri)
         parsed = urlparse(text)
         if parsed.scheme == "s3":
             if not parsed.netloc:
                 raise UserError(f"storage: {text!r} has no bucket (expected s3://bucket/prefix)")
-            return S3Store(parsed.netloc, parsed.path.strip("/"))
+            return S3Store(parsed.netloc, parsed.path.strip("/"), s3)
         if parsed.scheme == "file":
             return LocalStore(parsed.path)
         if parsed.scheme and len(parsed.scheme) > 1:  # a one-letter scheme is a Windows drive
@@ -141,22 +143,18 @@ class LocalStore(ObjectStore):
             raise UserError(f"storage: cannot create directory {str(self.root)!r}: {exc.strerror}") from None
 
 
-def _is_aws(endpoint: str | None) -> bool:
-    return not endpoint or urlparse(endpoint).hostname.endswith(".amazonaws.com")
-
-
 class S3Store(ObjectStore):
     """An S3 (or S3-compatible) bucket and key prefix, through boto3."""
 
-    def __init__(self, bucket: str, prefix: str = ""):
-        self.bucket, self.prefix = bucket, prefix.strip("/")
+    def __init__(self, bucket: str, prefix: str = "", s3: S3Setup | None = None):
+        self.bucket, self.prefix, self.s3 = bucket, prefix.strip("/"), s3 or S3Setup()
         self._client = self._session = None
 
     def __repr__(self) -> str:
         return f"S3Store({self.uri()!r})"
 
     def __getstate__(self):
-        return {"bucket": self.bucket, "prefix": self.prefix, "_client": None, "_session": None}
+        return {"bucket": self.bucket, "prefix": self.prefix, "s3": self.s3, "_client": None, "_session": None}
 
     def _key(self, key: str) -> str:
         key = check_key(key)
@@ -169,19 +167,8 @@ class S3Store(ObjectStore):
         return self._client
 
     def _make_client(self):
-        import boto3
-        from botocore.config import Config
-        session = self._session = boto3.Session()
-        kwargs = dict(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5,
-                      read_timeout=60, max_pool_connections=16)
-        probe = session.client("s3", config=Config(**kwargs))
-        if not _is_aws(probe.meta.endpoint_url):
-            if "AWS_REQUEST_CHECKSUM_CALCULATION" not in os.environ:
-                kwargs["request_checksum_calculation"] = "when_required"
-            if "AWS_RESPONSE_CHECKSUM_VALIDATION" not in os.environ:
-                kwargs["response_checksum_validation"] = "when_required"
-            kwargs["s3"] = {"addressing_style": os.environ.get("AWS_S3_ADDRESSING_STYLE", "path")}
-        return session.client("s3", config=Config(**kwargs))
+        self._session = self.s3.session()
+        return self.s3.client(self._session)
 
     def put_file(self, key, path) -> str:
         from boto3.s3.transfer import TransferConfig
@@ -222,21 +209,9 @@ class S3Store(ObjectStore):
         return f"s3://{self.bucket}/{path}" if path else f"s3://{self.bucket}"
 
     def arrow_fs(self):
-        """A pyarrow S3FileSystem with the endpoint, region and credentials boto3 resolved."""
-        import pyarrow.fs as pafs
-        meta = self.client.meta
-        creds = self._session.get_credentials()
-        kwargs = dict(region=meta.region_name or "us-east-1",
-                      retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
-        if creds is not None:
-            frozen = creds.get_frozen_credentials()
-            kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key,
-                          session_token=frozen.token)
-        if not _is_aws(meta.endpoint_url):
-            url = urlparse(meta.endpoint_url)
-            kwargs.update(endpoint_override=url.netloc, scheme=url.scheme)
+        """A pyarrow S3FileSystem reaching what this store's boto3 client reaches."""
         base = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
-        return pafs.S3FileSystem(**kwargs), base
+        return self.s3.arrow_fs(self.client, self._session), base
 
     def check(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -253,9 +228,9 @@ class S3Store(ObjectStore):
 _downloads: Path | None = None
 
 
-def local_file(path: str) -> Path | None:
-    """A readable local file for an artifact path or ``s3://`` URI (downloaded to a temp folder of
-    this process, keeping the object's name); None when there is none."""
+def local_file(path: str, s3: S3Setup | None = None) -> Path | None:
+    """A readable local file for an artifact path or ``s3://`` URI (downloaded, as ``s3`` says, to a
+    temp folder of this process, keeping the object's name); None when there is none."""
     global _downloads
     text = str(path)
     if text.startswith("file://"):
@@ -265,7 +240,7 @@ def local_file(path: str) -> Path | None:
     parsed = urlparse(text)
     key = parsed.path.lstrip("/")
     try:
-        data = ObjectStore.from_uri(f"s3://{parsed.netloc}").get_bytes(key)
+        data = ObjectStore.from_uri(f"s3://{parsed.netloc}", s3).get_bytes(key)
     except Exception as exc:  # noqa: BLE001 - reported by the caller as missing
         LOGGER.warning(f"could not fetch {text}: {exc}")
         return None

@@ -1,8 +1,9 @@
 """What the object-store sinks (checkpoints, event log) share: lazy start, flush, report, close.
 
-Such a sink stages files for ``store_uri`` in a ``FileCourier``: staging never waits on the
-store, uploads run in the background and survive outages, and ``close`` waits at most
-``close_timeout`` s, then reports what stayed in the local spool (and says so in a log line).
+Such a sink stages files for ``store_uri`` (reached as the run's ``S3Setup`` says) in a
+``FileCourier``: staging never waits on the store, uploads run in the background and survive
+outages, and ``close`` waits at most ``close_timeout`` s, then reports what stayed in the local
+spool (and says so in a log line).
 Its watermark (``Sink.progress``) moves when a round of uploads leaves nothing staged: every
 entry it had been handed when the round began is then in the store.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from callbacks.sinks.base import Sink, make_spool_dir
 from callbacks.sinks.delivery import FileCourier
+from callbacks.sinks.s3 import S3Setup
 from callbacks.sinks.storage import ObjectStore
 from trainers.utils import LOGGER
 
@@ -22,9 +24,10 @@ class StoreSink(Sink):
     pending_key = "pending"  # the report's key for the targets not delivered yet
     tracks_delivery = True
 
-    def __init__(self, store_uri: str, run_id: str, spool_dir: str | None, close_timeout: float, **more):
+    def __init__(self, store_uri: str, run_id: str, spool_dir: str | None, close_timeout: float,
+                 s3: S3Setup | None = None, **more):
         super().__init__(store_uri=str(store_uri), run_id=run_id, spool_dir=spool_dir,
-                         close_timeout=close_timeout, **more)
+                         close_timeout=close_timeout, s3=s3, **more)
         self._courier: FileCourier | None = None
         self._closed: dict | None = None
         self._taken = 0  # journal entries whose files are staged (``progress.fed`` after handling)
@@ -35,7 +38,7 @@ class StoreSink(Sink):
 
     def _start(self) -> FileCourier:
         if self._courier is None:
-            store = ObjectStore.from_uri(self.store_uri)
+            store = ObjectStore.from_uri(self.store_uri, self.s3)
             spool = make_spool_dir(self.spool_dir, self.kind, self.run_id)
             self._courier = FileCourier(f"{self.label} {store.uri()}", spool, store.put_file,
                                         before=self._before_pump, sent_one=self._sent_one, idle=self._idle)

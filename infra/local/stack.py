@@ -1,11 +1,14 @@
 """``orchestrator stack up|down|status|env [key=value ...]``: a local cluster-like stack.
 
 Three servers on 127.0.0.1, started detached so they outlive the command:
-- ``s3``: moto's S3 server, with a bucket for checkpoints, the event log and MLflow artifacts;
-- ``mlflow``: ``mlflow server`` (SQLite store under ``runs/stack/``), artifacts proxied to
-  ``s3://<bucket>/mlflow``;
+- ``s3``: moto's S3 server, with a bucket for checkpoints and the event log (``storage``). moto
+  keeps objects in memory only: the bucket is empty again after ``down``/``up``;
+- ``mlflow``: ``mlflow server`` (SQLite store under ``runs/stack/``) serving the runs' artifacts
+  from ``runs/stack/mlartifacts/``: on disk, so runs and their artifacts (metrics, plots,
+  ``best.pt``, the event log's copy) survive ``down``/``up`` and a crash of any server;
 - ``ray``: a Ray head with token auth (token file under ``runs/stack/``) and the dashboard /
-  job API, started with the S3 settings so jobs and actors reach the bucket.
+  job API, started with the S3 settings and ``MLFLOW_TRACKING_URI`` so jobs (``ray job submit``)
+  and actors reach the bucket and the MLflow server without passing them.
 Logs, pid files, ``stack.json`` (ports, pids), ``env.sh`` and ``stack.yaml`` live in
 ``runs/stack/``. ``up`` leaves healthy servers alone; ``down`` stops what ``up`` started.
 """
@@ -162,6 +165,7 @@ class Service:
     keys: tuple[str, ...] = ()     # config keys the running server depends on
     listens: tuple[str, ...] = ()  # config keys of the ports it binds
     leader_only = False          # stop by signalling the leader only (it stops its children)
+    stopped_note = ""            # what `down` adds to the server's line
 
     def __init__(self, stack: Stack):
         self.stack, self.cfg = stack, stack.cfg
@@ -187,6 +191,7 @@ class Service:
 
 class S3Service(Service):
     name, keys, listens = "s3", ("s3_port",), ("s3_port",)
+    stopped_note = "; its bucket was in memory (MLflow's runs and artifacts stay on disk)"
 
     def command(self):
         return [executable("moto_server", "moto[server]"), "-H", procs.HOST, "-p", str(self.cfg["s3_port"])]
@@ -202,11 +207,17 @@ class S3Service(Service):
 
 
 class MlflowService(Service):
-    name, keys, listens = "mlflow", ("mlflow_port", "s3_port", "bucket", "mlflow_workers"), ("mlflow_port",)
+    name, keys, listens = "mlflow", ("mlflow_port", "mlflow_workers"), ("mlflow_port",)
 
     @property
     def backend_uri(self) -> str:
         return f"sqlite:///{self.stack.root / 'mlflow.db'}"
+
+    @property
+    def artifacts(self) -> Path:
+        """The artifact root: a folder beside the database, so both outlive the servers (moto's
+        S3 keeps nothing across a restart). Clients never see it: the server proxies artifacts."""
+        return self.stack.root / "mlartifacts"
 
     def prepare(self):
         """Create the database schema once, so the server's workers never race its migrations."""
@@ -230,21 +241,21 @@ class MlflowService(Service):
         return [executable("mlflow", "mlflow"), "server", "--host", procs.HOST,
                 "--port", str(self.cfg["mlflow_port"]), "--workers", str(self.cfg["mlflow_workers"]),
                 "--backend-store-uri", self.backend_uri,
-                "--artifacts-destination", f"s3://{self.cfg['bucket']}/mlflow", "--serve-artifacts"]
+                "--artifacts-destination", str(self.artifacts), "--serve-artifacts"]
 
     def env(self):
-        return {**base_env(), **self.stack.s3_client_env(), "MLFLOW_S3_ENDPOINT_URL": self.stack.url("s3_port"),
-                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        return {**base_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
     def healthy(self):
         return procs.http_ok(self.stack.url("mlflow_port") + "/health")
 
     def where(self):
-        return f"{self.stack.url('mlflow_port')}  artifacts s3://{self.cfg['bucket']}/mlflow"
+        return f"{self.stack.url('mlflow_port')}  artifacts {self.artifacts}"
 
 
 class RayService(Service):
-    name, keys, listens = "ray", ("ray_port", "dashboard_port", "num_cpus", "s3_port"), ("ray_port", "dashboard_port")
+    name, keys = "ray", ("ray_port", "dashboard_port", "num_cpus", "s3_port", "mlflow_port")
+    listens = ("ray_port", "dashboard_port")
     leader_only = True  # `ray start --block` shuts its node down on SIGTERM
 
     def prepare(self):
@@ -275,7 +286,8 @@ class RayService(Service):
         return cmd
 
     def env(self):
-        return {**base_env(), **self.stack.s3_client_env(), "RAY_AUTH_MODE": "token",
+        return {**base_env(), **self.stack.s3_client_env(), "MLFLOW_TRACKING_URI": self.stack.url("mlflow_port"),
+                "RAY_AUTH_MODE": "token",
                 "RAY_AUTH_TOKEN_PATH": str(self.stack.token_path),
                 "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5"}  # `down` need not wait for a long drain
 
@@ -315,7 +327,7 @@ def bucket_exists(stack: Stack) -> bool:
 
 
 def ensure_bucket(stack: Stack) -> None:
-    """moto keeps buckets in memory: (re)create ours whenever ``up`` runs."""
+    """moto keeps buckets in memory: (re)create ours whenever ``up`` runs (empty after a restart)."""
     if not bucket_exists(stack):
         s3_client(stack).create_bucket(Bucket=stack.cfg["bucket"])
 
@@ -414,7 +426,7 @@ def down(opts: dict) -> int:
             print(f"{name}: not running")
             continue
         if stop_service(stack, name):
-            print(f"{name}: stopped (pid {entry['pid']})")
+            print(f"{name}: stopped (pid {entry['pid']}){SERVICES[name].stopped_note}")
         else:
             failed.append(name)
             print(f"{name}: could not be stopped (pid {entry['pid']})", file=sys.stderr)
@@ -450,9 +462,9 @@ def status(opts: dict) -> int:
 
 
 def env_text(stack: Stack) -> str:
-    lines = [f"# local stack in {stack.root}: source this, then train against it, e.g.",
-             f"#   orchestrator train model=cls-n.yaml data=digits num_workers=2 "
-             f"tracking_uri={stack.url('mlflow_port')} storage={stack.storage}",
+    lines = [f"# local stack in {stack.root}: source this, then train against it (MLflow and S3 come",
+             "# from these variables), e.g.",
+             f"#   orchestrator train model=cls-n.yaml data=digits num_workers=2 storage={stack.storage}",
              f"#   (or cfg={stack.root / 'stack.yaml'});  ray job submit --working-dir . -- python -m orchestrator ..."]
     lines += [f"export {key}={value}" for key, value in stack.exports().items()]
     return "\n".join(lines)
@@ -460,7 +472,8 @@ def env_text(stack: Stack) -> str:
 
 def write_env_files(stack: Stack) -> None:
     (stack.root / "env.sh").write_text(env_text(stack) + "\n")
-    (stack.root / "stack.yaml").write_text(f"tracking_uri: {stack.url('mlflow_port')}\nstorage: {stack.storage}\n")
+    (stack.root / "stack.yaml").write_text(f"tracking_uri: {stack.url('mlflow_port')}\nstorage: {stack.storage}\n"
+                                           f"s3_endpoint: {stack.url('s3_port')}\n")
 
 
 def env(opts: dict) -> int:

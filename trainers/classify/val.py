@@ -31,5 +31,5 @@ class ClassificationValidator(BaseValidator):
     def get_stats(self) -> dict:
         totals = [sum(c) for c in zip(*gather_objects(self.counts))]
         self.metrics.process(*totals)
-        return self.metrics.results_dict
+        return self.metrics.own_results()
 

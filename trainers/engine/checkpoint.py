@@ -6,6 +6,7 @@ rebuilds the class and loads the state dict, so no pickled module is ever needed
 from __future__ import annotations
 
 import importlib
+import sys
 import inspect
 import io
 import random
@@ -26,18 +27,25 @@ def class_path(obj) -> str:
 
 
 def import_class(path: str):
+    """The class a checkpoint names. A class from ``__main__`` is found in this process's script:
+    the script that trained a model can load its checkpoint; any other process needs a module."""
     module_name, _, qualname = path.rpartition(".")
-    if module_name == "__main__":
-        raise UserError(f"checkpoint model class '{qualname}' was defined in __main__ (a script); "
-                        f"define it in a module and import that module before loading")
     try:
-        obj = importlib.import_module(module_name)
+        obj = sys.modules["__main__"] if module_name == "__main__" else importlib.import_module(module_name)
         for part in qualname.split("."):
             obj = getattr(obj, part)
         return obj
     except (ImportError, AttributeError):
-        raise UserError(f"checkpoint model class '{qualname}' not found: import module "
-                        f"'{module_name}' (it must define {qualname}) before loading") from None
+        raise UserError(not_importable(module_name, qualname)) from None
+
+
+def not_importable(module_name: str, qualname: str) -> str:
+    if module_name == "__main__":
+        return (f"checkpoint model class '{qualname}' was defined in __main__ (the script that trained it) "
+                f"and this process has no such class; define it in a module and import that module "
+                f"before loading")
+    return f"checkpoint model class '{qualname}' not found: import module '{module_name}' (it must define " \
+           f"{qualname}) before loading"
 
 
 def rng_state() -> dict:

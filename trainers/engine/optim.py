@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainers.config import check_optimizer_values
 from trainers.utils import LOGGER, UserError
 
 OPTIMIZERS = {"SGD", "Adam", "AdamW", "RMSProp"}
@@ -35,6 +36,7 @@ def make_optimizer(model, name: str, lr: float, momentum: float, decay: float,
         LOGGER.info(f"optimizer: 'auto' chose {name}(lr={lr}, momentum={momentum})")
     if name not in OPTIMIZERS:
         raise UserError(f"config key 'optimizer': {name!r} is not one of auto, {', '.join(sorted(OPTIMIZERS))}")
+    check_optimizer_values(name, lr, momentum, decay)  # also what auto chose
     weights, norms, biases = split_params(model)
     if name in {"Adam", "AdamW"}:
         opt = getattr(torch.optim, name)(biases, lr=lr, betas=(momentum, 0.999), weight_decay=0.0)

@@ -24,7 +24,8 @@ URL_USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
 # Keys a resumed run may change; everything else comes from the checkpoint's args.
 RESUME_OVERRIDES = {"epochs", "device", "workers", "patience", "save_period", "val", "plots",
                     "verbose", "num_workers", "use_gpu", "resources_per_worker", "max_failures",
-                    "tracking_uri", "storage", "ckpt_upload_interval", "batch", "register"}
+                    "tracking_uri", "storage", "ckpt_upload_interval", "batch", "register",
+                    "experiment", "s3_endpoint", "s3_region", "s3_profile"}
 
 
 def training_finished(epoch: int, stop: bool, epochs: int) -> bool:

@@ -7,6 +7,7 @@ once more in the final evaluation of best.pt (with ``final_eval`` True).
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -366,7 +367,7 @@ class BaseTrainer(CallbackMixin):
         if event == "on_train_batch_end" and self.loss_items is not None:
             metrics = self.step_metrics()
         elif event == "on_fit_epoch_end":
-            metrics = dict(self.metrics) if self.final_eval else self.epoch_metrics()
+            metrics = self.final_record_metrics() if self.final_eval else self.epoch_metrics()
             if self.fitness is not None:
                 metrics["fitness"] = self.fitness
         elif event == "on_model_save":
@@ -409,6 +410,11 @@ class BaseTrainer(CallbackMixin):
         metrics.update(self.lr)
         return metrics
 
+    def final_record_metrics(self) -> dict:
+        """The best model's metrics; rank 0 adds the per-class values ``model.train()`` rebuilds its
+        metrics object from (``validator.per_class_results``), so the other ranks' records stay small."""
+        return {**self.metrics, **(self.validator.per_class_results() if self.is_main else {})}
+
     def epoch_metrics(self) -> dict:
         train = self.label_loss_items(self.tloss) if self.tloss is not None else {}
         return {**train, **self.metrics, **self._logged, **self.lr}
@@ -448,14 +454,17 @@ class BaseTrainer(CallbackMixin):
                 module.eval()
 
     def _progress(self, loader, total: int):
-        show = self.args.verbose and self.is_main
+        """A progress bar on rank 0 when it draws on a terminal; elsewhere (a Ray worker, a log file)
+        each refresh would be a line of its own, and the driver's console has a line per epoch."""
+        show = self.args.verbose and self.is_main and sys.stderr.isatty()
         desc = f"epoch {self.epoch + 1}/{self.epochs}"
         return enumerate(tqdm(loader, total=total, desc=desc, disable=not show, leave=False))
 
     def _check_loss(self, batch_i: int) -> None:
-        if not torch.isfinite(self.loss):
+        loss = self.loss.detach()  # float() of a tensor that requires grad makes torch warn
+        if not torch.isfinite(loss):
             where = f"{self.last} (epoch {self.epoch})" if self.last.is_file() else "no checkpoint yet"
-            raise UserError(f"loss is {float(self.loss)} at epoch {self.epoch + 1}, batch {batch_i}: "
+            raise UserError(f"loss is {float(loss)} at epoch {self.epoch + 1}, batch {batch_i}: "
                             f"training stopped; last saved weights: {where}; try a lower lr0")
 
     # ------------------------------------------------------------------ checkpoint and resume

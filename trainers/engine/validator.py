@@ -8,6 +8,7 @@ import torch
 from trainers.registry import CallbackMixin, new_registry
 from trainers.config import get_cfg
 from trainers.engine.distributed import gather_objects, rank_and_world, select_device
+from trainers.metrics.base import TaskMetrics
 from trainers.utils import unwrap_model
 
 
@@ -25,7 +26,8 @@ class BaseValidator(CallbackMixin):
         self.model = None
         self.device = None
         # The task's metrics object, made by init_metrics; after a validation it holds that
-        # validation's results (SPEC §6). A task without one gets the flat results dict.
+        # validation's results (SPEC §6) and reads as the returned dict (trainers/metrics/base.py).
+        # A task without one gets the flat results dict.
         self.metrics = None
         self.metrics_dict: dict = {}
         self.loss = None
@@ -65,14 +67,39 @@ class BaseValidator(CallbackMixin):
         stats.update(self._val_losses())
         self._keep_results(stats)
         self.run_callbacks("on_val_end")
-        return {**stats, **self._logged}
+        return self._returned(stats)
 
     def _keep_results(self, stats: dict) -> None:
-        """``metrics_dict`` is the flat dict returned; ``metrics`` stays the task's object, or is that
-        dict when the task keeps none (also when it was the previous validation's dict)."""
-        if self.metrics is None or self.metrics is self.metrics_dict:
+        """``metrics_dict`` is the flat dict of the task's values and losses (the ``on_val_end``
+        record); ``metrics`` stays the task's object, or is that dict when the task keeps none."""
+        if self.metrics is None or isinstance(self.metrics, dict):
             self.metrics = stats
         self.metrics_dict = stats
+
+    def _returned(self, stats: dict) -> dict:
+        """The flat dict returned: ``stats`` and what callbacks logged (``on_val_end`` included). The
+        metrics object keeps the values beyond its own, so it reads as this dict (``model.val()``)."""
+        results = {**stats, **self._logged}
+        if isinstance(self.metrics, TaskMetrics):
+            self.metrics.keep_extra(results)
+        elif isinstance(self.metrics, dict):
+            self.metrics = results
+        return results
+
+    def per_class_results(self) -> dict:
+        """The last validation's per-class values as flat floats, for the final evaluation's record:
+        ``model.train()`` rebuilds its metrics object from that record (``results_object``)."""
+        return self.metrics.per_class_results() if isinstance(self.metrics, TaskMetrics) else {}
+
+    def results_object(self, results: dict, model) -> TaskMetrics | dict:
+        """The task's metrics object holding ``results`` (a validation's flat dict as a record carries
+        it): what ``model.train()`` returns on the driver, whichever backend trained. A task without
+        a metrics object gets the dict."""
+        self.init_metrics(model)
+        if not isinstance(self.metrics, TaskMetrics):
+            return dict(results)
+        self.metrics.restore(results)
+        return self.metrics
 
     def _val_losses(self) -> dict:
         if not self.training or self.trainer is None:

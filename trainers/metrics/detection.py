@@ -17,12 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainers.metrics.base import PER_CLASS, TaskMetrics
 from trainers.utils.ops import box_iou
 
 IOUV = np.linspace(0.5, 0.95, 10)  # same float64 values as COCOeval.params.iouThrs
 RECALL_GRID = np.linspace(0.0, 1.0, 101)  # COCOeval.params.recThrs
 CONF_GRID = np.linspace(0.0, 1.0, 1000)  # where P/R/F1-vs-confidence curves are sampled
 METRIC_KEYS = ["metrics/precision(B)", "metrics/recall(B)", "metrics/mAP50(B)", "metrics/mAP50-95(B)"]
+# A class's values as a record carries them: P, R, F1 and the AP at each IoU threshold (ap50 .. ap95).
+CLASS_FIELDS = ("p", "r", "f1", *(f"ap{round(t * 100)}" for t in IOUV))
+BOX_PREFIX = f"{PER_CLASS}box/"  # per_class/box/<class id>/<field>
 
 
 # ----------------------------------------------------------------------------- matching
@@ -202,13 +206,29 @@ class Metric:
         values = np.nan_to_num(np.array(self.mean_results(), dtype=np.float64))
         return float((values * np.asarray(weights, dtype=np.float64)).sum())
 
+    def class_values(self) -> dict[str, float]:
+        """``{"<class id>/<field>": value}`` (``CLASS_FIELDS``) for every evaluated class."""
+        rows = np.column_stack([self.p, self.r, self.f1, self.all_ap]).reshape(-1, len(CLASS_FIELDS))
+        return {f"{int(c)}/{field}": float(v)
+                for c, row in zip(self.ap_class_index, rows) for field, v in zip(CLASS_FIELDS, row)}
+
+    def load_class_values(self, values: dict) -> None:
+        """The inverse of ``class_values``, rows in class order as ``ap_per_class`` makes them; a
+        record carries no curves, tp/fp or image_metrics, so those stay empty."""
+        ids = sorted({int(key.split("/")[0]) for key in values})
+        rows = np.array([[values[f"{c}/{field}"] for field in CLASS_FIELDS] for c in ids], dtype=np.float64)
+        rows = rows.reshape(len(ids), len(CLASS_FIELDS))
+        self.p, self.r, self.f1, self.all_ap = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3:]
+        self.ap_class_index = np.array(ids, dtype=np.int64)
+
 
 def _mean(x: np.ndarray) -> float:
     return float(np.mean(x)) if len(x) else 0.0
 
 
-class DetMetrics:
-    """Accumulates per-image matches, then computes COCO-style box metrics.
+class DetMetrics(TaskMetrics):
+    """Accumulates per-image matches, then computes COCO-style box metrics; reads as its flat dict
+    (``trainers.metrics.base``).
 
     Per batch: ``update(preds, targets, im_files)``; at the end ``compute()``. Under DDP each
     rank sends ``state()`` and one rank calls ``merge(states)`` before ``compute()``. Stats are
@@ -218,6 +238,7 @@ class DetMetrics:
     """
 
     def __init__(self, names=None, conf: float = 0.25, fitness_weights=(0.0, 0.0, 0.0, 1.0)):
+        super().__init__()
         names = names or {}
         self.names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else dict(names)
         self.conf = conf
@@ -227,7 +248,8 @@ class DetMetrics:
         self._anon = itertools.count()
 
     @property
-    def keys(self) -> list[str]:
+    def metric_keys(self) -> list[str]:
+        """The four box metrics' names (Ultralytics' ``keys``: here ``keys()`` is the dict's)."""
         return list(METRIC_KEYS)
 
     # ---- accumulation
@@ -271,16 +293,16 @@ class DetMetrics:
         return np.bincount(tc, minlength=len(self.names)) if len(tc) else np.zeros(len(self.names), int)
 
     def compute(self) -> dict:
-        """Metrics over everything accumulated; returns ``results_dict``."""
+        """Metrics over everything accumulated; returns ``own_results()``."""
         s = self.stats
         self.process(s["tp"], s["conf"], s["pred_cls"], s["target_cls"])
         self.box.image_metrics = {k: image_metrics(v, self.conf) for k, v in self._images.items()}
-        return self.results_dict
+        return self.own_results()
 
     def process(self, tp, conf, pred_cls, target_cls) -> dict:
         """Compute ``box`` from raw arrays (``tp`` is ``(N, 10)``)."""
         self.box.update(ap_per_class(_np(tp), _np(conf), _np(pred_cls), _np(target_cls)))
-        return self.results_dict
+        return self.own_results()
 
     # ---- results
     def mean_results(self) -> list[float]:
@@ -293,9 +315,15 @@ class DetMetrics:
     def fitness(self) -> float:
         return self.box.fitness(self.fitness_weights)
 
-    @property
-    def results_dict(self) -> dict[str, float]:
-        return {**dict(zip(self.keys, self.mean_results())), "fitness": self.fitness}
+    def own_results(self) -> dict[str, float]:
+        return {**dict(zip(self.metric_keys, self.mean_results())), "fitness": self.fitness}
+
+    def per_class_results(self) -> dict[str, float]:
+        return {BOX_PREFIX + key: value for key, value in self.box.class_values().items()}
+
+    def _restore(self, results: dict) -> None:
+        n = len(BOX_PREFIX)
+        self.box.load_class_values({k[n:]: v for k, v in results.items() if k.startswith(BOX_PREFIX)})
 
     def summary(self) -> list[dict]:
         """One row per evaluated class: name, instances, p, r, f1, map50, map."""

@@ -130,6 +130,14 @@ def spec_task(spec: dict) -> str:
     return "detect" if spec["head"][-1][2] == "Detect" else "classify"
 
 
+def spec_classes(spec: dict) -> dict:
+    """A data set's ``nc``, ``ch`` and ``names`` as a spec alone gives them (a model with no data set)."""
+    nc = int(spec["nc"])
+    names = spec.get("names") or {i: str(i) for i in range(nc)}
+    return {"nc": nc, "ch": int(spec.get("ch", 3)),
+            "names": dict(enumerate(names)) if isinstance(names, list) else dict(names)}
+
+
 def _multipliers(spec: dict, name: str) -> tuple[float, float, float]:
     """(depth, width, max_channels) from ``scales`` + ``scale`` or plain multiplier keys."""
     scales = spec.get("scales") or {}

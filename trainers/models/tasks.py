@@ -22,8 +22,8 @@ class BaseModel(nn.Module):
 
     loss_names: tuple[str, ...] = ("loss",)
 
-    def __init__(self, cfg: str | Path | dict, ch: int = 3, nc: int | None = None,
-                 verbose: bool = True):
+    def __init__(self, cfg: str | Path | dict, nc: int | None = None, verbose: bool = True,
+                 ch: int = 3):
         super().__init__()
         self.yaml = load_spec(cfg)
         ch = self.yaml["ch"] = int(self.yaml.get("ch", ch))  # a saved spec knows its channels
@@ -122,8 +122,8 @@ class ClassificationModel(BaseModel):
 
     loss_names = ("loss",)
 
-    def __init__(self, cfg: str | Path | dict = "cls-n.yaml", ch: int = 3, nc: int | None = None,
-                 verbose: bool = True):
+    def __init__(self, cfg: str | Path | dict = "cls-n.yaml", nc: int | None = None, verbose: bool = True,
+                 ch: int = 3):
         super().__init__(cfg, ch=ch, nc=nc, verbose=verbose)
         if verbose:
             LOGGER.info(self.info())
@@ -139,8 +139,8 @@ class DetectionModel(BaseModel):
 
     loss_names = ("box_loss", "cls_loss", "dfl_loss")
 
-    def __init__(self, cfg: str | Path | dict = "det-n.yaml", ch: int = 3, nc: int | None = None,
-                 verbose: bool = True):
+    def __init__(self, cfg: str | Path | dict = "det-n.yaml", nc: int | None = None, verbose: bool = True,
+                 ch: int = 3):
         super().__init__(cfg, ch=ch, nc=nc, verbose=verbose)
         head = self.model[-1]
         if not isinstance(head, Detect):

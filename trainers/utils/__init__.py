@@ -13,6 +13,19 @@ if not LOGGER.handlers:
     LOGGER.propagate = False
 
 
+def log_details_to(path) -> None:
+    """In a Ray process (a worker, the callback actor) every console line reaches the user's
+    console, prefixed, from every process: keep the details (INFO) in the file ``path`` and only
+    warnings and errors on this process's console."""
+    for handler in LOGGER.handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setLevel(logging.WARNING)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    file = logging.FileHandler(path)
+    file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    LOGGER.addHandler(file)
+
+
 def _env_rank() -> int:
     """Global rank from the environment torch.distributed / Ray Train set; -1 when alone."""
     for key in ("RANK", "WORLD_RANK"):
@@ -26,6 +39,30 @@ RANK = _env_rank()
 
 class UserError(Exception):
     """Bad input from the user: the CLI prints the message alone and exits 2."""
+
+
+def user_error_in(exc: BaseException | None) -> UserError | None:
+    """The ``UserError`` a failure carries, as it was raised: Ray wraps a worker's, an actor's or a
+    trial's error (with the remote traceback in its text), yet the user should meet the same type
+    and one-line message as in process. None when the failure is not a user error."""
+    seen, stack = set(), [exc]
+    while stack:
+        err = stack.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        inner = _wrapped(err)
+        if isinstance(err, UserError) and not any(isinstance(e, UserError) for e in inner):
+            return err
+        stack.extend(inner)
+    return None
+
+
+def _wrapped(err: BaseException) -> list:
+    """What a (Ray) exception wraps: a task's cause, Ray Train's worker failures, chained errors."""
+    failures = getattr(err, "worker_failures", None)
+    return [getattr(err, "cause", None), getattr(err, "_base_exc", None), err.__cause__, err.__context__,
+            *(failures.values() if isinstance(failures, dict) else ())]
 
 
 def unwrap_model(model):
