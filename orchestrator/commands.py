@@ -27,6 +27,24 @@ def model_spec(mode: str, args) -> str:
     return "cls-n.yaml" if args.task == "classify" else "det-n.yaml"
 
 
+def where_the_run_is(args, model) -> list[str]:
+    """Where to look after a run: its MLflow page when a server tracks it (else the store and how to
+    open a UI on it), the object store, and the run folder only where it outlives the job (under
+    ``ray job submit`` the working dir is Ray's temporary copy, gone with the job)."""
+    from callbacks.sinks.mlflow_runs import run_url
+    from callbacks.sinks.redact import redact_text
+
+    lines = []
+    folder = model.ckpt_path.parent.parent if model.ckpt_path else None
+    if folder is not None and "runtime_resources" not in folder.resolve().parts:
+        lines += [f"run folder: {folder}  (results.csv, results.png, args.yaml)",
+                  f"checkpoints: {folder / 'weights'}  (best.pt, last.pt)"]
+    url = run_url(args.tracking_uri, model.mlflow_run_id) if model.mlflow_run_id else None
+    lines.append(f"MLflow run: {url}" if url else
+                 f"MLflow store: {redact_text(str(args.tracking_uri))}   (open the UI: orchestrator ui)")
+    return lines + [f"object store: {args.storage}  (event log, checkpoints)"]
+
+
 def run_task_mode(mode: str, args, given: dict) -> int:
     from orchestrator.model import Model
 
@@ -34,15 +52,7 @@ def run_task_mode(mode: str, args, given: dict) -> int:
     kwargs = {k: v for k, v in given.items() if k not in {"model", "mode"}}
     if mode == "train":
         metrics = model.train(**kwargs)
-        print(summary_table(metrics))
-        if model.ckpt_path:
-            where = model.ckpt_path.parent.parent
-            print(f"run folder: {where}  (results.csv, results.png, args.yaml)\n"
-                  f"checkpoints: {where / 'weights'}  (best.pt, last.pt)")
-        from callbacks.sinks.redact import redact_text
-
-        print(f"MLflow store: {redact_text(str(args.tracking_uri))}   (open the UI: orchestrator ui)\n"
-              f"object store: {args.storage}  (event log, checkpoints)")
+        print("\n".join([summary_table(metrics), *where_the_run_is(args, model)]))
     elif mode == "val":
         print(summary_table({k: v for k, v in model.val(**kwargs).items()}))
     elif mode == "predict":

@@ -30,6 +30,7 @@ class Model:
         self.model = None
         self.metrics = None
         self.trainer = None
+        self.mlflow_run_id: str | None = None  # the MLflow run of the last train()
         if str(model).endswith(".pt"):
             self._load(model)
         else:
@@ -83,6 +84,7 @@ class Model:
 
         result = train_run(factory, args, self.driver_callbacks)
         self.trainer = result.get("trainer", self.trainer)  # in process only: Ray's trainers lived in workers
+        self.mlflow_run_id = result["mlflow_run"]
         best = local_file(result["best"], S3Setup.of(args)) if result["best"] else None  # s3:// if rank 0 ran elsewhere
         if best is not None:
             self._load(best)

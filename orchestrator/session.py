@@ -95,7 +95,7 @@ class RunSession:
     def run(self) -> dict:
         """Train; close the sinks with FINISHED, FAILED or KILLED (Ctrl+C); register best.pt.
         Returns metrics, per_class (the final evaluation's, ``trainers.metrics.base``), best (best.pt's
-        path), run_id, report and what the backend adds."""
+        path), run_id, mlflow_run (its MLflow run id), report and what the backend adds."""
         self.backend.start(self)
         self.report = self._train()
         register_best(self.args, mlflow_run_of(self.report), self.results.get("metrics", {}))
@@ -128,4 +128,5 @@ class RunSession:
     def outcome(self) -> dict:
         results = self.results
         return {"metrics": results.get("metrics", {}), "per_class": results.get("per_class", {}),
-                "best": results.get("best"), "run_id": self.run_id, "report": self.report, **self.backend.outcome()}
+                "best": results.get("best"), "run_id": self.run_id, "mlflow_run": mlflow_run_of(self.report),
+                "report": self.report, **self.backend.outcome()}

@@ -40,6 +40,19 @@ def trial_rows(results, state, space: dict, mode: str, checkpoint_uri) -> pd.Dat
     return table.reset_index(drop=True)
 
 
+def trial_line(trial, error: str | None = None) -> str:
+    """One console line for a trial that ended: its sampled values, then its last objective and
+    epochs, or its error's line."""
+    values = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in (trial.evaluated_params or {}).items())
+    if error is not None:
+        return f"trial {trial.trial_id} failed  {values}  error: {error}"
+    result = trial.last_result or {}
+    objective, epochs = result.get("objective"), result.get("training_iteration", 0)
+    reached = f"objective {objective:.4g}" if isinstance(objective, (int, float)) else "no objective"
+    return f"trial {trial.trial_id} ended  {values}  {reached} after {epochs} epoch(s)"
+
+
 def merged_objectives(df, logged: list[float]) -> pd.Series:
     """The trial's objectives: Tune's results or, when longer, those logged to its child run
     (Tune's copy can miss the last reports before a restart from a checkpoint)."""

@@ -1,6 +1,7 @@
 """Run a sweep on Ray Tune: build the Tuner (or restore it), run it, write the results."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,9 +191,13 @@ def make_tuner(sweep: SweepConfig, setup: TrialSetup, base_args, storage_path: s
         num_samples=sweep.num_samples, time_budget_s=sweep.time_budget_s,
         max_concurrent_trials=concurrency if sweep.search == "optuna" else None,  # else in the generator
         trial_dirname_creator=lambda trial: trial.trial_id)
+    # A failed trial gets one line from SweepTracker (its traceback stays in the trial's error file);
+    # TUNE_PRINT_ALL_TRIAL_ERRORS=1 brings Tune's traceback back.
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     run_config = tune.RunConfig(
         name=tune_name, storage_path=storage_path, storage_filesystem=filesystem,
         callbacks=[SweepTracker(setup.sweep_id)], stop=FatalStopper(setup.sweep_id),
+        verbose=0,  # Tune's periodic status tables: the console has a line per ended trial (SweepTracker)
         failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=sweep.keep_checkpoints,
                                                 checkpoint_score_attribute=METRIC,

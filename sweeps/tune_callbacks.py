@@ -8,6 +8,7 @@ import threading
 from ray import tune
 
 from sweeps.errors import error_line, is_objective_error
+from sweeps.report import trial_line
 from sweeps.state import SweepState, live_state
 
 
@@ -33,9 +34,11 @@ class SweepTracker(tune.Callback):
         # A trial that finished by itself closed its actor FINISHED already; this KILLED only
         # applies to a trial Tune stopped (scheduler, time budget, stopper).
         self.state.close_trial(trial.trial_id, "KILLED")
+        print(trial_line(trial), flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         message = error_line(trial)
+        print(trial_line(trial, message), flush=True)
         self.state.errors[trial.trial_id] = message
         if is_objective_error(trial):
             self.state.fatal = self.state.fatal or message

@@ -112,3 +112,10 @@ def wait_for_mlflow_run(tracking_uri: str, run_name: str, timeout: float = 120.0
             return
         time.sleep(0.5)
     raise TimeoutError(f"no MLflow run {run_name} at {tracking_uri} in {timeout:.0f}s")
+
+
+def own_lines(text: str) -> list[str]:
+    """The lines this process printed itself: Ray prefixes the lines it forwards from its
+    processes (``(RayTrainWorker pid=...)``, maybe colored); those of other runs' actors sharing the
+    machine's Ray say nothing about this run."""
+    return [line for line in text.splitlines() if not line.lstrip("\x1b[0123456789;m").startswith("(")]

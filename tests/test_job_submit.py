@@ -130,13 +130,17 @@ def test_training_job_reaches_mlflow_and_the_bucket(stack, jobs, aws):
         "working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": {"OMP_NUM_THREADS": "1"}})
     status = wait_for(jobs, submission_id)
     assert status == "SUCCEEDED", job_failure(jobs, submission_id, status)
-    assert "metrics/accuracy_top1" in jobs.get_job_logs(submission_id)  # the summary table
+    logs = jobs.get_job_logs(submission_id)
+    assert "metrics/accuracy_top1" in logs  # the summary table
 
     client = MlflowClient(stack["mlflow"])
     experiment = client.get_experiment_by_name("classify")
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.ray_job_id = '{submission_id}'")
     assert len(runs) == 1, "one MLflow run, tagged with the job's submission id"
     run = runs[0]
+    # the last lines point to the run's MLflow page, not to Ray's temporary working dir
+    url = f"{stack['mlflow']}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}"
+    assert f"MLflow run: {url}" in logs.splitlines() and "run folder:" not in logs, logs[-2000:]
     assert run.info.status == "FINISHED"
     assert run.data.params["num_workers"] == "1" and run.data.params["storage"] == storage
     assert run.data.params["tracking_uri"] == stack["mlflow"]

@@ -17,7 +17,7 @@ from trainers.data.shapes import generate_shapes
 from trainers.classify import ClassificationTrainer
 from trainers.utils import UserError
 
-from tests.helpers import wait_for_mlflow_run, wait_for_registered_checkpoint
+from tests.helpers import own_lines, wait_for_mlflow_run, wait_for_registered_checkpoint
 
 RAY_QUICK = dict(data="digits", imgsz=16, batch=16, nbs=16, fraction=0.1, epochs=2, verbose=False, plots=False,
                  workers=0, seed=0)
@@ -107,26 +107,31 @@ def test_custom_trainer_and_callbacks_run_on_every_rank(ray_session, tmp_path, n
     assert [(m.step, m.value) for m in marker] == [(0, 7.0), (1, 7.0)]
 
 
-def bad_labels(tmp_path) -> Path:
-    """A tiny detection set whose first training label line has a class out of range."""
+def bad_data(tmp_path) -> tuple[Path, Path]:
+    """A tiny detection set whose first training image is corrupt and whose second image's label has
+    a class out of range; returns the data YAML and the corrupt image."""
     data = generate_shapes(tmp_path / "bad", n_train=8, n_val=4, imgsz=32)
-    label = sorted((data.parent / "labels" / "train").glob("*.txt"))[0]
+    first, second = sorted((data.parent / "images" / "train").iterdir())[:2]
+    first.write_bytes(b"not an image")
+    label = data.parent / "labels" / "train" / f"{second.stem}.txt"
     label.write_text("7 0.5 0.5 0.2 0.2\n" + label.read_text())
-    return data
+    return data, first
 
 
 def test_user_errors_on_workers_reach_the_cli_and_the_caller_as_raised(ray_session, tmp_path, capsys):
-    """A NaN loss, a strict data error and resuming a finished run, each raised inside 2 Ray workers:
+    """A NaN loss, strict data errors and resuming a finished run, each raised inside 2 Ray workers:
     one ``error:`` line and exit 2 from the CLI, the same exception type and line from Model.train."""
     done = Model("cls-n.yaml")
     done.train(**run_cfg(tmp_path, "done", epochs=1))  # in process: a finished run to resume
-    cases = [(["model=det-n.yaml", f"data={bad_labels(tmp_path)}", "strict=True", "imgsz=32"], "class 7"),
-             ([f"resume={done.trainer.last}", "epochs=1"], "already trained 1 epochs")]
+    data, corrupt = bad_data(tmp_path)
+    cases = [(["model=det-n.yaml", f"data={data}", "strict=True", "imgsz=32"],
+              [f"{corrupt}: unreadable image", "(and 1 more problem(s))"]),  # the other: the bad label
+             ([f"resume={done.trainer.last}", "epochs=1"], ["already trained 1 epochs"])]
     common = [f"{k}={v}" for k, v in run_cfg(tmp_path, "bad", num_workers=2).items() if k not in ("data", "imgsz")]
-    for argv, message in cases:
+    for argv, fragments in cases:
         assert main(["train", *common, *argv]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert err[-1].startswith("error: ") and message in err[-1], err[-5:]
+        err = own_lines(capsys.readouterr().err)
+        assert err[-1].startswith("error: ") and all(f in err[-1] for f in fragments), err[-5:]
         assert not any("Traceback" in line for line in err), err
     with pytest.raises(UserError) as info:
         Model("cls-n.yaml").train(**run_cfg(tmp_path, "nan", num_workers=2, optimizer="SGD", lr0=1e30, warmup_epochs=0))

@@ -20,6 +20,7 @@ from sweeps.report import parallel_coordinates, summary
 from sweeps.space import Objective, ObjectiveKeyError
 from trainers.classify import ClassificationTrainer
 from trainers.utils import UserError
+from tests.helpers import own_lines
 
 QUICK = dict(data="digits", imgsz=16, batch=16, nbs=16, fraction=0.1, verbose=False, plots=False, workers=0,
              seed=0, optimizer="SGD")
@@ -288,6 +289,10 @@ def test_custom_fitness_drives_asha_and_every_trial_is_tracked(sweep_ray, tmp_pa
     assert best["train_args"]["lr0"] == 0.03 and best["epoch"] == 2
     out = capsys.readouterr().out
     assert "objective (fitness)" in out and f"best: trial {result.best_trial} objective 0.09" in out
+    ended = sorted(line.split("  ")[1:] for line in out.splitlines() if line.startswith("trial "))
+    assert ended == [["lr0=0.01", "objective 0.01 after 1 epoch(s)"], ["lr0=0.02", "objective 0.02 after 1 epoch(s)"],
+                     ["lr0=0.03", "objective 0.09 after 3 epoch(s)"]], out  # one line per trial
+    assert "Trial status" not in out  # Tune's own periodic tables stay off
     # MLflow: parent with the sweep's files, one child per trial, none left RUNNING
     client = MlflowClient(uri)
     parent = client.get_run(result.parent_run_id)
@@ -423,7 +428,10 @@ def test_a_user_error_raised_in_the_trials_is_one_line_from_the_cli(sweep_ray, t
         "base": {"model": "cls-n.yaml", "epochs": 1, "warmup_epochs": 0, **QUICK, **where(tmp_path)},
         "space": {"lr0": {"grid": [1e30]}}}))
     assert main(["sweep", str(sweep)]) == 2
-    err = capsys.readouterr().err.splitlines()
+    captured = capsys.readouterr()
+    err = own_lines(captured.err)
     assert [line for line in err if line.startswith("error:")] == [err[-1]]
     assert err[-1].startswith("error: every trial failed; first error: loss is nan at epoch 1, batch 1: ")
+    (failed,) = [line for line in captured.out.splitlines() if line.startswith("trial ")]
+    assert failed.split("  ")[1:3] == ["lr0=1e+30", err[-1][len("error: every trial failed; first "):]]
     assert not any("Traceback" in line for line in err), err

@@ -177,6 +177,18 @@ def announce_run(run_id: str, experiment: str, tracking_uri: str) -> None:
 
 
 # ----------------------------------------------------------------------------- probing
+def run_url(tracking_uri: str, run_id: str) -> str | None:
+    """The run's page in the UI an MLflow server serves; None for a local store (or an unreachable one)."""
+    if not str(tracking_uri).startswith(("http://", "https://")):
+        return None
+    try:
+        with scoped_short_retries():
+            experiment = mlflow_client(tracking_uri).get_run(run_id).info.experiment_id
+    except Exception:
+        return None
+    return f"{redact_text(str(tracking_uri)).rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+
+
 def probe_tracking_uri(tracking_uri: str, timeout: float = 5.0) -> bool:
     """Check a tracking URI without importing MLflow (which takes seconds): True when checked
     (a SQLite file whose folder can be made, an HTTP server that accepts connections), False
