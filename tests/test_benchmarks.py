@@ -135,7 +135,7 @@ def test_detect_quality_tiny(tmp_path):
     out = run_tiny("detect_quality.py", tmp_path)
     map50, map5095 = figures(out, "shapes8 val mAP50 {n} (mAP50-95 {n}) after 1 epochs")
     assert 0 <= map5095 <= map50 <= 1
-    finite(*figures(out, "(target 0.8: ratio {n})"))
+    finite(*figures(out, "(target 0.8: ratio {n}; time budget 600 s: ratio {n})"))
 
 
 def test_mlflow_sink_tiny(tmp_path):

@@ -248,3 +248,28 @@ def test_the_optimizer_auto_chose_is_checked_too(tmp_path):
     with pytest.raises(UserError, match=r"^config keys 'optimizer', 'momentum': SGD uses Nesterov momentum"):
         trainer.train()
     assert "on_train_start" not in rec.names and rec.names[-1] == "teardown"
+
+
+# ---------------------------------------------------------------- defaults scaled to the data
+def test_nbs_and_warmup_left_to_the_data_follow_its_size():
+    from trainers.config import get_cfg
+    from trainers.engine.setup import scaled_to_data
+
+    args = get_cfg(None, {"batch": 16, "epochs": 50})
+    assert (args.nbs, args.warmup_epochs) == (None, None)  # default.yaml leaves both to the data
+    assert scaled_to_data(args, 480) == {"nbs": 16, "warmup_epochs": 2.5}  # shapes8: 30 steps an epoch
+    assert scaled_to_data(args, 1438) == {"nbs": 47, "warmup_epochs": 2.5}  # digits
+    assert scaled_to_data(get_cfg(None, {"batch": 16, "epochs": 300}), 100_000) == {"nbs": 64, "warmup_epochs": 3.0}
+    assert scaled_to_data(get_cfg(None, {"nbs": 64, "warmup_epochs": 1.0}), 480) == {}  # a user's value wins
+
+
+def test_values_chosen_for_the_data_are_used_and_written_to_args_yaml(tmp_path):
+    import yaml
+
+    trainer = ClassificationTrainer(overrides={**QUICK, "nbs": None, "epochs": 2, "project": str(tmp_path),
+                                               "name": "scaled"})
+    trainer.train()
+    n_train = len(trainer.data["train"])
+    assert n_train < 30 * 16 and trainer.accumulate == 1  # nbs = batch: one step per batch
+    written = yaml.safe_load((trainer.save_dir / "args.yaml").read_text())
+    assert (written["nbs"], written["warmup_epochs"]) == (16, 0.1) == (trainer.args.nbs, trainer.args.warmup_epochs)

@@ -1,4 +1,5 @@
-"""Start-of-fit helpers that need plain values, not the trainer: seeding and the ``fraction`` subset.
+"""Start-of-fit helpers that need plain values, not the trainer: seeding, the ``fraction`` subset and
+the values of keys that ``default.yaml`` leaves to the data (``null``).
 
 They sit apart from ``trainer.py`` so the loop module holds the loop; ``BaseTrainer._setup_train``
 calls them once per fit, before data and model exist.
@@ -30,3 +31,21 @@ def take_fraction(dataset, fraction: float):
     """The first ``fraction`` of a dataset (at least one item), for quick runs."""
     n = max(int(len(dataset) * fraction), 1)
     return torch.utils.data.Subset(dataset, range(n))
+
+
+MIN_STEPS = 30  # optimizer steps an epoch at least, when nbs is left to the data
+MAX_NBS = 64  # the nominal batch of large data sets (Ultralytics' nbs)
+WARMUP_SHARE = 0.05  # of the run's optimizer steps, at most, when warmup_epochs is left to the data
+
+
+def scaled_to_data(args, n_train: int) -> dict:
+    """Values for the keys left ``null`` (a user's value always wins): ``nbs`` as large as the data
+    allows for ``MIN_STEPS`` optimizer steps an epoch (between ``batch`` and ``MAX_NBS``), and warmup
+    up to 3 epochs but at most ``WARMUP_SHARE`` of the run. A small data set with the nominal batch
+    of a large one gets a handful of steps an epoch and hardly learns in a short run."""
+    chosen = {}
+    if args.nbs is None:
+        chosen["nbs"] = int(min(MAX_NBS, max(args.batch, n_train // MIN_STEPS)))
+    if args.warmup_epochs is None:
+        chosen["warmup_epochs"] = round(min(3.0, WARMUP_SHARE * args.epochs), 3)
+    return chosen

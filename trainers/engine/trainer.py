@@ -29,7 +29,7 @@ from trainers.engine.ema import ModelEMA
 from trainers.engine.history import History
 from trainers.engine.optim import lr_lambda, make_optimizer, warmup
 from trainers.engine.paths import run_dir
-from trainers.engine.setup import init_seeds, take_fraction
+from trainers.engine.setup import init_seeds, scaled_to_data, take_fraction
 from trainers.engine.stopper import EarlyStopping
 from trainers.utils import LOGGER, UserError, unwrap_model
 
@@ -118,11 +118,11 @@ class BaseTrainer(CallbackMixin):
         init_seeds(self.args.seed + 1 + max(self.rank, 0), self.args.deterministic, self.device)
         if self.is_main:
             self.save_dir.mkdir(parents=True, exist_ok=True)
-            (self.save_dir / "args.yaml").write_text(yaml.safe_dump(self.args.to_dict(), sort_keys=False))
         self.history = History(self.save_dir / "results.csv")
         self.data = self.get_dataset()
         if self.args.fraction < 1.0:
             self.data["train"] = take_fraction(self.data["train"], self.args.fraction)
+        self._choose_for_data(len(self.data["train"]))
         self._setup_model()
         self.batch_size = max(self.args.batch // self.world_size, 1)
         self.train_loader = self.get_dataloader(self.data["train"], self.batch_size, self.rank, "train")
@@ -141,6 +141,17 @@ class BaseTrainer(CallbackMixin):
         if self.resume_ckpt is not None:
             self.resume_training(self.resume_ckpt)
         self.run_callbacks("on_pretrain_routine_end")
+
+    def _choose_for_data(self, n_train: int) -> None:
+        """Fill the keys left to the data (``setup.scaled_to_data``); args.yaml shows the values used."""
+        chosen = scaled_to_data(self.args, n_train)
+        for key, value in chosen.items():
+            setattr(self.args, key, value)
+        if chosen and self.is_main:
+            LOGGER.info(f"chosen for {n_train} training images: "
+                        + ", ".join(f"{k}={v}" for k, v in chosen.items()))
+        if self.is_main:
+            (self.save_dir / "args.yaml").write_text(yaml.safe_dump(self.args.to_dict(), sort_keys=False))
 
     def _setup_model(self) -> None:
         """get_model -> device -> set_model_attributes -> freeze -> AMP -> DDP (SPEC §4 order)."""
