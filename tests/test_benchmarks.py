@@ -183,3 +183,13 @@ def test_journal_tiny(tmp_path):
     count, rate, p50, p99 = figures(out, "emit to journal: {n} records at {n}/s, p50 {n} ms, p99 {n} ms, "
                                          "then one fsync (forwarder flush interval 1.0 s)")
     assert count == 6_000 and p99 >= p50  # 3 s at 2,000 rows/s, each journaled once
+
+
+def test_peer_ultralytics_tiny(tmp_path):
+    out = run_tiny("peer_ultralytics.py", tmp_path)
+    (map50,) = figures(out, "ours (det-n.yaml, defaults): final mAP50 {n} after 1 epochs")
+    assert 0 <= map50 <= 1
+    if "ultralytics: skipped: " not in out:  # its venv exists on this machine: the peer ran too
+        (peer,) = figures(out, "ultralytics 8.4.190 (yolov8n.yaml, defaults): final mAP50 {n} after 1 epochs")
+        assert 0 <= peer <= 1
+        finite(*figures(out, "ratios ours/ultralytics: final mAP50 {n}, wall time {n}"))
