@@ -103,6 +103,7 @@ def test_custom_trainer_and_callbacks_run_on_every_rank(ray_session, tmp_path, n
     run = client.get_run(version.run_id)
     assert run.info.run_name == f"ranks{num_workers}" and run.info.status == "FINISHED"
     assert run.data.params["num_workers"] == str(num_workers) and "orchestrator.run_id" in run.data.tags
+    assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["digits"]  # logged by the actor's sink
     marker = client.get_metric_history(run.info.run_id, "custom/marker")  # trainer.log() on every epoch
     assert [(m.step, m.value) for m in marker] == [(0, 7.0), (1, 7.0)]
 

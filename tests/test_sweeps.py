@@ -308,6 +308,8 @@ def test_custom_fitness_drives_asha_and_every_trial_is_tracked(sweep_ray, tmp_pa
     history = client.get_metric_history(children["0.03"].info.run_id, "fitness")
     assert [(m.step, round(m.value, 6)) for m in history] == [(0, 0.03), (1, 0.06), (2, 0.09)]
     assert children["0.03"].data.params["epochs"] == "3" and children["0.03"].data.params["optimizer"] == "SGD"
+    for child in children.values():  # lineage: each trial's run names its data set once
+        assert [i.dataset.name for i in client.get_run(child.info.run_id).inputs.dataset_inputs] == ["digits"]
     driver = rows(driver_log)
     assert len({r["run_id"] for r in driver}) == 3 and [r["epoch"] for r in driver].count(0) == 3
 

@@ -14,7 +14,9 @@ from callbacks.sinks.event_log import EventLogSink
 from callbacks.sinks.mlflow_sink import MLflowSink
 from callbacks.sinks.redact import flatten
 from callbacks.sinks.s3 import S3Setup
+from trainers.data.lineage import describe_dataset
 from trainers.events import EVENTS
+from trainers.utils import UserError
 
 SINK_CLASSES = (MLflowSink, EventLogSink, CheckpointSink)
 
@@ -34,7 +36,16 @@ def mlflow_sink(args, experiment: str, tags: dict, mlflow_run: str | None, paren
     return MLflowSink(args.tracking_uri, experiment, args.name, params=flatten(args.to_dict()), tags=tags,
                       run_id=mlflow_run, parent_run_id=parent_run_id,
                       ckpt_upload_interval=args.ckpt_upload_interval, log_every_n_steps=args.log_every_n_steps,
-                      s3=S3Setup.of(args))
+                      s3=S3Setup.of(args), dataset=dataset_of(args))
+
+
+def dataset_of(args) -> dict | None:
+    """The run's data set for MLflow's lineage; None when it cannot be described here (lineage never
+    stops a run: training reports a missing data set in its own words)."""
+    try:
+        return describe_dataset(args.data, args.task)
+    except (UserError, OSError):
+        return None
 
 
 def class_events(cls) -> frozenset[str]:

@@ -9,6 +9,7 @@ driver can probe a tracking URI (``probe_tracking_uri``) without paying for that
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import posixpath
 import re
@@ -149,6 +150,20 @@ def log_params_tags(client, run_id: str, params: dict[str, str], tags: dict[str,
     tag_list = [RunTag(k, v) for k, v in tags.items()]
     if new or tag_list:
         client.log_batch(run_id, params=new, tags=tag_list, synchronous=True)
+
+
+def log_dataset(client, run_id: str, dataset: dict | None) -> None:
+    """The run's data set as an MLflow dataset input (the run page's Datasets, context ``training``):
+    name, digest, source, and split sizes and class names as its profile (``trainers/data/lineage.py``).
+    MLflow keeps one input per name and digest: logging it again (an actor restart) adds none."""
+    if not dataset:
+        return
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    entity = Dataset(name=dataset["name"], digest=dataset["digest"], source_type="local",
+                     source=json.dumps({"uri": dataset["source"]}),
+                     profile=json.dumps({"splits": dataset["splits"], "names": dataset["names"]}))
+    client.log_inputs(run_id, datasets=[DatasetInput(entity, [InputTag("mlflow.data.context", "training")])])
 
 
 def create_run(tracking_uri: str, experiment: str, run_name: str, params: dict | None = None,

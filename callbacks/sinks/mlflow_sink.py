@@ -47,14 +47,14 @@ class MLflowSink(Sink):
                  max_queue: int = 100_000, *, step_prefix: str = "step/", log_every_n_steps: int = 1,
                  upload_artifacts: bool = True,
                  event_log: bool = True, find_existing: bool = True, batch_size: int = 1000,
-                 flush_interval: float = 2.0, close_timeout: float = 60.0, s3=None):
+                 flush_interval: float = 2.0, close_timeout: float = 60.0, s3=None, dataset: dict | None = None):
         super().__init__(tracking_uri=tracking_uri, experiment=experiment, run_name=run_name,
                          params=params, tags=tags, run_id=run_id, parent_run_id=parent_run_id,
                          ckpt_upload_interval=ckpt_upload_interval, spool_dir=spool_dir,
                          max_queue=max_queue, step_prefix=step_prefix, log_every_n_steps=log_every_n_steps,
                          upload_artifacts=upload_artifacts,
                          event_log=event_log, find_existing=find_existing, batch_size=batch_size,
-                         flush_interval=flush_interval, close_timeout=close_timeout, s3=s3)
+                         flush_interval=flush_interval, close_timeout=close_timeout, s3=s3, dataset=dataset)
         self.params, self.tags = dict(params or {}), dict(tags or {})
         self.batch_size = min(int(batch_size), 1000)
         if not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
@@ -110,7 +110,8 @@ class MLflowSink(Sink):
         self._rule = MetricPoints(self.step_prefix, self.log_every_n_steps)
         self._writer = RunWriter(self.tracking_uri, self.experiment, self.run_name, params, clean_tags(self.tags),
                                  run_id=self.run_id, parent_run_id=self.parent_run_id,
-                                 orch_run_id=self.tags.get(RUN_ID_TAG), find_existing=self.find_existing)
+                                 orch_run_id=self.tags.get(RUN_ID_TAG), find_existing=self.find_existing,
+                                 dataset=self.dataset)
         self._courier = Courier(f"mlflow {redact_text(str(self.tracking_uri))}", self._pump,
                                 interval=self.flush_interval)
         self._files = RunFiles(self._stage, secrets, self.ckpt_upload_interval, self._courier.kick, self.s3)

@@ -14,7 +14,7 @@ import posixpath
 from pathlib import Path
 
 from callbacks.sinks.mlflow_runs import (RUN_ID_TAG, announce_run, find_run, first_line, is_invalid,
-                                         log_params_tags, mlflow_client, new_run)
+                                         log_dataset, log_params_tags, mlflow_client, new_run)
 from trainers.utils import LOGGER
 
 
@@ -23,9 +23,9 @@ class RunWriter:
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, params: dict[str, str],
                  tags: dict[str, str], *, run_id: str | None = None, parent_run_id: str | None = None,
-                 orch_run_id: str | None = None, find_existing: bool = True):
+                 orch_run_id: str | None = None, find_existing: bool = True, dataset: dict | None = None):
         self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
-        self.params, self.tags, self.parent_run_id = params, tags, parent_run_id
+        self.params, self.tags, self.parent_run_id, self.dataset = params, tags, parent_run_id, dataset
         self.run_id, self.orch_run_id, self.find_existing = run_id, orch_run_id, find_existing
         self.ready = self.terminated = False
         self.delivered = self.rejected = 0
@@ -47,10 +47,11 @@ class RunWriter:
             self.run_id = self._existing_run() or self._new_run(tags)
         try:
             log_params_tags(self.client(), self.run_id, self.params, tags)
+            log_dataset(self.client(), self.run_id, self.dataset)
         except Exception as exc:
             if not is_invalid(exc):
                 raise
-            LOGGER.warning(f"mlflow: params/tags of run {self.run_id} rejected ({first_line(exc)}); "
+            LOGGER.warning(f"mlflow: params/tags/dataset of run {self.run_id} rejected ({first_line(exc)}); "
                            f"logging metrics without them")
         self.ready = True
 

@@ -44,7 +44,10 @@ def collate(items: list[dict]) -> dict:
     return {"img": torch.stack([it["img"] for it in items]), "cls": torch.stack([it["cls"] for it in items])}
 
 
-def load_digits_split(imgsz: int, seed: int = 0, val_fraction: float = 0.2) -> dict:
+DIGITS_VAL_FRACTION = 0.2  # of each class, held out
+
+
+def load_digits_split(imgsz: int, seed: int = 0, val_fraction: float = DIGITS_VAL_FRACTION) -> dict:
     """The 1,797 8x8 digits as 1-channel images; a fixed stratified held-out split (seed 0)."""
     images, labels = read_digits()
     idx_train, idx_val = stratified_split(labels, val_fraction, seed)
@@ -55,16 +58,20 @@ def load_digits_split(imgsz: int, seed: int = 0, val_fraction: float = 0.2) -> d
             "nc": 10, "names": {i: str(i) for i in range(10)}, "ch": 1}
 
 
+def digits_file() -> Path:
+    """The digits CSV inside the installed scikit-learn, found without importing it."""
+    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the 'digits' dataset needs scikit-learn installed (pip install scikit-learn)")
+    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+
+
 def read_digits() -> tuple[np.ndarray, np.ndarray]:
     """(pixels 0..16 as (N, 64), labels) from the CSV file scikit-learn ships.
 
     Read directly: importing scikit-learn to load it costs ~1 s of every worker's start-up.
     """
-    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the 'digits' dataset needs scikit-learn installed (pip install scikit-learn)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
-    table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+    table = np.loadtxt(digits_file(), delimiter=",", dtype=np.float64)
     return table[:, :-1], table[:, -1].astype(np.int64)
 
 
