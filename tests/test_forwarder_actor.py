@@ -16,7 +16,7 @@ from callbacks.forwarder import EventForwarder
 from callbacks.records import make_record, record_key
 from callbacks.sinks.base import Sink
 from trainers.registry import CallbackMixin, new_registry, run_callbacks
-from trainers.utils import UserError
+from trainers.utils import UserError, user_error_in
 
 # The actor process cannot import this test module by name: ship its classes by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -366,3 +366,23 @@ def test_in_order_rows_go_whole_to_sinks_and_as_records_to_callbacks():
     assert report["dispatched"] == 40 and report["received"] == 45 and report["duplicates"] == 5
     assert [(f["callback"], f["event"], f["count"]) for f in report["failures"]] == [("RowsSink", "handle_rows", 1)]
     assert report["failures"][0]["first_error"] == "RuntimeError: rows sink broke at 35"
+
+
+class DataProblem(UserError):
+    """A UserError subclass of the user's own (module level: it pickles by reference)."""
+
+
+def test_a_user_error_raised_in_an_actor_comes_back_as_raised(ray_env):
+    """What the run session does with any Ray failure of a run (``user_error_in``): the actor's own
+    exception, its type and one line, not Ray's wrapper whose text carries the remote traceback."""
+    @ray.remote(num_cpus=0)
+    class Raises:
+        def go(self):
+            raise DataProblem("config key 'x': bad value")
+
+    with pytest.raises(UserError) as info:
+        ray.get(Raises.remote().go.remote())
+    assert str(info.value) != "config key 'x': bad value"  # Ray's wrapper: the traceback in its text
+    found = user_error_in(info.value)
+    assert type(found) is DataProblem and str(found) == "config key 'x': bad value"
+    assert user_error_in(RuntimeError("not a user error")) is None
