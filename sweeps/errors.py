@@ -6,7 +6,7 @@ from pathlib import Path
 import ray.cloudpickle as cloudpickle
 
 from sweeps.space import ObjectiveKeyError
-from trainers.utils import UserError
+from trainers.utils import user_error_in
 
 
 def pickled_error(trial):
@@ -19,8 +19,16 @@ def pickled_error(trial):
     return trial.get_pickled_error()
 
 
-def root_error(trial):
-    err = pickled_error(trial)
+def trial_exception(trial):
+    """The trial's exception, or None when it cannot be read back."""
+    try:
+        return pickled_error(trial)
+    except Exception:
+        return None
+
+
+def root_error(err):
+    """The innermost cause Ray's wrappers carry (for errors that are not the user's)."""
     seen = 0
     while err is not None and seen < 10:
         cause = getattr(err, "cause", None) or err.__cause__
@@ -31,22 +39,18 @@ def root_error(trial):
 
 
 def is_objective_error(trial) -> bool:
-    try:
-        return isinstance(root_error(trial), ObjectiveKeyError)
-    except Exception:
-        return False
+    return isinstance(user_error_in(trial_exception(trial)), ObjectiveKeyError)
 
 
 def error_line(trial) -> str:
     """The trial's error in one line (the user's message when it is a ``UserError``)."""
-    try:
-        err = root_error(trial)
-    except Exception:
-        err = None
-    if isinstance(err, UserError):
-        return str(err).splitlines()[0]
+    err = trial_exception(trial)
+    user = user_error_in(err)
+    if user is not None:
+        return str(user).splitlines()[0]
     if err is not None:
-        text = str(err).strip().splitlines()
-        return f"{type(err).__name__}: {text[-1] if text else ''}"
+        root = root_error(err)
+        text = str(root).strip().splitlines()
+        return f"{type(root).__name__}: {text[-1] if text else ''}"
     text = (trial.get_error() or "").strip().splitlines()
     return text[-1] if text else "unknown error"

@@ -121,7 +121,7 @@ def _fit(trainer, queue: Queue, outcome: dict) -> None:
     try:
         trainer.fit()
     except BaseException as exc:  # handed to the trial's thread, which raises it
-        outcome["error"] = trial_error(exc)
+        outcome["error"] = user_error_in(exc) or exc  # a user error inside the Train run, as raised
     finally:
         queue.put((_DONE, None))
 
@@ -142,8 +142,3 @@ def _relay(queue: Queue, objective: Objective, thread: threading.Thread) -> None
         metrics["objective"] = objective(metrics)
         tune_ckpt = tune.Checkpoint(checkpoint.path, checkpoint.filesystem) if checkpoint else None
         tune.report(metrics, checkpoint=tune_ckpt)
-
-
-def trial_error(exc: BaseException) -> BaseException:
-    """A user error inside the Train run as it was raised (one line, its own type); others unchanged."""
-    return user_error_in(exc) or exc

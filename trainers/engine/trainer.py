@@ -145,13 +145,12 @@ class BaseTrainer(CallbackMixin):
     def _choose_for_data(self, n_train: int) -> None:
         """Fill the keys left to the data (``setup.scaled_to_data``); args.yaml shows the values used."""
         chosen = scaled_to_data(self.args, n_train)
-        for key, value in chosen.items():
-            setattr(self.args, key, value)
-        if chosen and self.is_main:
-            LOGGER.info(f"chosen for {n_train} training images: "
-                        + ", ".join(f"{k}={v}" for k, v in chosen.items()))
-        if self.is_main:
-            (self.save_dir / "args.yaml").write_text(yaml.safe_dump(self.args.to_dict(), sort_keys=False))
+        vars(self.args).update(chosen)
+        if not self.is_main:
+            return
+        if chosen:
+            LOGGER.info(f"chosen for {n_train} training images: " + ", ".join(f"{k}={v}" for k, v in chosen.items()))
+        (self.save_dir / "args.yaml").write_text(yaml.safe_dump(self.args.to_dict(), sort_keys=False))
 
     def _setup_model(self) -> None:
         """get_model -> device -> set_model_attributes -> freeze -> AMP -> DDP (SPEC §4 order)."""
