@@ -36,10 +36,22 @@ class CallbackActor(Dispatcher):
         log_details_to(ray_log_file(f"callback-actor-{os.getpid()}.log"))
         super().__init__(driver_callbacks, journal)
         self._frozen = False
+        if self._restarted:
+            self._catch_up()
         self._heard = time.monotonic()  # the driver's heartbeat or a worker's batch
         self._orphan_after = orphan_after
         if orphan_after:
             threading.Thread(target=self._watch_driver, name="driver-watch", daemon=True).start()
+
+    def _catch_up(self) -> None:
+        """Start the sinks and hand them the journal's entries after their watermarks, before this
+        incarnation takes any call. Ray rebuilds a dead actor by its constructor alone, and the
+        driver's one ``start`` call went to the incarnation that died: without this, entries it
+        had journaled and acknowledged but its sinks had not delivered would never reach them
+        (the workers do not resend acknowledged rows), and each sink's count of the entries it
+        was handed (``Progress.fed``) would lag the journal's numbering, so its watermark would
+        name the wrong entries."""
+        self.start()
 
     def ingest(self, batch: list[dict], floors: dict | None = None) -> dict:
         self._freeze_once()

@@ -18,6 +18,8 @@ Use one forwarder per (run_id, rank, attempt): sequence numbers restart at 0 in 
 from __future__ import annotations
 
 import time
+from collections import deque
+from concurrent import futures
 from functools import partial
 from typing import Iterable
 
@@ -57,7 +59,8 @@ class EventForwarder:
         self.close_timeout = float(_check_positive("close_timeout", close_timeout, 0))
         self.give_up_after = float(_check_positive("give_up_after", give_up_after, 0))
         self.stream = (self.run_id, self.rank, self.attempt)
-        self.publish = publish  # artifacts -> artifacts the driver can read (callbacks/artifacts.py)
+        self.publish = publish  # artifacts -> a future of artifacts the driver can read (callbacks/artifacts.py)
+        self._held: deque = deque()  # (seq, future): rows whose files are still shipping, oldest first
         # Retained rows (trainers.events.ROW_FIELDS): seq ``_seq0 + i`` is ``_records[i]``;
         # all seq < _acked are done.
         self._records: list[list] = []
@@ -102,7 +105,7 @@ class EventForwarder:
         """Build the row for ``event`` fired by ``owner`` and queue it; sends when due."""
         row = owner.record_row(event)  # owners are CallbackMixins (trainers/registry.py)
         if row[ARTIFACTS] and self.publish is not None:
-            row[ARTIFACTS] = self.publish(row[ARTIFACTS])
+            self._held.append((self._next_seq, self.publish(row[ARTIFACTS])))
         records = self._records
         records.append(row)
         # the flush deadline is kept in wall time, so the row's own time stamp serves to check it
@@ -119,6 +122,14 @@ class EventForwarder:
     def _retained(self) -> int:
         return self._next_seq - self._acked
 
+    def _sendable(self) -> int:
+        """The end of what may be sent: rows wait behind the oldest row whose files still ship;
+        a shipped row takes its files' URIs."""
+        while self._held and self._held[0][1].done():
+            seq, shipped = self._held.popleft()
+            self._records[seq - self._seq0][ARTIFACTS] = shipped.result()
+        return self._held[0][0] if self._held else self._next_seq
+
     def _pump(self, force: bool) -> None:
         """Collect finished calls, send what is due, and apply backpressure if over budget."""
         self._poll()
@@ -134,7 +145,7 @@ class EventForwarder:
 
     def _send_due(self, force: bool) -> None:
         while not self._suspect and len(self._inflight) < self.max_inflight:
-            unsent = self._next_seq - self._sent
+            unsent = self._sendable() - self._sent
             if unsent == 0 or (unsent < self.max_batch and not force):
                 return
             self._send(min(unsent, self.max_batch))
@@ -232,6 +243,8 @@ class EventForwarder:
             ray.wait([self._inflight[0][0]], timeout=remaining)
         elif self._probe is not None:
             ray.wait([self._probe], timeout=min(remaining, 1.0))
+        elif self._held:
+            futures.wait([self._held[0][1]], timeout=remaining)
         else:
             time.sleep(min(remaining, max(0.0, self._next_probe - time.monotonic()), PROBE_INTERVAL))
         self._poll()
@@ -280,6 +293,6 @@ class EventForwarder:
         out = dict(self._counts)
         out["records"] = self._next_seq  # one seq per record emitted
         out["acked"] -= out["lost"]
-        out.update(inflight=len(self._inflight), buffered=self._retained(),
+        out.update(inflight=len(self._inflight), buffered=self._retained(), shipping=len(self._held),
                    unsent=self._next_seq - self._sent, actor_suspect=self._suspect)
         return out

@@ -1,6 +1,7 @@
 """A run's durable journal: every batch the dispatcher takes, on disk before it is acknowledged.
 
-Layout of ``<journal>/<run id>/``:
+Layout of ``<journal>/<run id>/`` (a session that continues the run, ``resume=``, gets
+``<run id>.1``, ``.2``, ...: its own entries and watermarks, the same run id):
 - ``seg-<first entry>.arrow``: Arrow IPC stream segments. An *entry* is one in-order batch of
   one stream (the rows of ``trainers.events.ROW_FIELDS`` plus rank, attempt, seq), numbered
   from 0 across the run; a segment is rolled after ``segment_rows`` rows. ``commit`` fsyncs, and
@@ -10,6 +11,7 @@ Layout of ``<journal>/<run id>/``:
   sinks are idempotent on such redelivery.
 - ``sinks.pkl``: the run's sinks (they pickle as their arguments), for ``orchestrator recover``.
 - ``finished.json``: the run's end status and whether every sink delivered everything.
+- ``run_id``: the run whose records the folder holds.
 - ``lock``: held (``flock``) by the process that writes the journal; the OS frees it when that
   process dies, so ``orchestrator recover`` never takes over a live run.
 
@@ -33,7 +35,18 @@ from trainers.events import ROW_FIELDS
 ENTRY = "entry"
 JOURNAL_SCHEMA = SCHEMA.append(pa.field(ENTRY, pa.int64()))
 SEGMENT_ROWS = 50_000
-FINISHED, SINKS, LOCK = "finished.json", "sinks.pkl", "lock"
+FINISHED, SINKS, LOCK, RUN_ID = "finished.json", "sinks.pkl", "lock", "run_id"
+
+
+def session_folder(root: str | os.PathLike, run_id: str) -> Path:
+    """A fresh journal folder for a session of ``run_id``: ``<root>/<run id>``, then ``<run id>.<n>``
+    for each session that continues the run."""
+    root, n = Path(root), 0
+    folder = root / run_id
+    while folder.exists():
+        n += 1
+        folder = root / f"{run_id}.{n}"
+    return folder
 
 
 class Journal:
@@ -45,12 +58,20 @@ class Journal:
         self.dir, self.run_id = Path(directory), str(run_id)
         self.durable, self.segment_rows = bool(durable), int(segment_rows)
         self.dir.mkdir(parents=True, exist_ok=True)
+        if not (self.dir / RUN_ID).is_file():
+            write_atomic(self.dir / RUN_ID, self.run_id.encode())
         self.next_entry, self.positions = 0, {}
         for batch in self._batches(columns=("rank", "attempt", "seq", ENTRY)):
             self._note(batch)
         self._file = self._writer = self._lock = None
         self._segment_rows = 0
         self._dirty = False
+
+    @staticmethod
+    def run_id_in(folder: Path) -> str:
+        """The run a journal folder holds (its name, for a folder written before ``run_id`` was)."""
+        path = Path(folder) / RUN_ID
+        return path.read_text().strip() if path.is_file() else Path(folder).name
 
     def claim(self) -> bool:
         """Take the journal for writing in this process (an advisory lock the OS drops when the

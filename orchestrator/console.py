@@ -40,7 +40,7 @@ def cell(value) -> str:
 class EpochConsole:
     """A driver callback: rank 0's ``on_fit_epoch_end`` records as lines of one table."""
 
-    events = frozenset({"on_train_start", "on_fit_epoch_end"})  # what workers must forward for it
+    events = frozenset({"on_train_start", "on_resize", "on_fit_epoch_end"})  # what workers must forward for it
 
     def __init__(self, epochs: int):
         self.epochs = epochs
@@ -53,6 +53,14 @@ class EpochConsole:
     def on_train_start(self, record: dict) -> None:
         if record["rank"] <= 0:
             self._since = record["time"]
+
+    def on_resize(self, record: dict) -> None:
+        """A line between the epochs where Ray resized an elastic run: the rows after it are epochs
+        at the new size (the first one again, when the resize interrupted it)."""
+        if record["rank"] <= 0:
+            sizes = record["metrics"]
+            self.lines.append(f"world size {sizes['world_size_before']:.0f} -> {sizes['world_size']:.0f} "
+                              f"from epoch {record['epoch'] + 1}")
 
     def on_fit_epoch_end(self, record: dict) -> None:
         if record["rank"] > 0:

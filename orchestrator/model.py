@@ -31,6 +31,7 @@ class Model:
         self.metrics = None
         self.trainer = None
         self.mlflow_run_id: str | None = None  # the MLflow run of the last train()
+        self.mlflow_model_id: str | None = None  # its best.pt as an MLflow logged model
         if str(model).endswith(".pt"):
             self._load(model)
         else:
@@ -84,7 +85,7 @@ class Model:
 
         result = train_run(factory, args, self.driver_callbacks)
         self.trainer = result.get("trainer", self.trainer)  # in process only: Ray's trainers lived in workers
-        self.mlflow_run_id = result["mlflow_run"]
+        self.mlflow_run_id, self.mlflow_model_id = result["mlflow_run"], result.get("logged_model")
         best = local_file(result["best"], S3Setup.of(args)) if result["best"] else None  # s3:// if rank 0 ran elsewhere
         if best is not None:
             self._load(best)

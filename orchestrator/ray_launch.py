@@ -1,7 +1,8 @@
 """Run a trainer on Ray Train workers (Train V2 ``TorchTrainer``), events to one driver actor.
 
 Per-step data travels through the event forwarder; once per epoch every rank calls
-``ray.train.report`` (a barrier) with the epoch metrics, rank 0 attaching ``last.pt``.
+``ray.train.report`` (a barrier) with the epoch metrics, rank 0 attaching ``last.pt``; once more
+when Ray announces a node's preemption, with a mid-epoch ``last.pt`` (docs/faults.md, Preemption).
 """
 from __future__ import annotations
 
@@ -28,8 +29,11 @@ from callbacks.actor import ray_log_file, start_callback_actor
 from callbacks.artifacts import ArtifactShipper
 from callbacks.forwarder import EventForwarder
 from callbacks.sinks.s3 import S3Setup
+from callbacks.system_metrics import NodeMonitor, node_label
 from orchestrator.console import print_lines
 from orchestrator.results import take_back
+from trainers.config import worker_counts
+from trainers.engine.preemption import Preempted
 from trainers.engine.resume import training_finished
 from trainers.utils import LOGGER, UserError, log_details_to
 
@@ -88,7 +92,7 @@ class RayBackend:
         connect_ray()
 
     def start(self, session) -> None:
-        self.actor = start_callback_actor(session.callbacks, name=f"callbacks-{session.run_id}",
+        self.actor = start_callback_actor(session.callbacks, name=f"callbacks-{session.journal.dir.name}",
                                           namespace=ACTOR_NAMESPACE, journal=session.journal,
                                           orphan_after=ORPHAN_AFTER)
         threading.Thread(target=heartbeat, args=(self.actor, self._beating), name="heartbeat", daemon=True).start()
@@ -175,13 +179,23 @@ def make_torch_trainer(factory, args, actor, run_id: str, events, *, name: str, 
         train_loop_config={"factory": factory, "actor": actor, "run_id": run_id, "events": list(events),
                            "start_from": start_from,
                            "driver_node": driver_node or ray.get_runtime_context().get_node_id()},
-        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
-                                     resources_per_worker=args.resources_per_worker),
+        scaling_config=scaling_config(args),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=args.max_failures),
+                             failure_config=FailureConfig(max_failures=args.max_failures,
+                                                          max_preemption_failures=args.max_preemptions),
                              checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
                              callbacks=list(callbacks), logging_config=RAY_TRAIN_LOGGING),
     )
+
+
+def scaling_config(args) -> ScalingConfig:
+    """A fixed worker group, or for a range ``num_workers`` an elastic one: Ray Train starts it with
+    the workers the cluster has room for (at least min) and, every ``resize_interval`` s, restarts it
+    from the latest checkpoint at a new size when that changed (the trainer fires ``on_resize``)."""
+    low, high = worker_counts(args.num_workers)
+    return ScalingConfig(num_workers=high if low == high else (low, high), use_gpu=args.use_gpu,
+                         resources_per_worker=args.resources_per_worker,
+                         elastic_resize_monitor_interval_s=args.resize_interval)
 
 
 def log_report(report: dict) -> None:
@@ -238,9 +252,16 @@ def train_worker(config: dict) -> None:
         if remote else None
     EventForwarder(config["actor"], config["run_id"], rank, attempt=attempt, events=config["events"],
                    publish=publish).attach(trainer.callbacks)
+    if context.get_local_rank() == 0:  # one per node
+        node = node_label(ray.get_runtime_context().get_node_id())
+        NodeMonitor(trainer.args, config["run_id"], node).attach(trainer)
     trainer.add_callback("on_pretrain_routine_end", freeze_setup_objects)
     trainer.epoch_reporters.append(report_epoch)
-    trainer.train()
+    listen_for_preemption(trainer)
+    try:
+        trainer.train()
+    except Preempted as preempted:
+        wait_for_restart(preempted)
 
 
 def freeze_setup_objects(trainer) -> None:
@@ -267,12 +288,62 @@ def report_epoch(trainer) -> None:
     metrics.update(epoch=trainer.epoch, fitness=float(trainer.fitness if trainer.fitness is not None else 0.0))
     checkpoint = None
     if trainer.is_main and trainer.last.is_file():
-        folder = tempfile.mkdtemp(prefix="ckpt-")
-        shutil.copy(trainer.last, Path(folder) / "last.pt")
-        checkpoint = Checkpoint.from_directory(folder)
-        checkpoint.set_metadata({"epoch": trainer.epoch, "stop": trainer.stop})
+        checkpoint = checkpoint_of(trainer.last, {"epoch": trainer.epoch, "stop": trainer.stop})
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
                      checkpoint_upload_fn=persist_patiently)
+
+
+def checkpoint_of(path: Path, metadata: dict) -> Checkpoint:
+    """A Ray Train checkpoint of a copy of ``path`` (last.pt, which the next save overwrites), with
+    the ``metadata`` a restart reads."""
+    folder = tempfile.mkdtemp(prefix="ckpt-")
+    shutil.copy(path, Path(folder) / "last.pt")
+    checkpoint = Checkpoint.from_directory(folder)
+    checkpoint.set_metadata(metadata)
+    return checkpoint
+
+
+MID_EPOCH = "mid_epoch_batch"  # in a preemption's report: the batches of its epoch trained before it
+
+
+def listen_for_preemption(trainer) -> None:
+    """Ray Train's notice of a node's preemption reaches the trainer's loop: at the next optimizer
+    step the ranks agree on, it saves a mid-epoch checkpoint, ``report_mid_epoch`` reports it, and
+    the loop raises ``Preempted`` (docs/faults.md, Preemption)."""
+    trainer.preemption_notice = preemption_notice
+    trainer.preemption_reporters.append(report_mid_epoch)
+
+
+def preemption_notice() -> bool:
+    """Whether Ray Train marked this worker's group with a preemption: the value
+    ``ray.train.get_preemption_info()`` broadcasts from rank 0, read here without that call's
+    barrier through a Ray actor (~3 ms a call); the trainer's vote agrees across ranks instead."""
+    return train_context.get_train_context().preemption_context.preemption_info is not None
+
+
+def report_mid_epoch(trainer) -> None:
+    """Every rank reports the mid-epoch checkpoint; rank 0 attaches last.pt, uploaded before this
+    returns (the node is about to go). Its metadata has no ``epoch``: neither a restart's stop vote
+    nor a sweep's ``nothing_left`` takes it for the end of one. Sweeps skip the report itself
+    (``is_epoch_report``)."""
+    batch = trainer.data_position["batch"]
+    checkpoint = checkpoint_of(trainer.last, {MID_EPOCH: batch}) if trainer.is_main else None
+    ray.train.report({"epoch": trainer.epoch, MID_EPOCH: batch}, checkpoint=checkpoint,
+                     checkpoint_upload_fn=persist_patiently)
+
+
+def is_epoch_report(metrics: dict) -> bool:
+    """Whether rank 0's metrics of a report are an epoch's (``report_epoch``), not a preemption's."""
+    return MID_EPOCH not in metrics
+
+
+def wait_for_restart(preempted: Preempted) -> None:
+    """Hold this worker until Ray Train stops the group, at the notice's deadline, and restarts the
+    run from the mid-epoch checkpoint: returning would end the run as finished, and any step
+    trained from here on would be lost with the node."""
+    LOGGER.warning(f"{preempted}; waiting for Ray Train to restart the run")
+    while True:
+        time.sleep(60)
 
 
 def nothing_left(checkpoint: Checkpoint, epochs: int) -> bool:

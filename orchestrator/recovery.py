@@ -33,7 +33,7 @@ def _done(folder: Path) -> bool:
 
 def recover_run(folder: Path) -> str:
     """Deliver one run's journal and end it; the line that says what happened."""
-    journal = Journal(folder, folder.name)
+    journal = Journal(folder, Journal.run_id_in(folder))
     if not journal.claim():
         return f"{folder.name}: still running (its journal is held by a live process); left alone"
     ended = journal.finished()

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from callbacks.sinks import ObjectStore, create_run, flatten
 from callbacks.sinks.factory import run_sinks
-from callbacks.sinks.mlflow_runs import RUN_ID_TAG, announce_run, mlflow_client, probe_tracking_uri
+from callbacks.sinks.mlflow_runs import RUN_ID_TAG, announce_run, continue_run, probe_tracking_uri
 from callbacks.sinks.s3 import S3Setup
+from trainers.config import describe_workers, worker_counts
 from trainers.engine.paths import latest_checkpoint, project_dir, run_dir
 from trainers.utils import LOGGER
 
@@ -58,7 +59,7 @@ def git_commit() -> str | None:
 
 
 def run_tags(args) -> dict:
-    tags = {"task": args.task, "model": args.model, "world_size": max(args.num_workers, 1),
+    tags = {"task": args.task, "model": args.model, "world_size": describe_workers(args.num_workers),
             "git_commit": git_commit(), "ray_job_id": job_submission_id(),
             "mlflow.note.content": run_description(args)}
     return {k: str(v) for k, v in tags.items() if v is not None}
@@ -79,14 +80,14 @@ def job_submission_id() -> str | None:
 
 def run_description(args) -> str:
     """A few lines of markdown: the run's description in the MLflow UI (``mlflow.note.content``)."""
-    if args.num_workers > 0:
+    if worker_counts(args.num_workers)[1] > 0:
         where = f"{args.num_workers} Ray Train worker(s) on {'GPU' if args.use_gpu else 'CPU'}"
     else:
         where = f"one process (device: {args.device or 'auto'})"
     lines = [f"**{args.task or 'train'}** `{args.model}` on `{args.data}`", "",
              f"- epochs: {args.epochs}, batch: {args.batch} (total), imgsz: {args.imgsz or 'task default'}"
              + (f", fraction: {args.fraction}" if args.fraction < 1 else ""),
-             f"- world size: {max(args.num_workers, 1)} ({where})",
+             f"- world size: {describe_workers(args.num_workers)} ({where})",
              f"- optimizer: {args.optimizer}, lr0: {args.lr0}"]
     if args.resume:
         lines.append(f"- resumed from `{args.resume}`")
@@ -117,7 +118,9 @@ def start_tracking(args, run_id: str, parent_run_id: str | None = None, defer_ru
 
 
 def open_mlflow_run(args, tags: dict, parent_run_id: str | None) -> str:
-    """Create the run now and say where it is."""
+    """Create the run now and say where it is; a resumed run continues its MLflow run."""
+    if args.resume and (run := continue_run(args.tracking_uri, experiment_name(args), tags[RUN_ID_TAG])):
+        return run
     run = create_run(args.tracking_uri, experiment_name(args), args.name, params=flatten(args.to_dict()),
                      tags=tags, parent_run_id=parent_run_id)
     announce_run(run, experiment_name(args), args.tracking_uri)
@@ -130,25 +133,40 @@ def mlflow_run_of(report: dict) -> str | None:
                  if isinstance(r, dict) and r.get("sink") == "mlflow"), None)
 
 
-def register_best(args, mlflow_run: str | None, metrics: dict) -> str | None:
-    """Register the finished run's ``weights/best.pt`` as a model version tagged with its metrics."""
-    if not args.register:
-        return None
+def publish_best(args, mlflow_run: str | None, best: str | None, metrics: dict) -> str | None:
+    """A finished run's best.pt as an MLflow logged model (``orchestrator.logged_model``), registered
+    when ``register=`` asks. The run is saved and finished already: a failure here is a warning."""
     if mlflow_run is None:
-        LOGGER.warning("register: best.pt not registered: the run has no MLflow run")
+        if args.register:
+            LOGGER.warning("register: best.pt not registered: the run has no MLflow run")
         return None
-    name = experiment_name(args) if args.register is True else str(args.register)
-    client = mlflow_client(args.tracking_uri)
+    from orchestrator.logged_model import log_best_model, register_model
+
     try:
-        client.get_registered_model(name)
-    except Exception:  # not there yet
-        client.create_registered_model(name, description=run_description(args))
-    source = f"{client.get_run(mlflow_run).info.artifact_uri}/weights"
-    tags = {k: f"{v:.6g}" for k, v in metrics.items() if isinstance(v, (int, float))}
-    version = client.create_model_version(name, source, run_id=mlflow_run, tags=tags,
-                                          description=run_description(args))
-    LOGGER.info(f"registered best.pt as model '{name}' version {version.version}")
-    return version.version
+        model_id = log_best_model(args, mlflow_run, best)
+        if model_id and args.register:
+            name = experiment_name(args) if args.register is True else str(args.register)
+            register_model(args, mlflow_run, model_id, metrics, run_description(args), name=name)
+        return model_id
+    except Exception as exc:  # noqa: BLE001 - the run stays as it is; say what failed
+        LOGGER.warning(f"mlflow: best.pt was not logged as a model: {type(exc).__name__}: {exc}")
+        return None
+
+
+RUN_ID_FILE = "run_id.txt"  # in the run folder: the run a resume continues
+
+
+def continued_run_id(args) -> str | None:
+    """With ``resume=``, the run id of the run folder being continued (None for a folder written
+    before runs kept it): the same MLflow run, event-log partition and run id go on."""
+    path = Path(args.project) / args.name / RUN_ID_FILE
+    return path.read_text().strip() if args.resume and path.is_file() else None
+
+
+def remember_run_id(args, run_id: str) -> None:
+    folder = Path(args.project) / args.name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RUN_ID_FILE).write_text(run_id + "\n")
 
 
 def new_run_id() -> str:

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from callbacks.journal import Journal
+from callbacks.journal import Journal, session_folder
 from callbacks.sinks.factory import SINK_CLASSES, forwarded_events
+from trainers.config import worker_counts
 from trainers.utils import LOGGER, user_error_in
 from orchestrator.recovery import recover
 from orchestrator.console import EpochConsole
 from orchestrator.results import ResultSink
 from orchestrator.stops import RunStopped, StopSignals
-from orchestrator.run_setup import mlflow_run_of, new_run_id, register_best, resolve_run, start_tracking
+from orchestrator.run_setup import (continued_run_id, mlflow_run_of, new_run_id, publish_best, remember_run_id,
+                                    resolve_run, start_tracking)
 
 
 def run_events(driver_callbacks) -> list[str]:
@@ -43,7 +45,7 @@ def train_run(factory, args, driver_callbacks) -> dict:
 
 def backend_for(args):
     """Ray's training modules are imported only for a Ray run (seconds of start-up otherwise)."""
-    if args.num_workers > 0:
+    if worker_counts(args.num_workers)[1] > 0:
         from orchestrator.ray_launch import RayBackend
 
         return RayBackend()
@@ -54,7 +56,7 @@ def backend_for(args):
 
 def run_journal(args, run_id: str, sinks: list) -> Journal:
     """The run's journal under ``args.journal``, with the sinks ``orchestrator recover`` rebuilds."""
-    journal = Journal(Path(args.journal).expanduser().resolve() / run_id, run_id)
+    journal = Journal(session_folder(Path(args.journal).expanduser().resolve(), run_id), run_id)
     journal.save_sinks(sinks)
     return journal
 
@@ -79,10 +81,11 @@ class RunSession:
         backend.connect()  # an unreachable cluster fails before a run is created
         if args.resume:  # the run resumed may have died with its driver: end it first
             recover_before_resume(args.journal)
-        self.run_id = new_run_id()
         factory.overrides.update(resolve_run(args))
         self.factory = factory
         self.args = type(args)(**{**args.to_dict(), **factory.overrides})
+        self.run_id = continued_run_id(self.args) or new_run_id()  # resume=: the same run, continued
+        remember_run_id(self.args, self.run_id)
         self.sinks = start_tracking(self.args, self.run_id, defer_run=backend.defer_run)
         self.journal = run_journal(self.args, self.run_id, self.sinks)
         self.driver_callbacks = list(driver_callbacks)
@@ -90,15 +93,18 @@ class RunSession:
         self.callbacks = run_callbacks(self.sinks, self.driver_callbacks, self.console)
         self.events = run_events(driver_callbacks)
         self.report: dict = {}
+        self.logged_model: str | None = None  # the MLflow logged model of best.pt, once finished
         self.stops: StopSignals | None = None  # while training: what the backend's trainer watches
 
     def run(self) -> dict:
-        """Train; close the sinks with FINISHED, FAILED or KILLED (Ctrl+C); register best.pt.
+        """Train; close the sinks with FINISHED, FAILED or KILLED (Ctrl+C); log (and register) best.pt.
         Returns metrics, per_class (the final evaluation's, ``trainers.metrics.base``), best (best.pt's
-        path), run_id, mlflow_run (its MLflow run id), report and what the backend adds."""
+        path), run_id, mlflow_run (its MLflow run id), logged_model (best.pt's MLflow model id), report
+        and what the backend adds."""
         self.backend.start(self)
         self.report = self._train()
-        register_best(self.args, mlflow_run_of(self.report), self.results.get("metrics", {}))
+        self.logged_model = publish_best(self.args, mlflow_run_of(self.report), self.results.get("best"),
+                                         self.results.get("metrics", {}))
         return self.outcome()
 
     def _train(self) -> dict:
@@ -129,4 +135,4 @@ class RunSession:
         results = self.results
         return {"metrics": results.get("metrics", {}), "per_class": results.get("per_class", {}),
                 "best": results.get("best"), "run_id": self.run_id, "mlflow_run": mlflow_run_of(self.report),
-                "report": self.report, **self.backend.outcome()}
+                "logged_model": self.logged_model, "report": self.report, **self.backend.outcome()}

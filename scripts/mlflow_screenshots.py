@@ -1,5 +1,5 @@
-"""Screenshots of the MLflow UI for the docs (docs/img/): a training run, and a sweep's parent run
-with its trials.
+"""Screenshots of the MLflow UI for the docs (docs/img/): a training run, its lineage (data set,
+logged model, registered version), and a sweep's parent run with its trials.
 
 By default it starts its own ``mlflow server`` on 127.0.0.1 (SQLite store and artifacts in a
 temporary folder), trains a short detection run on 2 Ray Train workers and a 3-trial sweep
@@ -43,6 +43,7 @@ SWEEP_YAML = {
              "optimizer": "SGD", "verbose": False, "project": "digits-sweep"},
     "space": {"lr0": {"grid": [0.003, 0.01, 0.03]}, "momentum": {"uniform": [0.8, 0.95]}},
     "name": "lr-sweep", "search": "random", "num_samples": 1, "max_concurrent": 2, "scheduler": "fifo"}
+REGISTERED = "shapes-detector"
 
 
 # ------------------------------------------------------------------------------ servers and runs
@@ -109,7 +110,8 @@ def populate(tracking_uri: str, folder: Path) -> None:
     orchestrator = str(BIN / "orchestrator")
     print("training the README's main job (det-n on shapes8, 2 workers) ...", flush=True)
     run([orchestrator, "train", f"cfg={ROOT / 'examples' / 'det-shapes8.yaml'}", "project=shapes8",
-         "name=det-n-shapes8", "verbose=false", f"tracking_uri={tracking_uri}"], folder, folder / "train.log")
+         "name=det-n-shapes8", "verbose=false", f"register={REGISTERED}", f"tracking_uri={tracking_uri}"],
+        folder, folder / "train.log")
     print("sweeping lr0 and momentum (3 trials) ...", flush=True)
     sweep = folder / "sweep.yaml"
     sweep.write_text(json.dumps(SWEEP_YAML))
@@ -135,7 +137,11 @@ def find_runs(tracking_uri: str, run_experiment: str, sweep_experiment: str) -> 
     if not runs or not parents:
         raise SystemExit(f"need a finished run in {run_experiment!r} and a sweep in {sweep_experiment!r}")
     children = client.search_runs([sweep_exp], filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    outputs = runs[0].outputs.model_outputs if runs[0].outputs else []
+    versions = client.search_model_versions(f"run_id = '{runs[0].info.run_id}'")
     return {"run_exp": run_exp, "run": runs[0].info.run_id, "run_name": runs[0].info.run_name,
+            "model": outputs[0].model_id if outputs else None,
+            "version": (versions[0].name, versions[0].version) if versions else None,
             "sweep_exp": sweep_exp, "parent": parents[0].info.run_id, "parent_name": parents[0].info.run_name,
             "children": [c.info.run_id for c in children]}
 
@@ -256,6 +262,7 @@ async def photograph(ids: dict, origin: str, out: Path, chromium: str) -> None:
         await page.shoot(out / "run-metrics.png")
         await page.open(run + "/artifactPath/results.png", "results.png")
         await page.shoot(out / "run-artifacts.png")
+        await photograph_lineage(page, ids, origin, out)
         await page.open(f"{origin}/#/experiments/{ids['sweep_exp']}/runs", ids["parent_name"])
         await page.click(f"[...document.querySelectorAll('[role=row]')].find(r => r.innerText.includes("
                          f"{json.dumps(ids['parent_name'])}))?.querySelector('button[data-component-id*=runnamecell]')",
@@ -266,6 +273,20 @@ async def photograph(ids: dict, origin: str, out: Path, chromium: str) -> None:
         await page.open(compare, "Parallel Coordinates Plot")
         await choose_axes(page, drop=("name", "step/train/loss"), metric="fitness")
         await page.shoot(out / "sweep-compare.png")
+
+
+async def photograph_lineage(page: Browser, ids: dict, origin: str, out: Path) -> None:
+    """docs/from-data-to-model.md: the run's data set and logged model, the model, its version."""
+    await page.open(f"{origin}/#/experiments/{ids['run_exp']}/runs/{ids['run']}", "Datasets")
+    await page.scroll_to("Datasets")
+    await page.shoot(out / "lineage-run.png")
+    if ids["model"]:
+        await page.open(f"{origin}/#/experiments/{ids['run_exp']}/models/{ids['model']}", "final/fitness")
+        await page.shoot(out / "lineage-model.png")
+    if ids["version"]:
+        name, version = ids["version"]
+        await page.open(f"{origin}/#/models/{name}/versions/{version}", "Source")
+        await page.shoot(out / "lineage-version.png")
 
 
 async def choose_axes(page: Browser, drop: tuple[str, ...], metric: str) -> None:

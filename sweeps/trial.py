@@ -20,7 +20,7 @@ from ray.util.queue import Empty, Queue
 
 from trainers.registry import copy_registry
 from trainers.config import get_cfg
-from orchestrator.ray_launch import make_torch_trainer, nothing_left
+from orchestrator.ray_launch import is_epoch_report, make_torch_trainer, nothing_left
 from sweeps.exploit import ExploitedCheckpoint
 from sweeps.space import Objective
 from trainers.engine.factory import TrainerFactory
@@ -72,7 +72,8 @@ class TrialReporter(UserCallback):
         self.queue = queue
 
     def after_report(self, run_context, metrics, checkpoint):
-        self.queue.put((dict(metrics[0]), checkpoint))
+        if is_epoch_report(metrics[0]):  # a preemption's mid-epoch report is no result for Tune
+            self.queue.put((dict(metrics[0]), checkpoint))
 
 
 def find_actor(name: str, timeout: float = ACTOR_WAIT_S):

@@ -14,7 +14,7 @@ from trainers.registry import new_registry
 from orchestrator.ray_launch import connect_ray, storage_for
 from orchestrator.run_setup import experiment_name, new_run_id, pinned_endpoints
 from orchestrator.session import run_events
-from sweeps import parent, report
+from sweeps import champion, parent, report
 from sweeps.state import SweepState, register, unregister
 from sweeps.tune_callbacks import FatalStopper, SweepTracker
 from sweeps.config import SweepConfig
@@ -39,6 +39,7 @@ class SweepResult:
     best_checkpoint: str | None = None
     trials: Any = None  # pandas DataFrame, one row per trial
     parent_run_id: str | None = None
+    champion_model_id: str | None = None  # the best trial's MLflow logged model, registered @champion
     summary: str = ""
 
 
@@ -242,6 +243,11 @@ def finish(sweep: SweepConfig, state, grid, folder: Path, base_args, parent_run_
         tags = {"best_trial": result.best_trial, "best_checkpoint": result.best_checkpoint or "",
                 "best_mlflow_run_id": best["mlflow_run_id"]}
         metrics = {"best_objective": result.best_objective}
+        if not (interrupted or state.fatal):
+            configs = {(r.metrics or {}).get("trial_id"): r.config or {} for r in grid}
+            result.champion_model_id = champion.publish_models(table, configs, base_args,
+                                                               parent.sweep_description(sweep, base_args))
+            tags["champion_model_id"] = result.champion_model_id or ""
     if plot:
         files.append(plot)
     result.summary = report.summary(table, sweep.space, result.best_checkpoint, state.setup.objective.describe())

@@ -1,4 +1,13 @@
 """Shared test helpers: small fits that record every event."""
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+
 from trainers.events import EVENTS
 
 QUICK = dict(data="digits", imgsz=16, batch=16, nbs=32, fraction=0.05, epochs=2, verbose=False,
@@ -119,3 +128,31 @@ def own_lines(text: str) -> list[str]:
     processes (``(RayTrainWorker pid=...)``, maybe colored); those of other runs' actors sharing the
     machine's Ray say nothing about this run."""
     return [line for line in text.splitlines() if not line.lstrip("\x1b[0123456789;m").startswith("(")]
+
+
+@contextlib.contextmanager
+def tracking(uri: str):
+    """MLflow's fluent API (``models:/`` URIs) pointed at a test's store for a block; it sets
+    ``$MLFLOW_TRACKING_URI`` too, which later runs would take as their store: unset again."""
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def system_series(client, run_id: str) -> dict[str, list[int]]:
+    """Each ``system/`` key's steps, as logged (raw: a step logged twice shows twice)."""
+    keys = [k for k in client.get_run(run_id).data.metrics if k.startswith("system/")]
+    return {k: [m.step for m in client.get_metric_history(run_id, k)] for k in keys}
+
+
+def run_cluster_script(script: str, folder: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run ``tests/<script>`` (a run on a ``ray.cluster_utils.Cluster``, in a process of its own so its
+    raylets end with it) on ``folder``; its output and the ``result.json`` it wrote."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(root / "tests" / script), str(folder)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out, json.loads((folder / "result.json").read_text())

@@ -193,3 +193,19 @@ def test_peer_ultralytics_tiny(tmp_path):
         (peer,) = figures(out, "ultralytics 8.4.190 (yolov8n.yaml, defaults): final mAP50 {n} after 1 epochs")
         assert 0 <= peer <= 1
         finite(*figures(out, "ratios ours/ultralytics: final mAP50 {n}, wall time {n}"))
+
+
+def test_scale_tiny(tmp_path):
+    out = run_tiny("scale.py", tmp_path)
+    for n in (2, 4):
+        offered, delivered, records, seconds, lag = figures(
+            out, f"N={n} ranks at 100 events/s each (forwarders flush every 1 s): {{n}} records/s offered, "
+                 f"{{n}} records/s delivered ({{n}} records in {{n}} s; senders at most {{n}} ms behind schedule)")
+        assert offered == 100 * n
+        finite(delivered, records, seconds, positive=True)
+        finite(*figures(out, "emit to durable: p50 {n} ms, p99 {n} ms, max {n} ms (from the batch's send: "
+                             "p50 {n} ms, p99 {n} ms)"))
+        finite(*figures(out, "actor CPU {n} of a core ({n} s), RSS {n} MB (peak {n} MB)"), positive=True)
+        rows, emitted, lost, twice = figures(out, "raw event-log rows {n} of {n} emitted: lost {n}, stored twice {n}")
+        assert rows == emitted > 0 and lost == twice == 0  # correctness, in tiny mode too
+    assert re.search(r"^goal at N=4 \(target N=256\): p99 .*: (met|MISSED)$", out, re.M), out

@@ -267,6 +267,46 @@ def test_actor_killed_mid_stream_every_record_arrives(ray_env, tmp_path):
     assert sorted(zip(raw.column("seq").to_pylist(), raw.column("event").to_pylist())) == list(enumerate(fired))
 
 
+def wait_restarted(actor, timeout: float = 60.0) -> None:
+    """Until Ray has rebuilt a killed actor (calls meanwhile may reach the dead one and fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if ray.get(actor.stats.remote(), timeout=timeout)["restarted"]:
+                return
+        except ray.exceptions.RayActorError:
+            pass
+        assert time.monotonic() < deadline, "the actor was not restarted"
+        time.sleep(0.1)
+
+
+def test_restarted_actor_hands_its_sinks_what_the_dead_one_acknowledged(ray_env, tmp_path):
+    """The actor acknowledges a batch (so it is journaled) and dies before its event log cut a
+    part of it: the worker will not send those rows again, only the journal has them. Ray rebuilds
+    the actor by its constructor alone; the new one must hand the sink the journal's entries after
+    its watermark before it takes the next batch, or the first batch never reaches the event log
+    (and the sink's watermark counts the wrong entries, so the run is never delivered)."""
+    from callbacks.journal import Journal
+    from callbacks.sinks import EventLogSink, read_event_log
+    from trainers.events import make_row
+
+    def rows(first, n):
+        return [make_row("on_train_batch_end", {"step": first + i}, now=1e9 + first + i) for i in range(n)]
+
+    store, stream, journal = str(tmp_path / "store"), ("run-k", 0, 1), tmp_path / "journal" / "run-k"
+    sink = EventLogSink(store, "run-k", max_age=3600)  # no part before close: 20 rows, not 20,000
+    actor = start_callback_actor([sink], journal=Journal(journal, "run-k"))
+    assert ray.get(actor.ingest_rows.remote(stream, 0, rows(0, 10)))["next_seq"] == {stream: 10}
+    ray.kill(actor, no_restart=False)
+    wait_restarted(actor)
+    assert ray.get(actor.ingest_rows.remote(stream, 10, rows(10, 10)))["next_seq"] == {stream: 20}
+    ray.get(actor.finish.remote("FINISHED"))
+    ray.kill(actor)
+    raw = read_event_log(store, "run-k", dedup_rows=False)  # every stored row, duplicates included
+    assert sorted(raw.column("seq").to_pylist()) == list(range(20))
+    assert Journal(journal, "run-k").finished()["delivered"] is True
+
+
 def test_forwarder_narrowed_to_listened_events(ray_env, tmp_path):
     sink_path = tmp_path / "sink.jsonl"
     callbacks = [("on_fit_epoch_end", lambda record: None), FileSink(sink_path)]
@@ -386,3 +426,74 @@ def test_a_user_error_raised_in_an_actor_comes_back_as_raised(ray_env):
     found = user_error_in(info.value)
     assert type(found) is DataProblem and str(found) == "config key 'x': bad value"
     assert user_error_in(RuntimeError("not a user error")) is None
+
+
+class ShippingSource(StepSource):
+    """An owner whose epoch-end records name a file that it rewrites right after the event."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.folder = folder
+
+    def record_fields(self, event):
+        fields = super().record_fields(event)
+        if event == "on_fit_epoch_end":
+            fields["artifacts"] = {"table": str(self.folder / f"epoch{self.epoch}.csv")}
+        return fields
+
+
+def test_remote_rank_files_ship_off_the_training_thread_through_an_s3_outage(ray_env, tmp_path):
+    """A rank on another node ships its files to S3 while S3 is down: every event fires at once
+    (no upload on the training thread), the records that name files wait on the worker, and once S3
+    is back every record reaches the driver once, in order, its file's content as it was at the event."""
+    from callbacks.artifacts import ArtifactShipper
+    from callbacks.sinks.s3 import S3Setup
+    from callbacks.sinks.storage import local_file
+    from tests.servers import MotoServer, TcpProxy
+
+    with MotoServer(tmp_path / "moto") as moto:
+        moto.create_bucket("ship")
+        proxy = TcpProxy(moto.port).start()
+        s3 = S3Setup(endpoint=proxy.url, region="us-east-1")
+        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            sink_path = tmp_path / "sink.jsonl"
+            actor = start_callback_actor([FileSink(sink_path)])
+            registry = new_registry()
+            shipper = ArtifactShipper("s3://ship/store", "run-s", 0, s3)
+            forwarder = EventForwarder(actor, "run-s", 0, max_batch=8, flush_interval=0.02,
+                                       publish=shipper).attach(registry)
+            owner, fired = ShippingSource(tmp_path), []
+            proxy.cut()
+            for owner.epoch in range(3):
+                for _ in range(10):
+                    owner.step += 1
+                    run_callbacks(registry, "on_train_batch_end", owner)
+                    fired.append("on_train_batch_end")
+                table = tmp_path / f"epoch{owner.epoch}.csv"
+                table.write_text(f"epoch {owner.epoch}\n")
+                run_callbacks(registry, "on_fit_epoch_end", owner)
+                fired.append("on_fit_epoch_end")
+                table.write_text("rewritten by the next epoch\n")
+            forwarder.flush()
+            time.sleep(1.0)
+            held = forwarder.stats()
+            assert held["shipping"] == 3 and held["records"] == len(fired)  # S3 is down: all fired
+            assert held["acked"] <= 10  # nothing past the first record that names a file
+            proxy.restore()
+            run_callbacks(registry, "teardown", owner)  # closes the forwarder: waits for the shipments
+            fired.append("teardown")
+            assert forwarder.stats()["acked"] == len(fired)
+            records = records_of(sink_path)
+            assert [r["seq"] for r in records] == list(range(len(fired)))
+            assert [r["event"] for r in records] == fired
+            tables = [r["artifacts"]["table"] for r in records if r["event"] == "on_fit_epoch_end"]
+            assert all(t.startswith("s3://ship/store/runs/run-s/files/rank0/") for t in tables), tables
+            assert [local_file(t, s3).read_text() for t in tables] == [f"epoch {e}\n" for e in range(3)]
+            ray.kill(actor)
+        finally:
+            proxy.cut()
+            for key, value in saved.items():
+                os.environ.pop(key) if value is None else os.environ.update({key: value})

@@ -165,7 +165,9 @@ def test_a_live_run_is_left_alone(tmp_path):
 
 
 def test_resume_recovers_the_killed_run_first(tmp_path):
-    """``resume=True`` after a SIGKILL ends the killed run (KILLED, delivered) before training on."""
+    """``resume=True`` after a SIGKILL ends the killed run (KILLED, delivered) before training on, into
+    the same MLflow run: every epoch's point once, whatever the killed session logged past its
+    last checkpoint."""
     kill_after_epochs(tmp_path, train_command(8, 0.3), epochs=2)
     killed = _mlflow_run(tmp_path).info.run_id
     out = orchestrator(["train", "resume=True"], tmp_path)
@@ -174,7 +176,12 @@ def test_resume_recovers_the_killed_run_first(tmp_path):
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
-    assert client.get_run(killed).info.status == "KILLED"
+    run = client.get_run(killed)  # ended KILLED by the recovery, then continued by the resume
+    assert run.info.status == "FINISHED" and "orchestrator.end_reason" not in run.data.tags
+    fitness = [m.step for m in client.get_metric_history(killed, "fitness")]  # raw: each epoch once
+    assert sorted(fitness) == list(range(8))
+    steps = [m.step for m in client.get_metric_history(killed, "step/train/loss")]
+    assert len(steps) == len(set(steps)) > 0  # steps the killed session logged past last.pt: not again
     assert orchestrator(["recover"], tmp_path).stdout.startswith("nothing to recover")
 
 

@@ -17,7 +17,7 @@ from trainers.data.shapes import generate_shapes
 from trainers.classify import ClassificationTrainer
 from trainers.utils import UserError
 
-from tests.helpers import own_lines, wait_for_mlflow_run, wait_for_registered_checkpoint
+from tests.helpers import own_lines, system_series, wait_for_mlflow_run, wait_for_registered_checkpoint
 
 RAY_QUICK = dict(data="digits", imgsz=16, batch=16, nbs=16, fraction=0.1, epochs=2, verbose=False, plots=False,
                  workers=0, seed=0)
@@ -73,7 +73,7 @@ def test_custom_trainer_and_callbacks_run_on_every_rank(ray_session, tmp_path, n
     with pytest.raises(UserError, match="neither an"):
         model.add_callback(object(), where="driver")
     cfg = run_cfg(tmp_path, f"ranks{num_workers}", num_workers=num_workers, register=f"ranks{num_workers}",
-                  verbose=True)
+                  verbose=True, system_metrics=0.3)
     metrics = model.train(**cfg, trainer=MarkedTrainer)
     # the driver's console: rank 0's records as a header and a line per epoch; no Ray report dumps
     captured = capsys.readouterr()
@@ -97,15 +97,21 @@ def test_custom_trainer_and_callbacks_run_on_every_rank(ray_session, tmp_path, n
     assert "metrics/accuracy_top1" in metrics
     assert ray_session.is_initialized()  # a Ray the caller started is never shut down
     assert model.ckpt_path is not None and model.ckpt_path.name == "best.pt"
-    # the callback actor created the MLflow run (while the workers started): best.pt registered from it
+    # the callback actor created the MLflow run (while the workers started): best.pt logged as a model
+    # of that run on the driver, and registered
     client = MlflowClient(cfg["tracking_uri"])
     (version,) = client.search_model_versions(f"name='ranks{num_workers}'")
     run = client.get_run(version.run_id)
+    assert version.source == f"models:/{model.mlflow_model_id}"
+    assert client.get_logged_model(model.mlflow_model_id).source_run_id == run.info.run_id == model.mlflow_run_id
     assert run.info.run_name == f"ranks{num_workers}" and run.info.status == "FINISHED"
     assert run.data.params["num_workers"] == str(num_workers) and "orchestrator.run_id" in run.data.tags
     assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["digits"]  # logged by the actor's sink
     marker = client.get_metric_history(run.info.run_id, "custom/marker")  # trainer.log() on every epoch
     assert [(m.step, m.value) for m in marker] == [(0, 7.0), (1, 7.0)]
+    series = system_series(client, run.info.run_id)  # one monitor per node (rank 0's), each step once
+    assert len({k.split("/")[1] for k in series}) == 1
+    assert all(steps == list(range(len(steps))) for steps in series.values())
 
 
 def bad_data(tmp_path) -> tuple[Path, Path]:

@@ -293,3 +293,29 @@ def test_event_log_parts_encoded_once_for_both_destinations(server, tmp_path, mo
                     if p.startswith("events/"))
     assert stored == logged and len(stored) >= 3
     assert len(encoded) == len(stored) and sum(encoded) == len(records)
+
+
+def test_a_training_run_logs_each_step_once_a_sweep_trial_may_log_an_epoch_again(tmp_path):
+    """Points a restart repeats (a step the run's key already has) are not sent again, whether the
+    writer saw the first ones or found them in the run when it attached; a sweep trial's child run
+    (it has a parent) takes an epoch again, as PBT does when it moves a trial to another checkpoint."""
+    from callbacks.sinks.mlflow_writer import RunWriter
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent = create_run(uri, "floors", "sweep")
+
+    def fitness(run_id):
+        return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, "fitness")]
+
+    for parent_run_id, expected in ((None, [(0, 0.1), (1, 0.2), (2, 0.3)]),
+                                    (parent, [(0, 0.1), (1, 0.2), (1, 0.25), (2, 0.3)])):
+        writer = RunWriter(uri, "floors", "run", {}, {}, orch_run_id=f"o-{parent_run_id}",
+                           parent_run_id=parent_run_id)
+        writer.attach()
+        writer.send_points([["fitness", 0.1, 1000, 0], ["fitness", 0.2, 2000, 1]])
+        writer.send_points([["fitness", 0.25, 3000, 1], ["fitness", 0.3, 4000, 2]])  # epoch 1 again
+        assert sorted(fitness(writer.run_id)) == expected
+    again = RunWriter(uri, "floors", "run", {}, {}, orch_run_id="o-None")  # a restarted actor, a resume
+    again.attach()
+    again.send_points([["fitness", 0.35, 5000, 2], ["fitness", 0.4, 6000, 3]])
+    assert sorted(fitness(again.run_id)) == [(0, 0.1), (1, 0.2), (2, 0.3), (3, 0.4)]

@@ -1,5 +1,5 @@
 """SIGTERM/SIGINT to a training driver: the run stops, flushes, ends KILLED with the signal as its
-reason, and ``resume=True`` continues from its last checkpoint."""
+reason, and ``resume=True`` continues from its last checkpoint, into the same MLflow run and run id."""
 import os
 import signal
 import subprocess
@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from callbacks.sinks import read_event_log
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["model=cls-n.yaml", "data=digits", "imgsz=16", "fraction=0.5", "verbose=False", "plots=False"]
@@ -61,8 +63,15 @@ def test_sigterm_stops_at_a_step_and_resume_continues(tmp_path):
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     client, runs = mlflow_runs(tmp_path)
-    steps = sorted(point.step for point in client.get_metric_history(runs[-1].info.run_id, "fitness"))
-    assert runs[-1].info.status == "FINISHED" and steps == list(range(stopped_at + 1, 12))
+    assert [r.info.run_id for r in runs] == [run.info.run_id]  # the same MLflow run, continued
+    steps = [point.step for point in client.get_metric_history(run.info.run_id, "fitness")]  # raw
+    assert client.get_run(run.info.run_id).info.status == "FINISHED" and sorted(steps) == list(range(12))
+    assert stopped_at + 1 < 12
+    table = read_event_log(str(tmp_path / "runs" / "store"), run.data.tags["orchestrator.run_id"], dedup_rows=False)
+    sessions = {}
+    for attempt, seq in zip(table.column("attempt").to_pylist(), table.column("seq").to_pylist()):
+        sessions.setdefault(attempt, []).append(seq)
+    assert len(sessions) == 2 and all(sorted(s) == list(range(len(s))) for s in sessions.values())
 
 
 def test_a_failing_run_ends_failed_with_its_reason_and_files(tmp_path, monkeypatch):

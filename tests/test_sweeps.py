@@ -312,6 +312,17 @@ def test_custom_fitness_drives_asha_and_every_trial_is_tracked(sweep_ray, tmp_pa
         assert [i.dataset.name for i in client.get_run(child.info.run_id).inputs.dataset_inputs] == ["digits"]
     driver = rows(driver_log)
     assert len({r["run_id"] for r in driver}) == 3 and [r["epoch"] for r in driver].count(0) == 3
+    # each trial's best checkpoint is a logged model carrying its objective; the best is the champion
+    models = client.search_logged_models([parent.info.experiment_id],
+                                         order_by=[{"field_name": "metrics.objective", "ascending": False}])
+    assert [m.source_run_id for m in models] == [children[lr].info.run_id for lr in ("0.03", "0.02", "0.01")]
+    assert [[(m.key, round(m.value, 6)) for m in x.metrics if m.key == "objective"] for x in models] == [
+        [("objective", 0.09)], [("objective", 0.02)], [("objective", 0.01)]]
+    champion = client.get_model_version_by_alias("runs", "champion")  # register= unset: the experiment's name
+    assert champion.source == f"models:/{models[0].model_id}" and models[0].model_id == result.champion_model_id
+    assert parent.data.tags["champion_model_id"] == result.champion_model_id
+    objective = client.get_metric_history(children["0.03"].info.run_id, "objective")
+    assert [m.step for m in objective] == [0, 1, 2]  # linking re-sent the epoch's points: none added
 
 
 def test_pbt_restarts_the_weak_trial_from_the_strong_trials_checkpoint(sweep_ray, tmp_path):

@@ -56,7 +56,8 @@ def test_trainer_rows_equal_the_checked_rows_of_its_fields(tmp_path):
         if owner == TRAINER:
             model.add_callback(event, compare(event))
     model.train(**{**QUICK, "epochs": 1}, project=str(tmp_path), name="rows")
-    assert {event for event, _, _ in pairs} == {e for e, o in EVENTS.items() if o == TRAINER}
+    # every trainer event but on_resize, which fires only after a resize (tests/test_elastic.py)
+    assert {event for event, _, _ in pairs} == {e for e, o in EVENTS.items() if o == TRAINER} - {"on_resize"}
     for event, direct, checked in pairs:
         assert abs(direct[3] - checked[3]) < 1.0, event  # time stamps, taken microseconds apart
         direct[3] = checked[3]

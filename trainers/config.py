@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,9 +42,10 @@ _TYPES: dict[str, Any] = {
     "resources_per_worker": Optional[dict[str, float]], "warmup_epochs": Optional[float],
     "nbs": Optional[int],
     "fraction": float, "lr0": float, "lrf": float, "momentum": float, "weight_decay": float,
-    "clip_grad": float, "ckpt_upload_interval": float, "register": Optional[Union[bool, str]],
+    "clip_grad": float, "ckpt_upload_interval": float, "system_metrics": float,
+    "register": Optional[Union[bool, str]],
     "experiment": Optional[str], "s3_endpoint": Optional[str], "s3_region": Optional[str],
-    "s3_profile": Optional[str],
+    "s3_profile": Optional[str], "num_workers": Any,
 }
 _CHOICES = {
     "task": {None, "classify", "detect"}, "mode": {"train", "val", "predict", "export"},
@@ -136,11 +138,48 @@ def validate(values: dict) -> Args:
         if cfg[key] not in allowed:
             options = ", ".join(sorted(str(a) for a in allowed if a is not None))
             raise UserError(f"config key '{key}': value {cfg[key]!r} is not one of {options}")
+    cfg["num_workers"] = check_num_workers(cfg["num_workers"])
+    if cfg["max_preemptions"] < -1:
+        raise UserError(f"config key 'max_preemptions': value {cfg['max_preemptions']!r} is not valid "
+                        f"(expected an int >= 0, or -1 for no limit)")
     if cfg["log_every_n_steps"] < 1:
         raise UserError(f"config key 'log_every_n_steps': value {cfg['log_every_n_steps']!r} is not valid "
                         f"(expected an int >= 1)")
     check_optimizer_values(cfg["optimizer"], cfg["lr0"], cfg["momentum"], cfg["weight_decay"])
     return Args(**cfg)
+
+
+WORKER_RANGE = re.compile(r"(\d+)(?:\s*-\s*(\d+))?")  # "2-4" (or a count as text, "2")
+
+
+def check_num_workers(value) -> int | str:
+    """A count (``0`` = in this process) or, for an elastic run, a range ``"min-max"``: written
+    ``2-4`` (the CLI's form) or ``[2, 4]`` (YAML, Python), kept as ``"2-4"`` so that args.yaml,
+    MLflow's params and a checkpoint's args show it as the user wrote it. A range of one size is
+    that count."""
+    counts = worker_counts(value)
+    if counts is None or not (counts[0] == counts[1] >= 0 or 1 <= counts[0] <= counts[1]):
+        raise UserError(f"config key 'num_workers': value {value!r} is not valid (expected a count >= 0, "
+                        f"or a range min-max with 1 <= min <= max, e.g. 2-4 or [2, 4])")
+    return counts[0] if counts[0] == counts[1] else f"{counts[0]}-{counts[1]}"
+
+
+def worker_counts(num_workers) -> tuple[int, int] | None:
+    """``(min, max)`` Ray Train workers of ``num_workers`` (a count is both ends); None when it is
+    neither a count nor a range. Everything that sizes a run reads ``num_workers`` through this."""
+    if isinstance(num_workers, int) and not isinstance(num_workers, bool):
+        return num_workers, num_workers
+    if isinstance(num_workers, (list, tuple)) and len(num_workers) == 2:
+        num_workers = "-".join(str(n) for n in num_workers)
+    match = WORKER_RANGE.fullmatch(num_workers.strip()) if isinstance(num_workers, str) else None
+    return (int(match[1]), int(match[2] or match[1])) if match else None
+
+
+def describe_workers(num_workers) -> str:
+    """The world size as a run's tags and description show it: ``2``, or ``2-4`` for an elastic run
+    (``1`` for a run in this process)."""
+    low, high = worker_counts(num_workers)
+    return str(max(high, 1)) if low == high else f"{low}-{high}"
 
 
 def check_optimizer_values(optimizer: str, lr0: float, momentum: float, weight_decay: float) -> None:

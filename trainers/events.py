@@ -14,6 +14,7 @@ TRAINER, VALIDATOR, PREDICTOR, EXPORTER = "trainer", "validator", "predictor", "
 EVENTS: dict[str, str] = {
     "on_pretrain_routine_start": TRAINER,
     "on_pretrain_routine_end": TRAINER,
+    "on_resize": TRAINER,  # this project's own: the run continues at another world size
     "on_train_start": TRAINER,
     "on_train_epoch_start": TRAINER,
     "on_train_batch_start": TRAINER,

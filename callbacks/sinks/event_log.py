@@ -22,9 +22,10 @@ class EventLogSink(StoreSink):
     """Every record (all events, all ranks) to Parquet parts in ``store_uri``.
 
     Parts are cut when ``max_rows`` records are buffered, when the oldest is ``max_age`` s old,
-    after each batch holding an epoch end and at close. A cut part goes to a local spool file at
-    once and is uploaded in the background, so an unreachable store only grows the spool.
-    ``parts`` hands the same encoded parts to other subscribers (a bound MLflow sink).
+    after the batch that ends an epoch on the last rank (``EpochEnds``) and at close. A cut part
+    goes to a local spool file at once and is uploaded in the background, so an unreachable store
+    only grows the spool. ``parts`` hands the same encoded parts to other subscribers (a bound
+    MLflow sink).
 
     Its watermark moves when every part of a cut is in the store, before any later part goes:
     a restart re-cuts from there, so a part uploaded just before a crash is cut again with the

@@ -154,11 +154,40 @@ class PartBuffer:
         return parts
 
 
+class EpochEnds:
+    """Whether an epoch is over on every rank: how many epoch ends each rank has sent.
+
+    With N ranks, cutting at each rank's epoch end made ~N cuts and ~3.7 N small parts per epoch,
+    most of the callback actor's time at N=256 (benchmarks/scale.py); one cut per epoch keeps every
+    rank's rows of it in parts once the epoch is over. Ranks are counted across attempts (a Ray
+    Train restart re-runs an epoch on every rank, so the counts stay in step); a rank silent for
+    ``stale_after`` s (gone with a smaller world) no longer holds the cut back."""
+
+    def __init__(self, stale_after: float):
+        self.stale_after = stale_after
+        self._ranks: dict[int, list] = {}  # rank -> [epoch ends sent, monotonic time of its last rows]
+        self._cut = 0  # epoch ends every live rank had sent at the last epoch cut
+
+    def over(self, rank: int, ends: int) -> bool:
+        """Note ``ends`` epoch-end rows of ``rank``; True when every live rank is past one more."""
+        now = time.monotonic()
+        seen = self._ranks.setdefault(rank, [0, now])
+        seen[0], seen[1] = seen[0] + ends, now
+        if not ends:
+            return False
+        done = min(n for n, heard in self._ranks.values() if now - heard < self.stale_after)
+        if done <= self._cut:
+            return False
+        self._cut = done
+        return True
+
+
 class EventParts:
     """A run's rows cut into parts, each encoded once and handed to every subscriber.
 
     Parts are cut when ``max_rows`` rows are buffered, when the oldest is ``max_age`` s old (seen
-    as rows arrive, or by ``cut_if_old`` from a courier), after every epoch end and on ``cut``.
+    as rows arrive, or by ``cut_if_old`` from a courier), once every rank ended an epoch
+    (``EpochEnds``) and on ``cut``.
     A subscriber is ``fn(key, data)`` and should only stage the bytes: it runs on the caller's
     thread. Thread-safe: rows come from the actor, age cuts from a courier thread."""
 
@@ -166,6 +195,7 @@ class EventParts:
         self.run_id, self.max_rows, self.max_age = run_id, max_rows, max_age
         self.rows = 0  # rows cut into parts so far
         self._buffer = PartBuffer()
+        self._epochs = EpochEnds(max_age)
         self._receivers: list[Callable[[str, bytes], None]] = []
         self._watchers: list[Callable[[int, list[str]], None]] = []
         self._lock = threading.Lock()
@@ -184,21 +214,24 @@ class EventParts:
                 self._receivers.remove(receiver)
 
     def add(self, record: dict, event: str) -> None:
-        """One record (cut after it when it ends an epoch)."""
+        """One record (cut after it when it ends an epoch on the last rank)."""
         with self._lock:
             self._buffer.add(record, event)
-        self._cut_if_due(event == EPOCH_END)
+            over = self._epochs.over(int(record.get("rank", -1)), int(event == EPOCH_END))
+        self._cut_if_due(over)
 
     def add_rows(self, stream: tuple, first_seq: int, rows: list, mark: int | None = None) -> None:
-        """A worker's batch (one journal entry) whole, cut after it when it holds an epoch end:
-        parts end on entry boundaries, so a sink restarted from its watermark cuts the same
-        first part again. ``mark``: the journal entries wholly added with this one."""
+        """A worker's batch (one journal entry) whole, cut after it when it ends an epoch on the
+        last rank: parts end on entry boundaries, so a sink restarted from its watermark cuts the
+        same first part again. ``mark``: the journal entries wholly added with this one."""
+        ends = sum(row[EVENT] == EPOCH_END for row in rows)
         with self._lock:
             self._buffer.add_rows(stream, first_seq, rows, mark)
-        self._cut_if_due(any(row[EVENT] == EPOCH_END for row in rows))
+            over = self._epochs.over(int(stream[1]), ends)
+        self._cut_if_due(over)
 
-    def _cut_if_due(self, epoch_end: bool) -> None:
-        if epoch_end or self._buffer.count >= self.max_rows or self._buffer.age() >= self.max_age:
+    def _cut_if_due(self, epoch_over: bool) -> None:
+        if epoch_over or self._buffer.count >= self.max_rows or self._buffer.age() >= self.max_age:
             self.cut()
 
     def cut_if_old(self) -> None:

@@ -2,7 +2,9 @@
 
 Metric steps: ``on_train_batch_end`` values go under ``step_prefix`` (default ``step/``) at the
 optimizer step, ``on_fit_epoch_end`` values under their own names at the epoch, and the final
-evaluation's under ``final/``, so no key mixes two x axes and no step is logged twice. The final
+evaluation's under ``final/``, so no key mixes two x axes and no step is logged twice. An
+``on_resize`` record (the run continues at another world size) gives ``world_size`` and
+``world_size_before`` at the first epoch of the new size. The final
 evaluation's per-class values (``trainers.metrics.base``) make no points: they are for the metrics
 object ``Model.train`` returns, and stay in the event log.
 Per-step points go at every ``every``-th optimizer step (``log_every_n_steps``; the first batch
@@ -17,7 +19,7 @@ import time
 from callbacks.sinks.mlflow_runs import MAX_KEY, metric_key
 from trainers.metrics.base import is_per_class
 
-BATCH_END, EPOCH_END = "on_train_batch_end", "on_fit_epoch_end"
+BATCH_END, EPOCH_END, RESIZE = "on_train_batch_end", "on_fit_epoch_end", "on_resize"
 
 
 class MetricPoints:
@@ -31,7 +33,7 @@ class MetricPoints:
 
     def makes_points(self, event: str, step: int) -> bool:
         """Whether a record of ``event`` at ``step`` may make points (a cheap test on the row)."""
-        return event == EPOCH_END or (event == BATCH_END and step % self.every == 0)
+        return event in (EPOCH_END, RESIZE) or (event == BATCH_END and step % self.every == 0)
 
     def of(self, event: str, record: dict) -> list[list]:
         metrics = record.get("metrics")
@@ -45,6 +47,8 @@ class MetricPoints:
         elif event == EPOCH_END:
             prefix, step = ("final/" if record.get("final_eval") else ""), int(record.get("epoch", 0))
             metrics = {k: v for k, v in metrics.items() if not is_per_class(k)}
+        elif event == RESIZE:
+            prefix, step = "", int(record.get("epoch", 0))
         else:
             return []
         ts = int(float(record.get("time", time.time())) * 1000)

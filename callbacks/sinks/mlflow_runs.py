@@ -22,6 +22,7 @@ from trainers.utils import LOGGER, UserError
 
 MAX_KEY = 250
 RUN_ID_TAG = "orchestrator.run_id"
+END_REASON_TAG = "orchestrator.end_reason"  # why a run failed or was killed
 # MLflow's own HTTP retries: short, so a down server fails fast and the sinks' backoff takes over.
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
             "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
@@ -136,16 +137,39 @@ def new_run(client, experiment: str, run_name: str, tags: dict, parent_run_id: s
 
 
 def reopen_run(client, run_id: str) -> None:
-    """Mark a run found again (a resumed sweep) as running."""
+    """Mark a run found again (a resumed sweep or run) as running, without the reason it ended for."""
     client.update_run(run_id, status="RUNNING")
+    if END_REASON_TAG in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, END_REASON_TAG)
+
+
+def continue_run(tracking_uri: str, experiment: str, orch_run_id: str) -> str | None:
+    """The MLflow run of the orchestrator's run ``orch_run_id`` marked running again (``resume=``),
+    or None when there is none."""
+    client = mlflow_client(tracking_uri)
+    run = find_run(client, experiment, orch_run_id)
+    if run is None:
+        return None
+    reopen_run(client, run.info.run_id)
+    LOGGER.info(f"continuing MLflow run {run.info.run_id} in experiment '{experiment}'")
+    return run.info.run_id
+
+
+def last_steps(client, run) -> dict[str, int]:
+    """Each metric's last step in ``run``: a run continued (``resume=``, a restarted callback actor)
+    logs only later steps, so no (key, step) point is logged twice, whatever the restart repeated.
+    ``system/`` metrics have a monitor of their own (``callbacks/system_metrics.py``)."""
+    keys = [k for k in run.data.metrics if not k.startswith("system/")]
+    return {k: max(m.step for m in client.get_metric_history(run.info.run_id, k)) for k in keys}
 
 
 def log_params_tags(client, run_id: str, params: dict[str, str], tags: dict[str, str]) -> None:
     """Params not yet on the run (params are write-once), then all tags (last write wins)."""
     from mlflow.entities import Param, RunTag
     existing = client.get_run(run_id).data.params
-    for key in sorted(k for k in params if k in existing and existing[k] != params[k]):
-        LOGGER.warning(f"mlflow: param {key} already set on run {run_id} to another value; kept")
+    kept = sorted(k for k in params if k in existing and existing[k] != params[k])
+    if kept:  # a resumed run's resume= (and any key it changed)
+        LOGGER.info(f"mlflow: params of run {run_id} kept as first logged: {', '.join(kept)}")
     new = [Param(k, v) for k, v in params.items() if k not in existing]
     tag_list = [RunTag(k, v) for k, v in tags.items()]
     if new or tag_list:

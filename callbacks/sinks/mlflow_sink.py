@@ -23,7 +23,7 @@ from callbacks.sinks.event_log import EventLogSink
 from callbacks.sinks.event_parts import EventParts
 from callbacks.sinks.mlflow_files import RunFiles
 from callbacks.sinks.mlflow_points import EPOCH_END, MetricPoints
-from callbacks.sinks.mlflow_runs import RUN_ID_TAG, clean_params, clean_tags, short_http_retries
+from callbacks.sinks.mlflow_runs import END_REASON_TAG, RUN_ID_TAG, clean_params, clean_tags, short_http_retries
 from callbacks.sinks.mlflow_writer import RunWriter
 from callbacks.sinks.redact import install_log_filter, redact_text
 from callbacks.sinks.spool import FileStage, Spool
@@ -31,7 +31,6 @@ from trainers.events import ARTIFACTS, EVENT, STEP
 from trainers.utils import LOGGER
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
-END_REASON_TAG = "orchestrator.end_reason"
 
 
 class MLflowSink(Sink):

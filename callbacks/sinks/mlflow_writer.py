@@ -5,16 +5,18 @@ tag (so the sink of a restarted actor reuses the run) or creates it, then logs p
 and tags. Metrics go with ``log_batch``; a batch MLflow rejects as invalid is split until the bad
 point is found and dropped (counted), so one bad value never blocks the rest of the run.
 Re-sending a point after an uncertain failure is harmless: the SQL store ignores an exact
-duplicate (same key, value, step, timestamp). Any other failure propagates to the courier,
-which keeps the data queued and retries.
+duplicate (same key, value, step, timestamp). No point goes at a step its key already has in the
+run (``last_steps`` when a restarted actor or a resumed run attaches, ``raise_floors`` as points
+go): what a restart repeated is not logged twice. Any other failure propagates to the courier, which keeps the data queued and
+retries.
 """
 from __future__ import annotations
 
 import posixpath
 from pathlib import Path
 
-from callbacks.sinks.mlflow_runs import (RUN_ID_TAG, announce_run, find_run, first_line, is_invalid,
-                                         log_dataset, log_params_tags, mlflow_client, new_run)
+from callbacks.sinks.mlflow_runs import (RUN_ID_TAG, announce_run, find_run, first_line, is_invalid, last_steps,
+                                         log_dataset, log_params_tags, mlflow_client, new_run, reopen_run)
 from trainers.utils import LOGGER
 
 
@@ -29,6 +31,7 @@ class RunWriter:
         self.run_id, self.orch_run_id, self.find_existing = run_id, orch_run_id, find_existing
         self.ready = self.terminated = False
         self.delivered = self.rejected = 0
+        self.floors: dict[str, int] = {}  # a continued run's last step per key (``last_steps``)
         self._client = None
 
     def client(self):
@@ -45,6 +48,8 @@ class RunWriter:
             tags.setdefault(RUN_ID_TAG, self.orch_run_id)
         if self.run_id is None:
             self.run_id = self._existing_run() or self._new_run(tags)
+        else:  # made (or continued) by the driver
+            self.floors = last_steps(self.client(), self.client().get_run(self.run_id))
         try:
             log_params_tags(self.client(), self.run_id, self.params, tags)
             log_dataset(self.client(), self.run_id, self.dataset)
@@ -56,11 +61,17 @@ class RunWriter:
         self.ready = True
 
     def _existing_run(self) -> str | None:
-        """A run already made for these records (e.g. before an actor restart)."""
+        """A run already made for these records (before an actor restart, or a resumed run's),
+        running again; points at steps it holds are not sent again."""
         if not (self.find_existing and self.orch_run_id):
             return None
         run = find_run(self.client(), self.experiment, self.orch_run_id)
-        return run.info.run_id if run else None
+        if run is None:
+            return None
+        if run.info.status != "RUNNING":
+            reopen_run(self.client(), run.info.run_id)
+        self.floors = last_steps(self.client(), run)
+        return run.info.run_id
 
     def _new_run(self, tags: dict) -> str:
         run_id = new_run(self.client(), self.experiment, self.run_name, tags, self.parent_run_id)
@@ -70,7 +81,12 @@ class RunWriter:
     def send_points(self, points: list[list]) -> None:
         """Points ``[key, value, timestamp ms, step]``, at most 1000 (MLflow's limit per request)."""
         from mlflow.entities import Metric
-        self._send([Metric(k, v, ts, step) for k, v, ts, step in points])
+        floors = self.floors
+        metrics = [Metric(k, v, ts, step) for k, v, ts, step in points if step > floors.get(k, -1)]
+        if metrics:
+            self._send(metrics)
+        if self.parent_run_id is None:  # see ``raise_floors``
+            raise_floors(floors, metrics)
         self.delivered += len(points)
 
     def _send(self, metrics: list) -> None:
@@ -102,3 +118,13 @@ class RunWriter:
                 self.client().set_tag(self.run_id, key, value)
             self.client().set_terminated(self.run_id, status)
             self.terminated = True
+
+
+def raise_floors(floors: dict[str, int], metrics: list) -> None:
+    """A training run logs each (key, step) once: a worker group that Ray Train restarted between an
+    epoch's end and that epoch's checkpoint trains the epoch again, and the first values stay. A
+    sweep trial's run is left out: PBT may move a trial to another trial's earlier checkpoint, and
+    its epochs from there are logged again."""
+    for metric in metrics:
+        if metric.step > floors.get(metric.key, -1):
+            floors[metric.key] = metric.step

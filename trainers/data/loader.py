@@ -1,6 +1,8 @@
 """DataLoaders for every task: a seeded shuffling sampler for training, shards for validation."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -11,10 +13,48 @@ def build_dataloader(dataset, batch: int, workers: int, mode: str, rank: int, wo
                      seed: int = 0, collate_fn=None) -> DataLoader:
     """Training shuffles per epoch (``sampler.set_epoch``), identically with or without DDP."""
     if mode == "train":
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=max(rank, 0),
-                                     shuffle=True, seed=seed, drop_last=False)
+        sampler = EpochSampler(dataset, num_replicas=world_size, rank=max(rank, 0),
+                               shuffle=True, seed=seed, drop_last=False)
     else:
         sampler = ShardSampler(dataset, rank, world_size)
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
                       collate_fn=collate_fn, pin_memory=torch.cuda.is_available(),
                       persistent_workers=workers > 0, drop_last=False)
+
+
+class EpochSampler(DistributedSampler):
+    """The training sampler: DistributedSampler's shuffle (seed + epoch), which can start an epoch
+    part-way, after ``start`` indices, for a run resumed mid-epoch (a preemption's checkpoint). The
+    skipped indices are never loaded. ``len()`` stays the whole epoch's: the loop's schedule
+    (warmup, the epoch's last step) counts on it. ``start`` holds for one pass."""
+
+    start = 0
+
+    def __iter__(self):
+        start, self.start = self.start, 0
+        return itertools.islice(super().__iter__(), start, None)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict, start: int = 0) -> None:
+        self.seed, self.epoch, self.start = int(state["seed"]), int(state["epoch"]), int(start)
+
+
+def sampler_state(loader) -> dict | None:
+    """The shuffle a training loader is at (seed, epoch); None for a sampler of another kind."""
+    sampler = getattr(loader, "sampler", None)
+    return sampler.state_dict() if isinstance(sampler, EpochSampler) else None
+
+
+def batches_from(loader, first: int, state: dict | None):
+    """An iterator over the loader's batches from batch ``first`` on. An ``EpochSampler`` takes back
+    its ``state`` and starts after the indices of the earlier batches, unread; any other loader reads
+    those batches and drops them."""
+    if isinstance(loader.sampler, EpochSampler) and state is not None:
+        loader.sampler.load_state_dict(state, start=first * loader.batch_size)
+        return iter(loader)
+    batches = iter(loader)
+    for _ in range(first):
+        next(batches)
+    return batches

@@ -29,11 +29,17 @@ def select_device(device: str | None) -> torch.device:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is True on any rank: no rank can stop (or hang) alone."""
+    return bool(max_over_ranks([1.0 if flag else 0.0], device)[0])
+
+
+def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Each value's largest over the ranks (the values themselves when alone): one all_reduce,
+    so the ranks agree on several numbers for the price of one."""
     if not is_dist():
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device if dist.get_backend() == "nccl" else "cpu")
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return t.tolist()
 
 
 def gather_objects(obj) -> list:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from trainers.config import Args, get_cfg
+from trainers.data.loader import batches_from, sampler_state
 from trainers.engine import checkpoint as ckpt_io
 from trainers.engine.paths import latest_checkpoint
 from trainers.registry import stateful_callbacks
@@ -23,8 +24,8 @@ URL_USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
 
 # Keys a resumed run may change; everything else comes from the checkpoint's args.
 RESUME_OVERRIDES = {"epochs", "device", "workers", "patience", "save_period", "val", "plots",
-                    "verbose", "num_workers", "use_gpu", "resources_per_worker", "max_failures",
-                    "tracking_uri", "storage", "ckpt_upload_interval", "batch", "register",
+                    "verbose", "num_workers", "use_gpu", "resources_per_worker", "max_failures", "max_preemptions",
+                    "resize_interval", "tracking_uri", "storage", "ckpt_upload_interval", "batch", "register",
                     "experiment", "s3_endpoint", "s3_region", "s3_profile"}
 
 
@@ -32,6 +33,11 @@ def training_finished(epoch: int, stop: bool, epochs: int) -> bool:
     """Whether a checkpoint of ``epoch`` (0-based) ended a run of ``epochs``: its last epoch, or
     every rank voted to stop after it. One rule for the trainer's restart and the launcher's retry."""
     return bool(stop) or epoch + 1 >= epochs
+
+
+def world_size_of(ckpt: dict) -> int:
+    """The world size a checkpoint was written at: it holds one RNG state per rank."""
+    return len(ckpt.get("rng") or [None])
 
 
 def args_without_credentials(args: Args) -> dict:
@@ -50,7 +56,32 @@ def checkpoint_contents(trainer) -> dict:
         "train_args": trainer.args_without_credentials(), "train_metrics": dict(trainer.metrics),
         "stopper": trainer.stopper.state_dict(), "rng": trainer._rng_states,
         "callbacks": {k: cb.state_dict() for k, cb in stateful_callbacks(trainer.callbacks).items()},
+        "position": trainer.data_position,
     }
+
+
+def mid_epoch_position(trainer, done: int, nb: int) -> dict:
+    """Where an epoch stopped for a preemption, saved with its checkpoint (``position``; None in an
+    epoch's own): ``done`` of ``nb`` batches trained at this world size, the shuffle (the sampler's
+    seed and epoch) and what the epoch gathered so far: the running loss, the learning rates, the
+    ``trainer.log`` metrics. The RNG streams are the checkpoint's ``rng``, taken at the same step."""
+    return {"batch": done, "batches": nb, "world_size": trainer.world_size,
+            "sampler": sampler_state(trainer.train_loader), "tloss": trainer.tloss,
+            "lr": dict(trainer.lr), "logged": dict(trainer._logged)}
+
+
+def continue_epoch(trainer, position: dict):
+    """``(batches, index of the first)``: the rest of an epoch a preemption cut, as a run without it
+    would have seen it. The trained batches are skipped unread (``data.loader.batches_from``); the
+    RNG streams go back to that step once the iterator exists, since making one draws from torch's
+    RNG as at the epoch's start. At another world size (an elastic run) the same share is skipped."""
+    nb = len(trainer.train_loader)
+    same = position["world_size"] == trainer.world_size
+    first = position["batch"] if same else round(position["batch"] * nb / position["batches"])
+    batches = batches_from(trainer.train_loader, first, position["sampler"])
+    trainer.tloss, trainer.lr, trainer._logged = position["tloss"], dict(position["lr"]), dict(position["logged"])
+    ckpt_io.set_rng_state(position["rng"])
+    return batches, first
 
 
 def resolve_resume(args: Args) -> tuple[Args, dict | None]:
@@ -65,13 +96,15 @@ def resolve_resume(args: Args) -> tuple[Args, dict | None]:
     return get_cfg(ckpt["train_args"], {**overrides, "resume": str(path), "exist_ok": True}), ckpt
 
 
-def first_epoch_left(ckpt_epoch: int, epochs: int, resume_stop: bool | None, save_dir) -> int:
-    """The first epoch left to train: the one after the checkpoint's. A restart whose checkpoint
-    ended the training (``resume_stop`` known) has none left: ``epochs``, the final evaluation only.
-    A user's resume (``resume_stop`` None) of a finished run is an error, so it is never a no-op."""
+def first_epoch_left(ckpt_epoch: int, epochs: int, resume_stop: bool | None, save_dir,
+                     mid_epoch: bool = False) -> int:
+    """The first epoch left to train: the one after the checkpoint's, or for a mid-epoch checkpoint
+    (a preemption's) its own. A restart whose checkpoint ended the training (``resume_stop`` known)
+    has none left: ``epochs``, the final evaluation only. A user's resume (``resume_stop`` None) of
+    a finished run is an error, so it is never a no-op."""
     if resume_stop is not None and training_finished(ckpt_epoch, resume_stop, epochs):
         return epochs
-    start = ckpt_epoch + 1
+    start = ckpt_epoch + (0 if mid_epoch else 1)
     if start >= epochs:
         raise UserError(f"run in {save_dir} already trained {start} epochs (epochs={epochs}); "
                         f"pass a larger epochs= to continue, or model=<best.pt> to fine-tune")
@@ -85,11 +118,22 @@ def restore_trainer(trainer, ckpt: dict) -> None:
     trainer.best_fitness, trainer.step, trainer.start_epoch = ckpt["best_fitness"], ckpt["step"], start
     trainer.epoch = ckpt["epoch"]  # the last one trained (the loop moves on from it)
     _restore_callbacks(trainer.callbacks, ckpt)
-    states = ckpt["rng"]  # one per rank; a different world size continues rank 0's streams
-    ckpt_io.set_rng_state(states[trainer.rank] if len(states) == trainer.world_size else states[0])
-    LOGGER.info(f"resuming {trainer.save_dir} from epoch {start + 1} of {trainer.epochs}" if start < trainer.epochs
+    _restore_rng_and_position(trainer, ckpt)
+    position = trainer.resume_position
+    where = f", batch {position['batch'] + 1} of {position['batches']}" if position else ""
+    LOGGER.info(f"resuming {trainer.save_dir} from epoch {start + 1} of {trainer.epochs}{where}" if start < trainer.epochs
                 else f"restarting {trainer.save_dir} after its last trained epoch ({ckpt['epoch'] + 1}): "
                      f"only the final evaluation is left")
+
+
+def _restore_rng_and_position(trainer, ckpt: dict) -> None:
+    """This rank's RNG streams (one per rank; at another world size rank 0's) and, from a mid-epoch
+    checkpoint, where its epoch continues: ``continue_epoch`` sets the streams again there."""
+    states = ckpt["rng"]
+    rng = states[trainer.rank] if len(states) == trainer.world_size else states[0]
+    ckpt_io.set_rng_state(rng)
+    position = ckpt.get("position")
+    trainer.resume_position = {**position, "rng": rng} if position else None
 
 
 def _restore_training_state(trainer, ckpt: dict, start: int) -> None:

@@ -33,6 +33,14 @@ def take_fraction(dataset, fraction: float):
     return torch.utils.data.Subset(dataset, range(n))
 
 
+def split_batch(batch: int, nbs: int, world_size: int) -> tuple[int, int]:
+    """``(per-worker batch, accumulate)``: the global ``batch`` split across the workers, gradients
+    accumulated up to the nominal batch ``nbs``. Both follow the world size, so an elastic run that
+    Ray resized keeps the global batch and the optimizer step it was configured with."""
+    per_worker = max(batch // world_size, 1)
+    return per_worker, max(round(nbs / (per_worker * world_size)), 1)
+
+
 MIN_STEPS = 30  # optimizer steps an epoch at least, when nbs is left to the data
 MAX_NBS = 64  # the nominal batch of large data sets (Ultralytics' nbs)
 WARMUP_SHARE = 0.05  # of the run's optimizer steps, at most, when warmup_epochs is left to the data

@@ -29,7 +29,8 @@ from trainers.engine.ema import ModelEMA
 from trainers.engine.history import History
 from trainers.engine.optim import lr_lambda, make_optimizer, warmup
 from trainers.engine.paths import run_dir
-from trainers.engine.setup import init_seeds, scaled_to_data, take_fraction
+from trainers.engine.preemption import Preempted, StepVote
+from trainers.engine.setup import init_seeds, scaled_to_data, split_batch, take_fraction
 from trainers.engine.stopper import EarlyStopping
 from trainers.utils import LOGGER, UserError, unwrap_model
 
@@ -57,6 +58,14 @@ class BaseTrainer(CallbackMixin):
         # Launcher functions ``fn(trainer)`` run on every rank at each epoch's end, after the stop
         # vote, so what they record (Ray Train's report) holds the stop every rank acts on.
         self.epoch_reporters: list = []
+        # A launcher that hears of preemptions (Ray Train) sets ``preemption_notice() -> bool``. When
+        # the ranks agree on it at an optimizer step (``preemption.StepVote``), rank 0 writes a
+        # mid-epoch last.pt with ``data_position``, every rank runs ``preemption_reporters`` and
+        # raises ``Preempted``; the restart continues the epoch at ``resume_position``.
+        self.preemption_notice = None
+        self.preemption_reporters: list = []
+        self.data_position: dict | None = None
+        self.resume_position: dict | None = None
         self.rank, self.world_size = rank_and_world()
         self.device = select_device(self.args.device)
         if self.args.imgsz is None:
@@ -81,12 +90,16 @@ class BaseTrainer(CallbackMixin):
         self._logged: dict[str, float] = {}
         self._saved_best = False
         self.history = None
+        # The world size of the checkpoint this run continues from, when it differs from this one
+        # (``on_resize``: Ray resized an elastic run, or a resume changed num_workers); else None.
+        self.resized_from: int | None = None
 
     # ------------------------------------------------------------------ the loop
     def train(self):
         """Run the whole fit; ``teardown`` fires last, also after an exception."""
         try:
             self._setup_train()
+            self._announce_resize()
             self.run_callbacks("on_train_start")
             for epoch in range(self.start_epoch, self.epochs):
                 self.epoch = epoch
@@ -124,10 +137,9 @@ class BaseTrainer(CallbackMixin):
             self.data["train"] = take_fraction(self.data["train"], self.args.fraction)
         self._choose_for_data(len(self.data["train"]))
         self._setup_model()
-        self.batch_size = max(self.args.batch // self.world_size, 1)
+        self.batch_size, self.accumulate = split_batch(self.args.batch, self.args.nbs, self.world_size)
         self.train_loader = self.get_dataloader(self.data["train"], self.batch_size, self.rank, "train")
         self.test_loader = self.get_dataloader(self.data["val"], self.batch_size * 2, self.rank, "val")
-        self.accumulate = max(round(self.args.nbs / self.args.batch), 1)
         decay = self.args.weight_decay * self.args.batch * self.accumulate / self.args.nbs
         iterations = math.ceil(len(self.train_loader.dataset) / max(self.args.batch, self.args.nbs)) * self.epochs
         self.optimizer = self.build_optimizer(self.model, self.args.optimizer, self.args.lr0,
@@ -138,9 +150,22 @@ class BaseTrainer(CallbackMixin):
         self.validator.parent = self
         self.ema = ModelEMA(self.model)
         self.stopper = EarlyStopping(self.args.patience)
+        self.preemption_vote = StepVote(self.preemption_notice, self.device, self.world_size)
         if self.resume_ckpt is not None:
             self.resume_training(self.resume_ckpt)
         self.run_callbacks("on_pretrain_routine_end")
+
+    def _announce_resize(self) -> None:
+        """``on_resize`` on every rank when the checkpoint this run continues from was written at
+        another world size; set-up already split the batch for this one (``setup.split_batch``)."""
+        before = resume.world_size_of(self.resume_ckpt) if self.resume_ckpt is not None else self.world_size
+        if before == self.world_size:
+            return
+        self.resized_from = before
+        if self.is_main:
+            LOGGER.info(f"world size {before} -> {self.world_size} from epoch {self.start_epoch + 1}: "
+                        f"{self.batch_size} images per worker, gradients accumulated over {self.accumulate} batches")
+        self.run_callbacks("on_resize")
 
     def _choose_for_data(self, n_train: int) -> None:
         """Fill the keys left to the data (``setup.scaled_to_data``); args.yaml shows the values used."""
@@ -177,7 +202,9 @@ class BaseTrainer(CallbackMixin):
             self.model = self._wrap_ddp(self.model.module)
 
     def _train_one_epoch(self) -> None:
-        """One pass over the training data; the optimizer steps every ``accumulate`` batches."""
+        """One pass over the training data; the optimizer steps every ``accumulate`` batches. On a
+        preemption notice it saves a mid-epoch checkpoint and raises ``Preempted``; the run resumed
+        from one continues the epoch where it stopped (``_epoch_batches``)."""
         self._logged = {}
         self.run_callbacks("on_train_epoch_start")
         self._sync_trainable()
@@ -189,7 +216,8 @@ class BaseTrainer(CallbackMixin):
         nw = round(min(self.args.warmup_epochs, self.epochs - 1) * nb) if self.args.warmup_epochs > 0 else -1
         self.tloss = None
         self.optimizer.zero_grad()
-        for i, batch in self._progress(self.train_loader, nb):
+        batches, first = self._epoch_batches()
+        for i, batch in self._progress(batches, nb, first):
             ni = i + nb * self.epoch  # batches seen since the start of training
             self.run_callbacks("on_train_batch_start")
             if ni <= nw:
@@ -201,13 +229,39 @@ class BaseTrainer(CallbackMixin):
             self._check_loss(i)
             self.tloss = self.loss_items if self.tloss is None else (self.tloss * i + self.loss_items) / (i + 1)
             self.scaler.scale(self.loss / self.accumulate).backward()
-            if (i + 1) % self.accumulate == 0 or i == nb - 1:
+            stepped = (i + 1) % self.accumulate == 0 or i == nb - 1
+            if stepped:
                 self._take_step()
             self.lr = {f"lr/pg{j}": float(g["lr"]) for j, g in enumerate(self.optimizer.param_groups)}
             self.run_callbacks("on_train_batch_end")
+            if stepped and self.preemption_vote():
+                self._save_mid_epoch(i + 1, nb)
+                raise Preempted(f"preempted at epoch {self.epoch + 1}, batch {i + 1} of {nb}: "
+                                f"the run continues from {self.last}")
             if self.stop and self.world_size == 1:
                 break
         self.scheduler.step()
+
+    def _epoch_batches(self):
+        """``(batches, index of the first)``: the whole epoch, or the rest of the one a preemption cut
+        (``resume.continue_epoch``) on the first epoch after its mid-epoch checkpoint."""
+        position, self.resume_position = self.resume_position, None
+        if position is None:
+            return iter(self.train_loader), 0
+        return resume.continue_epoch(self, position)
+
+    def _save_mid_epoch(self, done: int, nb: int) -> None:
+        """A node of the run is about to go: rank 0 writes last.pt with this epoch's position (every
+        rank's RNG state gathered at this same step), then every rank runs the launcher's reporters.
+        best.pt, ``on_model_save`` and the epoch's records wait for the epoch's real end."""
+        self.data_position = resume.mid_epoch_position(self, done, nb)
+        self._gather_rng_states()
+        if self.is_main:
+            self.wdir.mkdir(parents=True, exist_ok=True)
+            self.last.write_bytes(ckpt_io.to_bytes(self.checkpoint()))
+        for report in self.preemption_reporters:
+            report(self)
+        self.data_position = None  # a later checkpoint of this trainer is an epoch's own
 
     def _take_step(self) -> None:
         """One optimizer step with its three events. They fire here, around ``optimizer_step()``,
@@ -380,6 +434,9 @@ class BaseTrainer(CallbackMixin):
             metrics = self.final_record_metrics() if self.final_eval else self.epoch_metrics()
             if self.fitness is not None:
                 metrics["fitness"] = self.fitness
+        elif event == "on_resize":  # at the first epoch trained at the new size
+            return {"epoch": self.start_epoch, "step": self.step, "final_eval": False, "artifacts": {},
+                    "metrics": {"world_size": self.world_size, "world_size_before": self.resized_from}}
         elif event == "on_model_save":
             artifacts = {"last": str(self.last)}
             if self._saved_best:
@@ -463,12 +520,12 @@ class BaseTrainer(CallbackMixin):
                     (name + ".").startswith(prefix) for prefix in self.freeze_layer_names):
                 module.eval()
 
-    def _progress(self, loader, total: int):
+    def _progress(self, loader, total: int, first: int = 0):
         """A progress bar on rank 0 when it draws on a terminal; elsewhere (a Ray worker, a log file)
         each refresh would be a line of its own, and the driver's console has a line per epoch."""
         show = self.args.verbose and self.is_main and sys.stderr.isatty()
         desc = f"epoch {self.epoch + 1}/{self.epochs}"
-        return enumerate(tqdm(loader, total=total, desc=desc, disable=not show, leave=False))
+        return enumerate(tqdm(loader, total=total, initial=first, desc=desc, disable=not show, leave=False), first)
 
     def _check_loss(self, batch_i: int) -> None:
         loss = self.loss.detach()  # float() of a tensor that requires grad makes torch warn
@@ -498,7 +555,8 @@ class BaseTrainer(CallbackMixin):
 
     def _resume_start(self, ckpt: dict) -> int:
         """The first epoch left to train (``epochs`` when a restart's checkpoint ended the training)."""
-        return resume.first_epoch_left(ckpt["epoch"], self.epochs, self.resume_stop, self.save_dir)
+        return resume.first_epoch_left(ckpt["epoch"], self.epochs, self.resume_stop, self.save_dir,
+                                       mid_epoch=bool(ckpt.get("position")))
 
     def get_save_dir(self) -> Path:
         """``project/name`` (numbered unless exist_ok); a resumed run keeps its checkpoint's folder."""
