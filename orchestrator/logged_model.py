@@ -38,7 +38,8 @@ def log_best_model(args, mlflow_run: str | None, best: str | None, name: str = "
     ckpt = load_checkpoint(path)
     run = client.get_run(mlflow_run)
     model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=mlflow_run,
-                                       model_type=args.task, tags={"best_epoch": str(ckpt.get("epoch", ""))})
+                                       model_type=args.task, params=dict(run.data.params),
+                                       tags={"best_epoch": str(ckpt.get("epoch", ""))})
     try:
         _save(args, model.model_id, build_model(ckpt).eval(), Path(path))
     except BaseException:

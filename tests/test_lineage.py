@@ -76,6 +76,7 @@ def test_best_pt_is_a_logged_model_linked_to_its_metrics_and_data_and_serves_the
     run = client.get_run(model.mlflow_run_id)
     logged = client.get_logged_model(model.mlflow_model_id)
     assert (str(logged.status), logged.source_run_id, logged.model_type) == ("READY", run.info.run_id, "detect")
+    assert logged.params == run.data.params and logged.params["epochs"] == "2"
     finals = sorted(k for k in run.data.metrics if k.startswith("final/"))
     assert finals and sorted(m.key for m in logged.metrics) == finals  # each final point linked once
     given = run.inputs.dataset_inputs[0].dataset
