@@ -2,6 +2,11 @@
 
 Ray restarts it if its process dies (``max_restarts=-1``); the forwarders resend what it had
 not acknowledged.
+
+Ingest calls run on a pool of threads (the ``ingest`` concurrency group, started in the order
+they were submitted), the other methods on one thread of their own; the Dispatcher's lock lets
+one in at a time. So calls that arrive while the journal is being synced append behind it and
+share the next fsync (``callbacks/group_commit.py``).
 """
 from __future__ import annotations
 
@@ -21,7 +26,10 @@ from callbacks.journal import Journal
 from trainers.utils import LOGGER, log_details_to
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
+INGEST_THREADS = 16  # ingest calls in the actor at once: those waiting for a lock or an fsync
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, concurrency_groups={"ingest": INGEST_THREADS})
 class CallbackActor(Dispatcher):
     """The Ray actor: one per run, on the driver's node; restarted by Ray if its process dies.
 
@@ -53,11 +61,13 @@ class CallbackActor(Dispatcher):
         name the wrong entries."""
         self.start()
 
+    @ray.method(concurrency_group="ingest")
     def ingest(self, batch: list[dict], floors: dict | None = None) -> dict:
         self._freeze_once()
         self._heard = time.monotonic()
         return super().ingest(batch, floors)
 
+    @ray.method(concurrency_group="ingest")
     def ingest_rows(self, stream: tuple, first_seq: int, rows: list, floors: dict | None = None) -> dict:
         self._freeze_once()
         self._heard = time.monotonic()
@@ -95,11 +105,13 @@ class CallbackActor(Dispatcher):
 
     def _freeze_once(self) -> None:
         if not self._frozen:  # see freeze_startup_objects
-            freeze_startup_objects()
-            self._frozen = True
+            with self._lock:  # once, whichever ingest thread comes first
+                if not self._frozen:
+                    freeze_startup_objects()
+                    self._frozen = True
 
-    def stats(self) -> dict:
-        return {**super().stats(), "frozen_objects": gc.get_freeze_count()}
+    def _stats(self) -> dict:
+        return {**super()._stats(), "frozen_objects": gc.get_freeze_count()}
 
 
 def freeze_startup_objects() -> None:

@@ -9,16 +9,20 @@ in registration order, so a slow or failing logger never runs in a training proc
 
 Each stream (run_id, rank, attempt) is dispatched strictly in ``seq`` order: early arrivals
 wait until the gap fills, duplicates are dropped. ``ingest`` returns only after dispatching and
-acknowledges the next expected ``seq`` per stream, so an acknowledged record has reached every
-callback. The actor is restartable (``max_restarts=-1``): Ray rebuilds it from the same
-constructor arguments, the forwarders resend what was not acknowledged, and each batch's
-``floors`` tell the new incarnation where each stream resumes.
+after the journal holds the batch for good, and acknowledges the next expected ``seq`` per
+stream, so an acknowledged record has reached every callback and survives a crash. Calls may come
+on several threads: one lock lets one dispatch at a time (in journal order), and calls waiting for
+the disk share one fsync (``callbacks/group_commit.py``). The actor is restartable
+(``max_restarts=-1``): Ray rebuilds it from the same constructor arguments, the forwarders
+resend what was not acknowledged, and each batch's ``floors`` tell the new incarnation where each
+stream resumes.
 
 A failing callback is isolated: logged once per callback and event, counted, and listed in the
 report; it never raises into ``ingest``.
 """
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from typing import Callable, Iterable
@@ -27,6 +31,7 @@ import ray
 
 from trainers.events import EVENT, EVENTS, check_event
 from trainers.registry import callback_name
+from callbacks.group_commit import GroupCommit
 from callbacks.journal import Journal
 from callbacks.records import record_key, record_of, records_from_rows, row_of
 from callbacks.sinks.base import Progress, Sink
@@ -81,11 +86,15 @@ def bind_sinks(entries: list[_Entry]) -> None:
 
 
 class _Stream:
-    __slots__ = ("next_seq", "pending")
+    """Where one stream is: records waiting behind a gap (``pending``, by seq), or whole batches
+    that arrived ahead of the one before them (``early``, by first seq; never both at once)."""
 
-    def __init__(self, next_seq: int = 0):
-        self.next_seq = next_seq
+    __slots__ = ("key", "next_seq", "pending", "early")
+
+    def __init__(self, key: tuple, next_seq: int = 0):
+        self.key, self.next_seq = key, next_seq
         self.pending: dict[int, dict] = {}
+        self.early: dict[int, list] = {}
 
 
 class Dispatcher:
@@ -102,9 +111,11 @@ class Dispatcher:
                       for index, entry in enumerate(self._entries) if entry.rows]
         bind_sinks(self._entries)
         self._journal = journal
+        self._lock = threading.Lock()  # the actor takes calls on several threads: one at a time in here
+        self._group = GroupCommit(journal, self._lock) if journal is not None else None
         if journal is not None and not journal.claim():
             raise RuntimeError(f"journal {journal.dir} is in use by a live process")
-        self._streams: dict[tuple, _Stream] = {key: _Stream(position) for key, position
+        self._streams: dict[tuple, _Stream] = {key: _Stream(key, position) for key, position
                                                in (journal.positions.items() if journal else ())}
         self._counts = dict(received=0, duplicates=0, dispatched=0, malformed=0,
                             after_finish=0, gaps=0, batches=0)
@@ -121,7 +132,21 @@ class Dispatcher:
         return True
 
     def ingest(self, batch: list[dict], floors: dict | None = None) -> dict:
-        """Dispatch a batch in per-stream seq order; ack = next expected seq of each stream."""
+        """Dispatch a batch in per-stream seq order; ack = next expected seq of each stream,
+        returned once every entry it names is durable."""
+        with self._lock:
+            ack = self._ingest(batch, floors)
+            self._commit()
+        return ack
+
+    def ingest_rows(self, stream: tuple, first_seq: int, rows: list, floors: dict | None = None) -> dict:
+        """``ingest`` for a forwarder's compact batch: consecutive rows of one stream."""
+        with self._lock:
+            ack = self._ingest_rows(stream, first_seq, rows, floors)
+            self._commit()
+        return ack
+
+    def _ingest(self, batch: list[dict], floors: dict | None) -> dict:
         started = time.perf_counter()
         touched = self._apply_floors(floors)
         duplicates = self._counts["duplicates"]
@@ -130,30 +155,32 @@ class Dispatcher:
             stream = self._accept(record, touched)
             if stream is not None and stream.pending:
                 self._drain(stream)
-        self._commit()
         self._busy += time.perf_counter() - started
         return {"received": len(batch), "duplicates": self._counts["duplicates"] - duplicates,
                 "next_seq": {key: stream.next_seq for key, stream in touched.items()}}
 
-    def ingest_rows(self, stream: tuple, first_seq: int, rows: list, floors: dict | None = None) -> dict:
-        """``ingest`` for a forwarder's compact batch: consecutive rows of one stream.
-
-        The common case, a batch that continues its stream with nothing waiting, is dispatched
+    def _ingest_rows(self, stream: tuple, first_seq: int, rows: list, floors: dict | None) -> dict:
+        """The common case, a batch that continues its stream with nothing waiting, is dispatched
         without building a record per row: sinks with ``handle_rows`` take the rows whole, and
         records are built only for rows that another callback listens to. Anything else (a gap,
-        a resend) goes through ``ingest`` record by record."""
+        a resend) goes through ``ingest`` record by record, except a batch that comes ahead of the
+        one before it (the actor's threads may start calls out of order): it waits whole, and is
+        dispatched whole once the stream reaches it."""
         started = time.perf_counter()
         key, first_seq = tuple(stream), int(first_seq)
         touched = self._apply_floors(floors)
         current = touched.get(key) or self._stream(key)
-        if self._status is not None or first_seq != current.next_seq or current.pending:
-            return self.ingest(records_from_rows(key, first_seq, rows), floors)
+        if self._status is not None or first_seq < current.next_seq or current.pending:
+            return self._ingest(records_from_rows(key, first_seq, rows), floors)
         touched[key] = current
         self._counts["batches"] += 1
         self._counts["received"] += len(rows)
-        self._dispatch_rows(key, first_seq, rows)
-        current.next_seq = first_seq + len(rows)
-        self._commit()
+        if first_seq > current.next_seq:
+            current.early[first_seq] = rows
+        else:
+            self._dispatch_rows(key, first_seq, rows)
+            current.next_seq = first_seq + len(rows)
+            self._drain_early(current)
         self._busy += time.perf_counter() - started
         return {"received": len(rows), "duplicates": 0,
                 "next_seq": {k: s.next_seq for k, s in touched.items()}}
@@ -164,13 +191,14 @@ class Dispatcher:
     def _stream(self, key: tuple) -> _Stream:
         stream = self._streams.get(key)
         if stream is None:
-            stream = self._streams[key] = _Stream()
+            stream = self._streams[key] = _Stream(key)
         return stream
 
     def _apply_floor(self, key: tuple, floor: int) -> _Stream:
         """Everything below ``floor`` was dispatched already (maybe by an earlier incarnation)."""
         stream = self._stream(key)
         if floor > stream.next_seq:
+            self._unstash(stream)
             for seq in [s for s in stream.pending if s < floor]:
                 del stream.pending[seq]
                 self._counts["duplicates"] += 1
@@ -188,6 +216,8 @@ class Dispatcher:
             return None
         stream = touched.get(stream_key) or self._stream(stream_key)
         touched[stream_key] = stream
+        if stream.early:
+            self._unstash(stream)
         if self._status is not None:  # sinks are closed: consume so senders stop resending
             if self._counts["after_finish"] == 0:
                 LOGGER.warning(f"callback actor: records arrived after finish({self._status}); "
@@ -203,6 +233,29 @@ class Dispatcher:
         else:
             stream.pending[seq] = record
         return stream
+
+    def _drain_early(self, stream: _Stream) -> None:
+        """Dispatch the early batches the stream has now reached, whole (one journal entry each);
+        rows it has already passed (a resend cut elsewhere) are duplicates."""
+        for first in sorted(stream.early):
+            if first > stream.next_seq:
+                return
+            rows = stream.early.pop(first)
+            fresh = rows[stream.next_seq - first:]
+            self._counts["duplicates"] += len(rows) - len(fresh)
+            if fresh:
+                self._dispatch_rows(stream.key, stream.next_seq, fresh)
+                stream.next_seq += len(fresh)
+
+    def _unstash(self, stream: _Stream) -> None:
+        """Early batches become records waiting by seq, for the record-by-record path."""
+        for first, rows in stream.early.items():
+            for seq, row in enumerate(rows, first):
+                if seq < stream.next_seq or seq in stream.pending:
+                    self._counts["duplicates"] += 1
+                else:
+                    stream.pending[seq] = record_of(stream.key, seq, row)
+        stream.early.clear()
 
     def _drain(self, stream: _Stream) -> None:
         pending = stream.pending
@@ -221,10 +274,12 @@ class Dispatcher:
         key = record_key(record)
         self._dispatch_rows(tuple(key[:3]), int(key[3]), [row_of(record)])
 
-    def _commit(self) -> None:
-        """What this call dispatched is on disk before the call returns its acknowledgement."""
-        if self._journal is not None:
-            self._journal.commit()
+    def _commit(self, idle: bool = False) -> None:
+        """Wait (the lock held) until every entry appended so far is durable, so the
+        acknowledgement a call returns names nothing that is not; calls waiting together share
+        one fsync (``GroupCommit``). ``idle``: and no fsync runs (the journal may be closed)."""
+        if self._group is not None:
+            self._group.wait(self._journal.next_entry, idle)
 
     def _call(self, handlers, event: str, record: dict) -> None:
         for index, fn in handlers:
@@ -295,18 +350,21 @@ class Dispatcher:
         return results
 
     # ------------------------------------------------------------------ lifecycle
+    # Each public method takes the lock: the actor runs them on other threads than ingest's.
     def start(self) -> dict:
         """Let sinks open their clients before the first record arrives (``Sink.start``), and
         hand them again what the journal holds beyond their watermarks."""
-        self._call_sinks("start")
-        if self._journal is not None:
-            self._replay()
-        return self.stats()
+        with self._lock:
+            self._call_sinks("start")
+            if self._journal is not None:
+                self._replay()
+            return self._stats()
 
     def flush(self) -> dict:
         """Ask every sink to flush what it buffers."""
-        self._call_sinks("flush")
-        return self.stats()
+        with self._lock:
+            self._call_sinks("flush")
+            return self._stats()
 
     def finish(self, status: str = "FINISHED", reason: str | None = None) -> dict:
         """Dispatch what waits behind a gap, flush, close sinks with ``status`` (``reason``, one
@@ -314,9 +372,14 @@ class Dispatcher:
         each sink's own close() result under ``sinks``)."""
         if status not in STATUSES:
             raise ValueError(f"finish status={status!r}: must be one of {', '.join(STATUSES)}")
+        with self._lock:
+            self._end(status, reason)
+            return self._report()
+
+    def _end(self, status: str, reason: str | None) -> None:
         if self._status is None:
             self._release_pending()
-            self._commit()
+            self._commit(idle=True)
             if reason:
                 self._call_sinks("note_end", status, reason)
             self._call_sinks("flush")
@@ -324,7 +387,6 @@ class Dispatcher:
             self._status = status
             if self._journal is not None:
                 self._journal.finish(status, self.delivered(), reason)
-        return self.report()
 
     def delivered(self) -> bool:
         """Whether every sink that keeps a watermark has delivered every journal entry."""
@@ -334,6 +396,7 @@ class Dispatcher:
     def _release_pending(self) -> None:
         """At the end no resend can fill a gap: dispatch the rest in order, counting the holes."""
         for key, stream in self._streams.items():
+            self._unstash(stream)
             if stream.pending:
                 missing = max(stream.pending) + 1 - stream.next_seq - len(stream.pending)
                 LOGGER.warning(f"callback actor: stream {key} ends with {missing} missing records")
@@ -343,27 +406,42 @@ class Dispatcher:
                     stream.next_seq = seq + 1
 
     def stats(self) -> dict:
+        with self._lock:
+            return self._stats()
+
+    def _stats(self) -> dict:
+        """Counts; ``busy_seconds`` is dispatch (under the lock), ``sync_seconds`` the fsyncs
+        (which overlap other calls' dispatch); ``journal_syncs`` how many there were."""
+        group, journal = self._group, self._journal
         out = dict(self._counts)
-        out.update(pending=sum(len(s.pending) for s in self._streams.values()),
+        waiting = sum(len(s.pending) + sum(map(len, s.early.values())) for s in self._streams.values())
+        out.update(pending=waiting,
                    streams={key: s.next_seq for key, s in self._streams.items()},
                    restarted=self._restarted, status=self._status, busy_seconds=self._busy,
-                   failed_calls=sum(count for count, _ in self._failures.values()))
+                   failed_calls=sum(count for count, _ in self._failures.values()),
+                   journal_syncs=journal.syncs if journal else 0, sync_seconds=group.seconds if group else 0.0)
         return out
 
     def take_lines(self) -> list[str]:
         """Console lines the driver callbacks made since the last call (``take_lines``), in order:
         under Ray the driver prints them, since this process's output reaches the user prefixed."""
-        return [line for entry in self._entries if callable(getattr(entry.obj, "take_lines", None))
-                for line in entry.obj.take_lines()]
+        with self._lock:
+            return [line for entry in self._entries if callable(getattr(entry.obj, "take_lines", None))
+                    for line in entry.obj.take_lines()]
 
     def callback_objects(self, first: int = 0) -> list:
         """The driver callbacks from the ``first`` on as they are now (a pair's fn, or the object):
         under Ray they ran on copies in this process, and the user's process takes their state back."""
-        return [entry.obj for entry in self._entries[first:]]
+        with self._lock:
+            return [entry.obj for entry in self._entries[first:]]
 
     def report(self) -> dict:
         """Counts plus, per failing callback and event, the failure count and first error."""
-        out = self.stats()
+        with self._lock:
+            return self._report()
+
+    def _report(self) -> dict:
+        out = self._stats()
         out["failures"] = [{"callback": self._entries[index].name, "event": event, "count": count,
                             "first_error": first}
                            for (index, event), (count, first) in sorted(self._failures.items())]

@@ -4,8 +4,9 @@ Layout of ``<journal>/<run id>/`` (a session that continues the run, ``resume=``
 ``<run id>.1``, ``.2``, ...: its own entries and watermarks, the same run id):
 - ``seg-<first entry>.arrow``: Arrow IPC stream segments. An *entry* is one in-order batch of
   one stream (the rows of ``trainers.events.ROW_FIELDS`` plus rank, attempt, seq), numbered
-  from 0 across the run; a segment is rolled after ``segment_rows`` rows. ``commit`` fsyncs, and
-  the dispatcher acknowledges a batch to its worker only after it.
+  from 0 across the run; a segment is rolled after ``segment_rows`` rows. ``commit`` fsyncs (or
+  ``stage`` then ``sync``, the fsync of concurrent calls' entries at once:
+  ``callbacks/group_commit.py``), and the dispatcher acknowledges a batch to its worker only after.
 - ``progress/<sink>.json``: how many entries a sink has delivered for good (its watermark). A
   sink that restarts (a new actor, ``orchestrator recover``) is fed the entries after it again;
   sinks are idempotent on such redelivery.
@@ -66,6 +67,8 @@ class Journal:
         self._file = self._writer = self._lock = None
         self._segment_rows = 0
         self._dirty = False
+        self.durable_entries = self.next_entry  # entries below this are on disk for good
+        self.syncs = 0  # fdatasync calls: with group commit, fewer than the calls acknowledged
 
     @staticmethod
     def run_id_in(folder: Path) -> str:
@@ -105,12 +108,37 @@ class Journal:
 
     def commit(self) -> None:
         """Make every appended entry durable (one fsync for all of them)."""
+        self.sync(self.stage())
+        self.roll()
+
+    def stage(self) -> tuple:
+        """Hand the appended entries to the OS: ``(descriptor, entries)`` for ``sync``, which makes
+        the first ``entries`` durable. Called while appends are held off; ``sync`` need not be, so
+        concurrent calls append during the fsync and their entries wait for the next one."""
+        fd = None
         if self._dirty and self._file is not None:
             self._file.flush()
-            if self.durable:
-                os.fdatasync(self._file.fileno())  # the data and the size; not the timestamps
+            fd = self._file.fileno()
         self._dirty = False
+        return fd, self.next_entry
+
+    def sync(self, staged: tuple) -> None:
+        """Make what ``stage`` handed over durable; a failed fsync leaves it to sync again."""
+        fd, entries = staged
+        if fd is not None and self.durable:
+            try:
+                os.fdatasync(fd)  # the data and the size; not the timestamps
+            except OSError:
+                self._dirty = True
+                raise
+            self.syncs += 1
+        self.durable_entries = max(self.durable_entries, entries)
+
+    def roll(self) -> None:
+        """Start a new segment once this one is full. Called while appends are held off and no
+        ``sync`` runs; what was appended since the last ``stage`` is made durable first."""
         if self._segment_rows >= self.segment_rows:
+            self.sync(self.stage())
             self._close_segment()
 
     def _open_segment(self, first_entry: int):

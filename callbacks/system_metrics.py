@@ -1,7 +1,9 @@
 """System metrics of each node (CPU, memory, disk, network; GPU where MLflow can read one) with
 MLflow's own monitor, as ``system/<node>/<metric>`` of the run's MLflow run.
 
-One monitor per node: the in-process run, or the first worker of each node under Ray. It samples
+One monitor per node: the in-process run, or under Ray the worker of each node that takes the
+node's lock file first (an OS lock: freed when that worker dies, so a restart takes it again;
+Ray Train's local rank cannot tell nodes that share an IP apart). It samples
 every ``system_metrics`` seconds (0 turns it off) and finds the MLflow run by the orchestrator's run
 id (the callback actor may still be creating it). Samples go to MLflow directly, not through the run's
 journal: they describe the machine, not the training, and one lost in an outage is not a lost record.
@@ -9,8 +11,11 @@ A restarted worker continues the step count (``resume_logging``), so no step is 
 """
 from __future__ import annotations
 
+import fcntl
 import socket
+import tempfile
 import threading
+from pathlib import Path
 
 from callbacks.sinks.mlflow_runs import find_run, mlflow_client
 from trainers.utils import LOGGER
@@ -25,37 +30,73 @@ def node_label(ray_node_id: str | None = None) -> str:
 
 
 class NodeMonitor:
-    """Started at the trainer's ``on_pretrain_routine_start``, stopped at ``on_train_end``."""
+    """Started at the trainer's ``on_pretrain_routine_start``, stopped at ``teardown``."""
 
     def __init__(self, args, run_id: str, node: str):
         """``args``: the run's (the driver pinned its tracking URI and experiment)."""
         self.args, self.run_id, self.node = args, run_id, node
         self.monitor = None
         self._stopped = threading.Event()
+        self._lock = threading.Lock()  # a stop while the monitor starts
+        self._claim = None  # the node's lock file, while this process samples the node
 
     def attach(self, trainer) -> None:
         if float(self.args.system_metrics or 0) > 0 and self.args.tracking_uri:
             trainer.add_callback("on_pretrain_routine_start", lambda _: self.start())
-            trainer.add_callback("on_train_end", lambda _: self.stop())
+            trainer.add_callback("teardown", lambda _: self.stop())  # every rank, failures too
 
     def start(self) -> None:
-        threading.Thread(target=self._run, name="system-metrics", daemon=True).start()
+        if self._claim_node():
+            threading.Thread(target=self._run, name="system-metrics", daemon=True).start()
+
+    def _claim_node(self) -> bool:
+        """Whether this process samples the node: the first to lock the run's file for it."""
+        folder = Path(tempfile.gettempdir()) / "orchestrator-system-metrics"
+        folder.mkdir(exist_ok=True)
+        claim = open(folder / f"{self.run_id}-{self.node}.lock", "a")
+        try:
+            fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            claim.close()
+            return False
+        self._claim = claim
+        return True
 
     def stop(self) -> None:
-        self._stopped.set()
-        if self.monitor is not None:
-            self.monitor.finish()
+        """The monitor's samples so far, and one of this moment: a run shorter than the sampling
+        interval still says what its node did."""
+        with self._lock:
+            self._stopped.set()
+            monitor, self.monitor = self.monitor, None
+        self._release_node()
+        if monitor is None:
+            return
+        monitor.finish()
+        try:
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except Exception as exc:  # noqa: BLE001 - MLflow away at the end: the run goes on without it
+            LOGGER.warning(f"system metrics: the last sample of {self.node} was not logged: {exc}")
+
+    def _release_node(self) -> None:
+        if self._claim is not None:
+            Path(self._claim.name).unlink(missing_ok=True)
+            self._claim.close()
+            self._claim = None
 
     def _run(self) -> None:
         mlflow_run = self._wait_for_run()
-        if mlflow_run is None or self._stopped.is_set():
+        if mlflow_run is None:
             return
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        self.monitor = SystemMetricsMonitor(mlflow_run, sampling_interval=float(self.args.system_metrics),
-                                            resume_logging=True, node_id=self.node,
-                                            tracking_uri=self.args.tracking_uri)
-        self.monitor.start()
+        monitor = SystemMetricsMonitor(mlflow_run, sampling_interval=float(self.args.system_metrics),
+                                       resume_logging=True, node_id=self.node, tracking_uri=self.args.tracking_uri)
+        with self._lock:
+            if not self._stopped.is_set():
+                self.monitor = monitor
+                monitor.start()
 
     def _wait_for_run(self) -> str | None:
         client = mlflow_client(self.args.tracking_uri)

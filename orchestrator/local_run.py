@@ -12,7 +12,8 @@ from orchestrator.console import print_lines
 class LocalForwarder:
     """The in-process twin of the worker forwarder: rows built as on a Ray worker, handed to a
     Dispatcher in batches (each batch is one journal entry and one fsync), at the same flush
-    points as on Ray: a full batch, a second's age, the end of an epoch, of a fit, teardown."""
+    points as on Ray: a full batch, a second's age (half a second on Ray: many ranks), the end of an
+    epoch, of a fit, teardown."""
 
     def __init__(self, dispatcher: Dispatcher, run_id: str, events, max_batch: int = 1000,
                  flush_interval: float = 1.0):

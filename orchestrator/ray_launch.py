@@ -252,9 +252,8 @@ def train_worker(config: dict) -> None:
         if remote else None
     EventForwarder(config["actor"], config["run_id"], rank, attempt=attempt, events=config["events"],
                    publish=publish).attach(trainer.callbacks)
-    if context.get_local_rank() == 0:  # one per node
-        node = node_label(ray.get_runtime_context().get_node_id())
-        NodeMonitor(trainer.args, config["run_id"], node).attach(trainer)
+    node = node_label(ray.get_runtime_context().get_node_id())
+    NodeMonitor(trainer.args, config["run_id"], node).attach(trainer)  # one of a node's workers samples it
     trainer.add_callback("on_pretrain_routine_end", freeze_setup_objects)
     trainer.epoch_reporters.append(report_epoch)
     listen_for_preemption(trainer)

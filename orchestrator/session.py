@@ -85,8 +85,8 @@ class RunSession:
         self.factory = factory
         self.args = type(args)(**{**args.to_dict(), **factory.overrides})
         self.run_id = continued_run_id(self.args) or new_run_id()  # resume=: the same run, continued
-        remember_run_id(self.args, self.run_id)
         self.sinks = start_tracking(self.args, self.run_id, defer_run=backend.defer_run)
+        remember_run_id(self.args, self.run_id)  # once the endpoints answered: a bad one leaves no folder
         self.journal = run_journal(self.args, self.run_id, self.sinks)
         self.driver_callbacks = list(driver_callbacks)
         self.console = EpochConsole(self.args.epochs) if self.args.verbose else None

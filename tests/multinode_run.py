@@ -63,7 +63,8 @@ def train(folder: Path) -> None:
         model.train(
             data=str(data), imgsz=32, epochs=2, batch=6, nbs=6, workers=0, verbose=False, plots=True,
             num_workers=RANKS, resources_per_worker={"CPU": 1, "worker_node": 1}, storage=f"s3://{BUCKET}/store",
-            tracking_uri=f"sqlite:///{folder / 'mlflow.db'}", project=str(folder / "runs"), name="multinode")
+            tracking_uri=f"sqlite:///{folder / 'mlflow.db'}", project=str(folder / "runs"), name="multinode",
+            system_metrics=0.3)
         keys = ObjectStore.from_uri(f"s3://{BUCKET}/store").list("")
         run_id = next(k.split("/")[1] for k in keys if k.startswith("runs/"))
         records = [{"event": r["event"], "rank": r["rank"], "artifacts": r["artifacts"]}

@@ -1,5 +1,6 @@
 """Ranks on other nodes than the driver: every rank's records reach the event log, in order, none
-missing; the files rank 0's records name still reach the sinks.
+missing; the files rank 0's records name still reach the sinks; each node's system metrics reach
+the run under the node's name.
 
 tests/multinode_run.py runs one tiny detection run on a Ray cluster of four raylets on this machine
 (the driver on the head, one rank on each of three other nodes) with S3 storage (moto over HTTP) and
@@ -11,9 +12,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from callbacks.system_metrics import node_label
 from tests.helpers import artifact_paths, run_cluster_script
-
-
 
 RANKS = 3
 
@@ -51,3 +51,6 @@ def test_three_remote_ranks_records_and_rank0_files_reach_the_sinks(tmp_path):
     paths = set(artifact_paths(client, run.info.run_id))
     assert {"results.csv", "args.yaml", "results.png", "weights/best.pt"} <= paths, paths
     assert Path(result["loaded"]).name == "best.pt"  # Model.train loaded best.pt through the store
+    # each training node sampled itself into the run, under its own name
+    nodes = {key.split("/")[1] for key in run.data.metrics if key.startswith("system/")}
+    assert nodes == {node_label(node) for node in result["worker_nodes"]}, nodes
