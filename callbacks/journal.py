@@ -21,7 +21,6 @@ acknowledged, and its worker sends it again.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import pickle
@@ -32,6 +31,7 @@ import pyarrow as pa
 from callbacks.sinks.base import Progress, write_atomic
 from callbacks.sinks.event_parts import SCHEMA, table_of
 from trainers.events import ROW_FIELDS
+from trainers.utils import try_lock
 
 ENTRY = "entry"
 JOURNAL_SCHEMA = SCHEMA.append(pa.field(ENTRY, pa.int64()))
@@ -80,14 +80,8 @@ class Journal:
         """Take the journal for writing in this process (an advisory lock the OS drops when the
         process dies); False while a live process holds it."""
         if self._lock is None:
-            handle = open(self.dir / LOCK, "a")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.close()
-                return False
-            self._lock = handle
-        return True
+            self._lock = try_lock(self.dir / LOCK)
+        return self._lock is not None
 
     def __reduce__(self):
         return Journal, (str(self.dir), self.run_id, self.durable, self.segment_rows)

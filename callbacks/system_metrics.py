@@ -11,14 +11,13 @@ A restarted worker continues the step count (``resume_logging``), so no step is 
 """
 from __future__ import annotations
 
-import fcntl
 import socket
 import tempfile
 import threading
 from pathlib import Path
 
 from callbacks.sinks.mlflow_runs import find_run, mlflow_client
-from trainers.utils import LOGGER
+from trainers.utils import LOGGER, try_lock
 
 FIND_RUN_S = 120.0  # how long a monitor waits for the callback actor to create the MLflow run
 
@@ -53,14 +52,8 @@ class NodeMonitor:
         """Whether this process samples the node: the first to lock the run's file for it."""
         folder = Path(tempfile.gettempdir()) / "orchestrator-system-metrics"
         folder.mkdir(exist_ok=True)
-        claim = open(folder / f"{self.run_id}-{self.node}.lock", "a")
-        try:
-            fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            claim.close()
-            return False
-        self._claim = claim
-        return True
+        self._claim = try_lock(folder / f"{self.run_id}-{self.node}.lock")
+        return self._claim is not None
 
     def stop(self) -> None:
         """The monitor's samples so far, and one of this moment: a run shorter than the sampling

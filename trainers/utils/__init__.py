@@ -26,6 +26,20 @@ def log_details_to(path) -> None:
     LOGGER.addHandler(file)
 
 
+def try_lock(path):
+    """The open file ``path``, locked for this process (an advisory ``flock`` the OS drops when the
+    process dies), or None while a live process holds it."""
+    import fcntl
+
+    handle = open(path, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
 def _env_rank() -> int:
     """Global rank from the environment torch.distributed / Ray Train set; -1 when alone."""
     for key in ("RANK", "WORLD_RANK"):
