@@ -14,12 +14,15 @@ from __future__ import annotations
 import socket
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from callbacks.sinks.mlflow_runs import find_run, mlflow_client
 from trainers.utils import LOGGER, try_lock
 
 FIND_RUN_S = 120.0  # how long a monitor waits for the callback actor to create the MLflow run
+POLL_S = 0.25  # between looks for it
+STOP_WAIT_S = 10.0  # how long teardown waits for the last look
 
 
 def node_label(ray_node_id: str | None = None) -> str:
@@ -36,7 +39,7 @@ class NodeMonitor:
         self.args, self.run_id, self.node = args, run_id, node
         self.monitor = None
         self._stopped = threading.Event()
-        self._lock = threading.Lock()  # a stop while the monitor starts
+        self._thread: threading.Thread | None = None
         self._claim = None  # the node's lock file, while this process samples the node
 
     def attach(self, trainer) -> None:
@@ -46,7 +49,8 @@ class NodeMonitor:
 
     def start(self) -> None:
         if self._claim_node():
-            threading.Thread(target=self._run, name="system-metrics", daemon=True).start()
+            self._thread = threading.Thread(target=self._run, name="system-metrics", daemon=True)
+            self._thread.start()
 
     def _claim_node(self) -> bool:
         """Whether this process samples the node: the first to lock the run's file for it."""
@@ -57,14 +61,17 @@ class NodeMonitor:
 
     def stop(self) -> None:
         """The monitor's samples so far, and one of this moment: a run shorter than the sampling
-        interval still says what its node did."""
-        with self._lock:
-            self._stopped.set()
-            monitor, self.monitor = self.monitor, None
+        interval (or than the callback actor's creating the MLflow run) still says what its node did."""
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(STOP_WAIT_S)  # it looks for the MLflow run once more, at most
         self._release_node()
-        if monitor is None:
-            return
-        monitor.finish()
+        monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            monitor.finish()
+            self._last_sample(monitor)
+
+    def _last_sample(self, monitor) -> None:
         try:
             monitor.collect_metrics()
             monitor.publish_metrics(monitor.aggregate_metrics())
@@ -79,29 +86,36 @@ class NodeMonitor:
             self._claim = None
 
     def _run(self) -> None:
+        """Find the run, then sample in MLflow's thread; once stopped, leave the monitor for
+        ``stop``'s one sample."""
         mlflow_run = self._wait_for_run()
         if mlflow_run is None:
             return
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        monitor = SystemMetricsMonitor(mlflow_run, sampling_interval=float(self.args.system_metrics),
-                                       resume_logging=True, node_id=self.node, tracking_uri=self.args.tracking_uri)
-        with self._lock:
-            if not self._stopped.is_set():
-                self.monitor = monitor
-                monitor.start()
+        self.monitor = SystemMetricsMonitor(mlflow_run, sampling_interval=float(self.args.system_metrics),
+                                            resume_logging=True, node_id=self.node,
+                                            tracking_uri=self.args.tracking_uri)
+        if not self._stopped.is_set():
+            self.monitor.start()
 
     def _wait_for_run(self) -> str | None:
-        client = mlflow_client(self.args.tracking_uri)
-        for _ in range(int(FIND_RUN_S)):
-            try:
-                run = find_run(client, self.args.experiment, self.run_id)
-            except Exception as exc:  # noqa: BLE001 - a down server: try again, then give up quietly
-                LOGGER.debug(f"system metrics: MLflow not reachable yet: {exc}")
-                run = None
-            if run is not None:
-                return run.info.run_id
-            if self._stopped.wait(1.0):
+        """The MLflow run's id; looked for every ``POLL_S`` until found, ``FIND_RUN_S`` passed or
+        the monitor is stopped (then once more)."""
+        client, deadline = mlflow_client(self.args.tracking_uri), time.monotonic() + FIND_RUN_S
+        while True:
+            run = self._find(client)
+            if run is not None or self._stopped.is_set():
+                return run
+            if time.monotonic() > deadline:
+                LOGGER.warning(f"system metrics: no MLflow run for {self.run_id} after {FIND_RUN_S:.0f} s")
                 return None
-        LOGGER.warning(f"system metrics: no MLflow run for {self.run_id} after {FIND_RUN_S:.0f} s; not logged")
-        return None
+            self._stopped.wait(POLL_S)
+
+    def _find(self, client) -> str | None:
+        try:
+            run = find_run(client, self.args.experiment, self.run_id)
+        except Exception as exc:  # noqa: BLE001 - a down server: try again, then give up quietly
+            LOGGER.debug(f"system metrics: MLflow not reachable yet: {exc}")
+            return None
+        return run.info.run_id if run is not None else None

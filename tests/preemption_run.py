@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 DEADLINE_S = 8  # the notice: seconds from the drain until the node goes
 DRAIN_AT_STEP = 1  # rank 1's optimizer step at which its node is drained (of 45 in epoch 1 of 2)
+STEP_AFTER_DRAIN_S = 0.25  # a step's time once drained: 44 steps left outlast the deadline
 NODE = {"num_cpus": 1, "resources": {"slot": 1}}  # one training worker a node
 RUN = dict(data="digits", imgsz=16, fraction=0.5, batch=16, epochs=2, verbose=False, plots=False, seed=0, num_workers=2,
            resources_per_worker={"CPU": 1, "slot": 1}, max_failures=0)  # a preemption is no failure
@@ -49,6 +50,19 @@ class DrainOwnNode:
 
     def done(self) -> bool:
         return (Path(self.folder) / "drained.json").is_file()
+
+
+class SlowAfterDrain:
+    """A worker callback: every rank's steps take ``seconds`` more once the node is drained, as a
+    real model's would: the notice (Ray polls for it) then comes within the epoch, whatever the
+    load of this machine, and the epoch still ends long after the deadline."""
+
+    def __init__(self, seconds: float, folder: str):
+        self.seconds, self.folder = seconds, folder
+
+    def __call__(self, trainer) -> None:
+        if trainer.resume_ckpt is None and (Path(self.folder) / "drained.json").is_file():
+            time.sleep(self.seconds)  # the restarted group (it resumed) runs at full speed
 
 
 def play_the_cloud(cluster, stop: threading.Event, log: list) -> None:
@@ -110,7 +124,8 @@ def main(folder: Path) -> None:
         whole = train(folder, "whole")
         cloud = threading.Thread(target=play_the_cloud, args=(cluster, stop, log), daemon=True)
         cloud.start()
-        cut = train(folder, "cut", [("on_train_batch_end", DrainOwnNode(DRAIN_AT_STEP, str(folder)))])
+        cut = train(folder, "cut", [("on_train_batch_end", DrainOwnNode(DRAIN_AT_STEP, str(folder))),
+                                    ("on_train_batch_end", SlowAfterDrain(STEP_AFTER_DRAIN_S, str(folder)))])
         (folder / "result.json").write_text(json.dumps({
             "whole": whole, "cut": cut, "drained": json.loads((folder / "drained.json").read_text()),
             "steps": steps_by_attempt(folder, cut["run_id"]), "whole_steps": steps_by_attempt(folder, whole["run_id"]),

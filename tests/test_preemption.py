@@ -156,6 +156,7 @@ def test_a_preempted_node_costs_no_batch_and_no_epoch_metric_is_logged_twice(tmp
 
 
 def metric_points(client, run_id: str) -> dict:
-    """Every raw point of every metric of a run: ``{key: [(step, value), ...]}`` by step."""
-    run = client.get_run(run_id)
-    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in run.data.metrics}
+    """Every raw point of every training metric of a run: ``{key: [(step, value), ...]}`` by step
+    (not the machines' ``system/`` samples)."""
+    keys = [key for key in client.get_run(run_id).data.metrics if not key.startswith("system/")]
+    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in keys}
