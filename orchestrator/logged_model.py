@@ -14,14 +14,14 @@ import logging
 import os
 from pathlib import Path
 
+from callbacks.sinks.mlflow_points import FINAL
 from callbacks.sinks.mlflow_runs import metric_key, mlflow_client
 from callbacks.sinks.storage import local_file
 from callbacks.sinks.s3 import S3Setup
 from trainers.engine.checkpoint import build_model, load_checkpoint
 from trainers.utils import LOGGER
 
-FINAL = "final/"
-NOT_EPOCH = ("final/", "step/", "system/")  # keys whose step is not an epoch
+NOT_EPOCH = (FINAL, "step/", "system/")  # keys whose step is not an epoch
 PROGRESS_BAR, TRACKING_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "MLFLOW_TRACKING_URI"
 
 

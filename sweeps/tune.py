@@ -237,14 +237,13 @@ def finish(sweep: SweepConfig, state, grid, folder: Path, base_args, parent_run_
     if best is not None:
         result.best_trial, result.best_objective = str(best["trial_id"]), float(best["objective"])
         result.best_checkpoint = best["checkpoint"] or None
-        trial_config = next((r.config for r in grid if (r.metrics or {}).get("trial_id") == best["trial_id"]), {})
-        result.best_config = report.best_config(base_args, trial_config)
+        configs = {(r.metrics or {}).get("trial_id"): r.config or {} for r in grid}  # by trial id
+        result.best_config = report.best_config(base_args, configs.get(best["trial_id"], {}))
         files.append(report.write_best(result.best_config, folder))
         tags = {"best_trial": result.best_trial, "best_checkpoint": result.best_checkpoint or "",
                 "best_mlflow_run_id": best["mlflow_run_id"]}
         metrics = {"best_objective": result.best_objective}
         if not (interrupted or state.fatal):
-            configs = {(r.metrics or {}).get("trial_id"): r.config or {} for r in grid}
             result.champion_model_id = champion.publish_models(table, configs, base_args,
                                                                parent.sweep_description(sweep, base_args))
             tags["champion_model_id"] = result.champion_model_id or ""

@@ -20,6 +20,7 @@ from callbacks.sinks.mlflow_runs import MAX_KEY, metric_key
 from trainers.metrics.base import is_per_class
 
 BATCH_END, EPOCH_END, RESIZE = "on_train_batch_end", "on_fit_epoch_end", "on_resize"
+FINAL = "final/"  # the final evaluation's keys
 
 
 class MetricPoints:
@@ -45,7 +46,7 @@ class MetricPoints:
                 return []
             self._last_step = step
         elif event == EPOCH_END:
-            prefix, step = ("final/" if record.get("final_eval") else ""), int(record.get("epoch", 0))
+            prefix, step = (FINAL if record.get("final_eval") else ""), int(record.get("epoch", 0))
             metrics = {k: v for k, v in metrics.items() if not is_per_class(k)}
         elif event == RESIZE:
             prefix, step = "", int(record.get("epoch", 0))
