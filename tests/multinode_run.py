@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -45,7 +46,6 @@ def main(folder: Path) -> None:
 
 def train(folder: Path) -> None:
     import ray
-    from ray.cluster_utils import Cluster
 
     from callbacks.sinks import read_event_log
     from callbacks.sinks.replay import table_records
@@ -53,10 +53,7 @@ def train(folder: Path) -> None:
     from orchestrator import Model
     from trainers.data.shapes import generate_shapes
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    worker_nodes = [cluster.add_node(num_cpus=1, resources={"worker_node": 1}) for _ in range(RANKS)]
-    try:
-        ray.init(address=cluster.address, configure_logging=False)
+    with cluster_of(RANKS) as worker_nodes:
         data = generate_shapes(folder / "shapes", n_train=12, n_val=6, imgsz=32)
         model = Model("det-n.yaml")
         model.add_callback("on_train_start", partial(note_node, folder / "nodes"))
@@ -73,18 +70,33 @@ def train(folder: Path) -> None:
         (folder / "result.json").write_text(json.dumps({
             "driver_node": ray.get_runtime_context().get_node_id(), "rank_nodes": rank_nodes,
             "worker_nodes": [node.node_id for node in worker_nodes], "run_id": run_id, "keys": keys,
-            "records": records, "streams": raw_streams(run_id), "loaded": str(model.ckpt_path)}, default=str))
+            "records": records, "streams": raw_streams(f"s3://{BUCKET}/store", run_id),
+            "loaded": str(model.ckpt_path)}, default=str))
+
+
+@contextmanager
+def cluster_of(workers: int):
+    """A head node of 1 CPU (the driver and its actors) and ``workers`` nodes of 1 CPU and one
+    ``worker_node`` each (a rank per node); Ray joined; yields the worker nodes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        nodes = [cluster.add_node(num_cpus=1, resources={"worker_node": 1}) for _ in range(workers)]
+        ray.init(address=cluster.address, configure_logging=False)
+        yield nodes
     finally:
         ray.shutdown()
         cluster.shutdown()
 
 
-def raw_streams(run_id: str) -> dict[str, list]:
-    """Every stored event-log row as ``[seq, event]``, by ``rank/attempt``, in stored order (raw: no
-    de-duplication, so a record stored twice shows)."""
+def raw_streams(store: str, run_id: str) -> dict[str, list]:
+    """Every event-log row stored in ``store`` as ``[seq, event]``, by ``rank/attempt``, in stored
+    order (raw: no de-duplication, so a record stored twice shows)."""
     from callbacks.sinks import read_event_log
 
-    table = read_event_log(f"s3://{BUCKET}/store", run_id, dedup_rows=False)
+    table = read_event_log(store, run_id, dedup_rows=False)
     streams: dict[str, list] = {}
     for rank, attempt, seq, event in zip(*(table.column(c).to_pylist() for c in ("rank", "attempt", "seq", "event"))):
         streams.setdefault(f"{rank}/{attempt}", []).append([seq, event])
