@@ -46,10 +46,12 @@ from callbacks.actor import start_callback_actor  # noqa: E402
 from callbacks.forwarder import EventForwarder  # noqa: E402
 from callbacks.journal import Journal  # noqa: E402
 from callbacks.sinks import CheckpointSink, EventLogSink, MLflowSink, read_event_log  # noqa: E402
+from callbacks.sinks.mlflow_runs import metric_key  # noqa: E402
 from orchestrator.console import EpochConsole  # noqa: E402
 from orchestrator.results import ResultSink  # noqa: E402
 from trainers.config import DEFAULTS  # noqa: E402
 from trainers.events import STEP_EVENTS, TIME, make_row, wire_row  # noqa: E402
+from trainers.metrics.base import is_per_class  # noqa: E402
 from trainers.metrics.detection import BOX_PREFIX, CLASS_FIELDS, METRIC_KEYS  # noqa: E402
 from trainers.registry import CallbackMixin, new_registry, run_callbacks  # noqa: E402
 
@@ -141,6 +143,22 @@ def epoch_metrics(rank: int, epoch: int, final: bool) -> dict:
         per_class = {f"{BOX_PREFIX}{c}/{f}": 0.5 for c in range(CLASSES) for f in CLASS_FIELDS} if rank == 0 else {}
         return {**val_metrics(rank, epoch, splits=()), **per_class}
     return {**val_metrics(rank, epoch, splits=("train", "val")), **{f"lr/pg{j}": 0.01 for j in range(PARAM_GROUPS)}}
+
+
+def rank0_series(plan: dict, every: int) -> dict[str, list[tuple[int, float]]]:
+    """What MLflow should hold of a simulated run of ``plan``: rank 0's per-step values every
+    ``every`` optimizer steps, its epoch values at each epoch, the final evaluation's under
+    ``final/`` (per-class values stay in the event log)."""
+    series: dict[str, list] = {}
+    for step in range(every, plan["epochs"] * plan["steps"] + 1, every):
+        for key, value in step_metrics(0, step).items():
+            series.setdefault(metric_key(f"step/{key}"), []).append((step, value))
+    for epoch in range(plan["epochs"] + 1):
+        final = epoch == plan["epochs"]
+        for key, value in epoch_metrics(0, epoch, final).items():
+            if not is_per_class(key):
+                series.setdefault(metric_key(f"{'final/' if final else ''}{key}"), []).append((epoch, value))
+    return series
 
 
 def val_metrics(rank: int, epoch: int, splits=("val",)) -> dict:

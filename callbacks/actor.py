@@ -27,6 +27,11 @@ from trainers.utils import LOGGER, log_details_to
 
 
 INGEST_THREADS = 16  # ingest calls in the actor at once: those waiting for a lock or an fsync
+# Arrow's default allocator, mimalloc, keeps a heap per thread, and this process encodes event-log
+# parts on whichever of its ingest threads cuts them: the pages freed stayed with the heaps, its
+# RSS grew 1.5-2 MB/s at 5,000 rows/s and kept growing. With the system allocator it stays flat.
+# Read once, when Arrow first allocates: so it is set for the actor's process, not from inside it.
+ACTOR_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system"}
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, concurrency_groups={"ingest": INGEST_THREADS})
@@ -152,7 +157,7 @@ def start_callback_actor(driver_callbacks: Iterable, name: str | None = None,
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     lifetime = "detached" if orphan_after else None
     actor = CallbackActor.options(num_cpus=0, max_restarts=-1, max_task_retries=0, name=name,
-                                  namespace=namespace, scheduling_strategy=here,
-                                  lifetime=lifetime).remote(callbacks, journal, orphan_after)
+                                  namespace=namespace, scheduling_strategy=here, lifetime=lifetime,
+                                  runtime_env={"env_vars": ACTOR_ENV}).remote(callbacks, journal, orphan_after)
     actor.start.remote()  # not awaited: sinks connect while the workers start
     return actor

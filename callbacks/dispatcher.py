@@ -22,9 +22,11 @@ report; it never raises into ``ingest``.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 import warnings
+import weakref
 from typing import Callable, Iterable
 
 import ray
@@ -38,6 +40,10 @@ from callbacks.sinks.base import Progress, Sink
 from trainers.utils import LOGGER, UserError
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+# A sink that fell behind (it was full) takes the journal's entries in chunks of this many rows,
+# the lock held (~10-40 ms): ingest calls wait that long at most behind a chunk.
+CATCH_UP_ROWS = 5_000
+CATCH_UP_EVERY = 0.2  # seconds between looks at sinks that fell behind, after commits
 
 
 class _Entry:
@@ -85,6 +91,25 @@ def bind_sinks(entries: list[_Entry]) -> None:
         sink.bind([peer for peer in sinks if peer is not sink])
 
 
+class _Feed:
+    """A bulk sink's intake: its ``handle_rows``, its count of entries handed (``progress.fed``;
+    None for a bulk callback that is no ``Sink``) and whether it has room (``Sink.full``)."""
+
+    __slots__ = ("index", "handle_rows", "progress", "full")
+
+    def __init__(self, index: int, handle_rows: Callable, progress: Progress | None, obj):
+        self.index, self.handle_rows, self.progress = index, handle_rows, progress
+        self.full = obj.full if progress is not None else None
+
+    def takes(self, entry: int | None) -> bool:
+        """Whether journal entry ``entry`` (None: no journal) goes to the sink as it is dispatched:
+        only while the sink has taken every entry before it and has room. Otherwise it comes
+        later from the journal, in order, after the entries the sink is missing."""
+        if entry is None or self.progress is None:
+            return True
+        return self.progress.fed == entry and not self.full()
+
+
 class _Stream:
     """Where one stream is: records waiting behind a gap (``pending``, by seq), or whole batches
     that arrived ahead of the one before them (``early``, by first seq; never both at once)."""
@@ -107,7 +132,7 @@ class Dispatcher:
             for event, fn in entry.handlers.items():
                 if entry.rows is None:
                     self._row_table.setdefault(event, []).append((index, fn))
-        self._bulk = [(index, entry.rows, _progress_of(entry.obj, index, journal))
+        self._bulk = [_Feed(index, entry.rows, _progress_of(entry.obj, index, journal), entry.obj)
                       for index, entry in enumerate(self._entries) if entry.rows]
         bind_sinks(self._entries)
         self._journal = journal
@@ -118,7 +143,8 @@ class Dispatcher:
         self._streams: dict[tuple, _Stream] = {key: _Stream(key, position) for key, position
                                                in (journal.positions.items() if journal else ())}
         self._counts = dict(received=0, duplicates=0, dispatched=0, malformed=0,
-                            after_finish=0, gaps=0, batches=0)
+                            after_finish=0, gaps=0, batches=0, from_journal=0)
+        self._next_look = 0.0  # monotonic time of the next look at sinks that fell behind
         self._failures: dict[tuple[int, str], list] = {}  # (entry, event) -> [count, first error]
         self._status: str | None = None
         self._busy = 0.0  # seconds spent inside ingest (dispatch included)
@@ -126,6 +152,9 @@ class Dispatcher:
         self._restarted = _was_restarted()
         if self._restarted:
             LOGGER.warning("callback actor restarted: workers resend what was not acknowledged")
+        if journal is not None:  # sealed segments to the sinks that copy them (the event log's), weakly:
+            me = weakref.proxy(self)  # a dispatcher dropped unfinished frees its journal's lock at once
+            journal.watch_seals(lambda path, first: me._call_sinks("take_segment", path, first))
 
     # ------------------------------------------------------------------ ingest
     def ping(self) -> bool:
@@ -137,6 +166,7 @@ class Dispatcher:
         with self._lock:
             ack = self._ingest(batch, floors)
             self._commit()
+            self._feed_lagging()
         return ack
 
     def ingest_rows(self, stream: tuple, first_seq: int, rows: list, floors: dict | None = None) -> dict:
@@ -144,6 +174,7 @@ class Dispatcher:
         with self._lock:
             ack = self._ingest_rows(stream, first_seq, rows, floors)
             self._commit()
+            self._feed_lagging()
         return ack
 
     def _ingest(self, batch: list[dict], floors: dict | None) -> dict:
@@ -290,11 +321,12 @@ class Dispatcher:
 
     def _dispatch_rows(self, stream: tuple, first_seq: int, rows: list) -> None:
         """An in-order batch (one journal entry): whole to bulk sinks, then record by record to
-        other callbacks (each callback still sees every stream's records in seq order)."""
-        if self._journal is not None:
-            self._journal.append(stream, first_seq, rows)
-        for index, handle_rows, progress in self._bulk:
-            self._feed(index, handle_rows, progress, stream, first_seq, rows)
+        other callbacks (each callback still sees every stream's records in seq order). A sink
+        that is full, or behind, gets it later from the journal (``_feed_lagging``)."""
+        entry = self._journal.append(stream, first_seq, rows) if self._journal is not None else None
+        for feed in self._bulk:
+            if feed.takes(entry):
+                self._feed(feed, stream, first_seq, rows)
         table = self._row_table
         if table:
             for i, row in enumerate(rows):
@@ -303,28 +335,64 @@ class Dispatcher:
                     self._call(handlers, row[EVENT], record_of(stream, first_seq + i, row))
         self._counts["dispatched"] += len(rows)
 
-    def _feed(self, index: int, handle_rows, progress: Progress | None, stream, first_seq, rows) -> None:
+    def _feed(self, feed: _Feed, stream, first_seq, rows) -> None:
         """One entry to one bulk sink; its ``progress.fed`` counts it first (the sink reads it)."""
-        if progress is not None:
-            progress.fed += 1
+        if feed.progress is not None:
+            feed.progress.fed += 1
         try:
-            handle_rows(stream, first_seq, rows)
+            feed.handle_rows(stream, first_seq, rows)
         except Exception as exc:
-            self._fail(index, "handle_rows", exc)
+            self._fail(feed.index, "handle_rows", exc)
+
+    def _lagging(self) -> list[_Feed]:
+        """Sinks not yet handed every durable journal entry (none without a journal)."""
+        if self._journal is None:
+            return []
+        end = self._journal.durable_entries
+        return [feed for feed in self._bulk if feed.progress is not None and feed.progress.fed < end]
+
+    def _from_journal(self, feeds: list[_Feed], most_rows: float = math.inf, room: bool = True) -> int:
+        """Hand each of ``feeds`` the journal's durable entries from its ``progress.fed`` on, in
+        order, while it has room (regardless, without ``room``), until ``most_rows`` rows are
+        handed; the entries read. How every sink that is behind catches up: at start
+        (``_replay``), once it has room again (``_feed_lagging``), at the end (``_feed_rest``)."""
+        end, handed, read = self._journal.durable_entries, 0, 0
+        for entry, stream, first_seq, rows in self._journal.entries(min(f.progress.fed for f in feeds)):
+            takers = [f for f in feeds if f.progress.fed == entry and not (room and f.full())]
+            if entry >= end or handed >= most_rows or not takers and all(f.progress.fed <= entry for f in feeds):
+                break
+            for feed in takers:
+                self._feed(feed, stream, first_seq, rows)
+            handed += len(rows) * len(takers)
+            read += 1
+        return read
 
     def _replay(self) -> None:
         """Hand each sink the journal's entries after its watermark (a restarted actor, a
         recovered run): what it had taken but not delivered died with the old process."""
-        behind = [(i, rows, p) for i, rows, p in self._bulk if p is not None and p.fed < self._journal.next_entry]
-        if not behind:
+        behind = self._lagging()
+        if behind:
+            replayed = self._from_journal(behind)
+            LOGGER.info(f"callback actor: {replayed} journal entries handed again to sinks that had not delivered them")
+
+    def _feed_lagging(self, now: bool = False) -> None:
+        """Sinks that fell behind (they were full) and have room again take the journal's entries
+        from where they stopped, CATCH_UP_ROWS rows per call at most; looked at every
+        CATCH_UP_EVERY s (``now``: at once)."""
+        lagging = self._lagging()
+        if not lagging or (not now and time.monotonic() < self._next_look):
             return
-        replayed = 0
-        for entry, stream, first_seq, rows in self._journal.entries(min(p.fed for _, _, p in behind)):
-            for index, handle_rows, progress in behind:
-                if progress.fed == entry:
-                    self._feed(index, handle_rows, progress, stream, first_seq, rows)
-            replayed += 1
-        LOGGER.info(f"callback actor: {replayed} journal entries handed again to sinks that had not delivered them")
+        self._next_look = time.monotonic() + CATCH_UP_EVERY
+        ready = [feed for feed in lagging if not feed.full()]
+        if ready:
+            self._counts["from_journal"] += self._from_journal(ready, CATCH_UP_ROWS)
+
+    def _feed_rest(self) -> None:
+        """At the end, sinks still behind take the rest whether full or not: their ``close``
+        makes the final, bounded attempt (and keeps on disk what it cannot deliver)."""
+        lagging = self._lagging()
+        if lagging:
+            self._counts["from_journal"] += self._from_journal(lagging, room=False)
 
     def _fail(self, index: int, event: str, exc: BaseException) -> None:
         slot = self._failures.get((index, event))
@@ -363,6 +431,7 @@ class Dispatcher:
     def flush(self) -> dict:
         """Ask every sink to flush what it buffers."""
         with self._lock:
+            self._feed_lagging(now=True)
             self._call_sinks("flush")
             return self._stats()
 
@@ -380,6 +449,9 @@ class Dispatcher:
         if self._status is None:
             self._release_pending()
             self._commit(idle=True)
+            self._feed_rest()
+            if self._journal is not None:  # seals the last segment: sinks copy it before they close
+                self._journal.close()
             if reason:
                 self._call_sinks("note_end", status, reason)
             self._call_sinks("flush")
@@ -391,7 +463,8 @@ class Dispatcher:
     def delivered(self) -> bool:
         """Whether every sink that keeps a watermark has delivered every journal entry."""
         end = self._journal.next_entry if self._journal is not None else 0
-        return all(p.delivered >= end for _, _, p in self._bulk if p is not None and p.path is not None)
+        return all(feed.progress.delivered >= end for feed in self._bulk
+                   if feed.progress is not None and feed.progress.path is not None)
 
     def _release_pending(self) -> None:
         """At the end no resend can fill a gap: dispatch the rest in order, counting the holes."""
@@ -411,7 +484,9 @@ class Dispatcher:
 
     def _stats(self) -> dict:
         """Counts; ``busy_seconds`` is dispatch (under the lock), ``sync_seconds`` the fsyncs
-        (which overlap other calls' dispatch); ``journal_syncs`` how many there were."""
+        (which overlap other calls' dispatch); ``journal_syncs`` how many there were; ``behind``
+        the most journal entries a sink has not been handed yet (it was full: they wait in the
+        journal), ``from_journal`` the entries read back for such sinks."""
         group, journal = self._group, self._journal
         out = dict(self._counts)
         waiting = sum(len(s.pending) + sum(map(len, s.early.values())) for s in self._streams.values())
@@ -419,8 +494,15 @@ class Dispatcher:
                    streams={key: s.next_seq for key, s in self._streams.items()},
                    restarted=self._restarted, status=self._status, busy_seconds=self._busy,
                    failed_calls=sum(count for count, _ in self._failures.values()),
-                   journal_syncs=journal.syncs if journal else 0, sync_seconds=group.seconds if group else 0.0)
+                   journal_syncs=journal.syncs if journal else 0, sync_seconds=group.seconds if group else 0.0,
+                   behind=self._behind())
         return out
+
+    def _behind(self) -> int:
+        if self._journal is None:
+            return 0
+        end = self._journal.next_entry
+        return max((end - feed.progress.fed for feed in self._bulk if feed.progress is not None), default=0)
 
     def take_lines(self) -> list[str]:
         """Console lines the driver callbacks made since the last call (``take_lines``), in order:

@@ -13,10 +13,16 @@ answers a ping, then resends everything not acknowledged; the actor drops duplic
 ``record_key``. Each batch carries the stream's acknowledged floor so that a restarted actor,
 which has lost its state, knows where the stream resumes.
 
+A sender thread sends, once their time is due, rows the training thread has not: the rows before
+a stall (a long step, a collective waiting on a dead peer) and rows whose files finished shipping
+meanwhile, so a rank killed in a stall has sent what it emitted up to a flush interval before.
+The two threads take turns on one lock.
+
 Use one forwarder per (run_id, rank, attempt): sequence numbers restart at 0 in each.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from concurrent import futures
@@ -80,6 +86,9 @@ class EventForwarder:
         self._next_flush = time.time() + self.flush_interval  # wall time: compared with rows' times
         self._counts = dict(sent=0, acked=0, batches=0, backpressure_waits=0,
                             backpressure_seconds=0.0, resends=0, failed_calls=0, lost=0)
+        self._lock = threading.RLock()  # the training thread and the sender thread take turns
+        self._closed = threading.Event()
+        self._sender: threading.Thread | None = None
 
     # ----------------------------------------------------------------- registry side
     def attach(self, registry: dict) -> "EventForwarder":
@@ -108,15 +117,30 @@ class EventForwarder:
     def emit(self, event: str, owner) -> list:
         """Build the row for ``event`` fired by ``owner`` and queue it; sends when due."""
         row = owner.record_row(event)  # owners are CallbackMixins (trainers/registry.py)
-        if row[ARTIFACTS] and self.publish is not None:
-            self._held.append((self._next_seq, self.publish(row[ARTIFACTS])))
-        records = self._records
-        records.append(row)
-        # the flush deadline is kept in wall time, so the row's own time stamp serves to check it
-        due = row[TIME] >= self._next_flush
-        if due or self._seq0 + len(records) >= self._pump_at:
-            self._pump(force=due)
+        if self._sender is None:
+            self._start_sender()
+        with self._lock:
+            if row[ARTIFACTS] and self.publish is not None:
+                self._held.append((self._next_seq, self.publish(row[ARTIFACTS])))
+            records = self._records
+            records.append(row)
+            # the flush deadline is kept in wall time, so the row's own time stamp serves to check it
+            due = row[TIME] >= self._next_flush
+            if due or self._seq0 + len(records) >= self._pump_at:
+                self._pump(force=due)
         return row
+
+    def _start_sender(self) -> None:
+        self._sender = threading.Thread(target=self._send_late, name=f"forwarder-rank{self.rank}", daemon=True)
+        self._sender.start()
+
+    def _send_late(self) -> None:
+        """Every flush interval: send the rows that are due and that the training thread has not
+        sent (it has not emitted since), acknowledgements collected on the way."""
+        while not self._closed.wait(self.flush_interval):
+            with self._lock:
+                if time.time() >= self._next_flush and (self._sendable() > self._sent or self._inflight):
+                    self._pump(force=True)
 
     # ----------------------------------------------------------------- sending
     @property
@@ -270,6 +294,10 @@ class EventForwarder:
     # ----------------------------------------------------------------- public controls
     def flush(self, wait: bool = False, timeout: float | None = None) -> bool:
         """Send everything buffered; with ``wait``, block (bounded) until all is acknowledged."""
+        with self._lock:
+            return self._flush(wait, timeout)
+
+    def _flush(self, wait: bool, timeout: float | None) -> bool:
         self._pump(force=True)
         if not wait:
             return self._retained() == 0
@@ -286,6 +314,7 @@ class EventForwarder:
         """Final flush at teardown: wait, bounded, for every acknowledgement; then say whether
         training ever waited for the actor, or records were lost (nothing is said otherwise)."""
         done = self.flush(wait=True, timeout=timeout)
+        self._closed.set()
         waits, lost = self._counts["backpressure_waits"], self._counts["lost"]
         if waits or lost:
             LOGGER.warning(f"event forwarder rank {self.rank}: training waited {waits} times "
@@ -294,6 +323,10 @@ class EventForwarder:
         return done
 
     def stats(self) -> dict:
+        with self._lock:
+            return self._stats()
+
+    def _stats(self) -> dict:
         out = dict(self._counts)
         out["records"] = self._next_seq  # one seq per record emitted
         out["acked"] -= out["lost"]

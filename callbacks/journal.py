@@ -7,6 +7,8 @@ Layout of ``<journal>/<run id>/`` (a session that continues the run, ``resume=``
   from 0 across the run; a segment is rolled after ``segment_rows`` rows. ``commit`` fsyncs (or
   ``stage`` then ``sync``, the fsync of concurrent calls' entries at once:
   ``callbacks/group_commit.py``), and the dispatcher acknowledges a batch to its worker only after.
+  A segment rolled or closed at the run's end is *sealed*, never written again; ``watch_seals``
+  hands each to the dispatcher, whose event-log sink copies it to the object store.
 - ``progress/<sink>.json``: how many entries a sink has delivered for good (its watermark). A
   sink that restarts (a new actor, ``orchestrator recover``) is fed the entries after it again;
   sinks are idempotent on such redelivery.
@@ -25,6 +27,7 @@ import json
 import os
 import pickle
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 
@@ -65,6 +68,8 @@ class Journal:
         for batch in self._batches(columns=("rank", "attempt", "seq", ENTRY)):
             self._note(batch)
         self._file = self._writer = self._lock = None
+        self._path: Path | None = None  # the open segment's
+        self._on_seal: Callable[[Path, int], None] | None = None
         self._segment_rows = 0
         self._dirty = False
         self.durable_entries = self.next_entry  # entries below this are on disk for good
@@ -137,7 +142,8 @@ class Journal:
 
     def _open_segment(self, first_entry: int):
         if self._writer is None:
-            self._file = open(self.dir / f"seg-{first_entry:010d}.arrow", "wb")
+            self._path = self.dir / f"seg-{first_entry:010d}.arrow"
+            self._file = open(self._path, "wb")
             self._writer = pa.ipc.new_stream(self._file, JOURNAL_SCHEMA)
             self._segment_rows = 0
         return self._writer
@@ -147,6 +153,18 @@ class Journal:
             self._writer.close()
             self._file.close()
             self._writer = self._file = None
+            if self._on_seal is not None:
+                self._on_seal(self._path, _first_entry(self._path))
+
+    def watch_seals(self, on_seal: Callable[[Path, int], None]) -> None:
+        """Call ``on_seal(path, first entry)`` for each sealed segment, one that is never written
+        again (the event-log sink copies it to the object store): now for those an earlier process
+        left (this one starts a segment of its own; one that holds no whole entry is left out: its
+        name is taken again), then as this one rolls or closes each of its own."""
+        self._on_seal = on_seal
+        for path in self.segments():
+            if path != self._path and _first_entry(path) < self.next_entry:
+                on_seal(path, _first_entry(path))
 
     def close(self) -> None:
         self.commit()
@@ -181,9 +199,12 @@ class Journal:
                 self.positions[key] = seq + 1
 
     def entries(self, since: int = 0):
-        """``(entry, stream, first_seq, rows)`` of every durable entry from ``since`` on, in order."""
+        """``(entry, stream, first_seq, rows)`` of every durable entry from ``since`` on, in order.
+        Batches wholly before ``since`` are skipped unconverted: a sink catching up reads from the
+        middle of a segment again and again (``Dispatcher._from_journal``)."""
         for batch in self._batches(since=since):
-            yield from _split_entries(self.run_id, batch, since)
+            if batch.num_rows and batch.column(ENTRY)[batch.num_rows - 1].as_py() >= since:
+                yield from _split_entries(self.run_id, batch, since)
 
     # ----------------------------------------------------------------- run-level files
     def progress(self, name: str) -> "Progress":
@@ -197,7 +218,7 @@ class Journal:
 
     def finish(self, status: str, delivered: bool, reason: str | None = None) -> None:
         """Record the run's end; once every sink delivered everything the segments go (the
-        event log in the object store holds the same records)."""
+        object store holds their copies, and the event log the same records)."""
         self.close()
         if delivered:
             for path in self.segments():

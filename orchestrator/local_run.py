@@ -60,7 +60,7 @@ class LocalBackend:
     def __init__(self):
         self.dispatcher = self.trainer = self.forwarder = self.monitor = None
 
-    def connect(self) -> None:
+    def connect(self, args) -> None:
         """Nothing to reach: training runs in this process."""
 
     def start(self, session) -> None:

@@ -31,6 +31,7 @@ from callbacks.forwarder import EventForwarder
 from callbacks.sinks.s3 import S3Setup
 from callbacks.system_metrics import NodeMonitor, node_label
 from orchestrator.console import print_lines
+from orchestrator.embedded_ray import record_session
 from orchestrator.results import take_back
 from trainers.config import worker_counts
 from trainers.engine.preemption import Preempted
@@ -38,8 +39,10 @@ from trainers.engine.resume import training_finished
 from trainers.utils import LOGGER, UserError, log_details_to
 
 
-def connect_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (as under ``ray job submit``), else start a local Ray."""
+def connect_ray(journal: str | None = None) -> None:
+    """Join the cluster in RAY_ADDRESS (as under ``ray job submit``), else start a local Ray, which
+    is recorded under ``journal`` for ``orchestrator recover`` should this driver be killed
+    (``orchestrator/embedded_ray.py``)."""
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
@@ -49,6 +52,8 @@ def connect_ray() -> None:
         ray.init(address=address or None, log_to_driver=True, configure_logging=False)
     except ConnectionError as exc:
         raise UserError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {exc}".splitlines()[0]) from None
+    if journal is not None:
+        record_session(journal)
 
 
 def probe_address(address: str, timeout: float = 5.0) -> None:
@@ -88,8 +93,8 @@ class RayBackend:
         self.actor = self.trainer = None
         self._beating = threading.Event()
 
-    def connect(self) -> None:
-        connect_ray()
+    def connect(self, args) -> None:
+        connect_ray(args.journal)
 
     def start(self, session) -> None:
         self.actor = start_callback_actor(session.callbacks, name=f"callbacks-{session.journal.dir.name}",
@@ -283,13 +288,19 @@ def restore_checkpoint(checkpoint: Checkpoint) -> str:
 def report_epoch(trainer) -> None:
     """Every rank reports once per epoch (a barrier); rank 0 attaches last.pt (uploaded async) with
     the epoch and the loop's stop vote of that epoch, which a restart continues from."""
-    metrics = {k: float(v) for k, v in trainer.epoch_metrics().items()}
-    metrics.update(epoch=trainer.epoch, fitness=float(trainer.fitness if trainer.fitness is not None else 0.0))
+    metrics = epoch_report_metrics(trainer)
     checkpoint = None
     if trainer.is_main and trainer.last.is_file():
         checkpoint = checkpoint_of(trainer.last, {"epoch": trainer.epoch, "stop": trainer.stop})
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
                      checkpoint_upload_fn=persist_patiently)
+
+
+def epoch_report_metrics(trainer) -> dict:
+    """An epoch's report metrics: what a sweep hands Tune and computes its objective from."""
+    metrics = {k: float(v) for k, v in trainer.epoch_metrics().items()}
+    metrics.update(epoch=trainer.epoch, fitness=float(trainer.fitness if trainer.fitness is not None else 0.0))
+    return metrics
 
 
 def checkpoint_of(path: Path, metadata: dict) -> Checkpoint:

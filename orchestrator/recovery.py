@@ -4,7 +4,8 @@ A run's journal (``callbacks/journal.py``) holds every record its workers had ac
 the sinks that deliver them. A run whose journal has no end (the driver, the actor and the local
 Ray died with it), or whose sinks had not delivered everything when it ended (an outage that
 outlasted the run), is taken over here: its sinks are rebuilt, handed the entries after their
-watermarks, and closed with the run's status (KILLED when it never ended).
+watermarks, and closed with the run's status (KILLED when it never ended). Before that, what is
+left of a killed driver's own local Ray is stopped (``orchestrator/embedded_ray.py``).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from callbacks.dispatcher import Dispatcher
 from callbacks.journal import FINISHED, SINKS, Journal
 from callbacks.sinks.base import Sink
+from orchestrator.embedded_ray import stop_dead_sessions
 from trainers.utils import LOGGER
 
 LOST = "the driver died before the run ended (recovered from its journal)"
@@ -23,7 +25,14 @@ def pending_journals(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return [folder for folder in sorted(root.iterdir()) if (folder / SINKS).is_file() and not _done(folder)]
+    return [folder for folder in sorted(root.iterdir(), key=parents_first)
+            if (folder / SINKS).is_file() and not _done(folder)]
+
+
+def parents_first(folder: Path) -> tuple:
+    """A sweep's parent journal (``sweep-<id>``, ``sweeps/parent.py``) before its trials': a child
+    run still to be made names its parent, which must exist in MLflow first (``RunWriter``)."""
+    return not folder.name.startswith("sweep-"), folder.name
 
 
 def _done(folder: Path) -> bool:
@@ -55,8 +64,10 @@ def _line(run_id: str, entries: int, status: str, delivered: bool, report: dict)
 
 
 def recover(root: str | Path) -> list[str]:
-    """Recover every pending run under ``root``; one line per run (none when all ended)."""
-    lines = []
+    """Stop what is left of the local Rays of dead drivers recorded under ``root`` (first: a
+    leftover may still hold a run's journal), then recover every pending run; one line per
+    session stopped and per run (none when all ended)."""
+    lines = stop_dead_sessions(root)
     for folder in pending_journals(root):
         try:
             lines.append(recover_run(folder))

@@ -8,7 +8,7 @@ runs: this process (``local_run.LocalBackend``) or Ray Train workers (``ray_laun
 A backend has ``defer_run`` (whether the callback actor, not the driver, creates the MLflow run),
 ``stops_at_once`` (whether a stop signal may interrupt its ``train`` anywhere: a driver that only
 waits on workers; else the trainer here stops at a step boundary, ``orchestrator/stops.py``),
-``connect()``, ``start(session)``, ``train(session)``, ``finish(session, status, reason) -> report`` and
+``connect(args)``, ``start(session)``, ``train(session)``, ``finish(session, status, reason) -> report`` and
 ``outcome() -> dict`` (what it adds to the result).
 """
 from __future__ import annotations
@@ -78,7 +78,7 @@ class RunSession:
 
     def __init__(self, factory, args, driver_callbacks, backend):
         self.backend = backend
-        backend.connect()  # an unreachable cluster fails before a run is created
+        backend.connect(args)  # an unreachable cluster fails before a run is created
         if args.resume:  # the run resumed may have died with its driver: end it first
             recover_before_resume(args.journal)
         factory.overrides.update(resolve_run(args))

@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from callbacks.journal import Journal
+from callbacks.dispatcher import Dispatcher
+from callbacks.journal import Journal, session_folder
+from callbacks.records import make_record
 from callbacks.sinks import MLflowSink
-from callbacks.sinks.mlflow_runs import RUN_ID_TAG, create_run, mlflow_client, reopen_run
-from orchestrator.run_setup import run_description
+from callbacks.sinks.mlflow_runs import RUN_ID_TAG
+from orchestrator.run_setup import mlflow_run_of, run_description
 from sweeps.space import Objective
 from trainers.utils import UserError
 
@@ -24,45 +26,62 @@ def sweep_description(sweep, base_args) -> str:
         f"- space: {space}", "", "Each trial:", "", run_description(base_args)])
 
 
-def open_parent(tracking_uri: str, experiment: str, name: str, sweep_id: str, params: dict,
-                sweep_file: Path, description: str = "") -> str:
-    """The sweep's parent run, with the sweep as written as an artifact."""
-    tags = {"sweep.id": sweep_id, "sweep.role": "parent", RUN_ID_TAG: f"sweep-{sweep_id}"}
-    if description:
-        tags["mlflow.note.content"] = description
-    run_id = create_run(tracking_uri, experiment, name, params=params, tags=tags)
-    mlflow_client(tracking_uri).log_artifact(run_id, str(sweep_file))
-    return run_id
+def parent_orch_id(sweep_id: str) -> str:
+    """The parent run's orchestrator run id: its MLflow tag, its journal's name, and how each
+    child run names its parent (``PARENT_TAG``)."""
+    return f"sweep-{sweep_id}"
 
 
-def reopen_parent(tracking_uri: str, run_id: str) -> None:
-    reopen_run(mlflow_client(tracking_uri), run_id)
+class ParentRun:
+    """The sweep's parent run, made and fed like a trial's run: an MLflow sink creates it when the
+    server answers (on resume finds it again by its ``orchestrator.run_id`` tag and runs it again),
+    and its records (the sweep file at the start; the sweep's files and ``best_objective`` at the
+    end) go through a dispatcher and journal in this process. So an MLflow outage only delays
+    them, and a driver killed outright leaves a journal that ``orchestrator recover`` delivers
+    and ends KILLED. ``run_id`` is the MLflow id once the sink knew it, after ``close``."""
 
+    def __init__(self, tracking_uri: str, experiment: str, name: str, sweep_id: str, journal_root: str,
+                 params: dict | None = None, description: str = ""):
+        self.sweep_id, self.orch_id = sweep_id, parent_orch_id(sweep_id)
+        tags = {"sweep.id": sweep_id, "sweep.role": "parent", RUN_ID_TAG: self.orch_id}
+        if description:
+            tags["mlflow.note.content"] = description
+        self._args = dict(tracking_uri=tracking_uri, experiment=experiment, run_name=name, params=params,
+                          tags=tags, event_log=False)
+        self.sink = self._sink()
+        self.journal = Journal(session_folder(Path(journal_root).expanduser().resolve(), self.orch_id),
+                               self.orch_id)
+        self.journal.save_sinks([self.sink])
+        self.dispatcher = Dispatcher([self.sink], journal=self.journal)
+        self.dispatcher.start()
+        self.run_id: str | None = None
+        self._seq = 0
 
-def parent_journal(journal_root: str, sweep_id: str, tracking_uri: str, experiment: str, run_id: str) -> Journal:
-    """A journal with no records for the parent run: if the sweep driver dies, ``orchestrator
-    recover`` finds it unfinished and ends the parent run KILLED, as it ends the trials' runs."""
-    name = f"sweep-{sweep_id}"
-    journal = Journal(Path(journal_root).expanduser().resolve() / name, name)
-    journal.save_sinks([MLflowSink(tracking_uri, experiment, name, run_id=run_id, event_log=False,
-                                   upload_artifacts=False)])
-    return journal
+    def _sink(self, tags: dict | None = None) -> MLflowSink:
+        """The parent's sink; with ``tags``, one that also sets them (what recovery rebuilds at the end)."""
+        args = dict(self._args)
+        if tags:
+            args["tags"] = {**args["tags"], **{k: str(v) for k, v in tags.items()}}
+        return MLflowSink(**args)
 
+    def send(self, event: str, files=(), metrics: dict | None = None) -> None:
+        """One record of the parent (rank 0, files by their names): journaled, then queued by the sink."""
+        artifacts = {Path(path).name: str(path) for path in files if Path(path).is_file()}
+        record = make_record(run_id=self.orch_id, event=event, rank=0, attempt=0, seq=self._seq, epoch=0,
+                             step=0, metrics=metrics, artifacts=artifacts)
+        self._seq += 1
+        self.dispatcher.ingest([record])
 
-def close_parent(tracking_uri: str, run_id: str, status: str, files=(), metrics=None, tags=None,
-                 journal: Journal | None = None) -> None:
-    """Final metrics, tags and files, then the status; the parent's journal says it ended."""
-    client = mlflow_client(tracking_uri)
-    for key, value in (metrics or {}).items():
-        client.log_metric(run_id, key, float(value))
-    for key, value in (tags or {}).items():
-        client.set_tag(run_id, key, str(value))
-    for path in files:
-        if Path(path).is_file():
-            client.log_artifact(run_id, str(path))
-    client.set_terminated(run_id, status)
-    if journal is not None:
-        journal.finish(status, delivered=True)
+    def close(self, status: str, files=(), metrics=None, tags=None) -> str | None:
+        """Final files, metrics (at step 0) and tags, then the status (the sink's bounded final
+        attempt; what it cannot deliver stays in the journal for ``orchestrator recover``)."""
+        if files or metrics:
+            self.send("on_fit_epoch_end", files, metrics)
+        if tags:
+            self.journal.save_sinks([self._sink(tags)])
+            self.sink.note_tags(tags)
+        self.run_id = mlflow_run_of(self.dispatcher.finish(status))
+        return self.run_id
 
 
 def save_state(folder: Path, state: dict) -> None:

@@ -24,7 +24,8 @@ def trial_rows(results, state, space: dict, mode: str, checkpoint_uri) -> pd.Dat
         row.update({key: config.get(key) for key in space})
         known = (state.mlflow_runs.get(trial_id), state.status.get(trial_id))
         run_id, status = known if known[0] else (state.recorded(trial_id) or ("", None))
-        objective = merged_objectives(df, state.objective_history(run_id) if run_id else [])
+        logged = state.objective_history(run_id) if run_id else []
+        objective = merged_objectives(df, logged, int(metrics.get("training_iteration") or 0))
         best = (objective.max() if mode == "max" else objective.min()) if len(objective) else math.nan
         row["objective"] = float(best)
         row["last_objective"] = float(objective.iloc[-1]) if len(objective) else math.nan
@@ -53,11 +54,13 @@ def trial_line(trial, error: str | None = None) -> str:
     return f"trial {trial.trial_id} ended  {values}  {reached} after {epochs} epoch(s)"
 
 
-def merged_objectives(df, logged: list[float]) -> pd.Series:
-    """The trial's objectives: Tune's results or, when longer, those logged to its child run
-    (Tune's copy can miss the last reports before a restart from a checkpoint)."""
+def merged_objectives(df, logged: list[float], taken: int) -> pd.Series:
+    """The trial's objectives: Tune's results or, when longer, the first ``taken`` (the reports Tune
+    took) of those its child run logged (Tune's copy of its results can miss the last reports
+    before a restart from a checkpoint). The child run logs an objective at every epoch trained,
+    also at epochs trained after Tune decided to stop the trial (ASHA), which Tune never ranked."""
     tune_side = df["objective"].dropna() if df is not None and "objective" in df else pd.Series(dtype=float)
-    logged_side = pd.Series(logged, dtype=float).dropna()
+    logged_side = pd.Series(logged[:taken], dtype=float).dropna()
     return logged_side if len(logged_side) > len(tune_side) else tune_side.reset_index(drop=True)
 
 

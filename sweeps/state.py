@@ -2,10 +2,16 @@
 
 The sweep driver starts a trial's callback actor when Tune starts the trial: it holds the
 trial's MLflow, event-log and checkpoint sinks, exactly as for ``orchestrator train``, and the
-trial's workers forward their records to it. Because the driver owns it, it outlives the
-trial: when Tune stops a trial early (ASHA), kills it or the trial fails, the driver still
-closes the child run with KILLED or FAILED. A PBT restart or a retry of the same trial reuses
-the actor and the child run.
+trial's workers forward their records to it. As for a plain Ray run, the actor's MLflow sink
+creates the child run (or finds it again by its ``orchestrator.run_id`` tag on a resumed sweep),
+under the parent it names by the parent's orchestrator run id, and logs the trial's ``objective``
+with its epoch metrics: all of it waits out an MLflow outage in the sink's queue and the journal,
+and the driver makes no MLflow call while trials run. It learns each child's MLflow id from the
+actor's final report (or by tag at the end).
+
+Because the driver owns the actor, it outlives the trial: when Tune stops a trial early (ASHA),
+kills it or the trial fails, the driver still closes the child run with KILLED or FAILED. A PBT
+restart or a retry of the same trial reuses the actor and the child run.
 """
 from __future__ import annotations
 
@@ -15,10 +21,9 @@ import time
 import ray
 
 from callbacks.actor import start_callback_actor
-from callbacks.sinks import flatten
 from callbacks.sinks.factory import run_sinks
-from callbacks.sinks.mlflow_runs import RUN_ID_TAG, create_run, find_run, mlflow_client, reopen_run
-from orchestrator.run_setup import run_tags
+from callbacks.sinks.mlflow_runs import PARENT_TAG, RUN_ID_TAG, find_run, mlflow_client, scoped_short_retries
+from orchestrator.run_setup import mlflow_run_of, run_tags
 from orchestrator.session import run_callbacks, run_journal
 from trainers.config import get_cfg
 from trainers.utils import LOGGER, UserError
@@ -29,20 +34,19 @@ _SWEEPS: dict[str, "SweepState"] = {}  # sweep id -> live state of this driver p
 class SweepState:
     """Driver-side bookkeeping of one sweep: trial actors, child runs, final statuses."""
 
-    def __init__(self, sweep_id: str, parent_run_id: str, tracking_uri: str, experiment: str,
+    def __init__(self, sweep_id: str, parent_orch_id: str, tracking_uri: str, experiment: str,
                  setup, base_args, driver_callbacks=()):
-        self.sweep_id, self.parent_run_id = sweep_id, parent_run_id
+        self.sweep_id, self.parent_orch_id = sweep_id, parent_orch_id  # the parent's orchestrator.run_id
         self.tracking_uri, self.experiment = tracking_uri, experiment
         self.setup, self.base_args, self.driver_callbacks = setup, base_args, list(driver_callbacks)
         self.actors: dict[str, object] = {}
-        self.mlflow_runs: dict[str, str] = {}
+        self.mlflow_runs: dict[str, str] = {}  # trial id -> child run id, from the actor's final report
         self.configs: dict[str, dict] = {}
         self.status: dict[str, str] = {}
         self.pending: dict[str, object] = {}  # trial id -> ObjectRef of actor.finish(status)
         self.fatal: str | None = None
         self.interrupted = False  # Ctrl+C / SIGUSR1: Tune saved the experiment and stopped
         self.errors: dict[str, str] = {}
-        self.parent_journal = None  # set by the sweep: ends when the parent run ends
         self._lock = threading.Lock()
 
     # -------------------------------------------------------------------- trials
@@ -56,27 +60,19 @@ class SweepState:
             return
         args = self.trial_args(trial_id, config)
         run_id = self.setup.run_id(trial_id)
-        mlflow_run = self._child_run(args, run_id, trial_id)
-        sinks = run_sinks(args, run_id, experiment=self.experiment, tags=run_tags(args), mlflow_run=mlflow_run,
-                          parent_run_id=self.parent_run_id)  # as for a plain run, bound to the child run
+        sinks = run_sinks(args, run_id, experiment=self.experiment, tags=self.child_tags(args, trial_id))
         callbacks = run_callbacks(sinks, self.driver_callbacks)
         name = self.setup.actor_name(trial_id)
         release_name(name)
         self.actors[trial_id] = start_callback_actor(callbacks, name=name, journal=run_journal(args, run_id, sinks))
-        self.mlflow_runs[trial_id] = mlflow_run
         self.configs[trial_id] = config
         self.status.pop(trial_id, None)
 
-    def _child_run(self, args, run_id: str, trial_id: str) -> str:
-        """The trial's child run: found again after a sweep resume, else created now."""
-        client = mlflow_client(self.tracking_uri)
-        found = find_run(client, self.experiment, run_id)
-        if found is not None:
-            reopen_run(client, found.info.run_id)
-            return found.info.run_id
-        tags = {**run_tags(args), RUN_ID_TAG: run_id, "sweep.id": self.sweep_id, "sweep.trial_id": trial_id}
-        return create_run(self.tracking_uri, self.experiment, trial_id, params=flatten(args.to_dict()),
-                          tags=tags, parent_run_id=self.parent_run_id)
+    def child_tags(self, args, trial_id: str) -> dict:
+        """The child run's tags: a plain run's, its own run id (found again on resume), the sweep's,
+        and its parent's orchestrator run id (the sink resolves it to the parent's MLflow run)."""
+        return {**run_tags(args), RUN_ID_TAG: self.setup.run_id(trial_id), "sweep.id": self.sweep_id,
+                "sweep.trial_id": trial_id, PARENT_TAG: self.parent_orch_id}
 
     def _log_new_config(self, trial, config: dict) -> None:
         """PBT changed the trial's hyperparameters: params are write-once in MLflow, so the new
@@ -86,42 +82,45 @@ class SweepState:
         self.configs[trial.trial_id] = config
         if not changed:
             return
-        client = mlflow_client(self.tracking_uri)
-        run = self.mlflow_runs[trial.trial_id]
-        step = int((trial.last_result or {}).get("training_iteration", 0))
-        for key, value in changed.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                client.log_metric(run, f"hparam/{key}", float(value), step=step)
-            client.set_tag(run, f"hparam.{key}", str(value))
         LOGGER.info(f"trial {trial.trial_id}: continues with {changed} from a cloned checkpoint")
-
-    def log_objective(self, trial_id: str, result: dict) -> None:
-        """Each report's objective on the trial's child run, at its epoch: the sweep's durable
-        record of it. Tune's own ``result.json`` of a trial restarted from a checkpoint (a retry,
-        a resumed sweep) is restored from a copy in storage that can lag the last reports."""
-        run, value = self.mlflow_runs.get(trial_id), result.get("objective")
-        if run is None or not isinstance(value, (int, float)) or isinstance(value, bool):
-            return
-        timestamp = int(float(result.get("timestamp") or time.time()) * 1000)  # a re-send is an exact duplicate
         try:
-            mlflow_client(self.tracking_uri).log_metric(run, "objective", float(value), timestamp=timestamp,
-                                                        step=int(result.get("epoch", 0)))
-        except Exception as exc:  # the table falls back to Tune's results
-            LOGGER.warning(f"trial {trial_id}: logging its objective to MLflow failed: {exc}")
+            self._log_hparams(trial, changed)
+        except Exception as exc:  # the trial goes on; only this note is lost
+            LOGGER.warning(f"trial {trial.trial_id}: its new hyperparameters were not logged to MLflow: {exc}")
+
+    def _log_hparams(self, trial, changed: dict) -> None:
+        """Direct MLflow calls, with short retries (Tune's loop waits for them): the one part of a
+        sweep's tracking that does not wait out an outage (docs/faults.md)."""
+        step = int((trial.last_result or {}).get("training_iteration", 0))
+        run = self.mlflow_runs.get(trial.trial_id) or (self.recorded(trial.trial_id) or (None,))[0]
+        if run is None:
+            raise LookupError("its child run is not in MLflow yet")
+        with scoped_short_retries():
+            client = mlflow_client(self.tracking_uri)
+            for key, value in changed.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    client.log_metric(run, f"hparam/{key}", float(value), step=step)
+                client.set_tag(run, f"hparam.{key}", str(value))
 
     def objective_history(self, run_id: str) -> list[float]:
         """A trial's reported objectives in order, from its child run (exact re-sends once)."""
         try:
-            points = mlflow_client(self.tracking_uri).get_metric_history(run_id, "objective")
+            with scoped_short_retries():
+                points = mlflow_client(self.tracking_uri).get_metric_history(run_id, "objective")
         except Exception as exc:
             LOGGER.warning(f"run {run_id}: reading its objective history from MLflow failed: {exc}")
             return []
         return [value for _, _, value in sorted({(m.timestamp, m.step, m.value) for m in points})]
 
     def recorded(self, trial_id: str) -> tuple[str, str] | None:
-        """(child run id, status) of a trial this process did not run (a resumed sweep's
-        earlier trials), from MLflow."""
-        run = find_run(mlflow_client(self.tracking_uri), self.experiment, self.setup.run_id(trial_id))
+        """(child run id, status) of a trial whose actor gave no run id (a resumed sweep's earlier
+        trials, a child never created while MLflow was down), from MLflow; None when unknown."""
+        try:
+            with scoped_short_retries():
+                run = find_run(mlflow_client(self.tracking_uri), self.experiment, self.setup.run_id(trial_id))
+        except Exception as exc:
+            LOGGER.warning(f"trial {trial_id}: looking up its MLflow run failed: {exc}")
+            return None
         return (run.info.run_id, run.info.status) if run is not None else None
 
     def close_trial(self, trial_id: str, status: str) -> None:
@@ -143,6 +142,7 @@ class SweepState:
             try:
                 reports[trial_id] = ray.get(ref, timeout=timeout)
                 self.status[trial_id] = reports[trial_id].get("status") or self.status[trial_id]
+                self._note_child_run(trial_id, reports[trial_id])
             except Exception as exc:  # a close that failed must not hide the sweep's result
                 LOGGER.warning(f"trial {trial_id}: closing its sinks failed: {exc}")
             ray.kill(self.actors.pop(trial_id))
@@ -152,6 +152,12 @@ class SweepState:
                 LOGGER.warning(f"trial {trial_id}: driver callback {failure['callback']} failed "
                                f"{failure['count']} times in {failure['event']}: {failure['first_error']}")
         return reports
+
+    def _note_child_run(self, trial_id: str, report: dict) -> None:
+        """The child's MLflow id, as the actor's MLflow sink made or found it (None if it never could)."""
+        run = mlflow_run_of(report)
+        if run:
+            self.mlflow_runs[trial_id] = run
 
 
 def register(state: SweepState) -> None:

@@ -20,9 +20,9 @@ from ray.util.queue import Empty, Queue
 
 from trainers.registry import copy_registry
 from trainers.config import get_cfg
-from orchestrator.ray_launch import is_epoch_report, make_torch_trainer, nothing_left
+from orchestrator.ray_launch import epoch_report_metrics, is_epoch_report, make_torch_trainer, nothing_left
 from sweeps.exploit import ExploitedCheckpoint
-from sweeps.space import Objective
+from sweeps.space import Objective, ObjectiveKeyError
 from trainers.engine.factory import TrainerFactory
 from trainers.utils import LOGGER, UserError, user_error_in
 
@@ -76,6 +76,33 @@ class TrialReporter(UserCallback):
             self.queue.put((dict(metrics[0]), checkpoint))
 
 
+class ObjectiveLogger:
+    """A worker callback (``on_fit_epoch_end``, after the user's, before the event forwarder's):
+    the sweep's objective joins the epoch's metrics (``trainer.log``), so rank 0's record carries it
+    and the trial's MLflow sink logs ``objective`` at the epoch like any epoch metric, buffered and
+    journaled with the rest. Computed from the metrics the epoch's report hands Tune, so it is the
+    value Tune ranks. A key the trainer does not report is left to ``_relay``, which stops the
+    sweep with its message."""
+
+    def __init__(self, objective: Objective):
+        self.objective = objective
+
+    def __call__(self, trainer) -> None:
+        if trainer.final_eval:
+            return
+        try:
+            trainer.log({"objective": self.objective(epoch_report_metrics(trainer))})
+        except ObjectiveKeyError:
+            pass
+
+
+def trial_callbacks(setup: TrialSetup) -> dict:
+    """The user's worker callbacks, then the objective's."""
+    registry = copy_registry(setup.callbacks)
+    registry.setdefault("on_fit_epoch_end", []).append(ObjectiveLogger(setup.objective))
+    return registry
+
+
 def find_actor(name: str, timeout: float = ACTOR_WAIT_S):
     """The trial's callback actor, started by the sweep driver when Tune started the trial."""
     deadline = time.monotonic() + timeout
@@ -94,7 +121,7 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
     overrides = setup.overrides(trial_id, config)
     args = get_cfg(None, overrides)
     actor = find_actor(setup.actor_name(trial_id))
-    factory = TrainerFactory(setup.trainer_cls, overrides, copy_registry(setup.callbacks))
+    factory = TrainerFactory(setup.trainer_cls, overrides, trial_callbacks(setup))
     start = tune.get_checkpoint()
     if start is not None and nothing_left(start, args.epochs):
         LOGGER.info(f"trial {trial_id}: its checkpoint {start.path} ends the training; nothing left to run")

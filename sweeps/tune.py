@@ -119,11 +119,11 @@ def default_concurrency(workers: int, use_gpu: bool, per_worker: dict | None) ->
 def run_sweep(sweep: SweepConfig, trainer_cls, callbacks: dict | None = None, driver_callbacks=(),
               task: str | None = None, echo=print) -> SweepResult:
     """Run (or resume) a validated sweep; writes best.yaml, trials.csv/.parquet, the plot."""
-    connect_ray()
     base = resolved_base(sweep, task)
     from trainers.config import get_cfg
 
     base_args = get_cfg(None, base)
+    connect_ray(base_args.journal)
     from callbacks.sinks import ObjectStore
     from callbacks.sinks.s3 import S3Setup
 
@@ -133,32 +133,17 @@ def run_sweep(sweep: SweepConfig, trainer_cls, callbacks: dict | None = None, dr
     experiment = experiment_name(base_args)
     resuming = bool(sweep.settings.resume)
     storage_path, filesystem = storage_for(base_args.storage, S3Setup.of(base_args))
-    if resuming:
-        saved = parent.load_state(folder)
-        sweep_id, parent_run_id = saved["sweep_id"], saved["parent_run_id"]
-        parent.reopen_parent(base_args.tracking_uri, parent_run_id)
-    else:
-        sweep_id = new_run_id()[:10]
-        sweep_file = folder / "sweep.yaml"
-        sweep_file.write_text(yaml.safe_dump(sweep.source, sort_keys=False))
-        params = {"sweep": {k: v for k, v in sweep.settings.model_dump().items() if k != "resume"},
-                  "space": {k: {kind: values} for k, (kind, values) in sweep.space.items()},
-                  "base": base}
-        parent_run_id = parent.open_parent(base_args.tracking_uri, experiment, folder.name, sweep_id,
-                                           params, sweep_file, parent.sweep_description(sweep, base_args))
-        parent.save_state(folder, {"sweep_id": sweep_id, "parent_run_id": parent_run_id,
-                                   "tune_name": f"sweep-{sweep_id}", "experiment": experiment})
-    journal = parent.parent_journal(base_args.journal, sweep_id, base_args.tracking_uri, experiment, parent_run_id)
+    parent_run = open_parent(sweep, base, base_args, folder, experiment, resuming)
+    sweep_id = parent_run.sweep_id
     tune_name = f"sweep-{sweep_id}"
     setup = TrialSetup(sweep_id, trainer_cls, callbacks or new_registry(), base, str(folder / "trials"),
                        sweep.workers_per_trial, sweep.objective, run_events(driver_callbacks))
-    state = SweepState(sweep_id, parent_run_id, base_args.tracking_uri, experiment, setup,
+    state = SweepState(sweep_id, parent_run.orch_id, base_args.tracking_uri, experiment, setup,
                        base_args, driver_callbacks)
-    state.parent_journal = journal
     register(state)
     echo(f"sweep {folder.name}: {sweep.num_samples} sample(s), scheduler {sweep.scheduler}, "
          f"search {sweep.search}, objective {setup.objective.describe()} ({sweep.mode}); "
-         f"MLflow parent run {parent_run_id}")
+         f"MLflow parent run tagged orchestrator.run_id={parent_run.orch_id}")
     status = "FAILED"
     try:
         tuner = make_tuner(sweep, setup, base_args, storage_path, filesystem, tune_name, resuming)
@@ -172,8 +157,28 @@ def run_sweep(sweep: SweepConfig, trainer_cls, callbacks: dict | None = None, dr
         state.finish_all("KILLED")
         unregister(sweep_id)
         if status != "FINISHED":
-            parent.close_parent(base_args.tracking_uri, parent_run_id, status, journal=journal)
-    return finish(sweep, state, grid, folder, base_args, parent_run_id, interrupted, echo)
+            parent_run.close(status)
+    return finish(sweep, state, grid, folder, base_args, parent_run, interrupted, echo)
+
+
+def open_parent(sweep: SweepConfig, base: dict, base_args, folder: Path, experiment: str,
+                resuming: bool) -> parent.ParentRun:
+    """The sweep's parent run: a new sweep's (its sweep id in the sweep folder's state, its params
+    and the sweep file), or the one a resumed sweep continues."""
+    if resuming:
+        sweep_id = parent.load_state(folder)["sweep_id"]
+        return parent.ParentRun(base_args.tracking_uri, experiment, folder.name, sweep_id, base_args.journal)
+    sweep_id = new_run_id()[:10]
+    sweep_file = folder / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump(sweep.source, sort_keys=False))
+    parent.save_state(folder, {"sweep_id": sweep_id, "tune_name": f"sweep-{sweep_id}", "experiment": experiment})
+    params = {"sweep": {k: v for k, v in sweep.settings.model_dump().items() if k != "resume"},
+              "space": {k: {kind: values} for k, (kind, values) in sweep.space.items()},
+              "base": base}
+    parent_run = parent.ParentRun(base_args.tracking_uri, experiment, folder.name, sweep_id, base_args.journal,
+                                  params, parent.sweep_description(sweep, base_args))
+    parent_run.send("on_train_start", [sweep_file])
+    return parent_run
 
 
 def make_tuner(sweep: SweepConfig, setup: TrialSetup, base_args, storage_path: str, filesystem,
@@ -222,17 +227,16 @@ def checkpoint_uri(mode: str):
     return uri
 
 
-def finish(sweep: SweepConfig, state, grid, folder: Path, base_args, parent_run_id: str,
+def finish(sweep: SweepConfig, state, grid, folder: Path, base_args, parent_run: parent.ParentRun,
            interrupted: bool, echo) -> SweepResult:
     """Outputs and the parent run's final state; raises for a sweep-wide mistake."""
-    uri = base_args.tracking_uri
     table = report.trial_rows(list(grid), state, sweep.space, sweep.mode, checkpoint_uri(sweep.mode))
     files = report.write_tables(table, folder)
     plot = report.parallel_coordinates(table, sweep.space, folder / "parallel_coordinates.png",
                                        state.setup.objective.describe())
     best = report.best_row(table)
     result = SweepResult(path=folder, status="FINISHED", best_trial=None, best_objective=None,
-                         trials=table, parent_run_id=parent_run_id)
+                         trials=table)
     tags, metrics = {}, {}
     if best is not None:
         result.best_trial, result.best_objective = str(best["trial_id"]), float(best["objective"])
@@ -258,8 +262,7 @@ def finish(sweep: SweepConfig, state, grid, folder: Path, base_args, parent_run_
         result.status = "KILLED"
     elif best is None and len(table):
         result.status = "FAILED"
-    parent.close_parent(uri, parent_run_id, result.status, files=files, metrics=metrics, tags=tags,
-                        journal=state.parent_journal)
+    result.parent_run_id = parent_run.close(result.status, files=files, metrics=metrics, tags=tags)
     if state.fatal:
         raise UserError(state.fatal)
     if interrupted:

@@ -1,4 +1,4 @@
-"""Tune's hooks into a sweep: trial start/result/end/error and an interruption go to the
+"""Tune's hooks into a sweep: trial start/end/error and an interruption go to the
 sweep's live state; a mistake every trial would repeat stops the whole sweep."""
 from __future__ import annotations
 
@@ -26,9 +26,6 @@ class SweepTracker(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.state.open_trial(trial)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.state.log_objective(trial.trial_id, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         # A trial that finished by itself closed its actor FINISHED already; this KILLED only

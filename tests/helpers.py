@@ -147,12 +147,12 @@ def system_series(client, run_id: str) -> dict[str, list[int]]:
     return {k: [m.step for m in client.get_metric_history(run_id, k)] for k in keys}
 
 
-def run_cluster_script(script: str, folder: Path) -> tuple[subprocess.CompletedProcess, dict]:
-    """Run ``tests/<script>`` (a run on a ``ray.cluster_utils.Cluster``, in a process of its own so its
-    raylets end with it) on ``folder``; its output and the ``result.json`` it wrote."""
+def run_cluster_script(script: str, folder: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run ``tests/<script> <folder> <args>`` (a run on a ``ray.cluster_utils.Cluster``, in a process of
+    its own so its raylets end with it); its output and the ``result.json`` it wrote."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(root / "tests" / script), str(folder)], env=env,
+    out = subprocess.run([sys.executable, str(root / "tests" / script), str(folder), *args], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return out, json.loads((folder / "result.json").read_text())

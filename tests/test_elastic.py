@@ -1,8 +1,9 @@
-"""Elastic runs (``num_workers`` a range): the config forms, and a run that Ray grows mid-run.
+"""Elastic runs (``num_workers`` a range): the config forms, and runs that Ray resizes mid-run.
 
 tests/elastic_run.py runs ``num_workers=1-2`` on a cluster with room for one worker, then adds a
 node in epoch 1: the run finishes on two workers, ``on_resize`` fired on both ranks, and MLflow has
-each epoch's metrics once.
+each epoch's metrics once. Its ``shrink`` scenario starts the same range on two nodes and removes
+rank 1's in epoch 1: the run finishes on one worker from epoch 0's checkpoint, the same way.
 """
 from __future__ import annotations
 
@@ -58,27 +59,88 @@ def test_a_run_grows_when_a_node_joins(tmp_path):
     assert "world size 1 -> 2 from epoch 2" in out.stdout  # the run's console
 
     # on_resize fired once on each rank of the grown group, with the batch split for two workers
-    resizes = [json.loads(line) for line in (tmp_path / "resizes.jsonl").read_text().splitlines()]
+    resizes = read_lines(tmp_path / "resizes.jsonl")
     assert sorted(r["rank"] for r in resizes) == [0, 1], resizes
     assert all(r["world_size"] == 2 and r["resized_from"] == 1 and r["start_epoch"] == 1 for r in resizes)
     assert all(r["batch_size"] == 8 and r["accumulate"] == 2 for r in resizes)
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("runs").experiment_id])
-    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "1-2"
-    run_id = run.data.tags["orchestrator.run_id"]
+    client, run = finished_run(tmp_path, "1-2")
 
     # the event log: epoch 0 on one rank, epochs 1 and 2 (restarted mid-epoch 1) on two
-    table = read_event_log(str(tmp_path / "store"), run_id).to_pylist()
+    table = read_event_log(str(tmp_path / "store"), run.data.tags["orchestrator.run_id"]).to_pylist()
     assert sorted(r["rank"] for r in table if r["event"] == "on_resize") == [0, 1]
-    ends = Counter((r["rank"], r["epoch"]) for r in table if r["event"] == "on_fit_epoch_end" and not r["final_eval"])
-    assert ends == {(0, 0): 1, (0, 1): 1, (1, 1): 1, (0, 2): 1, (1, 2): 1}
+    assert epoch_ends(table) == {(0, 0): 1, (0, 1): 1, (1, 1): 1, (0, 2): 1, (1, 2): 1}
+    assert_epochs_once_and_resized_at_1(client, run, before=1, after=2)
 
-    # MLflow: every epoch metric once per epoch (raw points), the resize once at epoch 1 (system/:
-    # MLflow's own samples of the machine, at their own steps)
+
+def test_a_run_shrinks_when_a_node_leaves(tmp_path):
+    out, result = run_cluster_script("elastic_run.py", tmp_path, "shrink")
+    assert result["nodes"] == 2  # the head (no room for workers) and the node left
+    assert "world size 2 -> 1 from epoch 2" in out.stdout  # the run's console
+
+    # started on two workers, 8 images each; rank 1's node left in epoch 1, and rank 0 alone went on
+    # from epoch 0's checkpoint with 16, the global batch (16) and the gradient accumulation kept
+    starts = read_lines(tmp_path / "starts.jsonl")
+    assert sorted((s["rank"], s["world_size"], s["batch_size"], s["accumulate"], s["start_epoch"])
+                  for s in starts) == [(0, 1, 16, 2, 1), (0, 2, 8, 2, 0), (1, 2, 8, 2, 0)], starts
+    (resize,) = read_lines(tmp_path / "resizes.jsonl")  # on_resize: once, on the one rank left
+    assert resize == {"rank": 0, "world_size": 1, "resized_from": 2, "batch_size": 16, "accumulate": 2,
+                      "start_epoch": 1}
+
+    client, run = finished_run(tmp_path, "1-2")
+
+    # the event log: epoch 0 on two ranks, epochs 1 and 2 (restarted mid-epoch 1) on one
+    table = read_event_log(str(tmp_path / "store"), run.data.tags["orchestrator.run_id"]).to_pylist()
+    assert [r["rank"] for r in table if r["event"] == "on_resize"] == [0]
+    assert epoch_ends(table) == {(0, 0): 1, (1, 0): 1, (0, 1): 1, (0, 2): 1}
+    assert_epochs_once_and_resized_at_1(client, run, before=2, after=1)
+
+
+def test_a_run_with_a_minimum_of_two_starts_at_two_and_grows_to_three(tmp_path):
+    out, result = run_cluster_script("elastic_run.py", tmp_path, "grow-from-2")
+    assert result["nodes"] == 2  # the head (room for two workers) and the node that joined
+    assert "world size 2 -> 3 from epoch 2" in out.stdout
+
+    # 8 images on each of two workers, then 5 on each of three (15 a batch: ``split_batch`` rounds down)
+    starts = read_lines(tmp_path / "starts.jsonl")
+    assert sorted((s["rank"], s["world_size"], s["batch_size"], s["accumulate"], s["start_epoch"])
+                  for s in starts) == [(0, 2, 8, 2, 0), (0, 3, 5, 2, 1), (1, 2, 8, 2, 0), (1, 3, 5, 2, 1),
+                                       (2, 3, 5, 2, 1)], starts
+    resizes = read_lines(tmp_path / "resizes.jsonl")
+    assert sorted(r["rank"] for r in resizes) == [0, 1, 2], resizes
+    assert all(r["world_size"] == 3 and r["resized_from"] == 2 and r["start_epoch"] == 1 for r in resizes)
+
+    client, run = finished_run(tmp_path, "2-3")
+    table = read_event_log(str(tmp_path / "store"), run.data.tags["orchestrator.run_id"]).to_pylist()
+    assert epoch_ends(table) == {(0, 0): 1, (1, 0): 1, (0, 1): 1, (1, 1): 1, (2, 1): 1,
+                                 (0, 2): 1, (1, 2): 1, (2, 2): 1}
+    assert_epochs_once_and_resized_at_1(client, run, before=2, after=3)
+
+
+def read_lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def finished_run(folder, world_size: str):
+    """The script's one MLflow run, checked FINISHED with the range as its ``world_size`` tag."""
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("runs").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == world_size
+    return client, run
+
+
+def epoch_ends(table: list[dict]) -> Counter:
+    """(rank, epoch) of every epoch's end in the event log, counted raw."""
+    return Counter((r["rank"], r["epoch"]) for r in table if r["event"] == "on_fit_epoch_end" and not r["final_eval"])
+
+
+def assert_epochs_once_and_resized_at_1(client, run, before: int, after: int) -> None:
+    """MLflow: every epoch metric once per epoch of three (raw points), the resize once, at epoch 1
+    (system/: MLflow's own samples of the machine, at their own steps)."""
     points = {key: Counter(p.step for p in client.get_metric_history(run.info.run_id, key))
               for key in run.data.metrics if not key.startswith(("step/", "final/", "system/"))}
     assert points.pop("world_size") == {1: 1} and points.pop("world_size_before") == {1: 1}
     assert "metrics/accuracy_top1" in points and "train/loss" in points
     assert all(steps == {0: 1, 1: 1, 2: 1} for steps in points.values()), points
-    assert [p.value for p in client.get_metric_history(run.info.run_id, "world_size")] == [2.0]
+    assert [p.value for p in client.get_metric_history(run.info.run_id, "world_size")] == [after]
+    assert [p.value for p in client.get_metric_history(run.info.run_id, "world_size_before")] == [before]

@@ -498,3 +498,43 @@ def test_remote_rank_files_ship_off_the_training_thread_through_an_s3_outage(ray
             proxy.cut()
             for key, value in saved.items():
                 os.environ.pop(key) if value is None else os.environ.update({key: value})
+
+
+def test_what_a_stalled_rank_emitted_reaches_the_driver_without_another_event(ray_env, tmp_path):
+    """A training thread that stops firing (a long step, a collective waiting on a dead peer): the
+    rows it emitted go out within a flush interval or so, and the rows behind a file that finishes
+    shipping during the stall go out once it has, with no further event, flush or teardown."""
+    from concurrent.futures import Future
+
+    sink_path = tmp_path / "sink.jsonl"
+    actor = start_callback_actor([FileSink(sink_path)])
+    shipped: Future = Future()
+    registry = new_registry()
+    EventForwarder(actor, "run-t", 0, max_batch=1000, flush_interval=0.3,
+                   publish=lambda artifacts: shipped).attach(registry)
+    owner = ShippingSource(tmp_path)
+    for _ in range(5):
+        owner.step += 1
+        run_callbacks(registry, "on_train_batch_end", owner)
+    assert wait_for_records(sink_path, 5) == list(range(5))  # the stall began right after the 5th
+
+    run_callbacks(registry, "on_fit_epoch_end", owner)  # names a file: held until shipped
+    owner.step += 1
+    run_callbacks(registry, "on_train_batch_end", owner)
+    time.sleep(1.0)
+    assert [r["seq"] for r in records_of(sink_path)] == list(range(5))
+    shipped.set_result({"table": "s3://bucket/table.csv"})
+    assert wait_for_records(sink_path, 7) == list(range(7))
+    assert records_of(sink_path)[5]["artifacts"] == {"table": "s3://bucket/table.csv"}
+    ray.kill(actor)
+
+
+def wait_for_records(path, n: int, timeout: float = 10.0) -> list[int]:
+    """The seqs in ``path`` once it holds ``n`` records (or what it holds at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seqs = [r["seq"] for r in records_of(path)] if path.exists() else []
+        if len(seqs) >= n:
+            return seqs
+        time.sleep(0.1)
+    return seqs

@@ -89,9 +89,10 @@ def train_command(epochs: int, fraction: float) -> list[str]:
             f"epochs={epochs}", f"fraction={fraction}", "verbose=False", "plots=False", "log_every_n_steps=5"]
 
 
-def kill_after_epochs(cwd: Path, command: list[str], epochs: int) -> None:
-    """Start an in-process training run and SIGKILL it once ``epochs`` epochs are in results.csv."""
-    proc = subprocess.Popen(command, cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)},
+def kill_after_epochs(cwd: Path, command: list[str], epochs: int, env: dict | None = None) -> None:
+    """Start a training run (``env`` added to the environment) and SIGKILL its driver once
+    ``epochs`` epochs are in results.csv."""
+    proc = subprocess.Popen(command, cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     results = cwd / "runs" / "classify" / "train" / "results.csv"
     deadline = time.monotonic() + 240
@@ -210,16 +211,20 @@ def test_recover_ends_a_killed_sweeps_runs(tmp_path):
     proc.wait()
     experiment = client.get_experiment_by_name("killed-sweep").experiment_id
     assert {r.info.status for r in client.search_runs([experiment])} == {"RUNNING"}
+    (record,) = (tmp_path / "runs" / "journal").glob("ray-*.json")  # the sweep driver's own Ray
 
     # Trial actors of the dead Ray may outlive the kill by seconds, still holding their journals:
-    # recover leaves those alone until they are gone (its line says so).
+    # recover stops what is left of that Ray first (a line of its own when something was), and
+    # leaves a journal still held alone (its line says so) until its holder is gone.
     said, deadline = {}, time.monotonic() + 90
     while not said or any("still running" in line for line in said.values()):
         assert time.monotonic() < deadline, said
         out = orchestrator(["recover"], tmp_path)
         assert out.returncode == 0, out.stderr
-        said.update((line.split(":")[0], line) for line in out.stdout.splitlines())
+        said.update((line.split(":")[0], line) for line in out.stdout.splitlines()
+                    if not line.startswith("Ray session_"))
         time.sleep(1)
+    assert not record.exists()
     runs = client.search_runs([experiment])
     assert len(said) == len(runs) >= 2  # the parent and the trials that started
     assert {r.info.status for r in runs} == {"KILLED"}

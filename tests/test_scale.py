@@ -13,12 +13,10 @@ from collections import defaultdict
 import pytest
 from mlflow.tracking import MlflowClient
 
-from benchmarks.scale import epoch_metrics, rank_script, run_ranks, run_sinks, step_metrics, write_rank0_files
+from benchmarks.scale import rank0_series, rank_script, run_ranks, run_sinks, step_metrics, write_rank0_files
 from callbacks.actor import start_callback_actor
 from callbacks.journal import Journal
 from callbacks.sinks import read_event_log
-from callbacks.sinks.mlflow_runs import metric_key
-from trainers.metrics.base import is_per_class
 
 RANKS, EVERY = 64, 5  # world size; log_every_n_steps
 PLAN = dict(epochs=2, steps=10, val_batches=2)
@@ -67,21 +65,6 @@ def test_event_log_cuts_once_per_epoch_not_once_per_rank(scaled_run):
     assert max(parts.values()) <= PLAN["epochs"] + 4, parts  # was ~11 with 2 epochs
 
 
-def expected_series() -> dict[str, list[tuple[int, float]]]:
-    """Rank 0's points: per-step values every EVERY optimizer steps, epoch values at each epoch,
-    the final evaluation's under ``final/`` (its per-class values stay in the event log)."""
-    series = defaultdict(list)
-    for step in range(EVERY, PLAN["epochs"] * PLAN["steps"] + 1, EVERY):
-        for key, value in step_metrics(0, step).items():
-            series[metric_key(f"step/{key}")].append((step, value))
-    for epoch in range(PLAN["epochs"] + 1):
-        final = epoch == PLAN["epochs"]
-        for key, value in epoch_metrics(0, epoch, final).items():
-            if not is_per_class(key):
-                series[metric_key(f"{'final/' if final else ''}{key}")].append((epoch, value))
-    return dict(series)
-
-
 def test_mlflow_has_rank0_series_at_the_cadence_once(scaled_run):
     folder, _, report = scaled_run
     assert report["sinks"]["MLflowSink"]["pending_points"] == 0
@@ -90,7 +73,7 @@ def test_mlflow_has_rank0_series_at_the_cadence_once(scaled_run):
     assert run.info.status == "FINISHED"
     stored = {key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
               for key in run.data.metrics}
-    expected = expected_series()
+    expected = rank0_series(PLAN, EVERY)
     assert sorted(stored) == sorted(expected)
     for key, points in expected.items():  # one point per step, and rank 0's value (ranks differ by >= 1)
         assert [step for step, _ in stored[key]] == [step for step, _ in points], key

@@ -448,3 +448,58 @@ def test_a_user_error_raised_in_the_trials_is_one_line_from_the_cli(sweep_ray, t
     (failed,) = [line for line in captured.out.splitlines() if line.startswith("trial ")]
     assert failed.split("  ")[1:3] == ["lr0=1e+30", err[-1][len("error: every trial failed; first "):]]
     assert not any("Traceback" in line for line in err), err
+
+
+def restore_when_training(proxy, log: Path, started: float, least_s: float = 15.0, most_s: float = 60.0) -> float:
+    """Restore ``proxy`` once ``least_s`` s have passed and a trial has ended an epoch, 2 s after
+    that epoch's end (its record is stamped by then; at ``most_s`` s whatever happened); the time it
+    was restored."""
+    while time.monotonic() - started < most_s and (time.monotonic() - started < least_s or not rows(log)):
+        time.sleep(0.2)
+    if rows(log):
+        time.sleep(2.0)
+    proxy.restore()
+    return time.time()
+
+
+def test_a_sweep_rides_out_an_mlflow_outage_from_its_start(sweep_ray, tmp_path):
+    """MLflow unreachable from before the sweep starts until its trials have trained: the parent
+    and child runs are made once it answers, with every point of the outage, once each."""
+    from tests.servers import MlflowServer, TcpProxy
+
+    log = tmp_path / "epochs.jsonl"
+    model = Model("cls-n.yaml")
+    model.add_callback("on_fit_epoch_end", epoch_logger(log))
+    with MlflowServer(tmp_path / "mlflow") as server, TcpProxy(server.port) as proxy:
+        proxy.cut()
+        restored: list[float] = []
+        watcher = threading.Thread(target=lambda: restored.append(restore_when_training(proxy, log, time.monotonic())))
+        watcher.start()
+        try:
+            result = model.tune({"lr0": {"grid": [0.01, 0.02]}}, trainer=LrFitness, max_concurrent=2, name="outage",
+                                epochs=2, **QUICK, **{**where(tmp_path), "tracking_uri": proxy.url})
+        finally:
+            watcher.join()
+        client = MlflowClient(server.url)
+        assert result.status == "FINISHED" and restored
+        restored_ms = restored[0] * 1000
+        parent = client.get_run(result.parent_run_id)
+        assert parent.info.status == "FINISHED" and parent.info.start_time >= restored_ms  # made after the outage
+        assert parent.data.metrics["best_objective"] == pytest.approx(0.04)
+        assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"sweep.yaml", "trials.csv", "best.yaml"}
+        children = {r.data.params["lr0"]: r for r in child_runs(server.url, parent.info.run_id)}
+        assert sorted(children) == ["0.01", "0.02"]
+        assert parent.data.tags["best_mlflow_run_id"] == children["0.02"].info.run_id
+        outage_points = 0
+        for lr, child in children.items():
+            run_id = child.info.run_id
+            assert child.info.status == "FINISHED" and child.info.start_time >= restored_ms
+            assert child.data.tags["sweep.trial_id"] == child.info.run_name
+            fitness = client.get_metric_history(run_id, "fitness")
+            objective = client.get_metric_history(run_id, "objective")
+            assert sorted(m.step for m in fitness) == [0, 1]  # raw: once per epoch
+            assert sorted((m.step, round(m.value, 6)) for m in objective) == [(0, float(lr)), (1, 2 * float(lr))]
+            outage_points += sum(m.timestamp < restored_ms for m in objective)
+        assert outage_points >= 1  # at least one epoch ended while MLflow was unreachable
+        table = dict(zip(result.trials["lr0"].astype(str), result.trials["mlflow_run_id"]))
+        assert table == {lr: child.info.run_id for lr, child in children.items()}

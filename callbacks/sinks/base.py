@@ -63,6 +63,13 @@ class Sink:
             if wanted is None or row[EVENT] in wanted:
                 getattr(self, row[EVENT])(record_of(stream, first_seq + i, row))
 
+    def full(self) -> bool:
+        """Whether the sink should take no more entries for now: what it queues for an endpoint
+        that is down has reached its memory bound. With a journal the dispatcher then leaves later
+        entries there and hands them over, in order, once this is False again, so an outage
+        costs the journal's disk, not memory."""
+        return False
+
     def flush(self) -> None:
         """Ask for delivery of what is queued; never blocks on the network."""
 
@@ -93,27 +100,46 @@ def make_spool_dir(spool_dir: str | None, kind: str, name: str | None) -> Path:
 
 
 class Progress:
-    """A sink's watermark: entries below ``delivered`` are delivered for good (kept in a file).
+    """A sink's watermark: entries below ``delivered`` are delivered for good.
 
     The dispatcher sets ``fed`` (entries handed to the sink so far) before each hand-over; the
     sink's delivery thread calls ``deliver(n)`` once everything from the first ``n`` entries is out.
-    Without a path (a sink used alone) it is kept in memory only."""
+    That ``mark`` is kept in a file: a restarted sink is handed the entries after it again. Work a
+    restarted sink is handed again anyway (the copy of a sealed journal segment) is held instead
+    (``hold``): ``delivered`` waits for it, the file does not, so it never moves where a restart
+    starts. Without a path (a sink used alone) it is kept in memory only."""
 
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path is not None else None
-        self.delivered = 0
+        self.mark = 0
         if self.path is not None and self.path.is_file():
-            self.delivered = int(json.loads(self.path.read_text())["delivered"])
-        self.fed = self.delivered
+            self.mark = int(json.loads(self.path.read_text())["delivered"])
+        self.fed = self.mark
+        self._holds: dict[str, int] = {}  # work not delivered yet -> the first entry it covers
         self._lock = threading.Lock()
+
+    @property
+    def delivered(self) -> int:
+        with self._lock:
+            return min([self.mark, *self._holds.values()])
 
     def deliver(self, n: int) -> None:
         with self._lock:
-            if n <= self.delivered:
+            if n <= self.mark:
                 return
-            self.delivered = n
+            self.mark = n
             if self.path is not None:
                 write_atomic(self.path, json.dumps({"delivered": n}).encode())
+
+    def hold(self, key: str, entry: int) -> None:
+        """Work ``key``, covering entries from ``entry`` on, is not delivered yet: ``delivered``
+        stays at or below ``entry`` until ``release(key)``."""
+        with self._lock:
+            self._holds[key] = entry
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self._holds.pop(key, None)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -2,11 +2,16 @@
 
 Layout under a store: ``events/run_id=<id>/part-<rank>-<attempt>-<first seq>.parquet`` (the
 format and the cutting are ``callbacks/sinks/event_parts.py``). Parts may overlap after an actor
-restart re-sends records; ``read_event_log`` keeps one row per (rank, attempt, seq).
+restart re-sends records; ``read_event_log`` keeps one row per (rank, attempt, seq). Beside them,
+``events/run_id=<id>/_journal/<journal folder>/seg-<first entry>.arrow``: copies of the run's
+sealed journal segments (``callbacks/journal.py``; the folder is ``<id>``, or ``<id>.1``, ... for
+a resumed session). The ``_`` keeps them out of Parquet readers of ``events/`` (pyarrow, Spark
+and Hive skip such names).
 """
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -16,6 +21,12 @@ from callbacks.sinks.store_sink import StoreSink
 
 PARTITION = pa.schema([("run_id", pa.string())])
 KEY_COLUMNS = ("rank", "attempt", "seq")
+
+
+def journal_key(run_id: str, segment: Path) -> str:
+    """Where the copy of a journal segment goes: named by its folder and file, which never hold
+    other content (a sealed segment is never written again), so a copy sent twice overwrites itself."""
+    return f"{run_prefix(run_id)}_journal/{segment.parent.name}/{segment.name}"
 
 
 class EventLogSink(StoreSink):
@@ -55,8 +66,20 @@ class EventLogSink(StoreSink):
             self._cuts.append((mark, {key for key in keys if key in staged}))
             self._settle()
 
+    def take_segment(self, path: Path, first_entry: int) -> None:
+        """A sealed journal segment (the dispatcher's ``Journal.watch_seals``): copied into the
+        stage now, so the journal may delete it once the run is delivered, and uploaded by the
+        courier. The run is not delivered (``Progress.hold``) until the copy is in the store."""
+        if self._closed is None:
+            key = journal_key(self.run_id, Path(path))
+            self._start().put_file(key, path)
+            with self._cuts_lock:
+                if key in self._courier.pending():  # else it went up already
+                    self.progress.hold(key, first_entry)
+
     def _sent_one(self, target: str) -> None:
         with self._cuts_lock:
+            self.progress.release(target)
             for _, waiting in self._cuts:
                 waiting.discard(target)
             self._settle()

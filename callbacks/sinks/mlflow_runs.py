@@ -22,6 +22,9 @@ from trainers.utils import LOGGER, UserError
 
 MAX_KEY = 250
 RUN_ID_TAG = "orchestrator.run_id"
+# On a child run (a sweep trial): the orchestrator run id of its parent, whose MLflow run may not
+# exist yet when the child's sink starts (both are made by sinks that wait out an outage).
+PARENT_TAG = "orchestrator.parent_run_id"
 END_REASON_TAG = "orchestrator.end_reason"  # why a run failed or was killed
 # MLflow's own HTTP retries: short, so a down server fails fast and the sinks' backoff takes over.
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",

@@ -1,8 +1,11 @@
 """MLflow as a driver-side sink: params once, metrics with explicit step and time, artifacts, status.
 
-Record methods only queue: metric points (``mlflow_points.py``) in a disk-spilling ``Spool``,
-files (``mlflow_files.py``) as snapshots in a ``FileStage``. A background ``Courier`` hands them
-to a ``RunWriter`` (``mlflow_writer.py``), retrying with backoff while the server is down.
+Record methods only queue: metric points (``mlflow_points.py``) in a ``Spool``, files
+(``mlflow_files.py``) as snapshots in a ``FileStage`` (on disk). At most ``max_queue`` points wait
+in memory: at that mark the sink is ``full``, and the callback actor leaves later entries in the
+run's journal until some are out; without a journal the spool spills the rest to disk. A
+background ``Courier`` hands them to a ``RunWriter`` (``mlflow_writer.py``), retrying with backoff
+while the server is down.
 ``close`` makes a bounded final attempt, sets the run status and reports (log line and return
 value) whatever stayed undelivered and where it is.
 
@@ -43,7 +46,7 @@ class MLflowSink(Sink):
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, params: dict | None = None,
                  tags: dict | None = None, run_id: str | None = None, parent_run_id: str | None = None,
                  ckpt_upload_interval: float = 300.0, spool_dir: str | None = None,
-                 max_queue: int = 100_000, *, step_prefix: str = "step/", log_every_n_steps: int = 1,
+                 max_queue: int = 20_000, *, step_prefix: str = "step/", log_every_n_steps: int = 1,
                  upload_artifacts: bool = True,
                  event_log: bool = True, find_existing: bool = True, batch_size: int = 1000,
                  flush_interval: float = 2.0, close_timeout: float = 60.0, s3=None, dataset: dict | None = None):
@@ -150,6 +153,11 @@ class MLflowSink(Sink):
                     self._log(row[EVENT], record_of(stream, first_seq + i, row))
         self._taken = self.progress.fed
 
+    def full(self) -> bool:
+        """``max_queue`` points wait for MLflow (it is down, or slower than the run): take no
+        more entries until some are out (``Sink.full``)."""
+        return self._started and self._closed is None and len(self._points) >= self.max_queue
+
     def _wanted(self, event: str, step: int, artifacts) -> bool:
         """Whether a rank-0 record can make points or carry files (the rest only go to the event log)."""
         return bool(artifacts) or self._rule.makes_points(event, step)
@@ -221,6 +229,10 @@ class MLflowSink(Sink):
     def note_end(self, status: str, reason: str) -> None:
         """Why the run ends ``status`` (an error's line, a signal): a tag set with the status."""
         self._end_tags[END_REASON_TAG] = redact_text(" ".join(str(reason).split()), getattr(self, "_secrets", ()))[:5000]
+
+    def note_tags(self, tags: dict) -> None:
+        """Tags known only at the end (a sweep's best trial): set with the status."""
+        self._end_tags.update(clean_tags(tags))
 
     def close(self, status: str = "FINISHED") -> dict:
         """Final flush within ``close_timeout`` s, then the run status; returns ``report()``."""

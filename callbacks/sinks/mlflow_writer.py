@@ -2,7 +2,9 @@
 
 It runs on the sink's courier thread. Attaching finds the run by its ``orchestrator.run_id``
 tag (so the sink of a restarted actor reuses the run) or creates it, then logs params (once)
-and tags. Metrics go with ``log_batch``; a batch MLflow rejects as invalid is split until the bad
+and tags. A sweep trial's run names its parent by the parent's orchestrator run id
+(``PARENT_TAG``): attaching waits, retried like an outage, until the parent's own sink has made
+that run. Metrics go with ``log_batch``; a batch MLflow rejects as invalid is split until the bad
 point is found and dropped (counted), so one bad value never blocks the rest of the run.
 Re-sending a point after an uncertain failure is harmless: the SQL store ignores an exact
 duplicate (same key, value, step, timestamp). No point goes at a step its key already has in the
@@ -15,9 +17,15 @@ from __future__ import annotations
 import posixpath
 from pathlib import Path
 
-from callbacks.sinks.mlflow_runs import (RUN_ID_TAG, announce_run, find_run, first_line, is_invalid, last_steps,
-                                         log_dataset, log_params_tags, mlflow_client, new_run, reopen_run)
+from callbacks.sinks.mlflow_runs import (PARENT_TAG, RUN_ID_TAG, announce_run, find_run, first_line, is_invalid,
+                                         last_steps, log_dataset, log_params_tags, mlflow_client, new_run,
+                                         reopen_run)
 from trainers.utils import LOGGER
+
+
+class ParentNotYet(RuntimeError):
+    """The parent run a child names by ``PARENT_TAG`` is not in MLflow yet: its own sink is still
+    waiting to create it. The courier retries, as for a server that is down."""
 
 
 class RunWriter:
@@ -43,6 +51,8 @@ class RunWriter:
         """Find or create the run, then log params (once) and tags."""
         if self.ready:
             return
+        if self.parent_run_id is None and PARENT_TAG in self.tags:
+            self.parent_run_id = self._parent()
         tags = dict(self.tags)
         if self.orch_run_id:
             tags.setdefault(RUN_ID_TAG, self.orch_run_id)
@@ -71,6 +81,13 @@ class RunWriter:
         if run.info.status != "RUNNING":
             reopen_run(self.client(), run.info.run_id)
         self.floors = last_steps(self.client(), run)
+        return run.info.run_id
+
+    def _parent(self) -> str:
+        """The MLflow id of the run tagged with the parent's orchestrator run id."""
+        run = find_run(self.client(), self.experiment, self.tags[PARENT_TAG])
+        if run is None:
+            raise ParentNotYet(f"parent run {self.tags[PARENT_TAG]} is not in MLflow yet")
         return run.info.run_id
 
     def _new_run(self, tags: dict) -> str:

@@ -2,6 +2,9 @@
 
 ``Spool`` is a FIFO of small JSON items (metric points): up to ``max_memory`` items live in
 memory, the rest go to JSON-lines chunk files so an outage of any length costs disk, not RAM.
+Under a journal the MLflow sink stops taking entries at that bound (``Sink.full``), so its spool
+spills only the points of the entry that crosses the bound and what is handed over at the end;
+a sink used without a journal spills whatever goes past it.
 ``FileStage`` holds file snapshots waiting for upload, one per target name (latest wins), so a
 file the trainer rewrites later is uploaded as it was when its record arrived; ``FileStage.send``
 is the one upload loop of every sink that stages files.

@@ -1,0 +1,116 @@
+"""A driver's own local Ray: what a SIGKILL of the driver leaves of it, ``orchestrator recover``
+stopping that, and a normal exit leaving nothing."""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from orchestrator.embedded_ray import running, stop_dead_sessions
+from tests.test_journal import ROOT, _mlflow_run, kill_after_epochs, orchestrator, train_command
+
+RAY_RUN = "num_workers=1"  # one Ray Train worker: a Ray run
+# a local Ray of the driver's own, even with another local cluster up (``ray.init()`` would join it)
+OWN_RAY = {"RAY_ADDRESS": "local"}
+
+
+def in_folder(cwd: Path) -> list[psutil.Process]:
+    """The processes working in ``cwd`` (this test's own folder): the driver's Ray's, whatever their
+    command lines say (independent of how ``recover`` recognises them)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.cwd() == str(cwd) and running(process):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+def settled(cwd: Path, quiet: float = 3.0, timeout: float = 30.0) -> list[psutil.Process]:
+    """The processes in ``cwd`` once that set stopped changing for ``quiet`` s (those that end with
+    the driver take a moment)."""
+    deadline, last, since = time.monotonic() + timeout, None, time.monotonic()
+    while time.monotonic() < deadline:
+        pids = {p.pid for p in in_folder(cwd)}
+        if pids != last:
+            last, since = pids, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+        time.sleep(0.5)
+    return in_folder(cwd)
+
+
+def test_recover_stops_what_a_killed_driver_left_of_its_ray(tmp_path):
+    """SIGKILL to a driver mid-training: processes of its Ray outlive it (Ray's dashboard and
+    runtime-env agents, which ignore SIGTERM). ``orchestrator recover`` stops every one of them,
+    says so in a line of its own, removes the session's record, and ends the run KILLED, delivered."""
+    kill_after_epochs(tmp_path, [*train_command(40, 0.5), RAY_RUN], epochs=2, env=OWN_RAY)
+    try:
+        journals = tmp_path / "runs" / "journal"
+        (record,) = journals.glob("ray-*.json")
+        session = json.loads(record.read_text())["session_dir"]
+        left = settled(tmp_path)
+        assert left, "nothing of the killed driver's Ray outlived it"
+
+        out = orchestrator(["recover"], tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+        said, run_line = out.stdout.splitlines()
+        assert said.startswith(f"Ray {Path(session).name} (its driver, pid ")
+        named = {int(pid) for pid in re.findall(r" (\d+)(?:,|$)", said.split("stopped what was left: ")[1])}
+        assert all(p.pid in named or not running(p) for p in left) and named <= {p.pid for p in left}
+        assert not in_folder(tmp_path) and not record.exists()
+
+        run = _mlflow_run(tmp_path)
+        folder = next(f for f in journals.iterdir() if f.is_dir())
+        assert re.fullmatch(rf"{folder.name}: \d+ journal entries delivered, MLflow run {run.info.run_id} "
+                            r"ended KILLED", run_line)
+        assert run.info.status == "KILLED" and "driver died" in run.data.tags["orchestrator.end_reason"]
+        assert json.loads((folder / "finished.json").read_text())["delivered"] is True
+        assert orchestrator(["recover"], tmp_path).stdout.startswith("nothing to recover")
+    finally:
+        for process in in_folder(tmp_path):  # only this test's: they work in its folder
+            process.kill()
+
+
+DRIVER = """import sys, ray
+from orchestrator.ray_launch import connect_ray
+connect_ray("journal")
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.readline()  # until the test lets it end normally
+"""
+
+
+def driver(cwd: Path, env: dict) -> subprocess.Popen:
+    """A driver that connects to Ray as a run does, with its journal in ``cwd``; it prints Ray's
+    address and exits normally on a line of input."""
+    cwd.mkdir()
+    return subprocess.Popen([sys.executable, "-c", DRIVER], cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+
+
+def test_only_a_ray_of_its_own_is_recorded_and_a_normal_exit_leaves_nothing(tmp_path):
+    """A driver that starts its own Ray records it; one that joins that Ray (a cluster, to it)
+    records nothing and leaves it running when it exits; recovery leaves a live driver's Ray alone;
+    the owner's normal exit shuts its Ray down: no process left, no record left."""
+    owner = driver(tmp_path / "owner", OWN_RAY)
+    try:
+        address = owner.stdout.readline().strip()
+        (record,) = (tmp_path / "owner" / "journal").glob("ray-*.json")
+        joiner = driver(tmp_path / "joiner", {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"})
+        joined, err = joiner.communicate("\n", timeout=120)
+        assert joiner.returncode == 0 and joined.strip() == address, err[-2000:]
+        assert not (tmp_path / "joiner" / "journal").exists()
+        ray_processes = in_folder(tmp_path / "owner")
+        assert len(ray_processes) > 3 and all(running(p) for p in ray_processes)  # the joiner's exit stopped none
+        assert stop_dead_sessions(tmp_path / "owner" / "journal") == [] and record.exists()  # a live driver's
+        owner.communicate("\n", timeout=60)
+        assert owner.returncode == 0 and not record.exists()
+        assert not settled(tmp_path / "owner", quiet=1.0)
+    finally:
+        for process in in_folder(tmp_path / "owner"):
+            process.kill()
