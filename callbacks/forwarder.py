@@ -97,6 +97,8 @@ class EventForwarder:
             forwarded = event in self.events
             if forwarded or event in FLUSH_EVENTS or event == CLOSE_EVENT:
                 registry.setdefault(event, []).append(self._hook(event, forwarded))
+        if self._sender is None:
+            self._start_sender()
         return self
 
     def _hook(self, event: str, forwarded: bool):
@@ -117,8 +119,6 @@ class EventForwarder:
     def emit(self, event: str, owner) -> list:
         """Build the row for ``event`` fired by ``owner`` and queue it; sends when due."""
         row = owner.record_row(event)  # owners are CallbackMixins (trainers/registry.py)
-        if self._sender is None:
-            self._start_sender()
         with self._lock:
             if row[ARTIFACTS] and self.publish is not None:
                 self._held.append((self._next_seq, self.publish(row[ARTIFACTS])))
