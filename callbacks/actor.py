@@ -22,10 +22,13 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from callbacks.dispatcher import Dispatcher, driver_entries
+from callbacks.forwarder import ACTOR_ERRORS, PROBE_INTERVAL
 from callbacks.journal import Journal
+from callbacks.records import record_key
 from trainers.utils import LOGGER, log_details_to
 
 
+SEND_TIMEOUT = 30.0  # seconds the driver waits for the actor to journal a record of its own
 INGEST_THREADS = 16  # ingest calls in the actor at once: those waiting for a lock or an fsync
 # Arrow's default allocator, mimalloc, keeps a heap per thread, and this process encodes event-log
 # parts on whichever of its ingest threads cuts them: the pages freed stayed with the heaps, its
@@ -161,3 +164,20 @@ def start_callback_actor(driver_callbacks: Iterable, name: str | None = None,
                                   runtime_env={"env_vars": ACTOR_ENV}).remote(callbacks, journal, orphan_after)
     actor.start.remote()  # not awaited: sinks connect while the workers start
     return actor
+
+
+def send_record(actor, record: dict, timeout: float = SEND_TIMEOUT) -> None:
+    """Hand ``actor`` one record the driver made itself (``records.driver_record``) and wait until
+    it is journaled. While Ray restarts the actor the record is sent again (the actor drops a copy
+    it has by ``seq``); its floor, its own ``seq``, settles the stream up to it, so a record the
+    driver gave up on never holds a later one back."""
+    key = record_key(record)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ray.get(actor.ingest.remote([record], {key[:3]: key[3]}), timeout=max(deadline - time.monotonic(), 0.1))
+            return
+        except ACTOR_ERRORS:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(PROBE_INTERVAL)

@@ -75,6 +75,14 @@ class Journal:
         self.durable_entries = self.next_entry  # entries below this are on disk for good
         self.syncs = 0  # fdatasync calls: with group commit, fewer than the calls acknowledged
 
+    @classmethod
+    def for_session(cls, root: str | os.PathLike, run_id: str, sinks: list) -> "Journal":
+        """A fresh journal for a session of ``run_id`` under the journal root ``root``, with the
+        sinks ``orchestrator recover`` rebuilds."""
+        journal = cls(session_folder(Path(root).expanduser().resolve(), run_id), run_id)
+        journal.save_sinks(sinks)
+        return journal
+
     @staticmethod
     def run_id_in(folder: Path) -> str:
         """The run a journal folder holds (its name, for a folder written before ``run_id`` was)."""

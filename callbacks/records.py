@@ -5,9 +5,10 @@ thousand. Fields:
 
 - ``run_id``     str   the orchestrator's run id (stable across worker restarts)
 - ``event``      str   an event name from ``trainers.events.EVENTS``
-- ``rank``       int   global rank of the sending worker (-1 for a single process)
+- ``rank``       int   global rank of the sending worker (-1 for a single process, and for the
+                       records the driver sends itself: ``driver_record``)
 - ``attempt``    int   worker-group attempt: larger after each Ray Train restart (a start time in ms;
-                       0 in a single process)
+                       0 in a single process and for the driver's records)
 - ``seq``        int   per (run, rank, attempt) sequence number, from 0, no gaps
 - ``epoch``      int   0-based epoch (``epochs`` during the final evaluation)
 - ``step``       int   optimizer steps taken so far in the run (global, survives resume)
@@ -48,6 +49,16 @@ def make_record(*, run_id: str, event: str, rank: int, attempt: int, seq: int, e
         "metrics": clean_metrics(metrics or {}), "artifacts": {k: str(v) for k, v in (artifacts or {}).items()},
         "final_eval": bool(final_eval),
     }
+
+
+def driver_record(run_id: str, event: str, seq: int, epoch: int, metrics: dict) -> dict:
+    """A record the driver itself sends to the run's callback actor (a ``DRIVER`` event of
+    ``trainers.events``): a stream of its own, (run_id, -1, 0), numbered by the driver from 0, so
+    the actor journals, orders and de-duplicates it like a worker's. A sweep trial has no rank -1
+    of its own (its workers are Ray Train's), and its actor's journal is new with each driver.
+    ``step`` is 0: the driver does not count optimizer steps."""
+    return make_record(run_id=run_id, event=event, rank=-1, attempt=0, seq=seq, epoch=epoch, step=0,
+                       metrics=metrics)
 
 
 def row_of(record: dict, event: str | None = None) -> list:

@@ -15,6 +15,7 @@ import sys
 import time
 import tempfile
 import threading
+from functools import partial
 from pathlib import Path
 
 import ray
@@ -251,21 +252,39 @@ def train_worker(config: dict) -> None:
     meta = latest.get_metadata() if latest is not None else {}
     if "epoch" in meta:  # written by report_epoch (an older checkpoint has none: it trains on)
         trainer.resume_stop = bool(meta.get("stop"))  # a restart: continue as the run would have
-    attempt = time.time_ns() // 1_000_000  # grows with each Ray Train restart of the worker group
-    remote = ray.get_runtime_context().get_node_id() != config.get("driver_node")
-    publish = ArtifactShipper(trainer.args.storage, config["run_id"], rank, S3Setup.of(trainer.args)) \
-        if remote else None
-    EventForwarder(config["actor"], config["run_id"], rank, attempt=attempt, events=config["events"],
-                   publish=publish).attach(trainer.callbacks)
+    forwarder = forward_records(config, trainer, rank)
     node = node_label(ray.get_runtime_context().get_node_id())
     NodeMonitor(trainer.args, config["run_id"], node).attach(trainer)  # one of a node's workers samples it
     trainer.add_callback("on_pretrain_routine_end", freeze_setup_objects)
-    trainer.epoch_reporters.append(report_epoch)
+    trainer.epoch_reporters += [partial(deliver_before_report, forwarder), report_epoch]
+    trainer.preemption_reporters.append(partial(deliver_before_report, forwarder))
     listen_for_preemption(trainer)
     try:
         trainer.train()
     except Preempted as preempted:
         wait_for_restart(preempted)
+
+
+def forward_records(config: dict, trainer, rank: int) -> EventForwarder:
+    """This rank's event forwarder to the run's actor; a rank on another node than the driver
+    ships its files through the object store."""
+    attempt = time.time_ns() // 1_000_000  # grows with each Ray Train restart of the worker group
+    remote = ray.get_runtime_context().get_node_id() != config.get("driver_node")
+    publish = ArtifactShipper(trainer.args.storage, config["run_id"], rank, S3Setup.of(trainer.args)) \
+        if remote else None
+    return EventForwarder(config["actor"], config["run_id"], rank, attempt=attempt, events=config["events"],
+                          publish=publish).attach(trainer.callbacks)
+
+
+DELIVERY_TIMEOUT = 60.0  # s a report waits for the actor's acknowledgements (an actor restart takes seconds)
+
+
+def deliver_before_report(forwarder: EventForwarder, trainer) -> None:
+    """Wait until the actor has journaled this rank's records so far, then report. A restart
+    continues after the reported checkpoint and never emits what came before it again, so a rank
+    lost right after its report would otherwise take the epoch's last records with it. Bounded
+    (a warning says what is unacknowledged): an actor that does not come back must not hang the run."""
+    forwarder.flush(wait=True, timeout=DELIVERY_TIMEOUT)
 
 
 def freeze_setup_objects(trainer) -> None:

@@ -13,9 +13,7 @@ waits on workers; else the trainer here stops at a step boundary, ``orchestrator
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-from callbacks.journal import Journal, session_folder
+from callbacks.journal import Journal
 from callbacks.sinks.factory import SINK_CLASSES, forwarded_events
 from trainers.config import worker_counts
 from trainers.utils import LOGGER, user_error_in
@@ -54,13 +52,6 @@ def backend_for(args):
     return LocalBackend()
 
 
-def run_journal(args, run_id: str, sinks: list) -> Journal:
-    """The run's journal under ``args.journal``, with the sinks ``orchestrator recover`` rebuilds."""
-    journal = Journal(session_folder(Path(args.journal).expanduser().resolve(), run_id), run_id)
-    journal.save_sinks(sinks)
-    return journal
-
-
 def recover_before_resume(journal_root: str) -> None:
     for line in recover(journal_root):
         LOGGER.info(f"recover: {line}")
@@ -87,7 +78,7 @@ class RunSession:
         self.run_id = continued_run_id(self.args) or new_run_id()  # resume=: the same run, continued
         self.sinks = start_tracking(self.args, self.run_id, defer_run=backend.defer_run)
         remember_run_id(self.args, self.run_id)  # once the endpoints answered: a bad one leaves no folder
-        self.journal = run_journal(self.args, self.run_id, self.sinks)
+        self.journal = Journal.for_session(self.args.journal, self.run_id, self.sinks)
         self.driver_callbacks = list(driver_callbacks)
         self.console = EpochConsole(self.args.epochs) if self.args.verbose else None
         self.callbacks = run_callbacks(self.sinks, self.driver_callbacks, self.console)

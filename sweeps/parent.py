@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from callbacks.dispatcher import Dispatcher
-from callbacks.journal import Journal, session_folder
+from callbacks.journal import Journal
 from callbacks.records import make_record
 from callbacks.sinks import MLflowSink
 from callbacks.sinks.mlflow_runs import RUN_ID_TAG
@@ -49,9 +49,7 @@ class ParentRun:
         self._args = dict(tracking_uri=tracking_uri, experiment=experiment, run_name=name, params=params,
                           tags=tags, event_log=False)
         self.sink = self._sink()
-        self.journal = Journal(session_folder(Path(journal_root).expanduser().resolve(), self.orch_id),
-                               self.orch_id)
-        self.journal.save_sinks([self.sink])
+        self.journal = Journal.for_session(journal_root, self.orch_id, [self.sink])
         self.dispatcher = Dispatcher([self.sink], journal=self.journal)
         self.dispatcher.start()
         self.run_id: str | None = None

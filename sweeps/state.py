@@ -5,7 +5,8 @@ trial's MLflow, event-log and checkpoint sinks, exactly as for ``orchestrator tr
 trial's workers forward their records to it. As for a plain Ray run, the actor's MLflow sink
 creates the child run (or finds it again by its ``orchestrator.run_id`` tag on a resumed sweep),
 under the parent it names by the parent's orchestrator run id, and logs the trial's ``objective``
-with its epoch metrics: all of it waits out an MLflow outage in the sink's queue and the journal,
+with its epoch metrics, and the new values of hyperparameters PBT changed (the driver sends them as
+a record of its own): all of it waits out an MLflow outage in the sink's queue and the journal,
 and the driver makes no MLflow call while trials run. It learns each child's MLflow id from the
 actor's final report (or by tag at the end).
 
@@ -20,11 +21,13 @@ import time
 
 import ray
 
-from callbacks.actor import start_callback_actor
+from callbacks.actor import send_record, start_callback_actor
+from callbacks.journal import Journal
+from callbacks.records import driver_record
 from callbacks.sinks.factory import run_sinks
 from callbacks.sinks.mlflow_runs import PARENT_TAG, RUN_ID_TAG, find_run, mlflow_client, scoped_short_retries
 from orchestrator.run_setup import mlflow_run_of, run_tags
-from orchestrator.session import run_callbacks, run_journal
+from orchestrator.session import run_callbacks
 from trainers.config import get_cfg
 from trainers.utils import LOGGER, UserError
 
@@ -42,6 +45,7 @@ class SweepState:
         self.actors: dict[str, object] = {}
         self.mlflow_runs: dict[str, str] = {}  # trial id -> child run id, from the actor's final report
         self.configs: dict[str, dict] = {}
+        self.notes: dict[str, int] = {}  # trial id -> seq of the last record the driver sent its actor
         self.status: dict[str, str] = {}
         self.pending: dict[str, object] = {}  # trial id -> ObjectRef of actor.finish(status)
         self.fatal: str | None = None
@@ -64,7 +68,8 @@ class SweepState:
         callbacks = run_callbacks(sinks, self.driver_callbacks)
         name = self.setup.actor_name(trial_id)
         release_name(name)
-        self.actors[trial_id] = start_callback_actor(callbacks, name=name, journal=run_journal(args, run_id, sinks))
+        journal = Journal.for_session(args.journal, run_id, sinks)
+        self.actors[trial_id] = start_callback_actor(callbacks, name=name, journal=journal)
         self.configs[trial_id] = config
         self.status.pop(trial_id, None)
 
@@ -75,32 +80,31 @@ class SweepState:
                 "sweep.trial_id": trial_id, PARENT_TAG: self.parent_orch_id}
 
     def _log_new_config(self, trial, config: dict) -> None:
-        """PBT changed the trial's hyperparameters: params are write-once in MLflow, so the new
-        values go in as metrics ``hparam/<key>`` at the trial's current epoch (and as tags)."""
+        """PBT changed the trial's hyperparameters: the trial goes on with them (logged here) from
+        a cloned checkpoint, and its child run gets them through the trial's actor (``_note_hparams``)."""
         old = self.configs.get(trial.trial_id, {})
         changed = {k: v for k, v in config.items() if old.get(k) != v}
         self.configs[trial.trial_id] = config
         if not changed:
             return
         LOGGER.info(f"trial {trial.trial_id}: continues with {changed} from a cloned checkpoint")
-        try:
-            self._log_hparams(trial, changed)
-        except Exception as exc:  # the trial goes on; only this note is lost
-            LOGGER.warning(f"trial {trial.trial_id}: its new hyperparameters were not logged to MLflow: {exc}")
+        self._note_hparams(trial, changed)
 
-    def _log_hparams(self, trial, changed: dict) -> None:
-        """Direct MLflow calls, with short retries (Tune's loop waits for them): the one part of a
-        sweep's tracking that does not wait out an outage (docs/faults.md)."""
-        step = int((trial.last_result or {}).get("training_iteration", 0))
-        run = self.mlflow_runs.get(trial.trial_id) or (self.recorded(trial.trial_id) or (None,))[0]
-        if run is None:
-            raise LookupError("its child run is not in MLflow yet")
-        with scoped_short_retries():
-            client = mlflow_client(self.tracking_uri)
-            for key, value in changed.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    client.log_metric(run, f"hparam/{key}", float(value), step=step)
-                client.set_tag(run, f"hparam.{key}", str(value))
+    def _note_hparams(self, trial, changed: dict) -> None:
+        """The new numbers as an ``on_hparams`` record of the driver to the trial's actor, at the
+        epoch the trial continues from: journaled and logged by its MLflow sink as ``hparam/<key>``
+        (params are write-once) like the trial's other records, so an MLflow outage only delays them.
+        Other values (strings, booleans) are in the line above and, once the trial ends, its table row."""
+        numbers = {k: v for k, v in changed.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if not numbers:
+            return
+        seq = self.notes[trial.trial_id] = self.notes.get(trial.trial_id, -1) + 1
+        epoch = int((trial.last_result or {}).get("training_iteration", 0))  # epochs done = the next one
+        record = driver_record(self.setup.run_id(trial.trial_id), "on_hparams", seq, epoch, numbers)
+        try:
+            send_record(self.actors[trial.trial_id], record)
+        except Exception as exc:  # the trial goes on; only this note is lost
+            LOGGER.warning(f"trial {trial.trial_id}: its callback actor did not take its new hyperparameters: {exc}")
 
     def objective_history(self, run_id: str) -> list[float]:
         """A trial's reported objectives in order, from its child run (exact re-sends once)."""

@@ -112,15 +112,33 @@ def wait_for_mlflow_run(tracking_uri: str, run_name: str, timeout: float = 120.0
     build of a new SQLite store (a kill there leaves a store MLflow cannot migrate: another fault)."""
     import time
 
-    from mlflow.tracking import MlflowClient
-
-    client, deadline = MlflowClient(tracking_uri), time.monotonic() + timeout
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        exp = client.get_experiment_by_name("runs")
-        if exp and client.search_runs([exp.experiment_id], f"attributes.run_name = '{run_name}'"):
+        if mlflow_run_made(tracking_uri, run_name):
             return
         time.sleep(0.5)
     raise TimeoutError(f"no MLflow run {run_name} at {tracking_uri} in {timeout:.0f}s")
+
+
+def mlflow_run_made(tracking_uri: str, run_name: str) -> bool:
+    """Whether run ``run_name`` exists in experiment ``runs``. A SQLite store is read read-only:
+    an MLflow client would build the store's tables itself, racing the actor's own build."""
+    if not tracking_uri.startswith("sqlite:///"):
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        exp = client.get_experiment_by_name("runs")
+        return bool(exp and client.search_runs([exp.experiment_id], f"attributes.run_name = '{run_name}'"))
+    import sqlite3
+    from contextlib import closing
+
+    path = tracking_uri[len("sqlite:///"):]
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT 1 FROM runs JOIN experiments USING (experiment_id) "
+                              "WHERE experiments.name = 'runs' AND runs.name = ?", (run_name,)).fetchone() is not None
+    except sqlite3.OperationalError:  # no store or no tables yet
+        return False
 
 
 def own_lines(text: str) -> list[str]:

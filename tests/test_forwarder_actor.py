@@ -307,6 +307,31 @@ def test_restarted_actor_hands_its_sinks_what_the_dead_one_acknowledged(ray_env,
     assert Journal(journal, "run-k").finished()["delivered"] is True
 
 
+def test_a_driver_record_is_journaled_once_through_an_actor_restart(ray_env, tmp_path):
+    """``send_record``: a record the driver makes itself (``driver_record``) returns once journaled;
+    the next one goes through the actor's restart, and one sent again to the new actor is dropped by seq."""
+    from callbacks.actor import send_record
+    from callbacks.journal import Journal
+    from callbacks.records import driver_record
+    from callbacks.sinks import EventLogSink, read_event_log
+
+    store = str(tmp_path / "store")
+    actor = start_callback_actor([EventLogSink(store, "run-h", max_age=3600)],
+                                 journal=Journal(tmp_path / "journal" / "run-h", "run-h"))
+    notes = [driver_record("run-h", "on_hparams", seq, 2, {"lr0": lr}) for seq, lr in enumerate((0.05, 0.04))]
+    send_record(actor, notes[0])
+    ray.kill(actor, no_restart=False)
+    send_record(actor, notes[1])
+    wait_restarted(actor)
+    send_record(actor, notes[0])  # as after an uncertain failure
+    report = ray.get(actor.finish.remote("FINISHED"))
+    ray.kill(actor)
+    assert report["restarted"] is True and report["duplicates"] == 1
+    raw = read_event_log(store, "run-h", dedup_rows=False).to_pylist()  # every stored row
+    assert sorted((r["rank"], r["seq"], r["epoch"], dict(r["metrics"])["lr0"]) for r in raw) == [
+        (-1, 0, 2, 0.05), (-1, 1, 2, 0.04)]
+
+
 def test_forwarder_narrowed_to_listened_events(ray_env, tmp_path):
     sink_path = tmp_path / "sink.jsonl"
     callbacks = [("on_fit_epoch_end", lambda record: None), FileSink(sink_path)]

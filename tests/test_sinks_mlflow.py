@@ -319,3 +319,31 @@ def test_a_training_run_logs_each_step_once_a_sweep_trial_may_log_an_epoch_again
     again.attach()
     again.send_points([["fitness", 0.35, 5000, 2], ["fitness", 0.4, 6000, 3]])
     assert sorted(fitness(again.run_id)) == [(0, 0.1), (1, 0.2), (2, 0.3), (3, 0.4)]
+
+
+def test_a_pbt_note_of_the_driver_waits_out_an_outage_and_is_one_point_and_tag_per_number(server, tmp_path):
+    """A sweep driver's ``on_hparams`` record (``driver_record``), sent twice while MLflow is down:
+    journaled once, then each number is a point ``hparam/<key>`` at the record's epoch and a tag
+    ``hparam.<key>`` once MLflow answers."""
+    from callbacks.dispatcher import Dispatcher
+    from callbacks.journal import Journal
+    from callbacks.records import driver_record
+    from tests.servers import TcpProxy
+
+    with TcpProxy(server.port) as proxy:
+        proxy.cut()
+        sink = MLflowSink(proxy.url, "pbt", "trial", {"lr0": 0.01, "batch": 8}, {}, event_log=False)
+        dispatcher = Dispatcher([sink], journal=Journal(tmp_path / "journal", "orch-h"))
+        dispatcher.start()
+        record = driver_record("orch-h", "on_hparams", 0, 2, {"lr0": 0.05, "batch": 16})
+        for _ in range(2):  # sent again: a restarted actor, an uncertain failure
+            dispatcher.ingest([record], {("orch-h", -1, 0): 0})
+        assert not sink.flush(timeout=3) and sink.report()["pending_points"] == 2
+        proxy.restore()
+        report = dispatcher.finish("FINISHED")
+    assert report["dispatched"] == 1 and report["duplicates"] == 1
+    client, run_id = MlflowClient(server.url), report["sinks"]["MLflowSink"]["run_id"]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "hparam/lr0")] == [(2, 0.05)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "hparam/batch")] == [(2, 16.0)]
+    tags, params = client.get_run(run_id).data.tags, client.get_run(run_id).data.params
+    assert (tags["hparam.lr0"], tags["hparam.batch"], params["lr0"]) == ("0.05", "16", "0.01")

@@ -12,6 +12,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from callbacks.sinks import read_event_log
 from orchestrator import Model
 from orchestrator.cli import main
 from sweeps.config import build_sweep, load_sweep
@@ -51,7 +52,8 @@ def start_logger(path: Path):
     def log(trainer):
         with open(path, "a") as f:
             f.write(json.dumps({"trial": trainer.args.name, "event": "start", "start_epoch": trainer.start_epoch,
-                                "lr0": trainer.args.lr0, "resume": str(trainer.args.resume),
+                                "lr0": trainer.args.lr0, "momentum": trainer.args.momentum,
+                                "resume": str(trainer.args.resume),
                                 "save_dir": str(trainer.save_dir)}) + "\n")
     return log
 
@@ -326,12 +328,15 @@ def test_custom_fitness_drives_asha_and_every_trial_is_tracked(sweep_ray, tmp_pa
 
 
 def test_pbt_restarts_the_weak_trial_from_the_strong_trials_checkpoint(sweep_ray, tmp_path):
+    """The weak trial (lr0 0.01) takes the strong one's config (lr0 0.05: it is not mutated) with
+    momentum perturbed (x0.8 or x1.2), so both change, and its child run notes them once."""
     log = tmp_path / "starts.jsonl"
     model = Model("cls-n.yaml")
     model.add_callback("on_train_start", start_logger(log))
     pbt = {"name": "pbt", "perturbation_interval": 2, "synch": True, "quantile_fraction": 0.5,
-           "resample_probability": 0.0}
-    result = model.tune({"lr0": {"grid": [0.01, 0.05]}}, trainer=LrFitness, scheduler=pbt, max_concurrent=2,
+           "resample_probability": 0.0, "mutate": ["momentum"]}
+    space = {"lr0": {"grid": [0.01, 0.05]}, "momentum": {"uniform": [0.5, 0.7]}}
+    result = model.tune(space, trainer=LrFitness, scheduler=pbt, max_concurrent=2,
                         name="pbt", epochs=3, **QUICK, **where(tmp_path))
     starts = rows(log)
     weak = [r for r in starts if r["start_epoch"] > 0]
@@ -347,6 +352,28 @@ def test_pbt_restarts_the_weak_trial_from_the_strong_trials_checkpoint(sweep_ray
     uri = where(tmp_path)["tracking_uri"]
     children = child_runs(uri, result.parent_run_id)
     assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
+    (child,) = [r for r in children if r.data.tags["sweep.trial_id"] == first_weak["trial"]]
+    assert_hparams_noted(uri, child, first_weak, where(tmp_path)["storage"])
+    (strong,) = [r for r in children if r is not child]
+    assert not any(key.startswith("hparam") for key in {**strong.data.metrics, **strong.data.tags})
+
+
+def assert_hparams_noted(uri: str, child, start: dict, storage: str) -> None:
+    """The new lr0 and momentum of the trial PBT restarted, each once (raw history) at the epoch
+    it continued from, with their tags; sent by the driver through the trial's callback actor, so
+    they are in its event log too (the driver's own stream, rank -1)."""
+    from callbacks.sinks import read_event_log
+
+    client, run_id = MlflowClient(uri), child.info.run_id
+    for key in ("lr0", "momentum"):
+        points = [(m.step, m.value) for m in client.get_metric_history(run_id, f"hparam/{key}")]
+        assert points == [(start["start_epoch"], pytest.approx(start[key]))], (key, points)
+        assert float(child.data.tags[f"hparam.{key}"]) == pytest.approx(start[key])
+    assert start["lr0"] == 0.05 and child.data.params["lr0"] == "0.01"  # params stay the first values
+    notes = [r for r in read_event_log(storage, child.data.tags["orchestrator.run_id"], dedup_rows=False).to_pylist()
+             if r["event"] == "on_hparams"]
+    assert [(r["rank"], r["seq"], r["epoch"], sorted(dict(r["metrics"]))) for r in notes] == [
+        (-1, 0, start["start_epoch"], ["lr0", "momentum"])]
 
 
 def test_objective_missing_fails_the_sweep_on_first_report(sweep_ray, tmp_path, capsys):

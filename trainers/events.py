@@ -2,14 +2,15 @@
 
 Each event is tagged with the object that owns it, i.e. the object a callback receives.
 The order of this table is the firing order within one fit (validator events fire inside the
-trainer's epoch, between ``on_train_epoch_end`` and ``on_model_save``).
+trainer's epoch, between ``on_train_epoch_end`` and ``on_model_save``). ``DRIVER`` events fire in
+no worker: the driver itself sends their records to the run's callback actor, for driver callbacks.
 """
 from __future__ import annotations
 
 import math
 import time
 
-TRAINER, VALIDATOR, PREDICTOR, EXPORTER = "trainer", "validator", "predictor", "exporter"
+TRAINER, VALIDATOR, PREDICTOR, EXPORTER, DRIVER = "trainer", "validator", "predictor", "exporter", "driver"
 
 EVENTS: dict[str, str] = {
     "on_pretrain_routine_start": TRAINER,
@@ -38,6 +39,7 @@ EVENTS: dict[str, str] = {
     "on_predict_end": PREDICTOR,
     "on_export_start": EXPORTER,
     "on_export_end": EXPORTER,
+    "on_hparams": DRIVER,  # this project's own: a sweep's PBT changed the trial's hyperparameters
 }
 
 # Events fired once per optimizer step or batch: the hot path, batched by the forwarder.

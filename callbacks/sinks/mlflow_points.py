@@ -4,7 +4,10 @@ Metric steps: ``on_train_batch_end`` values go under ``step_prefix`` (default ``
 optimizer step, ``on_fit_epoch_end`` values under their own names at the epoch, and the final
 evaluation's under ``final/``, so no key mixes two x axes and no step is logged twice. An
 ``on_resize`` record (the run continues at another world size) gives ``world_size`` and
-``world_size_before`` at the first epoch of the new size. The final
+``world_size_before`` at the first epoch of the new size; an ``on_hparams`` record (a sweep's
+driver: PBT changed the trial's numeric hyperparameters) gives ``hparam/<key>`` at the first epoch
+trained with the new values, and each such point sets the tag ``hparam.<key>`` when it is
+delivered (``hparam_tags``): MLflow params are write-once. The final
 evaluation's per-class values (``trainers.metrics.base``) make no points: they are for the metrics
 object ``Model.train`` returns, and stay in the event log.
 Per-step points go at every ``every``-th optimizer step (``log_every_n_steps``; the first batch
@@ -19,8 +22,9 @@ import time
 from callbacks.sinks.mlflow_runs import MAX_KEY, metric_key
 from trainers.metrics.base import is_per_class
 
-BATCH_END, EPOCH_END, RESIZE = "on_train_batch_end", "on_fit_epoch_end", "on_resize"
+BATCH_END, EPOCH_END, RESIZE, HPARAMS = "on_train_batch_end", "on_fit_epoch_end", "on_resize", "on_hparams"
 FINAL = "final/"  # the final evaluation's keys
+HPARAM = "hparam/"  # the keys of hyperparameters PBT changed
 
 
 class MetricPoints:
@@ -34,7 +38,7 @@ class MetricPoints:
 
     def makes_points(self, event: str, step: int) -> bool:
         """Whether a record of ``event`` at ``step`` may make points (a cheap test on the row)."""
-        return event in (EPOCH_END, RESIZE) or (event == BATCH_END and step % self.every == 0)
+        return event in (EPOCH_END, RESIZE, HPARAMS) or (event == BATCH_END and step % self.every == 0)
 
     def of(self, event: str, record: dict) -> list[list]:
         metrics = record.get("metrics")
@@ -48,8 +52,8 @@ class MetricPoints:
         elif event == EPOCH_END:
             prefix, step = (FINAL if record.get("final_eval") else ""), int(record.get("epoch", 0))
             metrics = {k: v for k, v in metrics.items() if not is_per_class(k)}
-        elif event == RESIZE:
-            prefix, step = "", int(record.get("epoch", 0))
+        elif event in (RESIZE, HPARAMS):
+            prefix, step = (HPARAM if event == HPARAMS else ""), int(record.get("epoch", 0))
         else:
             return []
         ts = int(float(record.get("time", time.time())) * 1000)
@@ -61,3 +65,15 @@ class MetricPoints:
         if key is None:
             key = self._keys[full] = metric_key(full)[:MAX_KEY]
         return key
+
+
+def hparam_tags(points: list[list]) -> dict[str, str]:
+    """The tags ``hparam.<key>`` that points of changed hyperparameters set, the latest value
+    winning (a tag holds one value; the metric keeps the history)."""
+    return {f"hparam.{key[len(HPARAM):]}": number_text(value) for key, value, _, _ in points
+            if key.startswith(HPARAM)}
+
+
+def number_text(value: float) -> str:
+    """``16`` for a whole number (a point's value is a float; the config had an int), else repr."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))

@@ -5,7 +5,8 @@ tag (so the sink of a restarted actor reuses the run) or creates it, then logs p
 and tags. A sweep trial's run names its parent by the parent's orchestrator run id
 (``PARENT_TAG``): attaching waits, retried like an outage, until the parent's own sink has made
 that run. Metrics go with ``log_batch``; a batch MLflow rejects as invalid is split until the bad
-point is found and dropped (counted), so one bad value never blocks the rest of the run.
+point is found and dropped (counted), so one bad value never blocks the rest of the run. A point
+of a hyperparameter PBT changed (``hparam/<key>``) also sets its tag (``hparam_tags``).
 Re-sending a point after an uncertain failure is harmless: the SQL store ignores an exact
 duplicate (same key, value, step, timestamp). No point goes at a step its key already has in the
 run (``last_steps`` when a restarted actor or a resumed run attaches, ``raise_floors`` as points
@@ -20,6 +21,7 @@ from pathlib import Path
 from callbacks.sinks.mlflow_runs import (PARENT_TAG, RUN_ID_TAG, announce_run, find_run, first_line, is_invalid,
                                          last_steps, log_dataset, log_params_tags, mlflow_client, new_run,
                                          reopen_run)
+from callbacks.sinks.mlflow_points import hparam_tags
 from trainers.utils import LOGGER
 
 
@@ -102,9 +104,23 @@ class RunWriter:
         metrics = [Metric(k, v, ts, step) for k, v, ts, step in points if step > floors.get(k, -1)]
         if metrics:
             self._send(metrics)
+        self._set_tags(hparam_tags(points))
         if self.parent_run_id is None:  # see ``raise_floors``
             raise_floors(floors, metrics)
         self.delivered += len(points)
+
+    def _set_tags(self, tags: dict[str, str]) -> None:
+        """Tags that go with points (``hparam_tags``), after them: a failure keeps both queued, and
+        sending them again is harmless (points a floor holds back still set theirs)."""
+        if not tags:
+            return
+        from mlflow.entities import RunTag
+        try:
+            self.client().log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+        except Exception as exc:
+            if not is_invalid(exc):
+                raise
+            LOGGER.warning(f"mlflow: tags {', '.join(tags)} of run {self.run_id} rejected ({first_line(exc)}); dropped")
 
     def _send(self, metrics: list) -> None:
         try:
