@@ -1,6 +1,6 @@
 """Detection quality: mAP50 on shapes8's val split after a CPU run of det-n.yaml with only
-``epochs=`` set: everything else is the defaults (``nbs`` and warmup scaled to the data set,
-``trainers/engine/setup.scaled_to_data``).
+``epochs=`` set: everything else is the defaults (``nbs`` and warmup scaled to the data set, the
+augmentation strengths to the run's length: ``trainers/engine/setup.scaled_to_data``).
 
 Targets (issue 16): mAP50 >= 0.8 in at most 10 minutes on this machine, in this process (as
 ``orchestrator train model=det-n.yaml data=shapes8.yaml epochs=50`` runs). ``--recipe`` trains with

@@ -251,16 +251,20 @@ def test_the_optimizer_auto_chose_is_checked_too(tmp_path):
 
 
 # ---------------------------------------------------------------- defaults scaled to the data
-def test_nbs_and_warmup_left_to_the_data_follow_its_size():
+def test_nbs_warmup_and_augmentation_left_to_the_data_follow_its_size_and_the_run():
     from trainers.config import get_cfg
     from trainers.engine.setup import scaled_to_data
 
+    half = {"hsv_h": 0.0075, "hsv_s": 0.25, "hsv_v": 0.15, "scale": 0.15}  # 50 epochs: half of the nominal
     args = get_cfg(None, {"batch": 16, "epochs": 50})
     assert (args.nbs, args.warmup_epochs) == (None, None)  # default.yaml leaves both to the data
-    assert scaled_to_data(args, 480) == {"nbs": 16, "warmup_epochs": 2.5}  # shapes8: 30 steps an epoch
-    assert scaled_to_data(args, 1438) == {"nbs": 47, "warmup_epochs": 2.5}  # digits
-    assert scaled_to_data(get_cfg(None, {"batch": 16, "epochs": 300}), 100_000) == {"nbs": 64, "warmup_epochs": 3.0}
-    assert scaled_to_data(get_cfg(None, {"nbs": 64, "warmup_epochs": 1.0}), 480) == {}  # a user's value wins
+    assert scaled_to_data(args, 480) == {"nbs": 16, "warmup_epochs": 2.5, **half}  # shapes8: 30 steps an epoch
+    assert scaled_to_data(args, 1438) == {"nbs": 47, "warmup_epochs": 2.5, **half}  # digits
+    full = {"hsv_h": 0.015, "hsv_s": 0.5, "hsv_v": 0.3, "scale": 0.3}  # from 100 epochs
+    assert scaled_to_data(get_cfg(None, {"batch": 16, "epochs": 300}), 100_000) == {"nbs": 64, "warmup_epochs": 3.0,
+                                                                                    **full}
+    user = {"nbs": 64, "warmup_epochs": 1.0, "hsv_h": 0.0, "hsv_s": 0.7, "hsv_v": 0.4, "scale": 0.5}
+    assert scaled_to_data(get_cfg(None, user), 480) == {}  # a user's value wins
 
 
 def test_values_chosen_for_the_data_are_used_and_written_to_args_yaml(tmp_path):
