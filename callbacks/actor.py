@@ -5,8 +5,9 @@ not acknowledged.
 
 Ingest calls run on a pool of threads (the ``ingest`` concurrency group, started in the order
 they were submitted), the other methods on one thread of their own; the Dispatcher's lock lets
-one in at a time. So calls that arrive while the journal is being synced append behind it and
-share the next fsync (``callbacks/group_commit.py``).
+one in at a time. A call waits for the journal's fsync after it has let go of that lock, so calls
+that arrive while the journal is being synced append meanwhile and share the next fsync
+(``callbacks/group_commit.py``).
 """
 from __future__ import annotations
 

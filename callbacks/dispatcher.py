@@ -11,8 +11,9 @@ Each stream (run_id, rank, attempt) is dispatched strictly in ``seq`` order: ear
 wait until the gap fills, duplicates are dropped. ``ingest`` returns only after dispatching and
 after the journal holds the batch for good, and acknowledges the next expected ``seq`` per
 stream, so an acknowledged record has reached every callback and survives a crash. Calls may come
-on several threads: one lock lets one dispatch at a time (in journal order), and calls waiting for
-the disk share one fsync (``callbacks/group_commit.py``). The actor is restartable
+on several threads: one lock lets one dispatch at a time (in journal order); a call waits for the
+disk after it has let go of the lock, and calls waiting together share one fsync
+(``callbacks/group_commit.py``). The actor is restartable
 (``max_restarts=-1``): Ray rebuilds it from the same constructor arguments, the forwarders
 resend what was not acknowledged, and each batch's ``floors`` tell the new incarnation where each
 stream resumes.
@@ -43,7 +44,7 @@ STATUSES = ("FINISHED", "FAILED", "KILLED")
 # A sink that fell behind (it was full) takes the journal's entries in chunks of this many rows,
 # the lock held (~10-40 ms): ingest calls wait that long at most behind a chunk.
 CATCH_UP_ROWS = 5_000
-CATCH_UP_EVERY = 0.2  # seconds between looks at sinks that fell behind, after commits
+CATCH_UP_EVERY = 0.2  # seconds between looks at sinks that fell behind, at ingest calls
 
 
 class _Entry:
@@ -165,16 +166,16 @@ class Dispatcher:
         returned once every entry it names is durable."""
         with self._lock:
             ack = self._ingest(batch, floors)
-            self._commit()
-            self._feed_lagging()
+            ticket = self._appended()
+        self._durable(ticket)
         return ack
 
     def ingest_rows(self, stream: tuple, first_seq: int, rows: list, floors: dict | None = None) -> dict:
         """``ingest`` for a forwarder's compact batch: consecutive rows of one stream."""
         with self._lock:
             ack = self._ingest_rows(stream, first_seq, rows, floors)
-            self._commit()
-            self._feed_lagging()
+            ticket = self._appended()
+        self._durable(ticket)
         return ack
 
     def _ingest(self, batch: list[dict], floors: dict | None) -> dict:
@@ -305,12 +306,19 @@ class Dispatcher:
         key = record_key(record)
         self._dispatch_rows(tuple(key[:3]), int(key[3]), [row_of(record)])
 
-    def _commit(self, idle: bool = False) -> None:
-        """Wait (the lock held) until every entry appended so far is durable, so the
+    def _appended(self) -> tuple | None:
+        """An ingest call's last step under the lock: sinks that fell behind may catch up, and the
+        call takes its place in the group commit (``GroupCommit.enter``) for every entry appended
+        so far (its own, and those of calls before it whose acknowledgements its own may repeat)."""
+        self._feed_lagging()
+        return self._group.enter(self._journal.next_entry) if self._group is not None else None
+
+    def _durable(self, ticket: tuple | None) -> None:
+        """Wait, the lock released, until the entries of ``ticket`` are durable, so the
         acknowledgement a call returns names nothing that is not; calls waiting together share
-        one fsync (``GroupCommit``). ``idle``: and no fsync runs (the journal may be closed)."""
-        if self._group is not None:
-            self._group.wait(self._journal.next_entry, idle)
+        one fsync, and others append meanwhile (``GroupCommit``)."""
+        if ticket is not None:
+            self._group.wait(ticket)
 
     def _call(self, handlers, event: str, record: dict) -> None:
         for index, fn in handlers:
@@ -448,7 +456,8 @@ class Dispatcher:
     def _end(self, status: str, reason: str | None) -> None:
         if self._status is None:
             self._release_pending()
-            self._commit(idle=True)
+            if self._group is not None:  # every entry durable, and no fsync runs: the journal may close
+                self._group.drain()
             self._feed_rest()
             if self._journal is not None:  # seals the last segment: sinks copy it before they close
                 self._journal.close()

@@ -3,9 +3,22 @@
 The callback actor takes ingest calls on several threads (``callbacks/actor.py``). Each call
 appends its entries under the dispatcher's lock and must not return its acknowledgement before
 they are on disk. One fsync per call capped one actor at a few hundred calls per second whatever
-their size; here the first call that finds no fsync running becomes the committer: it syncs
-every entry appended so far with the lock released (other calls append meanwhile), then wakes
-the calls waiting, whose entries are durable now or go into the next round's fsync.
+their size. Here a call that finds no fsync running claims a *round*: it stages every entry
+appended so far (``Journal.stage``) before it lets go of the dispatcher's lock, then syncs them
+with no lock held. Calls that append meanwhile wait for the next round, which one of them claims.
+
+The waiting happens on this object's own lock, not the dispatcher's: a call lets go of the
+dispatcher's lock as soon as it has appended (the next call appends during the fsync), and a round
+that ends wakes the calls it covered without any of them queueing for the dispatcher's lock again;
+of the calls it did not cover, it wakes one, to claim the next round. (Calls used to wait on a
+condition of the dispatcher's lock: every woken call, and the committer, to roll and wake the
+others, queued for that lock again behind the appends; at 8 concurrent calls that cost ~8
+voluntary context switches per call instead of ~6, and ~25% more time per call.)
+
+Lock order: the dispatcher's lock, then this one; never the other way round. A round is claimed
+only with the dispatcher's lock held and its fsync needs only this object's lock to end, so
+``drain`` may wait for it with the dispatcher's lock held. One round runs at a time, and only the
+claim stages (and rolls a full segment): no fsync races a roll or a close.
 """
 from __future__ import annotations
 
@@ -16,40 +29,92 @@ from callbacks.journal import Journal
 
 
 class GroupCommit:
-    """One journal's durability for callers holding ``lock`` (the dispatcher's)."""
+    """One journal's durability; ``appends`` is the dispatcher's lock, under which entries are
+    appended and rounds staged.
 
-    def __init__(self, journal: Journal, lock: threading.Lock):
+    Each round has a condition of its own, on this object's lock: the calls it covers sleep on it
+    and all wake when it ends; calls that appended after it was staged sleep on the next one's."""
+
+    def __init__(self, journal: Journal, appends: threading.Lock):
         self._journal = journal
-        self._lock = lock
-        self._synced = threading.Condition(lock)
-        self._syncing = False
-        self.seconds = 0.0  # time spent in fsync, by all committers
+        self._appends = appends
+        self._mutex = threading.Lock()  # guards what follows; the rounds' conditions share it
+        self._syncing = False  # a round is claimed and its fsync has not ended
+        self._round = threading.Condition(self._mutex)  # the claimed round's sleepers
+        self._round_entries = 0  # the entries that round makes durable
+        self._next = threading.Condition(self._mutex)  # sleepers for the round not claimed yet
+        self.seconds = 0.0  # time spent in fsync, by all rounds
 
-    def wait(self, entries: int, idle: bool = False) -> None:
-        """Return, the lock held, once the first ``entries`` journal entries are durable (and,
-        with ``idle``, no fsync is running: the journal may then be closed)."""
-        while self._journal.durable_entries < entries or (idle and self._syncing):
-            if self._syncing:
-                self._synced.wait()
-            else:
-                self._commit()
+    def enter(self, entries: int) -> tuple:
+        """With the dispatcher's lock held, the caller's last step under it: its ticket for
+        ``wait``, which returns once the first ``entries`` are durable. If no fsync runs, the caller
+        claims the round and stages them now, while appends are held off."""
+        return entries, self._claim(entries)
 
-    def _commit(self) -> None:
-        """Sync every entry appended so far, then wake the waiting calls. A failed fsync raises
-        in this call only; the next waiter tries again."""
-        self._syncing = True
+    def wait(self, ticket: tuple) -> None:
+        """Without the dispatcher's lock: return once the ticket's entries are durable, syncing
+        them itself when its call claimed the round. A failed fsync raises in that call only; the
+        calls it covered claim another round."""
+        entries, staged = ticket
+        while True:
+            if staged is not None:
+                self._sync(staged)
+            with self._mutex:
+                if not self._sleep_until_claimable(entries):
+                    return
+            with self._appends:
+                staged = self._claim(entries)
+
+    def drain(self) -> None:
+        """With the dispatcher's lock held: wait for the fsync under way, then sync what is left,
+        so that every entry is durable and no fsync runs (none can start before the caller lets go
+        of the lock): the journal may be closed."""
+        with self._mutex:
+            while self._syncing:
+                self._round.wait()
+        staged = self._claim(self._journal.next_entry)
+        if staged is not None:
+            self._sync(staged)
+
+    def _sleep_until_claimable(self, entries: int) -> bool:
+        """With this object's lock held: sleep while an fsync runs and ``entries`` are not durable;
+        False once they are, True when no fsync runs and the caller should claim a round."""
+        while self._journal.durable_entries < entries:
+            if not self._syncing:
+                return True
+            (self._round if entries <= self._round_entries else self._next).wait()
+        return False
+
+    def _claim(self, entries: int) -> tuple | None:
+        """With the dispatcher's lock held: stage a round if no fsync runs and the first
+        ``entries`` are not durable yet; what ``_sync`` takes, or None (the round under way or one
+        that ended covers them). Every call asleep on ``_next`` appended before this: the round
+        covers them all."""
+        with self._mutex:
+            if self._syncing or self._journal.durable_entries >= entries:
+                return None
+            self._syncing = True
+            self._round, self._next = self._next, threading.Condition(self._mutex)
+            self._round_entries = self._journal.next_entry
         try:
-            self._sync_unlocked(self._journal.stage())
-            self._journal.roll()
-        finally:
-            self._syncing = False
-            self._synced.notify_all()
+            return self._journal.stage()
+        except BaseException:
+            self._end_round(0.0)
+            raise
 
-    def _sync_unlocked(self, staged: tuple) -> None:
+    def _sync(self, staged: tuple) -> None:
+        """The claimed round's fsync, with no lock held; then its calls wake."""
         started = time.perf_counter()
-        self._lock.release()
         try:
             self._journal.sync(staged)
         finally:
-            self._lock.acquire()
-            self.seconds += time.perf_counter() - started
+            self._end_round(time.perf_counter() - started)
+
+    def _end_round(self, seconds: float) -> None:
+        """Wake the calls the round covered, and one of those after it, to claim the next round
+        (unless a call that appends claims it first)."""
+        with self._mutex:
+            self._syncing = False
+            self.seconds += seconds
+            self._round.notify_all()
+            self._next.notify()

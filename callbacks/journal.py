@@ -4,9 +4,10 @@ Layout of ``<journal>/<run id>/`` (a session that continues the run, ``resume=``
 ``<run id>.1``, ``.2``, ...: its own entries and watermarks, the same run id):
 - ``seg-<first entry>.arrow``: Arrow IPC stream segments. An *entry* is one in-order batch of
   one stream (the rows of ``trainers.events.ROW_FIELDS`` plus rank, attempt, seq), numbered
-  from 0 across the run; a segment is rolled after ``segment_rows`` rows. ``commit`` fsyncs (or
-  ``stage`` then ``sync``, the fsync of concurrent calls' entries at once:
-  ``callbacks/group_commit.py``), and the dispatcher acknowledges a batch to its worker only after.
+  from 0 across the run; a segment is rolled once it holds ``segment_rows`` rows. ``commit`` fsyncs
+  (or ``stage``, appends held off, then ``sync``, which need not be: the fsync of concurrent calls'
+  entries at once, ``callbacks/group_commit.py``), and the dispatcher acknowledges a batch to its
+  worker only after.
   A segment rolled or closed at the run's end is *sealed*, never written again; ``watch_seals``
   hands each to the dispatcher, whose event-log sink copies it to the object store.
 - ``progress/<sink>.json``: how many entries a sink has delivered for good (its watermark). A
@@ -39,6 +40,10 @@ from trainers.utils import try_lock
 ENTRY = "entry"
 JOURNAL_SCHEMA = SCHEMA.append(pa.field(ENTRY, pa.int64()))
 SEGMENT_ROWS = 50_000
+# Segments are written through Arrow's own buffered file, and ``stage`` hands what it holds to the
+# OS: an entry's ~30 writes then take the GIL back no more (into a Python file each did, under the
+# dispatcher's lock, and a woken call or a returning fsync took the GIL from the appending thread).
+WRITE_BUFFER = 1 << 20
 FINISHED, SINKS, LOCK, RUN_ID = "finished.json", "sinks.pkl", "lock", "run_id"
 
 
@@ -68,6 +73,7 @@ class Journal:
         for batch in self._batches(columns=("rank", "attempt", "seq", ENTRY)):
             self._note(batch)
         self._file = self._writer = self._lock = None
+        self._fd: int | None = None  # the open segment's descriptor, for fdatasync
         self._path: Path | None = None  # the open segment's
         self._on_seal: Callable[[Path, int], None] | None = None
         self._segment_rows = 0
@@ -116,16 +122,20 @@ class Journal:
     def commit(self) -> None:
         """Make every appended entry durable (one fsync for all of them)."""
         self.sync(self.stage())
-        self.roll()
 
     def stage(self) -> tuple:
         """Hand the appended entries to the OS: ``(descriptor, entries)`` for ``sync``, which makes
         the first ``entries`` durable. Called while appends are held off; ``sync`` need not be, so
-        concurrent calls append during the fsync and their entries wait for the next one."""
+        concurrent calls append during the fsync and their entries wait for the next one. Called
+        while no ``sync`` runs either: a full segment is rolled first (``roll``)."""
+        self.roll()
+        return self._handover()
+
+    def _handover(self) -> tuple:
         fd = None
         if self._dirty and self._file is not None:
             self._file.flush()
-            fd = self._file.fileno()
+            fd = self._fd
         self._dirty = False
         return fd, self.next_entry
 
@@ -142,16 +152,18 @@ class Journal:
         self.durable_entries = max(self.durable_entries, entries)
 
     def roll(self) -> None:
-        """Start a new segment once this one is full. Called while appends are held off and no
-        ``sync`` runs; what was appended since the last ``stage`` is made durable first."""
+        """Seal the segment once it is full and start a new one at the next append. Called while
+        appends are held off and no ``sync`` runs; what was appended since the last ``stage`` is
+        made durable first (a sealed segment is copied elsewhere: ``watch_seals``)."""
         if self._segment_rows >= self.segment_rows:
-            self.sync(self.stage())
+            self.sync(self._handover())
             self._close_segment()
 
     def _open_segment(self, first_entry: int):
         if self._writer is None:
             self._path = self.dir / f"seg-{first_entry:010d}.arrow"
-            self._file = open(self._path, "wb")
+            raw = pa.OSFile(str(self._path), "wb")
+            self._fd, self._file = raw.fileno(), pa.BufferedOutputStream(raw, WRITE_BUFFER)
             self._writer = pa.ipc.new_stream(self._file, JOURNAL_SCHEMA)
             self._segment_rows = 0
         return self._writer

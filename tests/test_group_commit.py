@@ -7,6 +7,8 @@ Counts are taken on the raw event-log rows and the journal's own entries, never 
 """
 from __future__ import annotations
 
+import random
+import threading
 import time
 from collections import defaultdict
 
@@ -66,6 +68,144 @@ def test_batch_ahead_of_its_predecessor_waits_whole(tmp_path):
     report = dispatcher.finish("FINISHED")
     assert journal.next_entry == 5 + 10  # the batch behind the hole: released at the end, record by record
     assert report["dispatched"] == 70 and report["duplicates"] == 5 and report["gaps"] == 10
+
+
+class GatedJournal(Journal):
+    """A journal whose fsyncs wait, each, until the test opens its gate: ``gates`` (staged entries,
+    event) in the order the fsyncs began; ``synced`` the most entries an fsync has ended with."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gates: list[tuple[int, threading.Event]] = []
+        self.synced = 0
+
+    def sync(self, staged: tuple) -> None:
+        if staged[0] is not None:  # an fsync to make (the one finish makes has nothing left to sync)
+            gate = threading.Event()
+            self.gates.append((staged[1], gate))
+            assert gate.wait(30)
+        super().sync(staged)
+        self.synced = max(self.synced, staged[1])
+
+
+def until(check, seconds: float = 10.0):
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_a_call_returns_only_once_an_fsync_covers_its_entries(tmp_path):
+    """Calls append while an fsync runs (the dispatcher's lock is not held across it) and share
+    the next one; no call returns its acknowledgement before an fsync that covers its entry has
+    ended, and the calls a round did not cover get the next round when it ends."""
+    run_id = "gated"
+    journal = GatedJournal(tmp_path / "journal", run_id)
+    dispatcher = Dispatcher([], journal=journal)
+    acks, early, threads = {}, [], []
+
+    def call(rank: int) -> None:
+        stream = (run_id, rank, 0)
+        ack = dispatcher.ingest_rows(stream, 0, step_rows(rank, 0, 5))
+        if journal.synced < rank + 1:  # entry `rank` is this call's: not durable yet
+            early.append(rank)
+        acks[rank] = ack["next_seq"][stream]
+
+    def start(rank: int) -> None:  # call `rank` appends entry `rank`
+        threads.append(threading.Thread(target=call, args=(rank,), daemon=True))
+        threads[-1].start()
+        until(lambda: journal.next_entry == rank + 1)
+
+    def gates_then_settle(n: int) -> None:
+        until(lambda: len(journal.gates) == n)
+        time.sleep(0.05)  # a call returning too early would have returned by now
+
+    for rank in range(3):
+        start(rank)  # 1 and 2 append while call 0's fsync waits at its gate
+    gates_then_settle(1)
+    assert journal.gates[0][0] == 1 and acks == {}
+    journal.gates[0][1].set()
+    gates_then_settle(2)  # one of calls 1 and 2 claims the next round, for both
+    assert journal.gates[1][0] == 3 and sorted(acks) == [0]
+    start(3)  # appends while that round's fsync waits
+    journal.gates[1][1].set()
+    gates_then_settle(3)
+    assert journal.gates[2][0] == 4 and sorted(acks) == [0, 1, 2]
+    journal.gates[2][1].set()
+    for thread in threads:
+        thread.join(10)
+    assert acks == {rank: 5 for rank in range(4)} and early == []
+    assert dispatcher.finish("FINISHED")["dispatched"] == 20
+
+
+class SlowJournal(Journal):
+    """A journal whose fsyncs take a few milliseconds and which checks that no segment is sealed
+    (rolled or closed) while an fsync runs; it counts the fsyncs running at once (``most``) and the
+    rolls, and notes each batch's entry (``entry_of``, by rank and first seq) and the most entries
+    an fsync has ended with (``synced``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.running = self.most = self.rolls = self.synced = 0
+        self.entry_of: dict[tuple[int, int], int] = {}
+        self._count = threading.Lock()
+
+    def append(self, stream: tuple, first_seq: int, rows: list) -> int:
+        self.entry_of[(stream[1], first_seq)] = entry = super().append(stream, first_seq, rows)
+        return entry
+
+    def sync(self, staged: tuple) -> None:
+        with self._count:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            time.sleep(random.uniform(0.001, 0.004))
+            super().sync(staged)
+        finally:
+            with self._count:
+                self.running -= 1
+                self.synced = max(self.synced, self.durable_entries)
+
+    def _close_segment(self) -> None:
+        assert self.running == 0, "a segment sealed while an fsync runs"
+        self.rolls += self._writer is not None
+        super()._close_segment()
+
+
+def test_concurrent_calls_roll_segments_with_no_fsync_running(tmp_path):
+    """16 threads of calls into a journal with small segments and slow fsyncs: one fsync at a
+    time, segments roll and close with none running, no call is acknowledged before an fsync that
+    covers its batch has ended, each exactly its rows, and the journal holds each stream's rows
+    once, in order."""
+    run_id, folder = "rolls", tmp_path / "journal"
+    journal = SlowJournal(folder, run_id, segment_rows=60)
+    dispatcher = Dispatcher([], journal=journal)
+
+    def stream_calls(rank: int) -> None:
+        stream = (run_id, rank, 0)
+        for first in range(0, 120, 8):
+            ack = dispatcher.ingest_rows(stream, first, step_rows(rank, first, 8))
+            assert ack["next_seq"] == {stream: first + 8}
+            assert journal.synced > journal.entry_of[(rank, first)], "acknowledged before its fsync ended"
+
+    errors = []
+
+    def guarded(rank: int) -> None:
+        try:
+            stream_calls(rank)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(rank,)) for rank in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert journal_rows(folder, run_id) == {rank: list(range(120)) for rank in range(16)}  # as a crash leaves it
+    report = dispatcher.finish("FINISHED")
+    assert report["dispatched"] == 16 * 120 and report["duplicates"] == 0
+    assert journal.most == 1 and journal.rolls >= 10  # a segment takes what comes until a stage rolls it
 
 
 def test_concurrent_calls_share_fsyncs_and_every_record_is_durable_once(ray_session, tmp_path):
