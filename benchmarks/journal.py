@@ -200,7 +200,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2_000.0)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--flush-interval", type=float, default=FLUSH_INTERVAL)
-    args = tiny.parse(parser, "2 rounds of 5,000 rows, 3 s of latency", rows=5_000, rounds=2, seconds=3.0)
+    args = tiny.parse(parser, "2 rounds of 5,000 rows, 1 s of latency", rows=5_000, rounds=2, seconds=1.0)
     with tempfile.TemporaryDirectory(prefix="journal-bench-") as folder:
         throughput(args, Path(folder))
         latency(args, Path(folder))

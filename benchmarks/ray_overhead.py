@@ -29,8 +29,10 @@ Usage: OMP_NUM_THREADS=1 python benchmarks/ray_overhead.py [--epochs 24] [--pair
 
 ``--tiny`` runs the same code path end to end (6 epochs of ~20 steps on 160 random images, one pair
 for (d), a 1-worker Ray run and the in-process run as in the full mode; for the tests): its figures
-are not measurements. It still starts Ray Train six times (~15 s each on the 2-core machine), so it
-takes 2-3 minutes.
+are not measurements. Ray Train's start-ups set its time, so it starts Ray Train four times, two at
+a time: the runs "in a process that ran before" take figures it has anyway (the first Ray run's,
+the new process's fit); the new process of the fit runs beside the first Ray run, ours beside the
+floor.
 """
 from __future__ import annotations
 
@@ -183,10 +185,71 @@ def paired_ratio(rates: dict) -> float:
 def first_step_in_new_process(tmp: Path, kind: str, address: str) -> tuple[float, float]:
     """(d) as a CLI call: a fresh Python process joins this Ray and runs ``kind`` once.
     Returns (seconds from train()/fit() to the first step, seconds from the process start)."""
-    out = subprocess.run([sys.executable, __file__, "--child", kind, "--address", address, "--tmp", str(tmp)],
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, check=True)
-    call, start = out.stdout.split("FIRST_STEP ")[-1].split()[:2]
+    return first_step_of(start_new_process(tmp, kind, address), tmp, kind)
+
+
+def start_new_process(tmp: Path, kind: str, address: str, folder: Path | None = None) -> subprocess.Popen:
+    """Start (d)'s fresh Python process for ``kind``, its files in ``folder`` (default ``tmp``).
+    Its output goes to files in ``tmp``, not to pipes: under --tiny nobody reads a pipe while this
+    process runs its own runs."""
+    with open(tmp / f"child-{kind}.out", "w") as out, open(tmp / f"child-{kind}.err", "w") as err:
+        return subprocess.Popen([sys.executable, __file__, "--child", kind, "--address", address,
+                                 "--tmp", str(folder or tmp)],
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=out, stderr=err)
+
+
+def first_step_of(process: subprocess.Popen, tmp: Path, kind: str) -> tuple[float, float]:
+    """The figures of a process ``start_new_process`` started, once it ends (fails with its
+    output's tail if it failed)."""
+    code = process.wait()
+    out = (tmp / f"child-{kind}.out").read_text()
+    if code != 0:
+        err = (tmp / f"child-{kind}.err").read_text().splitlines()
+        raise RuntimeError(f"(d) '{kind}' in a new process exited {code}:\n" + "\n".join(err[-30:]))
+    call, start = out.split("FIRST_STEP ")[-1].split()[:2]
     return float(call), float(start)
+
+
+def first_steps(tmp: Path, address: str, pairs: int) -> tuple[dict, dict, dict, float]:
+    """(d): ``pairs`` alternating runs of each kind in this process and in new ones, then the
+    floor. Returns seconds to the first step ({kind: [per run]}) in a process that ran before, from
+    train()/fit() in a new process, from that process's start; and the floor's."""
+    warm, cold, launch = ({"ours": [], "fit": []} for _ in range(3))
+    for _ in range(pairs):
+        warm["ours"].append(run(tmp, "warm", num_workers=1)[1])
+        warm["fit"].append(bare_first_step(tmp, minimal_fit_loop))
+        for kind in ("ours", "fit"):
+            from_call, from_start = first_step_in_new_process(tmp, kind, address)
+            cold[kind].append(from_call)
+            launch[kind].append(from_start)
+    return warm, cold, launch, bare_first_step(tmp, empty_loop)
+
+
+def tiny_new_process(tmp: Path, kind: str, address: str) -> subprocess.Popen:
+    """--tiny: (d)'s new process for ``kind``, started to run beside a Ray Train start-up of this
+    process (those start-ups set tiny mode's time), its files in a folder apart from this process's."""
+    folder = tmp / "new-processes"
+    folder.mkdir(exist_ok=True)
+    return start_new_process(tmp, kind, address, folder)
+
+
+def tiny_first_steps(tmp: Path, address: str, first_step: float,
+                     fit: subprocess.Popen) -> tuple[dict, dict, dict, float]:
+    """``first_steps`` for --tiny: every code path, two Ray Train start-ups fewer and the rest two
+    at a time (three at once slow each other down on 2 cores). ``fit``'s new process started with
+    this process's Ray run; ours starts now, beside the floor. "In a process that ran before" takes
+    figures at hand: the first Ray run's and the new process's fit (not warm; tiny figures are no
+    measurement)."""
+    processes = {"ours": tiny_new_process(tmp, "ours", address), "fit": fit}
+    try:
+        floor = bare_first_step(tmp, empty_loop)
+        figures = {kind: first_step_of(process, tmp, kind) for kind, process in processes.items()}
+    finally:
+        for process in processes.values():
+            process.kill()  # no-op once it ended; else it would outlive a failed run
+    cold = {kind: [from_call] for kind, (from_call, _) in figures.items()}
+    launch = {kind: [from_start] for kind, (_, from_start) in figures.items()}
+    return {"ours": [first_step], "fit": cold["fit"]}, cold, launch, floor
 
 
 def child(opts) -> None:
@@ -218,18 +281,12 @@ def main() -> None:
                     runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     tmp = Path(tempfile.mkdtemp(prefix="ray-overhead-"))
     data = folder_data(tmp / "data", per_class=opts.per_class)
+    address = info.address_info["address"]
+    fit = tiny_new_process(tmp, "fit", address) if opts.tiny else None  # beside the Ray run below
     rates, first_step, cpu = run(tmp, "alternating", alternate=True, data=data, num_workers=1, epochs=opts.epochs)
     local = run(tmp, "in_process", data=data, num_workers=0, epochs=opts.epochs)[0]
-    warm, cold, launch = ({"ours": [], "fit": []} for _ in range(3))
-    for _ in range(opts.pairs):
-        # --tiny takes the first run's figure (not warm; tiny figures are no measurement): a Ray run less
-        warm["ours"].append(first_step if opts.tiny else run(tmp, "warm", num_workers=1)[1])
-        warm["fit"].append(bare_first_step(tmp, minimal_fit_loop))
-        for kind in ("ours", "fit"):
-            from_call, from_start = first_step_in_new_process(tmp, kind, info.address_info["address"])
-            cold[kind].append(from_call)
-            launch[kind].append(from_start)
-    floor = bare_first_step(tmp, empty_loop)
+    warm, cold, launch, floor = (tiny_first_steps(tmp, address, first_step, fit) if opts.tiny
+                                 else first_steps(tmp, address, opts.pairs))
     on = [r for e, r in rates.items() if e >= 2 and e % 2 == 0]
     off = [r for e, r in rates.items() if e >= 2 and e % 2 == 1]
     print("steps/s per epoch, forwarded | not forwarded: "
