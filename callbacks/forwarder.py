@@ -310,6 +310,28 @@ class EventForwarder:
                            f"not yet acknowledged by the callback actor")
         return self._retained() == 0
 
+    def deliver(self, timeout: float, shipping: float = 5.0) -> bool:
+        """Send, and wait (bounded by ``timeout``) until the actor has acknowledged, every record
+        so far. Records behind a file still shipping to the object store are waited for only
+        ``shipping`` seconds: an outage of the store holds training up that long at most."""
+        with self._lock:
+            self._pump(force=True)
+            start = time.monotonic()
+            deadline = start + timeout
+            while self._acked < self._due_end(start + shipping) and time.monotonic() < deadline:
+                self._wait_some(min(deadline, time.monotonic() + PROBE_INTERVAL))
+                self._send_due(force=True)
+            missing = self._due_end(start + shipping) - self._acked
+            if missing > 0:
+                LOGGER.warning(f"event forwarder rank {self.rank}: {missing} event records not yet "
+                               f"acknowledged by the callback actor")
+            return missing <= 0
+
+    def _due_end(self, shipping_until: float) -> int:
+        """The end of the records ``deliver`` waits for: all of them until ``shipping_until``,
+        then those before the oldest file still shipping."""
+        return self._next_seq if time.monotonic() < shipping_until else self._sendable()
+
     def close(self, timeout: float | None = None) -> bool:
         """Final flush at teardown: wait, bounded, for every acknowledgement; then say whether
         training ever waited for the actor, or records were lost (nothing is said otherwise)."""

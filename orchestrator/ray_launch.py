@@ -283,8 +283,9 @@ def deliver_before_report(forwarder: EventForwarder, trainer) -> None:
     """Wait until the actor has journaled this rank's records so far, then report. A restart
     continues after the reported checkpoint and never emits what came before it again, so a rank
     lost right after its report would otherwise take the epoch's last records with it. Bounded
-    (a warning says what is unacknowledged): an actor that does not come back must not hang the run."""
-    forwarder.flush(wait=True, timeout=DELIVERY_TIMEOUT)
+    (a warning says what is unacknowledged): an actor that does not come back must not hang the
+    run; records behind files still shipping to the store are not waited for (an S3 outage)."""
+    forwarder.deliver(timeout=DELIVERY_TIMEOUT)
 
 
 def freeze_setup_objects(trainer) -> None:

@@ -42,11 +42,12 @@ class Scenario:
     num_workers: str
     change: str  # in epoch 1: "add" a one-worker node, or "remove" the node of the highest rank
     max_failures: int = 0  # a node that leaves kills its workers: a failure
+    start_timeout: float = 60.0  # s Ray Train waits for a worker group (after a node left: for the old size)
 
 
 SCENARIOS = {
     "grow": Scenario(head_cpus=1, nodes=0, num_workers="1-2", change="add"),
-    "shrink": Scenario(head_cpus=0, nodes=2, num_workers="1-2", change="remove", max_failures=1),
+    "shrink": Scenario(head_cpus=0, nodes=2, num_workers="1-2", change="remove", max_failures=1, start_timeout=20.0),
     "grow-from-2": Scenario(head_cpus=2, nodes=0, num_workers="2-3", change="add"),
 }
 
@@ -55,7 +56,8 @@ def main(folder: Path, scenario: Scenario) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    os.environ.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
+    os.environ.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
+                      RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=str(scenario.start_timeout))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": scenario.head_cpus,
                                                             "include_dashboard": False})
     try:

@@ -8,6 +8,7 @@ rank 1's in epoch 1: the run finishes on one worker from epoch 0's checkpoint, t
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 
 import pytest
@@ -96,6 +97,8 @@ def test_a_run_shrinks_when_a_node_leaves(tmp_path):
     assert_epochs_once_and_resized_at_1(client, run, before=2, after=1)
 
 
+@pytest.mark.skipif(not os.environ.get("ORCH_LONG_TESTS"),
+                    reason="~55 s; left out of the default run for CI time: ORCH_LONG_TESTS=1 runs it")
 def test_a_run_with_a_minimum_of_two_starts_at_two_and_grows_to_three(tmp_path):
     out, result = run_cluster_script("elastic_run.py", tmp_path, "grow-from-2")
     assert result["nodes"] == 2  # the head (room for two workers) and the node that joined

@@ -563,3 +563,36 @@ def wait_for_records(path, n: int, timeout: float = 10.0) -> list[int]:
             return seqs
         time.sleep(0.1)
     return seqs
+
+
+def test_deliver_waits_for_the_acknowledgements_but_not_for_a_file_still_shipping(ray_env, tmp_path):
+    """What a rank does before each report to Ray Train: every record is journaled by the actor
+    when ``deliver`` returns (a long flush interval: nothing would have gone by itself); a record
+    naming a file that does not ship (the store is down) and those behind it are waited for only
+    ``shipping`` seconds, then stay queued until the file has shipped."""
+    from concurrent.futures import Future
+
+    sink_path = tmp_path / "sink.jsonl"
+    actor = start_callback_actor([FileSink(sink_path)])
+    shipped: Future = Future()
+    registry = new_registry()
+    forwarder = EventForwarder(actor, "run-d", 0, max_batch=1000, flush_interval=600,
+                               publish=lambda artifacts: shipped).attach(registry)
+    owner = ShippingSource(tmp_path)
+    for _ in range(5):
+        owner.step += 1
+        run_callbacks(registry, "on_train_batch_end", owner)
+    assert forwarder.deliver(timeout=30) is True
+    assert forwarder.stats()["acked"] == 5 and len(records_of(sink_path)) == 5  # journaled and dispatched
+
+    run_callbacks(registry, "on_fit_epoch_end", owner)  # names a file: held until shipped
+    owner.step += 1
+    run_callbacks(registry, "on_train_batch_end", owner)
+    started = time.monotonic()
+    assert forwarder.deliver(timeout=30, shipping=1.0) is True  # what may go is acknowledged
+    assert 1.0 <= time.monotonic() - started < 10  # waited for the file its 1 s, not the timeout
+    assert forwarder.stats()["acked"] == 5 and forwarder.stats()["buffered"] == 2
+    shipped.set_result({"table": "s3://bucket/table.csv"})
+    assert forwarder.deliver(timeout=30) is True and forwarder.stats()["acked"] == 7
+    assert [r["seq"] for r in records_of(sink_path)] == list(range(7))
+    ray.kill(actor)
