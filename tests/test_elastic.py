@@ -8,7 +8,6 @@ rank 1's in epoch 1: the run finishes on one worker from epoch 0's checkpoint, t
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 
 import pytest
@@ -95,29 +94,6 @@ def test_a_run_shrinks_when_a_node_leaves(tmp_path):
     assert [r["rank"] for r in table if r["event"] == "on_resize"] == [0]
     assert epoch_ends(table) == {(0, 0): 1, (1, 0): 1, (0, 1): 1, (0, 2): 1}
     assert_epochs_once_and_resized_at_1(client, run, before=2, after=1)
-
-
-@pytest.mark.skipif(not os.environ.get("ORCH_LONG_TESTS"),
-                    reason="~55 s; left out of the default run for CI time: ORCH_LONG_TESTS=1 runs it")
-def test_a_run_with_a_minimum_of_two_starts_at_two_and_grows_to_three(tmp_path):
-    out, result = run_cluster_script("elastic_run.py", tmp_path, "grow-from-2")
-    assert result["nodes"] == 2  # the head (room for two workers) and the node that joined
-    assert "world size 2 -> 3 from epoch 2" in out.stdout
-
-    # 8 images on each of two workers, then 5 on each of three (15 a batch: ``split_batch`` rounds down)
-    starts = read_lines(tmp_path / "starts.jsonl")
-    assert sorted((s["rank"], s["world_size"], s["batch_size"], s["accumulate"], s["start_epoch"])
-                  for s in starts) == [(0, 2, 8, 2, 0), (0, 3, 5, 2, 1), (1, 2, 8, 2, 0), (1, 3, 5, 2, 1),
-                                       (2, 3, 5, 2, 1)], starts
-    resizes = read_lines(tmp_path / "resizes.jsonl")
-    assert sorted(r["rank"] for r in resizes) == [0, 1, 2], resizes
-    assert all(r["world_size"] == 3 and r["resized_from"] == 2 and r["start_epoch"] == 1 for r in resizes)
-
-    client, run = finished_run(tmp_path, "2-3")
-    table = read_event_log(str(tmp_path / "store"), run.data.tags["orchestrator.run_id"]).to_pylist()
-    assert epoch_ends(table) == {(0, 0): 1, (1, 0): 1, (0, 1): 1, (1, 1): 1, (2, 1): 1,
-                                 (0, 2): 1, (1, 2): 1, (2, 2): 1}
-    assert_epochs_once_and_resized_at_1(client, run, before=2, after=3)
 
 
 def read_lines(path) -> list[dict]:
