@@ -22,6 +22,7 @@ Use one forwarder per (run_id, rank, attempt): sequence numbers restart at 0 in 
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -302,13 +303,7 @@ class EventForwarder:
         if not wait:
             return self._retained() == 0
         deadline = time.monotonic() + (self.close_timeout if timeout is None else timeout)
-        while self._retained() and time.monotonic() < deadline:
-            self._wait_some(deadline)
-            self._send_due(force=True)
-        if self._retained():
-            LOGGER.warning(f"event forwarder rank {self.rank}: {self._retained()} event records "
-                           f"not yet acknowledged by the callback actor")
-        return self._retained() == 0
+        return self._wait_acked(deadline, shipping_until=math.inf)
 
     def deliver(self, timeout: float, shipping: float = 5.0) -> bool:
         """Send, and wait (bounded by ``timeout``) until the actor has acknowledged, every record
@@ -317,19 +312,23 @@ class EventForwarder:
         with self._lock:
             self._pump(force=True)
             start = time.monotonic()
-            deadline = start + timeout
-            while self._acked < self._due_end(start + shipping) and time.monotonic() < deadline:
-                self._wait_some(min(deadline, time.monotonic() + PROBE_INTERVAL))
-                self._send_due(force=True)
-            missing = self._due_end(start + shipping) - self._acked
-            if missing > 0:
-                LOGGER.warning(f"event forwarder rank {self.rank}: {missing} event records not yet "
-                               f"acknowledged by the callback actor")
-            return missing <= 0
+            return self._wait_acked(start + timeout, shipping_until=start + shipping)
+
+    def _wait_acked(self, deadline: float, shipping_until: float) -> bool:
+        """Block until the records ``_due_end`` names are acknowledged, or the deadline (a warning
+        then says how many are not); whether they all are."""
+        while self._acked < self._due_end(shipping_until) and time.monotonic() < deadline:
+            self._wait_some(min(deadline, time.monotonic() + PROBE_INTERVAL))
+            self._send_due(force=True)
+        missing = self._due_end(shipping_until) - self._acked
+        if missing > 0:
+            LOGGER.warning(f"event forwarder rank {self.rank}: {missing} event records not yet "
+                           f"acknowledged by the callback actor")
+        return missing <= 0
 
     def _due_end(self, shipping_until: float) -> int:
-        """The end of the records ``deliver`` waits for: all of them until ``shipping_until``,
-        then those before the oldest file still shipping."""
+        """The end of the records a wait is for: all of them until ``shipping_until``, then those
+        before the oldest file still shipping."""
         return self._next_seq if time.monotonic() < shipping_until else self._sendable()
 
     def close(self, timeout: float | None = None) -> bool:
