@@ -22,7 +22,7 @@ from trainers.utils import LOGGER, try_lock
 
 FIND_RUN_S = 120.0  # how long a monitor waits for the callback actor to create the MLflow run
 POLL_S = 0.25  # between looks for it
-STOP_WAIT_S = 10.0  # how long teardown waits for the last look
+STOP_WAIT_S = 5.0  # how long a rank's teardown waits for the monitor's last samples
 
 
 def node_label(ray_node_id: str | None = None) -> str:
@@ -61,11 +61,21 @@ class NodeMonitor:
 
     def stop(self) -> None:
         """The monitor's samples so far, and one of this moment: a run shorter than the sampling
-        interval (or than the callback actor's creating the MLflow run) still says what its node did."""
+        interval (or than the callback actor's creating the MLflow run) still says what its node did.
+        Waits ``STOP_WAIT_S`` at most: with MLflow down, MLflow's own retries would hold the rank's
+        end for minutes, and samples are not records (the run's end must not wait for them)."""
         self._stopped.set()
-        if self._thread is not None:
-            self._thread.join(STOP_WAIT_S)  # it looks for the MLflow run once more, at most
         self._release_node()
+        closing = threading.Thread(target=self._close, name="system-metrics-close", daemon=True)
+        closing.start()
+        closing.join(STOP_WAIT_S)
+        if closing.is_alive():
+            LOGGER.warning(f"system metrics: {self.node}'s last samples not logged within {STOP_WAIT_S:.0f} s "
+                           "(MLflow slow or down); the run goes on without them")
+
+    def _close(self) -> None:
+        if self._thread is not None:
+            self._thread.join()  # it looks for the MLflow run once more, at most
         monitor, self.monitor = self.monitor, None
         if monitor is not None:
             monitor.finish()

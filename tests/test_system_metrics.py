@@ -1,6 +1,7 @@
 """System metrics: MLflow's monitor samples the node into the run as ``system/<node>/...``, each
 step once; ``system_metrics=0`` turns it off."""
 import socket
+import time
 
 from mlflow.tracking import MlflowClient
 
@@ -23,3 +24,24 @@ def test_an_in_process_run_logs_its_node_s_system_metrics_each_step_once(tmp_pat
     assert len(steps) >= 2 and steps == list(range(len(steps)))
     model.train(**QUICK, **where, name="quiet", system_metrics=0)
     assert system_series(client, model.mlflow_run_id) == {}
+
+
+def test_a_rank_s_end_waits_a_bounded_time_for_an_unreachable_mlflow(tmp_path, warnings_seen, monkeypatch):
+    """With MLflow down, MLflow's own retries would hold the rank's teardown for minutes: the monitor
+    gives up its last samples after ``STOP_WAIT_S`` and says so."""
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
+        monkeypatch.delenv(key, raising=False)  # a Ray worker's: MLflow's defaults (an in-process run shortens them)
+    from callbacks.system_metrics import STOP_WAIT_S, NodeMonitor
+    from tests.servers import free_port
+    from trainers.config import get_cfg
+
+    args = get_cfg(None, {"tracking_uri": f"http://127.0.0.1:{free_port()}", "system_metrics": 0.1,
+                          "experiment": "down"})
+    monitor = NodeMonitor(args, "down-run", f"node-{tmp_path.name}")
+    monitor.start()
+    time.sleep(1.0)  # it is looking for the run, inside MLflow's retries
+    started = time.monotonic()
+    monitor.stop()
+    took = time.monotonic() - started
+    assert took < STOP_WAIT_S + 1.0, f"teardown waited {took:.1f} s"
+    assert any("last samples not logged" in r.getMessage() for r in warnings_seen)

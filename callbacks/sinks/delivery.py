@@ -19,6 +19,9 @@ from callbacks.sinks.spool import FileStage
 from trainers.utils import LOGGER
 
 
+CLOSING_RETRY_S = 2.0  # at most between attempts while closing (the backoff reaches 30 s)
+
+
 class Backoff:
     """Exponential delays ``initial * 2**n`` capped at ``maximum``, with +-25% jitter."""
 
@@ -128,6 +131,8 @@ class Courier:
         self.last_error = f"{type(exc).__name__}: {_short(exc)}"
         delay = self.backoff.next()
         with self._cond:
+            if self._deadline is not None:  # closing: the run's end waits for us, so notice a return soon
+                delay = min(delay, CLOSING_RETRY_S)
             self._retry_at = time.monotonic() + delay
 
     def _succeeded(self, ticket: int | None) -> None:
