@@ -40,6 +40,11 @@ from trainers.engine.resume import training_finished
 from trainers.utils import LOGGER, UserError, log_details_to
 
 
+# A local Ray (started here) is one node that nothing preempts: Ray Train's preemption watcher
+# would only be one more process to start for every run and trial.
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def connect_ray(journal: str | None = None) -> None:
     """Join the cluster in RAY_ADDRESS (as under ``ray job submit``), else start a local Ray, which
     is recorded under ``journal`` for ``orchestrator recover`` should this driver be killed
@@ -50,7 +55,8 @@ def connect_ray(journal: str | None = None) -> None:
     if address and address != "auto":
         probe_address(address)
     try:
-        ray.init(address=address or None, log_to_driver=True, configure_logging=False)
+        ray.init(address=address or None, log_to_driver=True, configure_logging=False,
+                 runtime_env=None if address else {"env_vars": LOCAL_RAY_ENV})
     except ConnectionError as exc:
         raise UserError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {exc}".splitlines()[0]) from None
     if journal is not None:

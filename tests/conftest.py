@@ -36,9 +36,11 @@ def ray_session():
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     started = not ray.is_initialized()
     if started:
+        from orchestrator.ray_launch import LOCAL_RAY_ENV  # one local node, as the embedded Ray
+
         ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-                                           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}})
+                                           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", **LOCAL_RAY_ENV}})
     yield ray
     if started:
         ray.shutdown()
