@@ -251,3 +251,56 @@ def test_s3_config_keys_reach_boto3_pyarrow_and_ray_storage(moto, monkeypatch, t
         ObjectStore.from_uri(args.storage, S3Setup(moto.url, profile="nope")).check()
     with pytest.raises(UserError, match="s3_endpoint"):
         S3Setup.of(get_cfg(None, {"s3_endpoint": "127.0.0.1:9000"}))
+
+
+def test_a_cut_due_as_rows_arrive_is_encoded_off_the_callers_thread_in_order():
+    """The callback actor adds rows with its dispatcher's lock held: a cut due then is only set
+    aside, and the parts' own thread hands out each cut's parts, then its journal mark, oldest cut
+    first; ``close`` encodes the rest on the caller's thread and ends that thread."""
+    import threading
+
+    from callbacks.sinks.event_parts import EventParts, part_key
+    from trainers.events import wire_row
+
+    def rows(first: int, n: int) -> list:
+        return [wire_row("on_train_batch_end", 0, step, 1e9 + step, {"loss": 1.0}, {}, False)
+                for step in range(first, first + n)]
+
+    parts, seen, caller = EventParts("r", max_rows=10), [], threading.current_thread().name
+    encoded = threading.Semaphore(0)
+    parts.subscribe(lambda key, data: seen.append(("part", threading.current_thread().name, key)))
+    parts.watch(lambda mark, keys: (seen.append(("mark", threading.current_thread().name, mark, keys)),
+                                    encoded.release()))
+    parts.encode_in_background()
+    with parts._encoding:  # hold the encoder back: both cuts wait, set aside
+        parts.add_rows(("r", 0, 1), 0, rows(0, 10), mark=1)  # 10 rows: a cut is due
+        parts.add_rows(("r", 0, 1), 10, rows(10, 12), mark=2)
+        assert seen == [] and parts.rows == 0  # nothing encoded by the caller
+    assert encoded.acquire(timeout=30) and encoded.acquire(timeout=30)
+    first, second = part_key("r", 0, 1, 0), part_key("r", 0, 1, 10)
+    assert seen == [("part", "event-parts", first), ("mark", "event-parts", 1, [first]),
+                    ("part", "event-parts", second), ("mark", "event-parts", 2, [second])]
+    assert parts.rows == 22
+    parts.add_rows(("r", 0, 1), 22, rows(22, 3), mark=3)  # not due
+    parts.close()
+    third = part_key("r", 0, 1, 22)
+    assert seen[-2:] == [("part", caller, third), ("mark", caller, 3, [third])]
+    parts._encoder.join(5)
+    assert not parts._encoder.is_alive()
+
+
+def test_the_background_encoder_of_parts_dropped_unclosed_ends(monkeypatch):
+    import gc
+
+    from callbacks.sinks import event_parts
+    from trainers.events import wire_row
+
+    monkeypatch.setattr(event_parts, "ENCODER_IDLE_S", 0.1)
+    parts = event_parts.EventParts("r", max_rows=2)
+    parts.encode_in_background()
+    parts.add_rows(("r", 0, 1), 0, [wire_row("on_train_batch_end", 0, s, 1e9, {}, {}, False) for s in range(2)])
+    encoder = parts._encoder
+    del parts
+    gc.collect()
+    encoder.join(5)
+    assert not encoder.is_alive()

@@ -59,6 +59,7 @@ class EventLogSink(StoreSink):
     def _opened(self, courier) -> None:
         self.parts.subscribe(courier.put_bytes)
         self.parts.watch(self._cut)
+        self.parts.encode_in_background()  # not under the callback actor's lock (EventParts)
 
     def _cut(self, mark: int, keys: list[str]) -> None:
         with self._cuts_lock:
@@ -108,7 +109,7 @@ class EventLogSink(StoreSink):
         return 0
 
     def _before_close(self) -> None:
-        self.parts.cut()
+        self.parts.close()
 
     def _counts(self) -> dict:
         return {"rows": self.parts.rows}

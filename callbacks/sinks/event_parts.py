@@ -14,6 +14,8 @@ from __future__ import annotations
 import io
 import threading
 import time
+import weakref
+from collections import deque
 from typing import Callable
 
 import pyarrow as pa
@@ -37,6 +39,7 @@ SCHEMA = pa.schema([
 ])
 MAX_ROWS = 20_000  # rows per part at most (bounds the actor's memory)
 MAX_AGE = 30.0  # seconds the oldest buffered row waits for its part at most
+ENCODER_IDLE_S = 5.0  # how often an idle background encoder checks that its parts are still in use
 EPOCH_END = "on_fit_epoch_end"  # every epoch's records are in parts once the epoch is over
 
 
@@ -106,11 +109,11 @@ class PartBuffer:
     or one record at a time (``add``); either way they are kept as rows and turned into columns
     only at the cut."""
 
-    def __init__(self):
+    def __init__(self, mark: int = 0):
         self._groups: dict[tuple[int, int], _Group] = {}
         self.count = 0
         self.first_time: float | None = None
-        self.mark = 0  # journal entries wholly added so far (``Progress.fed`` when rows came with it)
+        self.mark = mark  # journal entries wholly added so far (``Progress.fed`` when rows came with it)
 
     def _group(self, run_id, rank: int, attempt: int) -> _Group:
         group = self._groups.get((rank, attempt))
@@ -188,8 +191,16 @@ class EventParts:
     Parts are cut when ``max_rows`` rows are buffered, when the oldest is ``max_age`` s old (seen
     as rows arrive, or by ``cut_if_old`` from a courier), once every rank ended an epoch
     (``EpochEnds``) and on ``cut``.
-    A subscriber is ``fn(key, data)`` and should only stage the bytes: it runs on the caller's
-    thread. Thread-safe: rows come from the actor, age cuts from a courier thread."""
+    A subscriber is ``fn(key, data)`` and should only stage the bytes: it runs on the thread that
+    encodes. Thread-safe: rows come from the actor, age cuts from a courier thread.
+
+    With ``encode_in_background`` a cut due as rows arrive only sets the buffered rows aside (with
+    their journal mark) for a thread of this object's to encode (``encode_cut``). The callback actor
+    adds rows with its dispatcher's lock held, and a cut of N ranks' rows is N Parquet parts: encoded
+    there, every other ingest call waited for them (~10% of the actor's wall time at N=256,
+    docs/architecture.md). The thread is not a courier's: a courier backing off from a down store
+    would leave the rows in memory, where encoded parts go to its spool on disk at once. Set-aside
+    cuts are encoded one at a time, oldest first, so parts and watermarks go out in order."""
 
     def __init__(self, run_id: str | None = None, max_rows: int = MAX_ROWS, max_age: float = MAX_AGE):
         self.run_id, self.max_rows, self.max_age = run_id, max_rows, max_age
@@ -199,6 +210,21 @@ class EventParts:
         self._receivers: list[Callable[[str, bytes], None]] = []
         self._watchers: list[Callable[[int, list[str]], None]] = []
         self._lock = threading.Lock()
+        self._set_aside: deque[PartBuffer] = deque()  # cuts not encoded yet, oldest first
+        self._encoding = threading.Lock()  # one encoder at a time: parts go out in cut order
+        self._background = False
+        self._encoder: threading.Thread | None = None
+        self._cuts_waiting = threading.Event()
+
+    def encode_in_background(self) -> None:
+        """Cuts due as rows arrive are encoded by a thread of this object's (``close`` ends it)."""
+        self._background = True
+
+    def close(self) -> None:
+        """Cut and encode what is left; the background thread, if any, ends."""
+        self._background = False
+        self.cut()
+        self._cuts_waiting.set()
 
     def subscribe(self, receiver: Callable[[str, bytes], None]) -> None:
         with self._lock:
@@ -232,23 +258,63 @@ class EventParts:
 
     def _cut_if_due(self, epoch_over: bool) -> None:
         if epoch_over or self._buffer.count >= self.max_rows or self._buffer.age() >= self.max_age:
-            self.cut()
+            if self._background:
+                self._set_aside_buffer()
+                self._wake_encoder()
+            else:
+                self.cut()
 
     def cut_if_old(self) -> None:
         if self._buffer.age() >= self.max_age:
             self.cut()
 
     def cut(self) -> None:
-        """Encode what is buffered into parts now and hand them out."""
+        """Encode what is buffered into parts now (after the cuts set aside) and hand them out."""
+        self._set_aside_buffer()
+        self.encode_cut()
+
+    def _set_aside_buffer(self) -> None:
         with self._lock:
-            self.rows += self._buffer.count
-            mark, parts = self._buffer.mark, self._buffer.cut(self.run_id)
-            receivers, watchers = list(self._receivers), list(self._watchers)
-        for key, data in parts:
-            for receiver in receivers:
-                _hand(receiver, key, data)
-        for watcher in watchers:
-            watcher(mark, [key for key, _ in parts])
+            self._set_aside.append(self._buffer)
+            self._buffer = PartBuffer(self._buffer.mark)
+
+    def _wake_encoder(self) -> None:
+        with self._lock:
+            if self._encoder is None:
+                self._encoder = threading.Thread(target=_encode_loop, args=(weakref.ref(self), self._cuts_waiting),
+                                                 name="event-parts", daemon=True)
+                self._encoder.start()
+        self._cuts_waiting.set()
+
+    def encode_cut(self) -> None:
+        """Encode the cuts set aside, oldest first, and hand out their parts, then their marks."""
+        with self._encoding:
+            while True:
+                with self._lock:
+                    if not self._set_aside:
+                        return
+                    buffer = self._set_aside.popleft()
+                    receivers, watchers = list(self._receivers), list(self._watchers)
+                self.rows += buffer.count
+                parts = buffer.cut(self.run_id)
+                for key, data in parts:
+                    for receiver in receivers:
+                        _hand(receiver, key, data)
+                for watcher in watchers:
+                    watcher(buffer.mark, [key for key, _ in parts])
+
+
+def _encode_loop(parts_ref: "weakref.ref[EventParts]", waiting: threading.Event) -> None:
+    """The background encoder: ends once its parts are closed, or dropped unclosed (it holds them
+    only while it encodes)."""
+    while True:
+        waiting.wait(ENCODER_IDLE_S)
+        waiting.clear()
+        parts = parts_ref()
+        if parts is None or not parts._background:
+            return
+        parts.encode_cut()
+        del parts
 
 
 def _hand(receiver: Callable[[str, bytes], None], key: str, data: bytes) -> None:
