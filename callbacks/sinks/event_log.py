@@ -73,6 +73,7 @@ class EventLogSink(StoreSink):
         courier. The run is not delivered (``Progress.hold``) until the copy is in the store."""
         if self._closed is None:
             key = journal_key(self.run_id, Path(path))
+            self.parts.encode_cut()  # the cuts set aside hold rows of this segment: their parts go first
             self._start().put_file(key, path)
             with self._cuts_lock:
                 if key in self._courier.pending():  # else it went up already
