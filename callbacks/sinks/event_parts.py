@@ -289,19 +289,24 @@ class EventParts:
     def encode_cut(self) -> None:
         """Encode the cuts set aside, oldest first, and hand out their parts, then their marks."""
         with self._encoding:
-            while True:
-                with self._lock:
-                    if not self._set_aside:
-                        return
-                    buffer = self._set_aside.popleft()
-                    receivers, watchers = list(self._receivers), list(self._watchers)
-                self.rows += buffer.count
-                parts = buffer.cut(self.run_id)
-                for key, data in parts:
-                    for receiver in receivers:
-                        _hand(receiver, key, data)
-                for watcher in watchers:
-                    watcher(buffer.mark, [key for key, _ in parts])
+            while (taken := self._take_set_aside()) is not None:
+                self._hand_out(*taken)
+
+    def _take_set_aside(self) -> tuple | None:
+        """The oldest cut set aside with the subscribers to hand it to, or None."""
+        with self._lock:
+            if not self._set_aside:
+                return None
+            return self._set_aside.popleft(), list(self._receivers), list(self._watchers)
+
+    def _hand_out(self, buffer: PartBuffer, receivers: list, watchers: list) -> None:
+        self.rows += buffer.count
+        parts = buffer.cut(self.run_id)
+        for key, data in parts:
+            for receiver in receivers:
+                _hand(receiver, key, data)
+        for watcher in watchers:
+            watcher(buffer.mark, [key for key, _ in parts])
 
 
 def _encode_loop(parts_ref: "weakref.ref[EventParts]", waiting: threading.Event) -> None:
