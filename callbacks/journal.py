@@ -237,14 +237,22 @@ class Journal:
         return pickle.loads((self.dir / SINKS).read_bytes())
 
     def finish(self, status: str, delivered: bool, reason: str | None = None) -> None:
-        """Record the run's end; once every sink delivered everything the segments go (the
-        object store holds their copies, and the event log the same records)."""
+        """Record the run's end and let the journal go; once every sink delivered everything the
+        segments go (the object store holds their copies, and the event log the same records)."""
         self.close()
         if delivered:
             for path in self.segments():
                 path.unlink(missing_ok=True)
         write_atomic(self.dir / FINISHED, json.dumps({"status": status, "delivered": delivered,
                                                        "reason": reason}).encode())
+        self._release()
+
+    def _release(self) -> None:
+        """An ended run's journal is free for ``orchestrator recover``, whether or not the process
+        that ran it (a notebook) goes on."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def finished(self) -> dict | None:
         return self.read_finished(self.dir / FINISHED)

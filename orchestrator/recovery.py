@@ -4,8 +4,10 @@ A run's journal (``callbacks/journal.py``) holds every record its workers had ac
 the sinks that deliver them. A run whose journal has no end (the driver, the actor and the local
 Ray died with it), or whose sinks had not delivered everything when it ended (an outage that
 outlasted the run), is taken over here: its sinks are rebuilt, handed the entries after their
-watermarks, and closed with the run's status (KILLED when it never ended). Before that, what is
-left of a killed driver's own local Ray is stopped (``orchestrator/embedded_ray.py``).
+watermarks, and closed with the run's status (KILLED when it never ended). Then the models an
+outage kept from MLflow at a run's end are published (``orchestrator/publishing.py``): after every
+journal, as a sweep's champion names trial runs delivered after its parent's. Before all that, what
+is left of a killed driver's own local Ray is stopped (``orchestrator/embedded_ray.py``).
 """
 from __future__ import annotations
 
@@ -15,18 +17,20 @@ from callbacks.dispatcher import Dispatcher
 from callbacks.journal import FINISHED, SINKS, Journal
 from callbacks.sinks.base import Sink
 from orchestrator.embedded_ray import stop_dead_sessions
+from orchestrator.publishing import pending, publish_pending
 from trainers.utils import LOGGER
 
 LOST = "the driver died before the run ended (recovered from its journal)"
 
 
 def pending_journals(root: str | Path) -> list[Path]:
-    """Journal folders under ``root`` whose run has not ended or not been delivered in full."""
+    """Journal folders under ``root`` whose run has not ended or not been delivered in full, or
+    whose models are still to publish."""
     root = Path(root)
     if not root.is_dir():
         return []
     return [folder for folder in sorted(root.iterdir(), key=parents_first)
-            if (folder / SINKS).is_file() and not _done(folder)]
+            if (folder / SINKS).is_file() and not _done(folder) or pending(folder)]
 
 
 def parents_first(folder: Path) -> tuple:
@@ -40,11 +44,16 @@ def _done(folder: Path) -> bool:
     return bool(ended and ended.get("delivered"))
 
 
-def recover_run(folder: Path) -> str:
-    """Deliver one run's journal and end it; the line that says what happened."""
+def recover_run(folder: Path, claimed: list | None = None) -> str | None:
+    """Deliver one run's journal and end it; the line that says what happened (None when it was
+    delivered already). ``claimed`` gains the journal, held for this process."""
     journal = Journal(folder, Journal.run_id_in(folder))
     if not journal.claim():
         return f"{folder.name}: still running (its journal is held by a live process); left alone"
+    if claimed is not None:
+        claimed.append(journal)
+    if _done(folder):
+        return None
     ended = journal.finished()
     status, reason = (ended["status"], ended.get("reason")) if ended else ("KILLED", LOST)
     sinks = [sink for sink in journal.load_sinks() if isinstance(sink, Sink)]
@@ -67,11 +76,19 @@ def recover(root: str | Path) -> list[str]:
     """Stop what is left of the local Rays of dead drivers recorded under ``root`` (first: a
     leftover may still hold a run's journal), then recover every pending run; one line per
     session stopped and per run (none when all ended)."""
-    lines = stop_dead_sessions(root)
+    lines, claimed = stop_dead_sessions(root), []
     for folder in pending_journals(root):
-        try:
-            lines.append(recover_run(folder))
-        except Exception as exc:  # one broken journal does not stop the others
-            LOGGER.warning(f"recover {folder}: {type(exc).__name__}: {exc}")
-            lines.append(f"{folder.name}: could not be recovered ({type(exc).__name__}: {exc})")
-    return lines
+        lines.append(_guarded(folder, recover_run, claimed))
+    for journal in claimed:
+        if pending(journal.dir):
+            lines.append(_guarded(journal.dir, publish_pending))
+    return [line for line in lines if line]
+
+
+def _guarded(folder: Path, step, *args) -> str | None:
+    """``step(folder, *args)``'s line; one broken journal does not stop the others."""
+    try:
+        return step(folder, *args)
+    except Exception as exc:
+        LOGGER.warning(f"recover {folder}: {type(exc).__name__}: {exc}")
+        return f"{folder.name}: could not be recovered ({type(exc).__name__}: {exc})"

@@ -133,26 +133,6 @@ def mlflow_run_of(report: dict) -> str | None:
                  if isinstance(r, dict) and r.get("sink") == "mlflow"), None)
 
 
-def publish_best(args, mlflow_run: str | None, best: str | None, metrics: dict) -> str | None:
-    """A finished run's best.pt as an MLflow logged model (``orchestrator.logged_model``), registered
-    when ``register=`` asks. The run is saved and finished already: a failure here is a warning."""
-    if mlflow_run is None:
-        if args.register:
-            LOGGER.warning("register: best.pt not registered: the run has no MLflow run")
-        return None
-    from orchestrator.logged_model import log_best_model, register_model
-
-    try:
-        model_id = log_best_model(args, mlflow_run, best)
-        if model_id and args.register:
-            name = experiment_name(args) if args.register is True else str(args.register)
-            register_model(args, mlflow_run, model_id, metrics, run_description(args), name=name)
-        return model_id
-    except Exception as exc:  # noqa: BLE001 - the run stays as it is; say what failed
-        LOGGER.warning(f"mlflow: best.pt was not logged as a model: {type(exc).__name__}: {exc}")
-        return None
-
-
 RUN_ID_FILE = "run_id.txt"  # in the run folder: the run a resume continues
 
 

@@ -21,8 +21,9 @@ from orchestrator.recovery import recover
 from orchestrator.console import EpochConsole
 from orchestrator.results import ResultSink
 from orchestrator.stops import RunStopped, StopSignals
-from orchestrator.run_setup import (continued_run_id, mlflow_run_of, new_run_id, publish_best, remember_run_id,
-                                    resolve_run, start_tracking)
+from orchestrator.publishing import publish_run
+from orchestrator.run_setup import (continued_run_id, mlflow_run_of, new_run_id, remember_run_id, resolve_run,
+                                    start_tracking)
 
 
 def run_events(driver_callbacks) -> list[str]:
@@ -94,8 +95,8 @@ class RunSession:
         and what the backend adds."""
         self.backend.start(self)
         self.report = self._train()
-        self.logged_model = publish_best(self.args, mlflow_run_of(self.report), self.results.get("best"),
-                                         self.results.get("metrics", {}))
+        self.logged_model = publish_run(self.args, self.run_id, mlflow_run_of(self.report), self.results.get("best"),
+                                        self.results.get("metrics", {}), self.journal.dir)
         return self.outcome()
 
     def _train(self) -> dict:

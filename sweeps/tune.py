@@ -248,9 +248,10 @@ def finish(sweep: SweepConfig, state, grid, folder: Path, base_args, parent_run:
                 "best_mlflow_run_id": best["mlflow_run_id"]}
         metrics = {"best_objective": result.best_objective}
         if not (interrupted or state.fatal):
-            result.champion_model_id = champion.publish_models(table, configs, base_args,
-                                                               parent.sweep_description(sweep, base_args))
-            tags["champion_model_id"] = result.champion_model_id or ""
+            result.champion_model_id = champion.publish_models(
+                table, configs, base_args, parent.sweep_description(sweep, base_args), state.setup, parent_run)
+            if result.champion_model_id:  # else recover sets it, once MLflow took the models
+                tags[champion.TAG] = result.champion_model_id
     if plot:
         files.append(plot)
     result.summary = report.summary(table, sweep.space, result.best_checkpoint, state.setup.objective.describe())

@@ -9,22 +9,51 @@ from orchestrator import Model
 from tests.helpers import tracking
 
 
-def test_register_best_model_with_metrics(tmp_path):
+def test_a_model_mlflow_did_not_take_at_the_end_is_published_by_recover(tmp_path):
+    """The run's records reached MLflow, but its artifact store refused the model's files (a file
+    stands where the models' folder goes): the run finishes with its model kept in the journal;
+    ``orchestrator recover`` logs and registers it once the store takes files again (a version with
+    the run's metrics, whose pyfunc gives the class scores), and a second ``recover`` finds nothing
+    left. A registration without a fault: tests/test_lineage.py."""
+    from tests.test_journal import orchestrator
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    blocker = tmp_path / "mlartifacts" / "digits" / "models"  # the experiment's models' folder
+
+    def block_models(trainer):
+        blocker.parent.mkdir(parents=True, exist_ok=True)
+        blocker.write_text("not a folder")
+
     model = Model("cls-n.yaml")
+    model.add_callback("on_train_end", block_models)
     metrics = model.train(data="digits", epochs=1, imgsz=16, fraction=0.05, verbose=False, plots=False,
-                          project=str(tmp_path / "digits"), name="reg", tracking_uri=uri,
-                          storage=str(tmp_path / "store"), register="digits-classifier")
+                          project=str(tmp_path / "digits"), name="reg", tracking_uri=uri, storage=str(tmp_path / "store"),
+                          journal=str(tmp_path / "journal"), register="digits-classifier")
     client = MlflowClient(uri)
+    assert model.mlflow_model_id is None and client.search_model_versions("name='digits-classifier'") == []
+    (folder,) = (tmp_path / "journal").iterdir()
+    assert (folder / "publish.json").is_file()
+
+    blocker.unlink()
+    out = orchestrator(["recover", f"journal={tmp_path / 'journal'}"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    (line,) = out.stdout.splitlines()
+    model_id = line.rsplit(" ", 1)[-1]
+    assert line == f"{folder.name}: best checkpoint published as MLflow model {model_id}"
     (version,) = client.search_model_versions("name='digits-classifier'")
-    assert version.source == f"models:/{model.mlflow_model_id}"
+    assert version.source == f"models:/{model_id}" and version.run_id == client.get_logged_model(model_id).source_run_id
     assert abs(float(version.tags["metrics/accuracy_top1"]) - metrics["metrics/accuracy_top1"]) < 1e-5
     assert metrics.top1 == metrics["metrics/accuracy_top1"] and metrics.fitness == metrics["fitness"]  # SPEC §6
-    artifacts = [a.path for a in client.list_artifacts(version.run_id, "weights")]
-    assert "weights/best.pt" in artifacts
+    assert "weights/best.pt" in [a.path for a in client.list_artifacts(version.run_id, "weights")]
     assert client.get_run(version.run_id).info.status == "FINISHED"
+    experiment = client.get_experiment_by_name("digits").experiment_id
+    ready = [m for m in client.search_logged_models([experiment]) if str(m.status) == "READY"]
+    assert [m.model_id for m in ready] == [model_id]  # the refused attempt's model is not READY
     images = np.random.default_rng(0).integers(0, 255, (3, 8, 8, 3), dtype=np.uint8)
     with tracking(uri):
         scores = mlflow.pyfunc.load_model("models:/digits-classifier/1").predict(images)
     expected = torch.stack([r.probs.data for r in model.predict(list(images))]).numpy()
     assert scores.shape == (3, 10) and np.allclose(scores, expected, atol=1e-6)
+    assert not (folder / "publish.json").exists()
+    again = orchestrator(["recover", f"journal={tmp_path / 'journal'}"], tmp_path)
+    assert again.returncode == 0 and again.stdout.startswith("nothing to recover")

@@ -491,20 +491,27 @@ def restore_when_training(proxy, log: Path, started: float, least_s: float = 15.
 
 def test_a_sweep_rides_out_an_mlflow_outage_from_its_start(sweep_ray, tmp_path):
     """MLflow unreachable from before the sweep starts until its trials have trained: the parent
-    and child runs are made once it answers, with every point of the outage, once each."""
+    and child runs are made once it answers, with every point of the outage, once each. Its
+    artifact store then refuses the trials' models (a file stands where the experiment's models'
+    folder goes): ``orchestrator recover`` logs them and registers the champion once it takes them."""
     from tests.servers import MlflowServer, TcpProxy
+    from tests.test_journal import orchestrator
 
     log = tmp_path / "epochs.jsonl"
     model = Model("cls-n.yaml")
     model.add_callback("on_fit_epoch_end", epoch_logger(log))
     with MlflowServer(tmp_path / "mlflow") as server, TcpProxy(server.port) as proxy:
+        blocker = tmp_path / "mlflow" / "artifacts" / "1" / "models"  # "runs", the server's first experiment
+        blocker.parent.mkdir(parents=True)
+        blocker.write_text("not a folder")
         proxy.cut()
         restored: list[float] = []
         watcher = threading.Thread(target=lambda: restored.append(restore_when_training(proxy, log, time.monotonic())))
         watcher.start()
         try:
             result = model.tune({"lr0": {"grid": [0.01, 0.02]}}, trainer=LrFitness, max_concurrent=2, name="outage",
-                                epochs=2, **QUICK, **{**where(tmp_path), "tracking_uri": proxy.url})
+                                epochs=2, **QUICK, **{**where(tmp_path), "tracking_uri": proxy.url},
+                                journal=str(tmp_path / "journal"))
         finally:
             watcher.join()
         client = MlflowClient(server.url)
@@ -530,3 +537,20 @@ def test_a_sweep_rides_out_an_mlflow_outage_from_its_start(sweep_ray, tmp_path):
         assert outage_points >= 1  # at least one epoch ended while MLflow was unreachable
         table = dict(zip(result.trials["lr0"].astype(str), result.trials["mlflow_run_id"]))
         assert table == {lr: child.info.run_id for lr, child in children.items()}
+
+        assert parent.info.experiment_id == "1" and result.champion_model_id is None
+        assert "champion_model_id" not in parent.data.tags
+        (folder,) = (tmp_path / "journal").glob("sweep-*")
+        assert (folder / "publish.json").is_file()
+        blocker.unlink()
+        out = orchestrator(["recover", f"journal={tmp_path / 'journal'}"], tmp_path)
+        assert out.returncode == 0, out.stderr
+        champion = client.get_model_version_by_alias("runs", "champion")
+        assert out.stdout.splitlines() == [f"{folder.name}: best checkpoint published as MLflow model {champion.model_id}"]
+        models = [m for m in client.search_logged_models(["1"], order_by=[{"field_name": "metrics.objective",
+                                                                            "ascending": False}])
+                  if str(m.status) == "READY"]
+        assert [m.source_run_id for m in models] == [children[lr].info.run_id for lr in ("0.02", "0.01")]
+        assert models[0].model_id == champion.model_id and champion.source == f"models:/{champion.model_id}"
+        assert client.get_run(parent.info.run_id).data.tags["champion_model_id"] == champion.model_id
+        assert not (folder / "publish.json").exists()
