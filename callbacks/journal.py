@@ -27,6 +27,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import weakref
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -228,7 +230,7 @@ class Journal:
 
     # ----------------------------------------------------------------- run-level files
     def progress(self, name: str) -> "Progress":
-        return Progress(self.dir / "progress" / f"{name}.json")
+        return Progress(self.dir / "progress" / f"{name}.json", durable=partial(_durable_entries, weakref.ref(self)))
 
     def save_sinks(self, sinks: list) -> None:
         write_atomic(self.dir / SINKS, pickle.dumps(sinks))
@@ -261,6 +263,13 @@ class Journal:
     def read_finished(path: Path) -> dict | None:
         """How a run ended (``finish``), or None while it has not."""
         return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _durable_entries(journal_ref) -> int:
+    """A sink's watermark reads it without keeping the journal (and its lock) alive: 0 once the
+    journal is gone, so nothing more is saved (as if the process had died)."""
+    journal = journal_ref()
+    return journal.durable_entries if journal is not None else 0
 
 
 def read_segment(path: Path):

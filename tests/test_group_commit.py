@@ -7,6 +7,7 @@ Counts are taken on the raw event-log rows and the journal's own entries, never 
 """
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -19,6 +20,7 @@ from callbacks.actor import start_callback_actor
 from callbacks.dispatcher import Dispatcher
 from callbacks.journal import Journal
 from callbacks.sinks import EventLogSink, read_event_log
+from callbacks.sinks.base import Sink
 from trainers.events import make_row
 
 TASKS, RANKS_PER_TASK, ROUNDS, ROWS = 6, 8, 10, 20  # 480 calls of 20 rows, 48 in flight at once
@@ -136,6 +138,51 @@ def test_a_call_returns_only_once_an_fsync_covers_its_entries(tmp_path):
         thread.join(10)
     assert acks == {rank: 5 for rank in range(4)} and early == []
     assert dispatcher.finish("FINISHED")["dispatched"] == 20
+
+
+class EagerSink(Sink):
+    """Delivers each entry as it is handed over, before the fsync that makes it durable."""
+
+    tracks_delivery = True
+
+    def handle_rows(self, stream, first_seq, rows):
+        self.progress.deliver(self.progress.fed)
+
+    def on_train_batch_end(self, record):  # a sink of these rows; handle_rows takes them
+        pass
+
+
+def saved_mark(sink) -> int:
+    path = sink.progress.path
+    return json.loads(path.read_text())["delivered"] if path.is_file() else 0
+
+
+def test_a_watermark_on_disk_counts_only_durable_entries(tmp_path):
+    """A sink delivered an entry whose fsync has not ended: a crash now would lose the entry, and
+    after the restart its number would go to other rows, which a watermark counting it would
+    skip. The file counts an entry once it is durable (the next delivery saves it)."""
+    run_id = "eager"
+    journal = GatedJournal(tmp_path / "journal", run_id)
+    sink = EagerSink()
+    dispatcher = Dispatcher([sink], journal=journal)
+    dispatcher.start()
+    calls = []
+
+    def call(rank: int) -> None:
+        calls.append(threading.Thread(target=dispatcher.ingest_rows, args=((run_id, rank, 0), 0, step_rows(rank, 0, 5)),
+                                      daemon=True))
+        calls[-1].start()
+        until(lambda: len(journal.gates) == rank + 1)  # its entry appended and handed over; its fsync waits
+
+    call(0)
+    assert sink.progress.mark == 1 and saved_mark(sink) == 0  # delivered, not durable: not on disk
+    journal.gates[0][1].set()
+    calls[0].join(10)
+    call(1)
+    assert sink.progress.mark == 2 and saved_mark(sink) == 1  # entry 0 is durable now, entry 1 not yet
+    journal.gates[1][1].set()
+    calls[1].join(10)
+    assert dispatcher.finish("FINISHED")["dispatched"] == 10
 
 
 class SlowJournal(Journal):

@@ -7,10 +7,12 @@ clients, threads and directories lazily on first use.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import threading
 from pathlib import Path
+from typing import Callable
 
 from trainers.events import EVENT, EVENTS
 from callbacks.records import record_of
@@ -107,14 +109,22 @@ class Progress:
     That ``mark`` is kept in a file: a restarted sink is handed the entries after it again. Work a
     restarted sink is handed again anyway (the copy of a sealed journal segment) is held instead
     (``hold``): ``delivered`` waits for it, the file does not, so it never moves where a restart
-    starts. Without a path (a sink used alone) it is kept in memory only."""
+    starts. Without a path (a sink used alone) it is kept in memory only.
 
-    def __init__(self, path: str | os.PathLike | None = None):
+    A sink is handed an entry before the fsync that makes it durable, and may deliver it first. A
+    crash then loses the entry, and after the restart its number goes to other rows: a file that
+    counted it would skip them. So the file keeps the latest mark that ``durable()`` (the journal's
+    durable entry count) covers, and a later ``deliver`` saves the marks that became durable
+    meanwhile; a restart hands the sink a little more again, which it takes idempotently."""
+
+    def __init__(self, path: str | os.PathLike | None = None, durable: Callable[[], int] | None = None):
         self.path = Path(path) if path is not None else None
         self.mark = 0
         if self.path is not None and self.path.is_file():
             self.mark = int(json.loads(self.path.read_text())["delivered"])
         self.fed = self.mark
+        self._durable = durable
+        self._unsaved: list[int] = []  # marks past what was durable when they were delivered
         self._holds: dict[str, int] = {}  # work not delivered yet -> the first entry it covers
         self._lock = threading.Lock()
 
@@ -129,7 +139,17 @@ class Progress:
                 return
             self.mark = n
             if self.path is not None:
-                write_atomic(self.path, json.dumps({"delivered": n}).encode())
+                self._unsaved.append(n)
+                self._save()
+
+    def _save(self) -> None:
+        """The latest mark the journal holds for good goes to the file (marks are cut boundaries:
+        a sink that cuts parts by entries cuts them again from there under the same names)."""
+        ceiling = self._durable() if self._durable is not None else math.inf
+        kept = [m for m in self._unsaved if m <= ceiling]
+        if kept:
+            write_atomic(self.path, json.dumps({"delivered": kept[-1]}).encode())
+            self._unsaved = self._unsaved[len(kept):]
 
     def hold(self, key: str, entry: int) -> None:
         """Work ``key``, covering entries from ``entry`` on, is not delivered yet: ``delivered``
