@@ -80,7 +80,7 @@ def recover(root: str | Path) -> list[str]:
     for folder in pending_journals(root):
         lines.append(_guarded(folder, recover_run, claimed))
     for journal in claimed:
-        if pending(journal.dir):
+        if pending(journal.dir) and journal.claim():  # held again: ending the run let it go
             lines.append(_guarded(journal.dir, publish_pending))
     return [line for line in lines if line]
 
