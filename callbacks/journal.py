@@ -81,6 +81,7 @@ class Journal:
         self._segment_rows = 0
         self._dirty = False
         self.durable_entries = self.next_entry  # entries below this are on disk for good
+        self._watermarks: list[Progress] = []  # the sinks' (``progress``): saved as entries become durable
         self.syncs = 0  # fdatasync calls: with group commit, fewer than the calls acknowledged
 
     @classmethod
@@ -152,6 +153,8 @@ class Journal:
                 raise
             self.syncs += 1
         self.durable_entries = max(self.durable_entries, entries)
+        for progress in self._watermarks:  # marks a sink reached before this fsync may be saved now
+            progress.settle()
 
     def roll(self) -> None:
         """Seal the segment once it is full and start a new one at the next append. Called while
@@ -230,7 +233,9 @@ class Journal:
 
     # ----------------------------------------------------------------- run-level files
     def progress(self, name: str) -> "Progress":
-        return Progress(self.dir / "progress" / f"{name}.json", durable=partial(_durable_entries, weakref.ref(self)))
+        progress = Progress(self.dir / "progress" / f"{name}.json", durable=partial(_durable_entries, weakref.ref(self)))
+        self._watermarks.append(progress)
+        return progress
 
     def save_sinks(self, sinks: list) -> None:
         write_atomic(self.dir / SINKS, pickle.dumps(sinks))

@@ -160,7 +160,7 @@ def saved_mark(sink) -> int:
 def test_a_watermark_on_disk_counts_only_durable_entries(tmp_path):
     """A sink delivered an entry whose fsync has not ended: a crash now would lose the entry, and
     after the restart its number would go to other rows, which a watermark counting it would
-    skip. The file counts an entry once it is durable (the next delivery saves it)."""
+    skip. The file counts an entry once it is durable (saved as its fsync ends)."""
     run_id = "eager"
     journal = GatedJournal(tmp_path / "journal", run_id)
     sink = EagerSink()
@@ -182,6 +182,7 @@ def test_a_watermark_on_disk_counts_only_durable_entries(tmp_path):
     assert sink.progress.mark == 2 and saved_mark(sink) == 1  # entry 0 is durable now, entry 1 not yet
     journal.gates[1][1].set()
     calls[1].join(10)
+    assert saved_mark(sink) == 2  # saved as the fsync that covers it ends
     assert dispatcher.finish("FINISHED")["dispatched"] == 10
 
 

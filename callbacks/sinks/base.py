@@ -114,8 +114,9 @@ class Progress:
     A sink is handed an entry before the fsync that makes it durable, and may deliver it first. A
     crash then loses the entry, and after the restart its number goes to other rows: a file that
     counted it would skip them. So the file keeps the latest mark that ``durable()`` (the journal's
-    durable entry count) covers, and a later ``deliver`` saves the marks that became durable
-    meanwhile; a restart hands the sink a little more again, which it takes idempotently."""
+    durable entry count) covers, and the marks past it are saved once the fsync that covers them
+    ends (``settle``); a crash before that hands the sink those entries again, which it takes
+    idempotently."""
 
     def __init__(self, path: str | os.PathLike | None = None, durable: Callable[[], int] | None = None):
         self.path = Path(path) if path is not None else None
@@ -140,6 +141,13 @@ class Progress:
             self.mark = n
             if self.path is not None:
                 self._unsaved.append(n)
+                self._save()
+
+    def settle(self) -> None:
+        """Save the marks that became durable since they were delivered (the journal calls this
+        after each fsync)."""
+        with self._lock:
+            if self._unsaved:
                 self._save()
 
     def _save(self) -> None:
