@@ -22,8 +22,8 @@ MODES = {
     "ui": "open the MLflow UI on the embedded store: orchestrator ui [port=5000]",
     "stack": "local stack (MLflow server, S3, Ray head): orchestrator stack up|down|status",
     "events": "event log tools: orchestrator events replay run=<id> tracking_uri=<uri>",
-    "recover": "deliver runs whose driver died and end them KILLED, stop what is left of the local Ray it started: "
-               "orchestrator recover [journal=runs/journal]",
+    "recover": "deliver runs whose driver died and end them KILLED, stop what is left of the local Ray it started, "
+               "publish the models an MLflow outage held back: orchestrator recover [journal=runs/journal]",
 }
 
 
