@@ -31,12 +31,15 @@ def publish_run(args, run_id: str, mlflow_run: str | None, best: str | None, met
     MLflow took it (else the rest is kept in ``folder``, the run's journal)."""
     if not best:
         return None
-    register = None
-    if args.register:
-        name = experiment_name(args) if args.register is True else str(args.register)
-        register = {"name": name, "alias": None, "description": run_description(args)}
+    register = {"name": registered_name(args), "alias": None, "description": run_description(args)} \
+        if args.register else None
     entry = model_entry(args.to_dict(), run_id, mlflow_run, best, metrics=metrics)
     return Publication(args.tracking_uri, experiment_name(args), [entry], register).publish(folder)
+
+
+def registered_name(args) -> str:
+    """``register=``'s name; ``true`` (and, for a sweep's champion, unset) means the experiment's."""
+    return experiment_name(args) if args.register in (None, False, True) else str(args.register)
 
 
 def model_entry(args: dict, run: str, mlflow_run: str | None, best: str | None, name: str = "best",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from orchestrator.publishing import Publication, model_entry
+from orchestrator.publishing import Publication, model_entry, registered_name
 from orchestrator.run_setup import experiment_name
 from trainers.config import get_cfg
 
@@ -31,10 +31,6 @@ def publish_models(table, configs: dict, base_args, description: str, setup, par
     publication = Publication(base_args.tracking_uri, experiment_name(base_args), entries, register,
                               tag={"run": parent_run.orch_id, "key": TAG})
     return publication.publish(parent_run.journal.dir)
-
-
-def registered_name(base_args) -> str:
-    return experiment_name(base_args) if base_args.register in (None, False, True) else str(base_args.register)
 
 
 def _entry(row, config: dict, base_args, setup) -> dict:

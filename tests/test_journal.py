@@ -108,6 +108,17 @@ def orchestrator(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
+def recover_publishes(folder: Path, cwd: Path) -> str:
+    """``orchestrator recover`` on ``folder``'s journal root, whose one line says the models held
+    back in ``folder`` are published; the model id it names."""
+    out = orchestrator(["recover", f"journal={folder.parent}"], cwd)
+    assert out.returncode == 0, out.stderr
+    (line,) = out.stdout.splitlines()
+    model_id = line.rsplit(" ", 1)[-1]
+    assert line == f"{folder.name}: best checkpoint published as MLflow model {model_id}"
+    return model_id
+
+
 def test_recover_after_the_driver_is_killed(tmp_path):
     """SIGKILL to an in-process run mid-training, then ``orchestrator recover``: the MLflow run
     ends KILLED with the reason, holds each journaled epoch once, and the event log holds every

@@ -15,7 +15,7 @@ def test_a_model_mlflow_did_not_take_at_the_end_is_published_by_recover(tmp_path
     ``orchestrator recover`` logs and registers it once the store takes files again (a version with
     the run's metrics, whose pyfunc gives the class scores), and a second ``recover`` finds nothing
     left. A registration without a fault: tests/test_lineage.py."""
-    from tests.test_journal import orchestrator
+    from tests.test_journal import orchestrator, recover_publishes
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     blocker = tmp_path / "mlartifacts" / "digits" / "models"  # the experiment's models' folder
@@ -35,11 +35,7 @@ def test_a_model_mlflow_did_not_take_at_the_end_is_published_by_recover(tmp_path
     assert (folder / "publish.json").is_file()
 
     blocker.unlink()
-    out = orchestrator(["recover", f"journal={tmp_path / 'journal'}"], tmp_path)
-    assert out.returncode == 0, out.stderr
-    (line,) = out.stdout.splitlines()
-    model_id = line.rsplit(" ", 1)[-1]
-    assert line == f"{folder.name}: best checkpoint published as MLflow model {model_id}"
+    model_id = recover_publishes(folder, tmp_path)
     (version,) = client.search_model_versions("name='digits-classifier'")
     assert version.source == f"models:/{model_id}" and version.run_id == client.get_logged_model(model_id).source_run_id
     assert abs(float(version.tags["metrics/accuracy_top1"]) - metrics["metrics/accuracy_top1"]) < 1e-5

@@ -495,7 +495,7 @@ def test_a_sweep_rides_out_an_mlflow_outage_from_its_start(sweep_ray, tmp_path):
     artifact store then refuses the trials' models (a file stands where the experiment's models'
     folder goes): ``orchestrator recover`` logs them and registers the champion once it takes them."""
     from tests.servers import MlflowServer, TcpProxy
-    from tests.test_journal import orchestrator
+    from tests.test_journal import recover_publishes
 
     log = tmp_path / "epochs.jsonl"
     model = Model("cls-n.yaml")
@@ -543,11 +543,7 @@ def test_a_sweep_rides_out_an_mlflow_outage_from_its_start(sweep_ray, tmp_path):
         (folder,) = (tmp_path / "journal").glob("sweep-*")
         assert (folder / "publish.json").is_file()
         blocker.unlink()
-        out = orchestrator(["recover", f"journal={tmp_path / 'journal'}"], tmp_path)
-        assert out.returncode == 0, out.stderr
-        (line,) = out.stdout.splitlines()
-        model_id = line.rsplit(" ", 1)[-1]
-        assert line == f"{folder.name}: best checkpoint published as MLflow model {model_id}"
+        model_id = recover_publishes(folder, tmp_path)
         assert client.get_model_version_by_alias("runs", "champion").source == f"models:/{model_id}"
         models = [m for m in client.search_logged_models(["1"], order_by=[{"field_name": "metrics.objective",
                                                                             "ascending": False}])
