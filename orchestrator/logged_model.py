@@ -37,17 +37,31 @@ def log_best_model(args, mlflow_run: str | None, best: str | None, name: str = "
     client = mlflow_client(args.tracking_uri)
     ckpt = load_checkpoint(path)
     run = client.get_run(mlflow_run)
-    model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=mlflow_run,
-                                       model_type=args.task, params=dict(run.data.params),
-                                       tags={"best_epoch": str(ckpt.get("epoch", ""))})
+    model_id = _unfinished(client, run, name) or _create(client, run, name, args.task, ckpt)
     try:
-        _save(args, model.model_id, build_model(ckpt).eval(), Path(path))
+        _save(args, model_id, build_model(ckpt).eval(), Path(path))
     except BaseException:
-        client.finalize_logged_model(model.model_id, _status("FAILED"))
+        client.finalize_logged_model(model_id, _status("FAILED"))
         raise
-    client.finalize_logged_model(model.model_id, _status("READY"))
-    _link_metrics(client, run, model.model_id, _points(client, run, evaluated, int(ckpt.get("epoch", 0))))
-    LOGGER.info(f"logged best.pt as MLflow model {model.model_id} (run {mlflow_run})")
+    client.finalize_logged_model(model_id, _status("READY"))
+    _link_metrics(client, run, model_id, _points(client, run, evaluated, int(ckpt.get("epoch", 0))))
+    LOGGER.info(f"logged best.pt as MLflow model {model_id} (run {mlflow_run})")
+    return model_id
+
+
+def _unfinished(client, run, name: str) -> str | None:
+    """The model of this name an earlier attempt made for the run but never completed (MLflow
+    refused its files, or the answer was lost): a retry completes it rather than leave it beside
+    a new one. A run has one model per name (its best.pt, or a trial's checkpoint)."""
+    query = f"source_run_id = '{run.info.run_id}' AND name = '{name}' AND status != 'READY'"
+    found = client.search_logged_models([run.info.experiment_id], filter_string=query, max_results=1)
+    return found[0].model_id if found else None
+
+
+def _create(client, run, name: str, task: str, ckpt: dict) -> str:
+    model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run.info.run_id,
+                                       model_type=task, params=dict(run.data.params),
+                                       tags={"best_epoch": str(ckpt.get("epoch", ""))})
     return model.model_id
 
 
@@ -86,7 +100,12 @@ def _link_metrics(client, run, model_id: str, points: list) -> None:
     metrics = [Metric(p.key, p.value, p.timestamp, p.step, model_id=model_id, **named) for p in points]
     if metrics:
         client.log_batch(run.info.run_id, metrics=metrics, synchronous=True)
+    if metrics and model_id not in _outputs_of(run):  # a retry's run may list the model already
         client.log_outputs(run.info.run_id, [_output(model_id, points[0].step)])
+
+
+def _outputs_of(run) -> set[str]:
+    return {o.model_id for o in run.outputs.model_outputs} if run.outputs else set()
 
 
 def _dataset_of(run) -> dict:

@@ -12,9 +12,9 @@ from tests.helpers import tracking
 def test_a_model_mlflow_did_not_take_at_the_end_is_published_by_recover(tmp_path):
     """The run's records reached MLflow, but its artifact store refused the model's files (a file
     stands where the models' folder goes): the run finishes with its model kept in the journal;
-    ``orchestrator recover`` logs and registers it once the store takes files again (a version with
-    the run's metrics, whose pyfunc gives the class scores), and a second ``recover`` finds nothing
-    left. A registration without a fault: tests/test_lineage.py."""
+    ``orchestrator recover`` completes the model MLflow made (no second one) and registers it once
+    the store takes files again (a version with the run's metrics, whose pyfunc gives the class
+    scores), and a second ``recover`` finds nothing left. A registration without a fault: tests/test_lineage.py."""
     from tests.test_journal import orchestrator, recover_publishes
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -33,6 +33,9 @@ def test_a_model_mlflow_did_not_take_at_the_end_is_published_by_recover(tmp_path
     assert model.mlflow_model_id is None and client.search_model_versions("name='digits-classifier'") == []
     (folder,) = (tmp_path / "journal").iterdir()
     assert (folder / "publish.json").is_file()
+    experiment = client.get_experiment_by_name("digits").experiment_id
+    (refused,) = client.search_logged_models([experiment])  # made, its files refused
+    assert str(refused.status) == "FAILED"
 
     blocker.unlink()
     model_id = recover_publishes(folder, tmp_path)
@@ -42,9 +45,9 @@ def test_a_model_mlflow_did_not_take_at_the_end_is_published_by_recover(tmp_path
     assert metrics.top1 == metrics["metrics/accuracy_top1"] and metrics.fitness == metrics["fitness"]  # SPEC §6
     assert "weights/best.pt" in [a.path for a in client.list_artifacts(version.run_id, "weights")]
     assert client.get_run(version.run_id).info.status == "FINISHED"
-    experiment = client.get_experiment_by_name("digits").experiment_id
-    ready = [m for m in client.search_logged_models([experiment]) if str(m.status) == "READY"]
-    assert [m.model_id for m in ready] == [model_id]  # the refused attempt's model is not READY
+    models = client.search_logged_models([experiment])  # every status, counted raw
+    assert [(m.model_id, str(m.status)) for m in models] == [(refused.model_id, "READY")]  # completed, not made again
+    assert [o.model_id for o in client.get_run(version.run_id).outputs.model_outputs] == [model_id]
     images = np.random.default_rng(0).integers(0, 255, (3, 8, 8, 3), dtype=np.uint8)
     with tracking(uri):
         scores = mlflow.pyfunc.load_model("models:/digits-classifier/1").predict(images)

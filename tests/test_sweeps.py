@@ -545,9 +545,8 @@ def test_a_sweep_rides_out_an_mlflow_outage_from_its_start(sweep_ray, tmp_path):
         blocker.unlink()
         model_id = recover_publishes(folder, tmp_path)
         assert client.get_model_version_by_alias("runs", "champion").source == f"models:/{model_id}"
-        models = [m for m in client.search_logged_models(["1"], order_by=[{"field_name": "metrics.objective",
-                                                                            "ascending": False}])
-                  if str(m.status) == "READY"]
+        models = client.search_logged_models(["1"], order_by=[{"field_name": "metrics.objective", "ascending": False}])
+        assert [str(m.status) for m in models] == ["READY", "READY"]  # the refused one completed, not made again
         assert [m.source_run_id for m in models] == [children[lr].info.run_id for lr in ("0.02", "0.01")]
         assert models[0].model_id == model_id
         assert client.get_run(parent.info.run_id).data.tags["champion_model_id"] == model_id
