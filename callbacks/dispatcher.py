@@ -164,16 +164,18 @@ class Dispatcher:
     def ingest(self, batch: list[dict], floors: dict | None = None) -> dict:
         """Dispatch a batch in per-stream seq order; ack = next expected seq of each stream,
         returned once every entry it names is durable."""
+        self._arrive()
         with self._lock:
-            ack = self._ingest(batch, floors)
+            ack = self._appending(lambda: self._ingest(batch, floors))
             ticket = self._appended()
         self._durable(ticket)
         return ack
 
     def ingest_rows(self, stream: tuple, first_seq: int, rows: list, floors: dict | None = None) -> dict:
         """``ingest`` for a forwarder's compact batch: consecutive rows of one stream."""
+        self._arrive()
         with self._lock:
-            ack = self._ingest_rows(stream, first_seq, rows, floors)
+            ack = self._appending(lambda: self._ingest_rows(stream, first_seq, rows, floors))
             ticket = self._appended()
         self._durable(ticket)
         return ack
@@ -305,6 +307,22 @@ class Dispatcher:
     def _dispatch(self, record: dict) -> None:
         key = record_key(record)
         self._dispatch_rows(tuple(key[:3]), int(key[3]), [row_of(record)])
+
+    def _arrive(self) -> None:
+        if self._group is not None:
+            self._group.arrive()
+
+    def _appending(self, append):
+        """``append()`` under the lock, the group commit told when it is done (``GroupCommit.arrive``)."""
+        if self._group is None:
+            return append()
+        try:
+            ack = append()
+        except BaseException:
+            self._group.appended(failed=True)
+            raise
+        self._group.appended()
+        return ack
 
     def _appended(self) -> tuple | None:
         """An ingest call's last step under the lock: sinks that fell behind may catch up, and the

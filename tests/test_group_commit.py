@@ -140,6 +140,37 @@ def test_a_call_returns_only_once_an_fsync_covers_its_entries(tmp_path):
     assert dispatcher.finish("FINISHED")["dispatched"] == 20
 
 
+def test_calls_on_their_way_share_the_round_of_the_call_before_them(tmp_path):
+    """Three calls queue for the dispatcher's lock together: the first to append does not claim
+    an fsync of its own entry while two others are on their way; the second claims one round for
+    both, and the third appends while its fsync runs (``ARRIVING_AT_CLAIM``): two fsyncs for
+    three calls, where claiming at once made three. Nothing returns before its entry is durable."""
+    run_id = "queued"
+    journal = GatedJournal(tmp_path / "journal", run_id)
+    dispatcher = Dispatcher([], journal=journal)
+    acks, threads = {}, []
+
+    def call(rank: int) -> None:
+        stream = (run_id, rank, 0)
+        acks[rank] = (dispatcher.ingest_rows(stream, 0, step_rows(rank, 0, 5))["next_seq"][stream], journal.synced)
+
+    with dispatcher._lock:  # the three queue behind it, as behind a long append
+        for rank in range(3):
+            threads.append(threading.Thread(target=call, args=(rank,), daemon=True))
+            threads[-1].start()
+        time.sleep(0.2)  # all three on their way
+    until(lambda: journal.gates and journal.next_entry == 3)
+    time.sleep(0.05)
+    assert [entries for entries, _ in journal.gates] == [2] and acks == {}
+    journal.gates[0][1].set()
+    until(lambda: len(journal.gates) == 2 and len(acks) == 2)
+    assert journal.gates[1][0] == 3 and sorted(acks.values()) == [(5, 2), (5, 2)]
+    journal.gates[1][1].set()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(acks.values()) == [(5, 2), (5, 2), (5, 3)]  # each returned after the fsync of its entry
+
+
 class EagerSink(Sink):
     """Delivers each entry as it is handed over, before the fsync that makes it durable."""
 
