@@ -108,9 +108,12 @@ class GroupCommit:
         """With this object's lock held: sleep while an fsync runs and ``entries`` are not durable;
         False once they are, True when no fsync runs and the caller should claim a round."""
         while self._journal.durable_entries < entries:
-            if not self._syncing and self._arriving <= ARRIVING_AT_CLAIM:
+            if self._syncing:
+                (self._round if entries <= self._round_entries else self._next).wait()
+            elif self._arriving <= ARRIVING_AT_CLAIM:
                 return True
-            (self._round if entries <= self._round_entries else self._next).wait()
+            else:  # a call on its way claims the next round, for this one too (also after a failed fsync)
+                self._next.wait()
         return False
 
     def _claim(self, entries: int, linger: bool = True) -> tuple | None:

@@ -8,6 +8,7 @@ Counts are taken on the raw event-log rows and the journal's own entries, never 
 from __future__ import annotations
 
 import json
+import os
 import random
 import threading
 import time
@@ -169,6 +170,58 @@ def test_calls_on_their_way_share_the_round_of_the_call_before_them(tmp_path):
     for thread in threads:
         thread.join(10)
     assert sorted(acks.values()) == [(5, 2), (5, 2), (5, 3)]  # each returned after the fsync of its entry
+
+
+def test_after_a_failed_fsync_its_calls_get_the_round_a_call_on_its_way_claims(tmp_path, monkeypatch):
+    """The fsync of a round fails (its claimer's call raises) while two more calls queue for the
+    dispatcher's lock: the calls that round covered sleep until one of those claims the next
+    round, which covers them too; every call but the claimer's returns once its entry is durable."""
+    import callbacks.journal
+
+    fdatasync, failures = os.fdatasync, [OSError(28, "No space left on device")]
+
+    def fails_once(fd):
+        if failures:
+            raise failures.pop()
+        fdatasync(fd)
+
+    monkeypatch.setattr(callbacks.journal.os, "fdatasync", fails_once)
+    run_id = "failed"
+    journal = GatedJournal(tmp_path / "journal", run_id)
+    dispatcher = Dispatcher([], journal=journal)
+    acks, raised, threads = {}, {}, []
+
+    def call(rank: int) -> None:
+        stream = (run_id, rank, 0)
+        try:
+            acks[rank] = dispatcher.ingest_rows(stream, 0, step_rows(rank, 0, 5))["next_seq"][stream]
+        except OSError as exc:
+            raised[rank] = exc
+
+    def queue(ranks) -> None:
+        for rank in ranks:
+            threads.append(threading.Thread(target=call, args=(rank,), daemon=True))
+            threads[-1].start()
+        time.sleep(0.2)  # all on their way, queued for the lock
+
+    with dispatcher._lock:
+        queue(range(3))
+    until(lambda: journal.gates and journal.next_entry == 3)  # the second claimed for two; the third appended
+    assert journal.gates[0][0] == 2
+    with dispatcher._lock:
+        queue(range(3, 5))
+        journal.gates[0][1].set()  # this fsync fails
+        until(lambda: len(raised) == 1)
+        time.sleep(0.1)
+    until(lambda: len(journal.gates) == 2)
+    assert journal.gates[1][0] == 4  # the first of the two queued claimed, for the failed round's calls too
+    journal.gates[1][1].set()
+    until(lambda: len(journal.gates) == 3)  # the last appended during that fsync
+    assert journal.gates[2][0] == 5
+    journal.gates[2][1].set()
+    for thread in threads:
+        thread.join(10)
+    assert len(raised) == 1 and sorted(acks.values()) == [5] * 4 and journal.durable_entries == 5
 
 
 class EagerSink(Sink):
