@@ -313,22 +313,23 @@ class Dispatcher:
             self._group.arrive()
 
     def _appending(self, append):
-        """``append()`` under the lock, the group commit told when it is done (``GroupCommit.arrive``)."""
-        if self._group is None:
-            return append()
+        """Under the lock: ``append()``, then sinks that fell behind may catch up; the group commit
+        is told when that is done, or failed (``GroupCommit.arrive``)."""
         try:
             ack = append()
+            self._feed_lagging()
         except BaseException:
-            self._group.appended(failed=True)
+            if self._group is not None:
+                self._group.appended(failed=True)
             raise
-        self._group.appended()
+        if self._group is not None:
+            self._group.appended()
         return ack
 
     def _appended(self) -> tuple | None:
-        """An ingest call's last step under the lock: sinks that fell behind may catch up, and the
-        call takes its place in the group commit (``GroupCommit.enter``) for every entry appended
-        so far (its own, and those of calls before it whose acknowledgements its own may repeat)."""
-        self._feed_lagging()
+        """An ingest call's last step under the lock: it takes its place in the group commit
+        (``GroupCommit.enter``) for every entry appended so far (its own, and those of calls
+        before it whose acknowledgements its own may repeat)."""
         return self._group.enter(self._journal.next_entry) if self._group is not None else None
 
     def _durable(self, ticket: tuple | None) -> None:
