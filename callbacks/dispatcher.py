@@ -164,18 +164,19 @@ class Dispatcher:
     def ingest(self, batch: list[dict], floors: dict | None = None) -> dict:
         """Dispatch a batch in per-stream seq order; ack = next expected seq of each stream,
         returned once every entry it names is durable."""
-        self._arrive()
-        with self._lock:
-            ack = self._appending(lambda: self._ingest(batch, floors))
-            ticket = self._appended()
-        self._durable(ticket)
-        return ack
+        return self._take(lambda: self._ingest(batch, floors))
 
     def ingest_rows(self, stream: tuple, first_seq: int, rows: list, floors: dict | None = None) -> dict:
         """``ingest`` for a forwarder's compact batch: consecutive rows of one stream."""
-        self._arrive()
+        return self._take(lambda: self._ingest_rows(stream, first_seq, rows, floors))
+
+    def _take(self, append) -> dict:
+        """An ingest call: on its way (``GroupCommit.arrive``), ``append()`` under the lock, then
+        the acknowledgement it returns once what it names is durable."""
+        if self._group is not None:
+            self._group.arrive()
         with self._lock:
-            ack = self._appending(lambda: self._ingest_rows(stream, first_seq, rows, floors))
+            ack = self._appending(append)
             ticket = self._appended()
         self._durable(ticket)
         return ack
@@ -307,10 +308,6 @@ class Dispatcher:
     def _dispatch(self, record: dict) -> None:
         key = record_key(record)
         self._dispatch_rows(tuple(key[:3]), int(key[3]), [row_of(record)])
-
-    def _arrive(self) -> None:
-        if self._group is not None:
-            self._group.arrive()
 
     def _appending(self, append):
         """Under the lock: ``append()``, then sinks that fell behind may catch up; the group commit
