@@ -244,7 +244,7 @@ IN_MODULE = "from examples.custom_class_weights import WeightedTrainer as Traine
 # loaded in the same script.
 MAIN_ON_RAY = "from orchestrator import Model" + IN_MAIN + """
 import sys
-for workers in (1, 2):
+for workers in (2,):  # several ranks unpickle the script's classes
     model = Model("det-n.yaml")
     model.train(data={data!r}, trainer=Trainer, epochs=1, batch=16, imgsz=64, verbose=False, plots=False,
                 num_workers=workers, project={project!r}, name={name!r} + str(workers), tracking_uri={uri!r},
@@ -283,7 +283,7 @@ def test_script_classes_train_on_ray_workers_and_load_in_their_script(work):
     trained = _run(script, ROOT)
     assert trained.returncode == 0, trained.stderr[-3000:]
     done = [line.split() for line in trained.stdout.splitlines() if line.startswith("TRAINED")]
-    assert [d[:5] for d in done] == [["TRAINED", str(w), "ScriptModel", "ScriptModel", "True"] for w in (1, 2)]
+    assert [d[:5] for d in done] == [["TRAINED", "2", "ScriptModel", "ScriptModel", "True"]]
     loaded = _run(LOAD.format(path=done[-1][5]), work["root"])  # a fresh process has no ScriptModel
     message = loaded.stdout
     assert message.startswith("ERROR") and "'ScriptModel'" in message, message

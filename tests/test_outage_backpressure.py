@@ -141,7 +141,7 @@ def test_without_a_journal_a_full_sink_still_gets_everything_at_once(tmp_path):
 
 # ----------------------------------------------------------------------------- the fault case (§5)
 RUN, RATE, EVERY = "outage-run", 500, 5  # optimizer steps/s per rank; log_every_n_steps
-BEFORE, OUTAGE, AFTER = 12.0, 60.0, 12.0  # seconds of training before the cut, cut, after
+BEFORE, OUTAGE, AFTER = 8.0, 60.0, 6.0  # seconds of training before the cut, cut, after
 PLAN = dict(epochs=6, steps=int(RATE * (BEFORE + OUTAGE + AFTER)) // 6, val_batches=2)
 RSS_GROWTH_MB = 64  # the bound docs/faults.md states: the actor's RSS over its level before the outage
 KILL_AT = 45.0  # seconds into the outage: the actor is SIGKILLed (its MLflow sink is full by then)
