@@ -1,7 +1,9 @@
-"""`ray job submit` end to end against the local stack: a training run and a sweep as Ray jobs.
+"""`orchestrator stack up|status|env|down` and `ray job submit` end to end against that stack: a
+training run, a sweep, a stopped job and a killed driver as Ray jobs.
 
 The stack (moto S3, an MLflow server with artifacts on disk, a Ray head with token auth) is started
-with `orchestrator stack up` on free ports in a temporary folder and stopped at the end. Jobs get
+with `orchestrator stack up` on free ports in a temporary folder and stopped at the end, checked to
+leave nothing running. Jobs get
 the repository as their working directory, as `ray job submit --working-dir .` does; the training
 job's driver finds S3 and MLflow through the head's environment (the sweep's through `tracking_uri=`).
 The checks read what a user would look at: the job status, the MLflow runs and the objects in the bucket.
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from infra.local import procs
+from infra.local.stack import Stack, stop_service
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +48,8 @@ def read_exports(text: str) -> dict:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    """The local stack on free ports; yields its exported settings; always stopped at the end."""
+    """The local stack on free ports; yields its exported settings; always stopped at the end,
+    where ``stack down`` is checked to leave no process and no open port behind."""
     where = tmp_path_factory.mktemp("stack")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_", "MLFLOW_"))}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # an activated venv: `python` is ours
@@ -58,11 +63,28 @@ def stack(tmp_path_factory):
         exports = read_exports(orchestrator("stack", "env", cwd=where, env=env).stdout)
         assert exports["RAY_AUTH_MODE"] == "token"
         token = Path(exports["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
-        yield {"env": env, "exports": exports, "token": token, "where": where,
+        yield {"env": env, "exports": exports, "token": token, "where": where, "ports": ports, "up": up,
                "mlflow": exports["MLFLOW_TRACKING_URI"], "dashboard": exports["RAY_API_SERVER_ADDRESS"]}
     finally:
+        pids = stack_pids(where) if (where / "runs" / "stack" / "stack.json").exists() else {}
         down = orchestrator("stack", "down", cwd=where, env=env, timeout=120)
         assert down.returncode == 0, f"stack down failed:\n{down.stdout}\n{down.stderr}"
+        for name, pid in pids.items():
+            assert not procs.group_members(pid), f"{name} left processes behind"
+        assert all(procs.wait_port_closed(port) for port in ports.values())
+        after = orchestrator("stack", "status", cwd=where, env=env)
+        assert after.returncode == 1 and states(after.stdout) == {"s3": "down", "mlflow": "down", "ray": "down"}
+
+
+def stack_pids(where: Path) -> dict[str, int]:
+    return {name: entry["pid"] for name, entry in
+            json.loads((where / "runs" / "stack" / "stack.json").read_text())["pids"].items()}
+
+
+def states(status_out: str) -> dict[str, str]:
+    """service -> state word from `stack status` lines like '  mlflow up  http://...'."""
+    words = [line.split() for line in status_out.splitlines()]
+    return {w[0]: w[1] for w in words if len(w) >= 2 and w[0] in ("s3", "mlflow", "ray")}
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +138,56 @@ def test_jobs_api_refuses_a_client_without_the_token(stack):
 
     with pytest.raises(Exception, match=r"(?i)auth|token|401|403|unauthori"):
         JobSubmissionClient(stack["dashboard"], headers={"Authorization": "Bearer not-the-token"}).list_jobs()
+
+
+def test_stack_status_env_and_a_second_up(stack):
+    """The servers `stack up` started outlive it, `status` and `env` describe them, a second `up`
+    keeps them, and one that finds MLflow and S3 stopped starts just those again (MLflow's
+    artifacts are on disk: a run's file still downloads)."""
+    import boto3
+    from mlflow.tracking import MlflowClient
+
+    where, env, exports, ports = stack["where"], stack["env"], stack["exports"], stack["ports"]
+    pids = stack_pids(where)
+    assert set(pids) == {"s3", "mlflow", "ray"}
+    for name, pid in pids.items():  # detached: they outlived the `up` process
+        assert procs.alive(pid), name
+        assert (where / "runs" / "stack" / f"{name}.pid").read_text().strip() == str(pid)
+    status = orchestrator("stack", "status", cwd=where, env=env)
+    assert status.returncode == 0 and states(status.stdout) == {"s3": "up", "mlflow": "up", "ray": "up"}, status.stdout
+
+    assert exports["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{ports['mlflow_port']}"
+    assert exports["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{ports['s3_port']}"
+    assert exports["RAY_ADDRESS"] == f"127.0.0.1:{ports['ray_port']}" and procs.port_open(ports["ray_port"])
+    token_file = Path(exports["RAY_AUTH_TOKEN_PATH"])
+    assert token_file.stat().st_mode & 0o077 == 0  # readable by the owner only
+    assert stack["token"] not in stack["up"].stdout + stack["up"].stderr  # the token is never printed
+    assert (where / "runs" / "stack" / "env.sh").read_text().count("export ") == len(exports)
+    s3 = boto3.client("s3", endpoint_url=exports["AWS_ENDPOINT_URL"], region_name=exports["AWS_DEFAULT_REGION"],
+                      aws_access_key_id=exports["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=exports["AWS_SECRET_ACCESS_KEY"])
+    assert BUCKET in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+    denied = subprocess.run([str(BIN / "ray"), "job", "list"], cwd=where, capture_output=True, text=True, timeout=60,
+                            env={**env, "RAY_API_SERVER_ADDRESS": exports["RAY_API_SERVER_ADDRESS"], "HOME": str(where)})
+    assert denied.returncode != 0 and "auth" in (denied.stdout + denied.stderr).lower()
+
+    again = orchestrator("stack", "up", cwd=where, env=env)
+    assert again.returncode == 0 and again.stdout.count("already running") == 3, again.stdout + again.stderr
+    assert stack_pids(where) == pids
+
+    client = MlflowClient(stack["mlflow"])
+    run = client.create_run(client.create_experiment("stack-check"))
+    note = where / "note.txt"
+    note.write_text("stored through the MLflow artifact proxy")
+    client.log_artifact(run.info.run_id, str(note))
+    for name in ("mlflow", "s3"):
+        assert stop_service(Stack(where / "runs" / "stack"), name)
+    restarted = orchestrator("stack", "up", cwd=where, env=env)
+    assert restarted.returncode == 0 and restarted.stdout.count("already running") == 1, restarted.stderr
+    assert stack_pids(where)["ray"] == pids["ray"]
+    fetched = Path(client.download_artifacts(run.info.run_id, "note.txt", str(where / "fetched")))
+    assert fetched.read_text() == "stored through the MLflow artifact proxy"
+    assert BUCKET in [b["Name"] for b in s3.list_buckets()["Buckets"]]
 
 
 def test_training_job_reaches_mlflow_and_the_bucket(stack, jobs, aws):
