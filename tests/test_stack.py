@@ -20,7 +20,6 @@ from tests.servers import free_port, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PORT_KEYS = ("mlflow_port", "s3_port", "ray_port", "dashboard_port")
 
 
 def clean_env() -> dict:
