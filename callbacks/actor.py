@@ -57,6 +57,7 @@ class CallbackActor(Dispatcher):
             self._catch_up()
         self._heard = time.monotonic()  # the driver's heartbeat or a worker's batch
         self._orphan_after = orphan_after
+        self._job_id = ray.get_runtime_context().get_job_id()  # the driver's job (detached: it stays)
         if orphan_after:
             threading.Thread(target=self._watch_driver, name="driver-watch", daemon=True).start()
 
@@ -88,25 +89,35 @@ class CallbackActor(Dispatcher):
         self._heard = time.monotonic()
         return True
 
-    def _silent(self) -> bool:
-        return self._status is None and time.monotonic() - self._heard > self._orphan_after
+    def _driver_lost(self) -> str | None:
+        """Why this run's driver is taken for gone, else None. Its Ray job's end says so at once
+        (a killed driver ends its job; Ray then ends its workers), checked only once the driver
+        has been quiet for a while; long silence says so where the job table cannot."""
+        if self._status is not None:
+            return None
+        quiet = time.monotonic() - self._heard
+        if quiet > self._orphan_after:
+            return f"no word from it or its workers for {self._orphan_after:.0f} s"
+        if quiet > ASK_RAY_AFTER and job_ended(self._job_id):
+            return "its Ray job ended"
+        return None
 
     def _watch_driver(self) -> None:
         """A detached actor outlives its driver; its workers do not (Ray ends them with the
-        driver). So silence from both means the driver is gone: end the run from here, through
-        the actor's own queue, after the calls already waiting in it."""
+        driver). End the run from here once the driver is gone, through the actor's own queue,
+        after the calls already waiting in it."""
         while self._status is None:
             time.sleep(1.0)
-            if self._silent():
+            why = self._driver_lost()
+            if why:
                 me = ray.get_runtime_context().current_actor
-                me.finish_orphan.remote(f"the driver was lost (no word from it or its workers for "
-                                        f"{self._orphan_after:.0f} s); ended by its callback actor")
+                me.finish_orphan.remote(f"the driver was lost ({why}); ended by its callback actor")
                 return
 
     def finish_orphan(self, reason: str) -> None:
         """Deliver the journal, end the run KILLED with ``reason``, and leave (detached: nobody
         else would)."""
-        if not self._silent():
+        if self._driver_lost() is None:
             return
         LOGGER.warning(f"callback actor: {reason}")
         self.finish("KILLED", reason)
@@ -132,6 +143,17 @@ def freeze_startup_objects() -> None:
 
 
 NICE = 10
+ASK_RAY_AFTER = 2.0  # s of quiet after which the actor asks Ray whether the driver's job ended
+
+
+def job_ended(job_id: str) -> bool:
+    """Whether Ray's job table marks ``job_id`` ended (its driver exited or was killed)."""
+    from ray._private.state import jobs  # the job table; Ray has no public call for one job's state
+
+    try:
+        return any(job["JobID"] == job_id and job["IsDead"] for job in jobs())
+    except Exception:  # the GCS restarting: the silence rule still applies
+        return False
 
 
 def ray_log_file(name: str) -> str:

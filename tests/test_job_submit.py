@@ -329,7 +329,8 @@ def assert_each_once(client, run, storage: str) -> None:
 def test_job_stop_and_a_killed_driver_end_their_runs_killed(stack, jobs, aws):
     """``ray job stop`` (SIGTERM, 3 s before Ray's SIGKILL) ends the run KILLED with the signal as
     its reason; a driver killed with SIGKILL while Ray stays up has its run ended KILLED by its
-    callback actor within 60 s. Both keep every epoch once and every record once."""
+    callback actor once Ray marks the driver's job ended (within 60 s, the issue's bound). Both keep
+    every epoch once and every record once."""
     from mlflow.tracking import MlflowClient
 
     storage = f"s3://{BUCKET}/faults"
@@ -347,7 +348,8 @@ def test_job_stop_and_a_killed_driver_end_their_runs_killed(stack, jobs, aws):
     ended = wait_ended(client, runs[killed].info.run_id, timeout=90)
     took = time.monotonic() - start
     assert ended.info.status == "KILLED" and took <= 60, f"{ended.info.status} after {took:.0f} s"
-    assert "driver was lost" in ended.data.tags["orchestrator.end_reason"]
+    assert "driver was lost (its Ray job ended)" in ended.data.tags["orchestrator.end_reason"]
+    print(f"the killed driver's run ended {took:.1f} s after the kill")
     assert_each_once(client, ended, storage)
 
     ended = wait_ended(client, runs[stopped].info.run_id, timeout=30)
