@@ -16,11 +16,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import count
 from pathlib import Path
 
+from callbacks.sinks.delivery import Backoff
 from callbacks.sinks.s3 import S3Setup
 from callbacks.sinks.storage import ObjectStore
 from trainers.utils import LOGGER
 
-RETRY_FIRST, RETRY_MAX = 0.5, 10.0  # seconds between upload attempts while the store is down
 
 
 def files_key(run_id: str, rank: int, name: str) -> str:
@@ -64,18 +64,18 @@ class ArtifactShipper:
         if copy is None:
             return path
         key = files_key(self.run_id, self.rank, Path(path).name)
-        deadline, wait = time.monotonic() + self.give_up_after, RETRY_FIRST
+        deadline, backoff = time.monotonic() + self.give_up_after, Backoff()
         while True:
             try:
                 uri = self._put(key, copy)
                 copy.unlink(missing_ok=True)
                 return uri
             except Exception as exc:  # noqa: BLE001 - an outage: try again; training never fails for it
+                wait = backoff.next()
                 if time.monotonic() + wait > deadline:
                     LOGGER.warning(f"could not ship {path} to {self.store_uri} for the driver: {exc}")
                     return path
                 time.sleep(wait)
-                wait = min(wait * 2, RETRY_MAX)
 
     def _put(self, key: str, copy: Path) -> str:
         if self._store is None:

@@ -19,13 +19,16 @@ from callbacks.sinks.spool import FileStage
 from trainers.utils import LOGGER
 
 
-CLOSING_RETRY_S = 2.0  # at most between attempts while closing (the backoff reaches 30 s)
+CLOSING_RETRY_S = 2.0  # at most between attempts while closing
+# At most between attempts while an endpoint is down: a sink catches up within ~10 s of its return,
+# and a down server gets one probe per sink every ~10 s.
+RETRY_MAX_S = 10.0
 
 
 class Backoff:
     """Exponential delays ``initial * 2**n`` capped at ``maximum``, with +-25% jitter."""
 
-    def __init__(self, initial: float = 0.5, maximum: float = 30.0):
+    def __init__(self, initial: float = 0.5, maximum: float = RETRY_MAX_S):
         self.initial, self.maximum, self.failures = initial, maximum, 0
 
     def next(self) -> float:
