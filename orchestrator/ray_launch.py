@@ -181,7 +181,8 @@ def make_torch_trainer(factory, args, actor, run_id: str, events, *, name: str, 
 
     ``name`` is the Train run name: relaunching with the same name resumes that run from its
     storage. ``callbacks`` are Ray Train ``UserCallback``s. ``start_from``, a picklable callable
-    returning a local ``last.pt``, gives the starting checkpoint when the run has none of its own.
+    returning a local ``last.pt`` in a folder of its own (removed once the run ends on the worker),
+    gives the starting checkpoint when the run has none of its own.
     ``driver_node`` is the node of the callback actor (default: this one); a worker on another
     node ships the files its records name to the object store (callbacks/artifacts.py).
     """
@@ -249,9 +250,7 @@ def train_worker(config: dict) -> None:
     log_details_to(ray_log_file(f"{config['run_id']}-rank{rank}-{os.getpid()}.log"))
     extra = {"device": str(ray.train.torch.get_device())}
     latest = ray.train.get_checkpoint()  # set when Ray Train restarted the worker group
-    resume = restore_checkpoint(latest) if latest is not None else None
-    if resume is None and config.get("start_from") is not None:
-        resume = config["start_from"]()
+    resume = local_start(config, latest)
     if resume:
         extra["resume"] = resume
     trainer = config["factory"](**extra)
@@ -269,6 +268,19 @@ def train_worker(config: dict) -> None:
         trainer.train()
     except Preempted as preempted:
         wait_for_restart(preempted)
+    finally:
+        if resume:
+            shutil.rmtree(Path(resume).parent, ignore_errors=True)
+
+
+def local_start(config: dict, latest: Checkpoint | None) -> str | None:
+    """The local ``last.pt`` this worker starts from: Ray Train's latest checkpoint after a
+    restart, else the run's ``start_from`` (a sweep trial's exploited checkpoint). Each is a copy
+    in a folder of its own, removed when the run ends on this worker (a checkpoint of a large
+    model per restart would otherwise pile up in the temp folder)."""
+    if latest is not None:
+        return restore_checkpoint(latest)
+    return config["start_from"]() if config.get("start_from") is not None else None
 
 
 def forward_records(config: dict, trainer, rank: int) -> EventForwarder:

@@ -29,6 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+
+from tests.servers import mlflow_store  # noqa: E402
+
 HOLD_S = 180.0  # longest a group waits in a changing epoch for the restart that ends it
 CHANGES = {1: "add", 2: "remove"}  # epoch -> the cluster's change in it
 EPOCHS = 4
@@ -106,7 +109,7 @@ def train_elastic(folder: Path) -> None:
     model.train(data="digits", imgsz=16, fraction=0.1, epochs=EPOCHS, batch=16, nbs=32, verbose=True, plots=False,
                 workers=0, seed=0, num_workers="1-2", max_failures=1,
                 resources_per_worker={"CPU": 1}, resize_interval=1.0,
-                storage=str(storage), tracking_uri=f"sqlite:///{folder / 'mlflow.db'}",
+                storage=str(storage), tracking_uri=mlflow_store(folder / "mlflow.db"),
                 project=str(folder / "runs"), name="elastic")
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import MotoServer, TcpProxy  # noqa: E402
+from tests.servers import MotoServer, TcpProxy, mlflow_store  # noqa: E402
 
 BUCKET = "multinode"
 RANKS = 3  # one per worker node
@@ -96,7 +96,7 @@ def train(folder: Path, proxy: TcpProxy) -> None:
         model.train(
             data=str(data), imgsz=32, epochs=4, batch=6, nbs=6, workers=0, verbose=False, plots=True,
             num_workers=RANKS, resources_per_worker={"CPU": 1, "worker_node": 1}, storage=store,
-            tracking_uri=f"sqlite:///{folder / 'mlflow.db'}", project=str(folder / "runs"), name="multinode",
+            tracking_uri=mlflow_store(folder / "mlflow.db"), project=str(folder / "runs"), name="multinode",
             system_metrics=0.3)
         keys = ObjectStore.from_uri(store).list("")
         run_id = next(k.split("/")[1] for k in keys if k.startswith("runs/"))

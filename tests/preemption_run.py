@@ -20,6 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+
+from tests.servers import mlflow_store  # noqa: E402
+
 DEADLINE_S = 8  # the notice: seconds from the drain until the node goes
 DRAIN_AT_STEP = 1  # rank 1's optimizer step at which its node is drained (of 45 in epoch 1 of 2)
 STEP_AFTER_DRAIN_S = 0.25  # a step's time once drained: 44 steps left outlast the deadline
@@ -88,7 +91,7 @@ def train(folder: Path, name: str, callbacks=()) -> dict:
     for event, fn in callbacks:
         model.add_callback(event, fn)
     started = time.monotonic()
-    tracking = f"sqlite:///{folder / 'mlflow.db'}"
+    tracking = mlflow_store(folder / "mlflow.db")
     model.train(**RUN, project=str(folder / "runs"), name=name, storage=str(folder / "store"),
                 journal=str(folder / "journal"), tracking_uri=tracking)
     run = MlflowClient(tracking).get_run(model.mlflow_run_id)

@@ -4,6 +4,8 @@ import sys
 
 import pytest
 
+from tests.servers import mlflow_store
+
 
 def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True,
@@ -45,7 +47,7 @@ def test_bad_input_gets_one_line(tmp_path, args, message):
 
 def tiny_train(tmp_path, *extra) -> list[str]:
     return ["train", "model=cls-n.yaml", "data=digits", "epochs=2", "imgsz=16", "fraction=0.05", "batch=16",
-            "nbs=16", "plots=False", f"project={tmp_path / 'runs'}", f"tracking_uri=sqlite:///{tmp_path}/m.db",
+            "nbs=16", "plots=False", f"project={tmp_path / 'runs'}", f"tracking_uri={mlflow_store(tmp_path / 'm.db')}",
             f"storage={tmp_path / 'store'}", f"journal={tmp_path / 'journal'}", *extra]
 
 

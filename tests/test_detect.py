@@ -14,6 +14,7 @@ from PIL import Image
 
 from orchestrator import Model
 from tests.helpers import EventRecorder, expected_events
+from tests.servers import mlflow_store
 from trainers.data.shapes import generate_shapes
 from trainers.metrics.coco import coco_eval
 from trainers.utils import UserError
@@ -28,7 +29,7 @@ def work(tmp_path_factory):
     tiny = generate_shapes(root / "tiny", n_train=32, n_val=16, imgsz=64)
     small = generate_shapes(root / "small", n_train=192, n_val=48, imgsz=64, seed=1)
     return {"root": root, "tiny": tiny, "small": small,
-            "run": dict(project=str(root / "runs"), tracking_uri=f"sqlite:///{root}/mlflow.db",
+            "run": dict(project=str(root / "runs"), tracking_uri=mlflow_store(root / "mlflow.db"),
                         storage=str(root / "store"), verbose=False, plots=False, workers=0, imgsz=64)}
 
 

@@ -13,6 +13,7 @@ from trainers.data.shapes import generate_shapes
 from trainers.detect import DetectionLoss
 from trainers.engine import checkpoint as ckpt_io
 from trainers.utils import unwrap_model
+from tests.servers import mlflow_store
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("examples")
     data = generate_shapes(root / "tiny", n_train=32, n_val=16, imgsz=64)
     run = dict(data=str(data), imgsz=64, batch=8, nbs=8, workers=0, verbose=False, plots=False,
-               project=str(root / "runs"), tracking_uri=f"sqlite:///{root}/mlflow.db", storage=str(root / "store"))
+               project=str(root / "runs"), tracking_uri=mlflow_store(root / "mlflow.db"), storage=str(root / "store"))
     return {"root": root, "data": data, "run": run}
 
 

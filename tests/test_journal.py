@@ -12,6 +12,7 @@ from callbacks.dispatcher import Dispatcher
 from callbacks.journal import Journal
 from callbacks.sinks import EventLogSink, MLflowSink
 from trainers.events import make_row
+from tests.servers import mlflow_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ def test_restarted_dispatcher_redelivers_exactly_once(tmp_path):
     delivered; the next one, on the same journal, drops the workers' resends and hands the sinks
     the journal's entries after their watermarks: every row in the event log once, every epoch
     point in MLflow once."""
-    store, uri = tmp_path / "store", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store, uri = tmp_path / "store", mlflow_store(tmp_path / "mlflow.db")
 
     def sinks():
         return [MLflowSink(uri, "journal", "run", params={}, tags={"orchestrator.run_id": "r"}),

@@ -14,6 +14,7 @@ from PIL import Image
 from orchestrator import Model
 from trainers.data.lineage import describe_dataset
 from trainers.data.shapes import NAMES, generate_shapes
+from tests.servers import mlflow_store
 
 
 def test_a_run_logs_its_dataset_and_the_digest_follows_files_and_labels(tmp_path):
@@ -21,7 +22,7 @@ def test_a_run_logs_its_dataset_and_the_digest_follows_files_and_labels(tmp_path
     described = describe_dataset(str(data), "detect")
     assert described["name"] == "tinyset" and described["source"] == str(data)
     assert described["splits"] == {"train": 8, "val": 4} and described["names"] == list(NAMES)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     model = Model("det-n.yaml")
     model.train(data=str(data), epochs=1, imgsz=32, batch=4, verbose=False, plots=False, project=str(tmp_path / "runs"),
                 tracking_uri=uri, storage=str(tmp_path / "store"), journal=str(tmp_path / "journal"))
@@ -66,7 +67,7 @@ def test_best_pt_is_a_logged_model_linked_to_its_metrics_and_data_and_serves_the
     """The registered version loads in a fresh process with ``mlflow.pytorch`` (the module: same
     boxes as ``Model(best.pt).predict``) and ``mlflow.pyfunc`` (images in, a table of the same boxes)."""
     data = generate_shapes(tmp_path / "shapes", n_train=32, n_val=8, imgsz=64)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     model = Model("det-n.yaml")
     model.train(data=str(data), epochs=2, imgsz=64, batch=8, verbose=False, plots=False, project=str(tmp_path / "runs"),
                 tracking_uri=uri, storage=str(tmp_path / "store"), journal=str(tmp_path / "journal"),

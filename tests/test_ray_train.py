@@ -18,6 +18,7 @@ from trainers.classify import ClassificationTrainer
 from trainers.utils import UserError
 
 from tests.helpers import own_lines, system_series, wait_for_mlflow_run, wait_for_registered_checkpoint
+from tests.servers import mlflow_store
 
 RAY_QUICK = dict(data="digits", imgsz=16, batch=16, nbs=16, fraction=0.1, epochs=2, verbose=False, plots=False,
                  workers=0, seed=0)
@@ -26,7 +27,7 @@ RAY_QUICK = dict(data="digits", imgsz=16, batch=16, nbs=16, fraction=0.1, epochs
 def run_cfg(tmp_path, name, **kw):
     store = tmp_path / "store"
     return {**RAY_QUICK, "project": str(tmp_path / "runs"), "name": name, "storage": str(store),
-            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", **kw}
+            "tracking_uri": mlflow_store(tmp_path / "mlflow.db"), **kw}
 
 
 def lines(path: Path) -> list[dict]:
@@ -151,17 +152,6 @@ def test_user_errors_on_workers_reach_the_cli_and_the_caller_as_raised(ray_sessi
     assert "\n" not in str(info.value)
 
 
-def test_two_worker_validation_equals_one_process_validation(ray_session, tmp_path):
-    model = Model("cls-n.yaml")
-    ray_metrics = model.train(**run_cfg(tmp_path, "ddp", num_workers=2))
-    local = Model(str(model.ckpt_path)).val(data="digits", imgsz=16, batch=32)
-    for key in ("metrics/accuracy_top1", "metrics/accuracy_top5"):
-        assert abs(ray_metrics[key] - local[key]) < 1e-6, (key, ray_metrics[key], local[key])
-    # train() on Ray returns the metrics object of the final evaluation, rebuilt from its record (SPEC §6)
-    assert type(ray_metrics) is type(local) and ray_metrics.top1 == ray_metrics["metrics/accuracy_top1"]
-    assert ray_metrics.top5 == pytest.approx(local.top5, abs=1e-6) and ray_metrics.fitness == ray_metrics["fitness"]
-
-
 def test_patience_on_two_workers_stops_every_rank_at_best_plus_patience(ray_session, tmp_path):
     from tests.test_training_mechanics import ScriptedFitness  # best fitness at epoch 1
 
@@ -176,16 +166,23 @@ def test_patience_on_two_workers_stops_every_rank_at_best_plus_patience(ray_sess
     assert trained == [(rank, epoch) for rank in (0, 1) for epoch in range(3)]
 
 
-def test_stop_on_one_rank_stops_all_without_hanging(ray_session, tmp_path):
+def test_stop_on_one_rank_stops_all_and_two_worker_validation_equals_one_process(ray_session, tmp_path):
     def stop_on_rank_1(trainer):
         if trainer.rank == 1:
             trainer.stop = True
 
     model = Model("cls-n.yaml")
     model.add_callback("on_fit_epoch_end", stop_on_rank_1)
-    model.train(**run_cfg(tmp_path, "stop", num_workers=2, epochs=5))
+    ray_metrics = model.train(**run_cfg(tmp_path, "stop", num_workers=2, epochs=5))
     ckpt = torch.load(model.ckpt_path, weights_only=True)
     assert ckpt["epoch"] == 0  # both ranks left after the first epoch
+    # the final evaluation on the two ranks equals one process's validation of the same best.pt
+    local = Model(str(model.ckpt_path)).val(data="digits", imgsz=16, batch=32)
+    for key in ("metrics/accuracy_top1", "metrics/accuracy_top5"):
+        assert abs(ray_metrics[key] - local[key]) < 1e-6, (key, ray_metrics[key], local[key])
+    # train() on Ray returns the metrics object of the final evaluation, rebuilt from its record (SPEC §6)
+    assert type(ray_metrics) is type(local) and ray_metrics.top1 == ray_metrics["metrics/accuracy_top1"]
+    assert ray_metrics.top5 == pytest.approx(local.top5, abs=1e-6) and ray_metrics.fitness == ray_metrics["fitness"]
 
 
 def test_worker_sigkill_restarts_from_checkpoint_without_duplicates(ray_session, tmp_path):
@@ -211,6 +208,9 @@ def test_worker_sigkill_restarts_from_checkpoint_without_duplicates(ray_session,
     assert a["epoch"] == b["epoch"] == 2
     for name, value in a["ema"].items():
         assert torch.allclose(value, b["ema"][name], atol=1e-6), name
+    resumed = Path(b["train_args"]["resume"])  # the restarted workers' local copy of the checkpoint
+    assert resumed.name == "last.pt" and resumed.parent.name.startswith("resume-")
+    assert not resumed.parent.exists()  # removed once the run ended on the worker
 
     run_id = read_run_id(cfg, "crash")
     table = read_event_log(cfg["storage"], run_id).to_pylist()

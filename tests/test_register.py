@@ -7,6 +7,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator import Model
 from tests.helpers import tracking
+from tests.servers import mlflow_store
 
 
 def test_a_model_mlflow_did_not_take_at_the_end_is_published_by_recover(tmp_path):
@@ -17,7 +18,7 @@ def test_a_model_mlflow_did_not_take_at_the_end_is_published_by_recover(tmp_path
     scores), and a second ``recover`` finds nothing left. A registration without a fault: tests/test_lineage.py."""
     from tests.test_journal import orchestrator, recover_publishes
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     blocker = tmp_path / "mlartifacts" / "digits" / "models"  # the experiment's models' folder
 
     def block_models(trainer):

@@ -12,7 +12,7 @@ from callbacks.sinks import EventLogSink, MLflowSink, create_run, replay_run
 from callbacks.sinks.mlflow_runs import probe_tracking_uri
 from callbacks.sinks.redact import MASK
 from tests.helpers import artifact_paths, feed_as_batches
-from tests.servers import expected_metrics, free_port, metric_histories, record_stream
+from tests.servers import expected_metrics, free_port, metric_histories, mlflow_store, record_stream
 from trainers.utils import LOGGER, UserError
 
 CONFIG = {"epochs": 2, "lr0": 0.01, "model": "det-n.yaml", "db_password": "hunter2-pass",
@@ -59,6 +59,7 @@ def test_logs_params_metrics_artifacts_status(server, tmp_path, via):
         assert feed_as_batches([sink], records, batch=5).stats()["dispatched"] == len(records)
     report = sink.close("FINISHED")
     assert report["pending_points"] == 0 and report["pending_files"] == [] and report["status"] == "FINISHED"
+    assert list((tmp_path / "spool").iterdir()) == []  # all delivered: the sink's spool folder is gone
 
     client = MlflowClient(server.url)
     run = client.get_run(run_id)
@@ -105,6 +106,7 @@ def test_outage_mid_run_delivers_every_point_once(server, tmp_path):
         report = sink.close("FINISHED")
     assert any("delivery failed" in line for line in log.lines)
     assert report["pending_points"] == 0 and report["pending_files"] == []
+    assert list((tmp_path / "spool").iterdir()) == []  # the points it spilled went out: nothing left behind
     client = MlflowClient(server.url)
     assert client.get_run(run_id).info.status == "FINISHED"
     expected = expected_metrics(records)
@@ -301,7 +303,7 @@ def test_a_training_run_logs_each_step_once_a_sweep_trial_may_log_an_epoch_again
     (it has a parent) takes an epoch again, as PBT does when it moves a trial to another checkpoint."""
     from callbacks.sinks.mlflow_writer import RunWriter
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     parent = create_run(uri, "floors", "sweep")
 
     def fitness(run_id):

@@ -201,6 +201,7 @@ def test_s3_outage_keeps_parts_and_checkpoints(proxy, tmp_path):
     assert len(records) == total
     assert log.close("FINISHED")["pending_parts"] == []
     assert ckpt.close("FINISHED")["pending"] == []
+    assert list((tmp_path / "spool").iterdir()) == []  # both spool folders went with their last upload
     table = read_event_log(uri, "run-o")
     assert sorted(zip(table["rank"].to_pylist(), table["seq"].to_pylist())) == \
         sorted((r["rank"], r["seq"]) for r in records)

@@ -22,13 +22,14 @@ from sweeps.space import Objective, ObjectiveKeyError
 from trainers.classify import ClassificationTrainer
 from trainers.utils import UserError
 from tests.helpers import own_lines
+from tests.servers import mlflow_store
 
 QUICK = dict(data="digits", imgsz=16, batch=16, nbs=16, fraction=0.1, verbose=False, plots=False, workers=0,
              seed=0, optimizer="SGD")
 
 
 def where(tmp_path) -> dict:
-    return {"project": str(tmp_path / "runs"), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    return {"project": str(tmp_path / "runs"), "tracking_uri": mlflow_store(tmp_path / "mlflow.db"),
             "storage": str(tmp_path / "store")}
 
 
@@ -343,6 +344,7 @@ def test_pbt_restarts_the_weak_trial_from_the_strong_trials_checkpoint(sweep_ray
     assert weak, starts
     first_weak = weak[0]
     assert first_weak["start_epoch"] == 2 and "exploit-" in first_weak["resume"]
+    assert not Path(first_weak["resume"]).parent.exists()  # the local copy went when the trial ended
     assert Path(first_weak["save_dir"]).name == first_weak["trial"]  # its own folder, not the clone's
     clone = [r for r in starts if r["start_epoch"] == 0 and r["trial"] == first_weak["trial"]]
     assert clone and clone[0]["lr0"] == 0.01  # it began as the weak trial

@@ -7,10 +7,11 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator import Model
 from tests.helpers import QUICK, system_series
+from tests.servers import mlflow_store
 
 
 def test_an_in_process_run_logs_its_node_s_system_metrics_each_step_once(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     where = dict(project=str(tmp_path / "runs"), tracking_uri=uri, storage=str(tmp_path / "store"),
                  journal=str(tmp_path / "journal"))
     model = Model("cls-n.yaml")

@@ -15,6 +15,7 @@ import torch
 from orchestrator import Model
 from orchestrator.cli import main as cli_main
 from tests.helpers import QUICK, EventRecorder
+from tests.servers import mlflow_store
 from trainers.classify import ClassificationTrainer
 from trainers.registry import CallbackError
 from trainers.utils import UserError, unwrap_model
@@ -234,7 +235,7 @@ def test_nan_loss_stops_with_one_line_keeps_last_pt_and_no_torch_warning(tmp_pat
 def test_optimizer_arguments_torch_rejects_get_one_line_naming_the_keys(tmp_path, capsys, args, message):
     # were the check gone, this would be a tiny run that stays in tmp_path
     tiny = ["model=cls-n.yaml", "data=digits", "epochs=1", "fraction=0.05", "imgsz=16", "verbose=False",
-            f"project={tmp_path}", f"tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"storage={tmp_path}/store",
+            f"project={tmp_path}", f"tracking_uri={mlflow_store(tmp_path / 'mlflow.db')}", f"storage={tmp_path}/store",
             f"journal={tmp_path}/journal"]
     assert cli_main(["train", *tiny, *args]) == 2
     assert capsys.readouterr().err == f"error: {message}\n"

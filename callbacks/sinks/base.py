@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -99,6 +100,14 @@ def make_spool_dir(spool_dir: str | None, kind: str, name: str | None) -> Path:
         parent.mkdir(parents=True, exist_ok=True)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name or "run"))[:60]
     return Path(tempfile.mkdtemp(prefix=f"{kind}-{safe}-", dir=parent))
+
+
+def drop_spool_dir(path: Path | None) -> None:
+    """Remove a sink's spool folder once everything in it went out (at a clean close): what it
+    held is delivered, and the journal keeps the run's entries. One left with data stays (the
+    close's warning names it)."""
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class Progress:

@@ -20,7 +20,7 @@ import os
 import threading
 
 from callbacks.records import record_of
-from callbacks.sinks.base import Sink, make_spool_dir
+from callbacks.sinks.base import Sink, drop_spool_dir, make_spool_dir
 from callbacks.sinks.delivery import Courier
 from callbacks.sinks.event_log import EventLogSink
 from callbacks.sinks.event_parts import EventParts
@@ -257,4 +257,6 @@ class MLflowSink(Sink):
                 f"{report['pending_points']} metric points and {len(report['pending_files'])} files pending "
                 f"({', '.join(report['pending_files']) or 'no files'}), status {status} not set; "
                 f"kept in {self._dir} (last error: {report['last_error']})")
+        else:
+            drop_spool_dir(self._dir)
         return report

@@ -9,7 +9,7 @@ entry it had been handed when the round began is then in the store.
 """
 from __future__ import annotations
 
-from callbacks.sinks.base import Sink, make_spool_dir
+from callbacks.sinks.base import Sink, drop_spool_dir, make_spool_dir
 from callbacks.sinks.delivery import FileCourier
 from callbacks.sinks.s3 import S3Setup
 from callbacks.sinks.storage import ObjectStore
@@ -88,6 +88,7 @@ class StoreSink(Sink):
         pending = report[self.pending_key]
         if not pending:
             self._idle(self._taken)
+            drop_spool_dir(self._courier and self._courier.stage.dir)
         if pending:
             LOGGER.warning(f"{self.label}: {len(pending)} files of run {self.run_id} ({_some(pending)}) not "
                            f"delivered to {self.store_uri} (last error: {report['last_error']}); "
