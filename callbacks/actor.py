@@ -143,7 +143,8 @@ def freeze_startup_objects() -> None:
 
 
 NICE = 10
-ASK_RAY_AFTER = 2.0  # s of quiet after which the actor asks Ray whether the driver's job ended
+HEARTBEAT = 5.0  # seconds between a driver's heartbeats to its callback actor
+ASK_RAY_AFTER = 1.5 * HEARTBEAT  # s of quiet (a heartbeat late) before the actor asks Ray about the driver's job
 
 
 def job_ended(job_id: str) -> bool:

@@ -26,7 +26,7 @@ from ray.train.v2._internal.execution import context as train_context
 from ray.train.v2.api.config import LoggingConfig
 from ray.train.torch import TorchTrainer
 
-from callbacks.actor import ray_log_file, start_callback_actor
+from callbacks.actor import HEARTBEAT, ray_log_file, start_callback_actor
 from callbacks.artifacts import ArtifactShipper
 from callbacks.forwarder import EventForwarder
 from callbacks.sinks.s3 import S3Setup
@@ -165,7 +165,6 @@ class RayBackend:
 
 
 ACTOR_NAMESPACE = "orchestrator"  # a detached actor's namespace (it outlives the driver's own)
-HEARTBEAT = 5.0  # seconds between the driver's heartbeats to its callback actor
 ORPHAN_AFTER = 30.0  # seconds of silence after which the actor ends the run itself (the driver died)
 
 

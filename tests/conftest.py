@@ -30,7 +30,10 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray with room for 2 training workers plus their controller and actors."""
+    """A local Ray with room for 2 training workers plus their controller and actors, and for the
+    placement groups (1 CPU each) of sweep trials Tune paused or stopped: Ray Train's cleaner frees
+    them through the state API, which this Ray (no dashboard) does not serve, so a PBT sweep's
+    resumed trial could otherwise wait for a CPU forever (``tests/test_sweeps.py``, ``sweep_ray``)."""
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -38,7 +41,7 @@ def ray_session():
     if started:
         from orchestrator.ray_launch import LOCAL_RAY_ENV  # one local node, as the embedded Ray
 
-        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
+        ray.init(num_cpus=6, include_dashboard=False, configure_logging=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
                                            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", **LOCAL_RAY_ENV}})
     yield ray

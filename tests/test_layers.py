@@ -14,7 +14,9 @@ PACKAGES = ("trainers", "callbacks", "orchestrator", "infra", "sweeps")
 USER_FACING = {"orchestrator", "orchestrator.__main__", "orchestrator.cli", "orchestrator.commands",
                "orchestrator.model"}
 LAYER = {"trainers": 1, "callbacks": 2, "orchestrator": 3, "infra": 3, "sweeps": 4}
-LAZY_GETATTR_OK = {"trainers"}  # keeps `import trainers.utils` from loading torch (start-up time)
+# Each keeps importing a submodule from loading torch (start-up time): `import trainers.utils`, and
+# the callback actor's unpickling of `orchestrator.results` (the package's `Model`).
+LAZY_GETATTR_OK = {"trainers", "orchestrator"}
 
 
 def module_name(path: Path) -> str:

@@ -150,7 +150,9 @@ def test_optuna_search_needs_optuna_or_rejects_grid():
 
 def test_cli_rejects_bad_sweep_before_any_trial(tmp_path, capsys):
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({"base": {"model": "cls-n.yaml", "optimizer": "SGD", **where(tmp_path)},
+    store = {"project": str(tmp_path / "runs"), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+             "storage": str(tmp_path / "store")}  # where()'s, the store not made: it must stay so
+    sweep.write_text(yaml.safe_dump({"base": {"model": "cls-n.yaml", "optimizer": "SGD", **store},
                                      "space": {"lr0": {"uniform": [0.01, 0.1]}, "momentun": {"choice": [0.9]}}}))
     assert main(["sweep", str(sweep)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
