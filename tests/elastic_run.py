@@ -2,10 +2,12 @@
 raylets on this machine), run as a script by tests/test_elastic.py so that its cluster does not
 meet the test session's Ray.
 
-``num_workers=1-2`` on a head with room for one worker: the run starts with one. In epoch 1 a
-one-worker node joins and Ray Train restarts the group with two (a resize); in epoch 2 that node
-leaves, which kills the rank on it: a worker failure (``max_failures=1``), and Ray Train restarts
-the group with the one worker the cluster still has room for.
+``num_workers=1-3`` on a head with room for one worker: the run starts with one. In epoch 1 a
+one-worker node joins and Ray Train restarts the group with two (a resize); in epoch 2 another
+joins and the group of two grows to three (the global batch of 16 no longer splits evenly: 5 images
+each); in epoch 3 the last node leaves, which kills the rank on it: a worker failure
+(``max_failures=1``), and Ray Train restarts the group with the two workers the cluster still has
+room for.
 
 In each of those epochs every rank of the group holds its first batch and the highest rank asks
 for the change (a marker file this script watches) once the previous epoch's checkpoint is
@@ -33,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 from tests.servers import mlflow_store  # noqa: E402
 
 HOLD_S = 180.0  # longest a group waits in a changing epoch for the restart that ends it
-CHANGES = {1: "add", 2: "remove"}  # epoch -> the cluster's change in it
-EPOCHS = 4
+CHANGES = {1: "add", 2: "add", 3: "remove"}  # epoch -> the cluster's change in it
+EPOCHS = 5
 START_TIMEOUT_S = 20.0  # Ray Train waits this long for a group of the old size after a node left
 
 
@@ -62,8 +64,8 @@ def main(folder: Path) -> None:
 
 def change_when_asked(cluster, folder: Path, runner: threading.Thread) -> None:
     """Make each change once a rank asks for it (on the main thread: a raylet's start installs
-    signal handlers): add a one-worker node, then remove it."""
-    joined = None
+    signal handlers): add a one-worker node, or remove the last one added."""
+    joined = []
     for epoch, change in sorted(CHANGES.items()):
         marker = folder / f"change-{epoch}"
         while runner.is_alive() and not marker.exists():
@@ -71,9 +73,9 @@ def change_when_asked(cluster, folder: Path, runner: threading.Thread) -> None:
         if not marker.exists():
             return
         if change == "add":
-            joined = cluster.add_node(num_cpus=1)
+            joined.append(cluster.add_node(num_cpus=1))
         else:
-            cluster.remove_node(joined)
+            cluster.remove_node(joined.pop())
 
 
 def train(folder: Path, failure: list) -> None:
@@ -107,7 +109,7 @@ def train_elastic(folder: Path) -> None:
     model.add_callback("on_train_start", note_to(folder / "starts.jsonl"))
     model.add_callback("on_resize", note_to(resizes))
     model.train(data="digits", imgsz=16, fraction=0.1, epochs=EPOCHS, batch=16, nbs=32, verbose=True, plots=False,
-                workers=0, seed=0, num_workers="1-2", max_failures=1,
+                workers=0, seed=0, num_workers="1-3", max_failures=1,
                 resources_per_worker={"CPU": 1}, resize_interval=1.0,
                 storage=str(storage), tracking_uri=mlflow_store(folder / "mlflow.db"),
                 project=str(folder / "runs"), name="elastic")

@@ -187,11 +187,12 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self.done.wait(1.0):
             try:
+                self.process = self.process or psutil.Process(actor_pid(self.actor))
                 self.rss.append((time.time(), self.process.memory_info().rss / 2**20))
                 if self.asking:
                     self.behind.append((time.time(), ray.get(self.actor.stats.remote())["behind"]))
-            except (psutil.NoSuchProcess, ray.exceptions.RayActorError):  # killed: on to its successor
-                self.process = psutil.Process(actor_pid(self.actor))
+            except (psutil.NoSuchProcess, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                self.process = None  # killed or restarting: its successor's, next second
 
 
 def actor_pid(actor) -> int:
@@ -266,6 +267,7 @@ def test_the_actor_memory_stays_bounded_and_mlflow_waits_in_the_journal(outage_r
     baseline = max(rss for t, rss in sampler.rss if t < cut)
     series = [(round(t - start_at), round(rss)) for t, rss in sampler.rss]
     assert max(rss for _, rss in sampler.rss) <= baseline + RSS_GROWTH_MB, f"RSS (s, MB): {series}"
+    assert any(t > cut + KILL_AT + 5 for t, _ in sampler.rss), f"the restarted actor was not sampled: {series}"
     held = [behind for t, behind in sampler.behind if cut < t < restored]
     assert max(held) > 0, "the MLflow sink never filled: the test did not exercise the bound"
     assert report["from_journal"] > 0 and report["failures"] == []
