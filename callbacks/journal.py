@@ -35,7 +35,7 @@ from typing import Callable
 import pyarrow as pa
 
 from callbacks.sinks.base import Progress, write_atomic
-from callbacks.sinks.event_parts import SCHEMA, table_of
+from callbacks.sinks.event_parts import SCHEMA, stream_table
 from trainers.events import ROW_FIELDS
 from trainers.utils import try_lock
 
@@ -112,7 +112,7 @@ class Journal:
     def append(self, stream: tuple, first_seq: int, rows: list) -> int:
         """Write one entry (not yet durable: ``commit``); its number."""
         n = self.next_entry
-        table = table_of(int(stream[1]), int(stream[2]), range(first_seq, first_seq + len(rows)), rows)
+        table = stream_table(stream, first_seq, rows)
         table = table.append_column(ENTRY, pa.array([n] * table.num_rows, pa.int64()))
         self._open_segment(n).write_table(table)
         self._segment_rows += table.num_rows

@@ -128,7 +128,7 @@ def cluster_of(workers: int):
 
 
 def raw_streams(store: str, run_id: str) -> dict[str, list]:
-    """Every event-log row stored in ``store`` as ``[seq, event]``, by ``rank/attempt``, in stored
+    """Every event-log row stored in ``store`` as ``[seq, event]``, by ``rank/attempt``, in seq
     order (raw: no de-duplication, so a record stored twice shows)."""
     from callbacks.sinks import read_event_log
 

@@ -173,7 +173,7 @@ def test_per_class_values_survive_the_wire_and_rebuild_the_object():
     record = {**worker.results_dict, **worker.per_class_results()}
     assert len(worker.per_class_results()) == 13 * len(worker.box.ap_class_index)
     row = make_row("on_fit_epoch_end", {"metrics": record, "final_eval": True})
-    (sent,) = rows_table(0, 0, [0], [row]).to_pylist()
+    (sent,) = rows_table([0], [0], [0], [row]).to_pylist()
     driver = DetMetrics(NAMES, fitness_weights=(0.1, 0.1, 0.3, 0.5))
     driver.restore(dict(sent["metrics"]))
     for name in ("p", "r", "f1", "ap50", "ap", "all_ap", "ap_class_index"):

@@ -292,7 +292,7 @@ def test_mlflow_has_every_point_once_and_the_run_finished(outage_run):
 
 def test_event_log_has_every_record_once(outage_run):
     _, results, _, _, _, folder = outage_run
-    table = read_event_log(str(folder / "store"), RUN, dedup_rows=False)  # raw: as stored
+    table = read_event_log(str(folder / "store"), RUN, dedup_rows=False)  # raw: every stored row
     seqs = defaultdict(list)
     for rank, seq in zip(table.column("rank").to_pylist(), table.column("seq").to_pylist()):
         seqs[rank].append(seq)

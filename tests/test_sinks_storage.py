@@ -142,6 +142,38 @@ def test_event_log_batches_cut_on_batch_boundaries(store_uri, tmp_path):
     assert tables[0].equals(tables[1]) and tables[0].num_rows == len(records)
 
 
+def test_a_cut_is_one_part_of_every_rank_and_a_restart_overwrites_it(tmp_path):
+    """A cut holds every rank's rows (sorted by rank and seq), named after the first row it took.
+    A sink restarted from its watermark (nothing of this run delivered) takes the same rows again
+    and cuts elsewhere (fewer rows per part): its first part overwrites the part the first sink
+    left, so every row is stored once (counted raw)."""
+    from trainers.events import wire_row
+
+    def batch(rank: int, first: int) -> list:
+        return [wire_row("on_train_batch_end", 0, step, 1e9 + step, {"loss": float(rank)}, {}, False)
+                for step in range(first, first + 2)]
+
+    batches = [(("run-e", rank, 7), first) for first in range(0, 10, 2) for rank in (1, 0)]  # rank 1 first
+    store = str(tmp_path / "store")
+    crashed = EventLogSink(store, "run-e", max_rows=10)  # cuts after the fifth batch, then "dies"
+    for stream, first in batches[:5]:
+        crashed.handle_rows(stream, first, batch(stream[1], first))
+    assert crashed.close("FINISHED")["pending_parts"] == []
+    (left,) = ObjectStore.from_uri(store).list(run_prefix("run-e"))
+    assert left.endswith("/part-1-7-000000000.parquet")
+    assert [(r["rank"], r["seq"]) for r in pq.read_table(io.BytesIO(ObjectStore.from_uri(store).get_bytes(left)))
+            .to_pylist()] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (1, 5)]
+
+    restarted = EventLogSink(store, "run-e", max_rows=6)
+    for stream, first in batches:
+        restarted.handle_rows(stream, first, batch(stream[1], first))
+    assert restarted.close("FINISHED")["pending_parts"] == []
+    keys = ObjectStore.from_uri(store).list(run_prefix("run-e"))
+    assert left in keys and len(keys) == 4  # 20 rows: 6 + 6 + 6 + 2
+    raw = read_event_log(store, "run-e", dedup_rows=False).to_pylist()
+    assert [(r["rank"], r["seq"]) for r in raw] == [(rank, seq) for rank in (0, 1) for seq in range(10)]
+
+
 def test_event_log_drops_only_malformed_rows(tmp_path):
     """A row Arrow cannot convert costs that row (a warning), not the part it was cut into."""
     from trainers.events import make_row

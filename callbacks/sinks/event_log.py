@@ -1,8 +1,9 @@
 """The durable event log: every record of a run as immutable Parquet parts in an object store.
 
-Layout under a store: ``events/run_id=<id>/part-<rank>-<attempt>-<first seq>.parquet`` (the
-format and the cutting are ``callbacks/sinks/event_parts.py``). Parts may overlap after an actor
-restart re-sends records; ``read_event_log`` keeps one row per (rank, attempt, seq). Beside them,
+Layout under a store: ``events/run_id=<id>/part-<rank>-<attempt>-<seq>.parquet``, a part per cut
+named after its first row (the format and the cutting are ``callbacks/sinks/event_parts.py``).
+Parts may overlap after an actor restart re-sends records; ``read_event_log`` keeps one row per
+(rank, attempt, seq). Beside them,
 ``events/run_id=<id>/_journal/<journal folder>/seg-<first entry>.arrow``: copies of the run's
 sealed journal segments (``callbacks/journal.py``; the folder is ``<id>``, or ``<id>.1``, ... for
 a resumed session). The ``_`` keeps them out of Parquet readers of ``events/`` (pyarrow, Spark
@@ -118,7 +119,8 @@ class EventLogSink(StoreSink):
 
 def read_event_log(store_uri: str, run_id: str, dedup_rows: bool = True, s3=None) -> pa.Table:
     """All records of ``run_id`` via ``pyarrow.dataset``: one row per rank/attempt/seq, sorted;
-    ``dedup_rows=False`` gives every stored row as stored (to check that none is there twice)."""
+    ``dedup_rows=False`` gives every stored row, sorted the same way (to check that none is there
+    twice: a part holds many ranks' rows, so the parts' order is not any rank's)."""
     import pyarrow.dataset as ds
     store = ObjectStore.from_uri(store_uri, s3)
     keys = [k for k in store.list(run_prefix(run_id)) if k.endswith(".parquet")]
@@ -129,7 +131,8 @@ def read_event_log(store_uri: str, run_id: str, dedup_rows: bool = True, s3=None
     dataset = ds.dataset([f"{base}/{k}" for k in keys], schema=schema, format="parquet", filesystem=fs,
                          partitioning=ds.partitioning(PARTITION, flavor="hive"),
                          partition_base_dir=f"{base}/events")
-    return dedup(dataset.to_table()) if dedup_rows else dataset.to_table()
+    table = dataset.to_table()
+    return dedup(table) if dedup_rows else in_stream_order(table)
 
 
 def dedup(table: pa.Table) -> pa.Table:
@@ -140,7 +143,11 @@ def dedup(table: pa.Table) -> pa.Table:
     indexed = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
     firsts = indexed.group_by(list(KEY_COLUMNS), use_threads=False).aggregate([("_row", "min")])
     keep = pc.sort_indices(firsts["_row_min"])
-    table = table.take(firsts["_row_min"].take(keep))
+    return in_stream_order(table.take(firsts["_row_min"].take(keep)))
+
+
+def in_stream_order(table: pa.Table) -> pa.Table:
+    """Sorted by rank, attempt and seq; rows stored twice stay in their stored order (a stable sort)."""
     return table.sort_by([(c, "ascending") for c in KEY_COLUMNS])
 
 
