@@ -243,6 +243,41 @@ def test_s3_outage_keeps_parts_and_checkpoints(proxy, tmp_path):
         assert ckpt_data["epoch"] == 2
 
 
+def test_files_a_remote_rank_shipped_reach_the_sinks_when_the_store_was_down_at_dispatch(proxy, tmp_path):
+    """Rank 0 on another node ships its files to the store, then its record names their URIs. If
+    the store is down when the record is dispatched, the sinks fetch the files once it is back
+    (fetched at dispatch, they were skipped: "not found on the driver")."""
+    from mlflow.tracking import MlflowClient
+
+    from callbacks.records import make_record
+    from callbacks.sinks import MLflowSink
+    from tests.servers import mlflow_store
+
+    uri = f"s3://{BUCKET}/shipped-{time.time_ns()}"
+    store = ObjectStore.from_uri(uri)
+    files = {"results.csv": b"epoch,loss\n0,1.0\n", "last.pt": b"weights of epoch 0"}
+    shipped = {name: store.put_bytes(f"runs/r/files/rank0/{name}", data) for name, data in files.items()}
+    record = make_record(run_id="r", event="on_model_save", rank=0, attempt=0, seq=0, epoch=0, step=5,
+                         artifacts={"results.csv": shipped["results.csv"], "last": shipped["last.pt"]})
+    tracking = mlflow_store(tmp_path / "mlflow.db")
+    ckpt = CheckpointSink(uri, "r", spool_dir=str(tmp_path / "spool"), close_timeout=60)
+    mlflow = MLflowSink(tracking, "proj", "shipped", {}, {}, spool_dir=str(tmp_path / "spool"), event_log=False,
+                        close_timeout=60)
+    proxy.cut()
+    for sink in (ckpt, mlflow):
+        sink.on_model_save(record)
+    time.sleep(3)
+    assert ckpt.report()["pending"] == [checkpoint_key("r", "last")]
+    assert mlflow.report()["pending_files"] == ["results.csv"]
+    proxy.restore()
+    assert ckpt.close("FINISHED")["pending"] == [] and mlflow.close("FINISHED")["pending_files"] == []
+    assert store.get_bytes(checkpoint_key("r", "last")) == files["last.pt"]
+    client = MlflowClient(tracking)
+    (run,) = client.search_runs([client.get_experiment_by_name("proj").experiment_id])
+    local = client.download_artifacts(run.info.run_id, "results.csv", str(tmp_path))
+    assert open(local, "rb").read() == files["results.csv"]
+
+
 def test_close_during_outage_reports_where_parts_are(proxy, tmp_path):
     uri = f"s3://{BUCKET}/down-{time.time_ns()}"
     records = list(record_stream(tmp_path / "save", run_id="run-d", epochs=1, steps=3, ranks=(0,)))

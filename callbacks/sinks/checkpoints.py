@@ -7,7 +7,7 @@ and survive outages of the store.
 """
 from __future__ import annotations
 
-from callbacks.sinks.storage import local_file
+from callbacks.sinks.storage import ShippedFiles, local_file
 from callbacks.sinks.store_sink import StoreSink
 from trainers.utils import LOGGER
 
@@ -27,20 +27,37 @@ class CheckpointSink(StoreSink):
     def __init__(self, store_uri: str, run_id: str, spool_dir: str | None = None,
                  close_timeout: float = 120.0, s3=None):
         super().__init__(store_uri, run_id, spool_dir, close_timeout, s3)
+        self._shipped = ShippedFiles(s3)
 
     def handle(self, event: str, record: dict) -> None:
         if event != "on_model_save" or self._closed is not None or record.get("rank", -1) > 0:
             return
         courier = self._start()
         for name in NAMES:
-            path = (record.get("artifacts") or {}).get(name)
-            if not path:
-                continue
-            local = local_file(path, self.s3)  # an s3:// URI when rank 0 ran on another node
-            if local is None:
-                LOGGER.warning(f"checkpoints: {name} checkpoint {path} not found on the driver; skipped")
-                continue
-            courier.put_file(checkpoint_key(self.run_id, name), local)
+            path = str((record.get("artifacts") or {}).get(name) or "")
+            if path.startswith("s3://"):  # rank 0 ran on another node: fetched by the courier
+                self._shipped.add(checkpoint_key(self.run_id, name), path)
+                courier.kick()
+            elif path:
+                self._put(checkpoint_key(self.run_id, name), path, local_file(path, self.s3))
+
+    def _put(self, key: str, path: str, local) -> None:
+        if local is None:
+            LOGGER.warning(f"checkpoints: checkpoint {path} not found on the driver; skipped")
+        else:
+            self._courier.put_file(key, local)
+
+    def _before_pump(self) -> int:
+        """Fetch the shipped checkpoints first (raises while the store does not answer: the
+        round fails and is retried, and the watermark stays before them)."""
+        taken = self._taken
+        self._shipped.fetch(self._put)
+        return taken
+
+    def report(self) -> dict:
+        report = super().report()
+        report[self.pending_key] = report[self.pending_key] + self._shipped.targets()
+        return report
 
     def _counts(self) -> dict:
         return {"uploads": self._courier.sent if self._courier else 0}

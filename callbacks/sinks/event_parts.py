@@ -4,8 +4,8 @@ A part holds every row of one cut, of all ranks (sorted by rank, attempt and seq
 ``part-<rank>-<attempt>-<seq>.parquet`` under ``events/run_id=<id>/`` after the first row the cut
 took: its name is fixed by its content, so a part re-sent after an uncertain failure, or cut again
 from the same journal entry by a sink restarted from its watermark, overwrites itself. (A part per
-rank made 256 parts of a cut at 256 ranks, ~4,000 small files a minute in the store and in MLflow,
-most of the actor's encoding time.) ``EventParts`` buffers rows, decides when to cut
+rank would make 256 parts a cut at 256 ranks: ~4,000 small files a minute in the store and in
+MLflow, and most of the actor's encoding time.) ``EventParts`` buffers rows, decides when to cut
 (size, age, epoch end, close) and hands each part's bytes to every subscriber: the event-log
 sink's object store, and the MLflow sink's ``events/`` artifacts. Encoding is most of what the
 event log costs the callback actor, so when both sinks serve a run the MLflow sink subscribes to

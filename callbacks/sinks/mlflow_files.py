@@ -5,6 +5,9 @@ masked (``redact_file``; a file holding a secret it cannot mask is skipped with 
 Checkpoints: only ``best``, as ``weights/best.pt``, at most every ``best_interval`` seconds while
 training and once more at close (``last`` lives in object storage, see the checkpoint sink).
 Event-log parts go under ``events/``. The MLflow sink's courier delivers what is staged here.
+
+Files rank 0 shipped from another node arrive as ``s3://`` URIs: the courier fetches them
+(``ShippedFiles``), not the thread that dispatches their record.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Callable
 from callbacks.sinks.redact import SecretInFile, redact_file
 from callbacks.sinks.spool import FileStage
 from callbacks.sinks.s3 import S3Setup
-from callbacks.sinks.storage import local_file
+from callbacks.sinks.storage import ShippedFiles, local_file
 from trainers.utils import LOGGER
 
 BEST = "weights/best.pt"
@@ -32,6 +35,7 @@ class RunFiles:
         self.s3 = s3
         self._best_path: str | None = None
         self._best_at = float("-inf")
+        self.shipped = ShippedFiles(s3)
 
     def add(self, artifacts: dict) -> None:
         """A record's ``artifacts`` (name -> path)."""
@@ -60,7 +64,17 @@ class RunFiles:
             self.kick()
 
     def _stage(self, target: str, path: str) -> None:
-        local = local_file(path, self.s3)  # an s3:// URI when rank 0 ran on another node (callbacks/artifacts.py)
+        if path.startswith("s3://"):  # rank 0 ran on another node
+            self.shipped.add(target, path)
+            self.kick()
+            return
+        self._snapshot(target, path, local_file(path, self.s3))
+
+    def fetch_shipped(self) -> int:
+        """Courier thread: stage the shipped files (raises while the store does not answer)."""
+        return self.shipped.fetch(self._snapshot)
+
+    def _snapshot(self, target: str, path: str, local: Path | None) -> None:
         if local is None:
             LOGGER.warning(f"mlflow: artifact {path} not found on the driver; skipped")
             return

@@ -188,9 +188,9 @@ class MLflowSink(Sink):
         if self._feeds_parts:
             self._parts.cut_if_old()
         writer = self._writer
-        if writer.ready or self._attach_now or len(self._points) or len(self._stage) or self._status:
+        if writer.ready or self._attach_now or self._queued() or self._status:
             self._deliver(writer)
-        idle = not len(self._points) and not len(self._stage)
+        idle = not self._queued()
         if idle:
             self.progress.deliver(taken)
         return idle
@@ -201,8 +201,14 @@ class MLflowSink(Sink):
             writer.send_points(batch)
             self._points.drop(len(batch))
         self._stage.send(writer.send_file)
-        if self._status and not len(self._points) and not len(self._stage):
+        if self._files.fetch_shipped():  # raises while the store does not answer: retried, files kept
+            self._stage.send(writer.send_file)
+        if self._status and not self._queued():
             writer.terminate(self._status, self._end_tags)
+
+    def _queued(self) -> bool:
+        """Points, staged files or shipped files not fetched yet wait for delivery."""
+        return bool(len(self._points) or len(self._stage) or len(self._files.shipped))
 
     # ----------------------------------------------------------------- flush / close / report
     def flush(self, timeout: float = 0.0) -> bool:
@@ -218,7 +224,8 @@ class MLflowSink(Sink):
         if not self._started:
             return {"sink": "mlflow", "run_id": self.run_id, "delivered_points": 0, "pending_points": 0,
                     "pending_files": [], "status": None, "spool_dir": None, "last_error": None}
-        pending, files, writer = len(self._points), self._stage.targets(), self._writer
+        pending, writer = len(self._points), self._writer
+        files = self._stage.targets() + self._files.shipped.targets()
         return {"sink": "mlflow", "tracking_uri": redact_text(str(self.tracking_uri)), "run_id": writer.run_id,
                 "delivered_points": writer.delivered, "pending_points": pending, "pending_files": files,
                 "rejected_points": writer.rejected,

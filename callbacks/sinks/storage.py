@@ -12,7 +12,9 @@ import abc
 import os
 import shutil
 import tempfile
+from collections import deque
 from pathlib import Path, PurePosixPath
+from typing import Callable
 from urllib.parse import urlparse
 
 from callbacks.sinks.s3 import S3Setup
@@ -190,7 +192,7 @@ class S3Store(ObjectStore):
             self.client.head_object(Bucket=self.bucket, Key=self._key(key))
             return True
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if missing(exc):
                 return False
             raise
 
@@ -228,9 +230,25 @@ class S3Store(ObjectStore):
 _downloads: Path | None = None
 
 
+def missing(exc: Exception) -> bool:
+    """Whether an S3 error says the object is not there (rather than that S3 did not answer)."""
+    return getattr(exc, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+
+
 def local_file(path: str, s3: S3Setup | None = None) -> Path | None:
     """A readable local file for an artifact path or ``s3://`` URI (downloaded, as ``s3`` says, to a
-    temp folder of this process, keeping the object's name); None when there is none."""
+    temp folder of this process, keeping the object's name); None when there is none, or when its
+    store does not answer (a warning)."""
+    try:
+        return fetch_file(path, s3)
+    except Exception as exc:  # noqa: BLE001 - reported by the caller as missing
+        LOGGER.warning(f"could not fetch {path}: {exc}")
+        return None
+
+
+def fetch_file(path: str, s3: S3Setup | None = None) -> Path | None:
+    """``local_file``, except that a store which does not answer raises, so that a caller can try
+    again once it is back (a sink's courier); None only when there is no such file."""
     global _downloads
     text = str(path)
     if text.startswith("file://"):
@@ -241,12 +259,46 @@ def local_file(path: str, s3: S3Setup | None = None) -> Path | None:
     key = parsed.path.lstrip("/")
     try:
         data = ObjectStore.from_uri(f"s3://{parsed.netloc}", s3).get_bytes(key)
-    except Exception as exc:  # noqa: BLE001 - reported by the caller as missing
-        LOGGER.warning(f"could not fetch {text}: {exc}")
-        return None
+    except Exception as exc:
+        if missing(exc):
+            return None
+        raise
     if _downloads is None:
         _downloads = Path(tempfile.mkdtemp(prefix="artifacts-"))
     dst = _downloads / parsed.netloc / key
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_bytes(data)
     return dst
+
+
+class ShippedFiles:
+    """Files a worker on another node shipped to the run's store (``s3://`` URIs in its records,
+    ``callbacks/artifacts.py``), for a sink to take on its courier thread, in the order they came.
+
+    The store was up when the worker shipped them, but may be down when their record is dispatched:
+    fetched then, the file was lost. ``fetch`` raises while the store does not answer, so the
+    courier retries after its backoff with the files still queued (and its round not idle: the
+    sink's watermark stays before their records)."""
+
+    def __init__(self, s3: S3Setup | None = None):
+        self.s3 = s3
+        self._queue: deque[tuple[str, str]] = deque()  # (target, URI), oldest first
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def add(self, target: str, uri: str) -> None:
+        self._queue.append((target, uri))
+
+    def targets(self) -> list[str]:
+        return [target for target, _ in self._queue]
+
+    def fetch(self, take: Callable[[str, str, Path | None], None]) -> int:
+        """``take(target, uri, local file or None)`` for each, oldest first; how many were taken."""
+        taken = 0
+        while self._queue:
+            target, uri = self._queue[0]
+            take(target, uri, fetch_file(uri, self.s3))
+            self._queue.popleft()
+            taken += 1
+        return taken
