@@ -7,7 +7,7 @@ and survive outages of the store.
 """
 from __future__ import annotations
 
-from callbacks.sinks.storage import ShippedFiles, local_file
+from callbacks.sinks.storage import ShippedFiles
 from callbacks.sinks.store_sink import StoreSink
 from trainers.utils import LOGGER
 
@@ -34,12 +34,9 @@ class CheckpointSink(StoreSink):
             return
         courier = self._start()
         for name in NAMES:
-            path = str((record.get("artifacts") or {}).get(name) or "")
-            if path.startswith("s3://"):  # rank 0 ran on another node: fetched by the courier
-                self._shipped.add(checkpoint_key(self.run_id, name), path)
-                courier.kick()
-            elif path:
-                self._put(checkpoint_key(self.run_id, name), path, local_file(path, self.s3))
+            path = (record.get("artifacts") or {}).get(name)
+            if path and self._shipped.route(checkpoint_key(self.run_id, name), path, self._put):
+                courier.kick()  # rank 0 ran on another node: the courier fetches it
 
     def _put(self, key: str, path: str, local) -> None:
         if local is None:

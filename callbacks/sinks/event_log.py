@@ -137,13 +137,11 @@ def read_event_log(store_uri: str, run_id: str, dedup_rows: bool = True, s3=None
 
 def dedup(table: pa.Table) -> pa.Table:
     """First row of each (rank, attempt, seq), sorted by rank, attempt, seq."""
-    import pyarrow.compute as pc
     if table.num_rows == 0:
         return table
     indexed = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
     firsts = indexed.group_by(list(KEY_COLUMNS), use_threads=False).aggregate([("_row", "min")])
-    keep = pc.sort_indices(firsts["_row_min"])
-    return in_stream_order(table.take(firsts["_row_min"].take(keep)))
+    return in_stream_order(table.take(firsts["_row_min"]))
 
 
 def in_stream_order(table: pa.Table) -> pa.Table:

@@ -19,7 +19,7 @@ from typing import Callable
 from callbacks.sinks.redact import SecretInFile, redact_file
 from callbacks.sinks.spool import FileStage
 from callbacks.sinks.s3 import S3Setup
-from callbacks.sinks.storage import ShippedFiles, local_file
+from callbacks.sinks.storage import ShippedFiles
 from trainers.utils import LOGGER
 
 BEST = "weights/best.pt"
@@ -64,11 +64,8 @@ class RunFiles:
             self.kick()
 
     def _stage(self, target: str, path: str) -> None:
-        if path.startswith("s3://"):  # rank 0 ran on another node
-            self.shipped.add(target, path)
+        if self.shipped.route(target, path, self._snapshot):  # rank 0 ran on another node
             self.kick()
-            return
-        self._snapshot(target, path, local_file(path, self.s3))
 
     def fetch_shipped(self) -> int:
         """Courier thread: stage the shipped files (raises while the store does not answer)."""

@@ -276,7 +276,7 @@ class ShippedFiles:
     ``callbacks/artifacts.py``), for a sink to take on its courier thread, in the order they came.
 
     The store was up when the worker shipped them, but may be down when their record is dispatched:
-    fetched then, the file was lost. ``fetch`` raises while the store does not answer, so the
+    fetched then, the file would be lost. ``fetch`` raises while the store does not answer, so the
     courier retries after its backoff with the files still queued (and its round not idle: the
     sink's watermark stays before their records)."""
 
@@ -287,8 +287,14 @@ class ShippedFiles:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def add(self, target: str, uri: str) -> None:
-        self._queue.append((target, uri))
+    def route(self, target: str, path: str, take: Callable[[str, str, Path | None], None]) -> bool:
+        """An ``s3://`` URI waits for ``fetch`` (True: kick the courier); any other path is taken
+        now, as ``take(target, path, local file or None)``."""
+        if str(path).startswith("s3://"):
+            self._queue.append((target, str(path)))
+            return True
+        take(target, path, local_file(path, self.s3))
+        return False
 
     def targets(self) -> list[str]:
         return [target for target, _ in self._queue]
