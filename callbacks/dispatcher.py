@@ -69,7 +69,7 @@ def _entry(item, index: int) -> _Entry:
         return _Entry(callback_name(fn), fn, {event: fn}, is_sink=False)
     wanted = (isinstance(item, Sink) and item.events) or EVENTS  # a Sink may name the events it acts on
     handlers = {e: getattr(item, e) for e in EVENTS if e in wanted and callable(getattr(item, e, None))}
-    if not handlers:
+    if not handlers and not isinstance(item, Sink):  # a Sink may act on start and close alone
         raise UserError(f"driver callback #{index} ({type(item).__name__}) is neither an (event, fn) "
                         f"pair nor a sink with a method named after an event")
     return _Entry(type(item).__name__, item, handlers, is_sink=True)

@@ -1,9 +1,12 @@
 """System metrics of each node (CPU, memory, disk, network; GPU where MLflow can read one) with
 MLflow's own monitor, as ``system/<node>/<metric>`` of the run's MLflow run.
 
-One monitor per node: the in-process run, or under Ray the worker of each node that takes the
-node's lock file first (an OS lock: freed when that worker dies, so a restart takes it again;
-Ray Train's local rank cannot tell nodes that share an IP apart). It samples
+One monitor per node: the process of the run's sinks (``NodeSampler``: the in-process run, or the
+callback actor on the driver's node, which has MLflow loaded already) takes its node first; under
+Ray a worker of each other node samples its own, the first to take the node's lock file (an OS
+lock: freed when that process dies, so a restart takes it again; Ray Train's local rank cannot
+tell nodes that share an IP apart). A worker on the actor's node finds the node taken and loads
+nothing for it (MLflow and its database client cost a worker seconds of CPU at start-up). It samples
 every ``system_metrics`` seconds (0 turns it off) and finds the MLflow run by the orchestrator's run
 id (the callback actor may still be creating it). Samples go to MLflow directly, not through the run's
 journal: they describe the machine, not the training, and one lost in an outage is not a lost record.
@@ -12,11 +15,13 @@ A restarted worker continues the step count (``resume_logging``), so no step is 
 from __future__ import annotations
 
 import socket
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from callbacks.sinks.base import Sink
 from callbacks.sinks.mlflow_runs import find_run, mlflow_client
 from trainers.utils import LOGGER, try_lock
 
@@ -31,11 +36,31 @@ def node_label(ray_node_id: str | None = None) -> str:
     return f"{host}-{ray_node_id[:8]}" if ray_node_id else host
 
 
+def this_node() -> str:
+    """This process's node label: inside a Ray actor with the Ray node id, as that node's workers
+    name it (so both contend for the same lock file); elsewhere the host's."""
+    ray = sys.modules.get("ray")  # not imported: no Ray here
+    if ray is not None and ray.is_initialized():
+        context = ray.get_runtime_context()
+        if context.get_actor_id() is not None:
+            return node_label(context.get_node_id())
+    return node_label()
+
+
+def node_sampler(args, run_id: str) -> list:
+    """The sampler of the run's sinks' node, for the run's callbacks; none when sampling is off."""
+    if float(args.system_metrics or 0) > 0 and args.tracking_uri:
+        return [NodeSampler(tracking_uri=args.tracking_uri, experiment=args.experiment,
+                            system_metrics=args.system_metrics, run_id=run_id)]
+    return []
+
+
 class NodeMonitor:
     """Started at the trainer's ``on_pretrain_routine_start``, stopped at ``teardown``."""
 
     def __init__(self, args, run_id: str, node: str):
-        """``args``: the run's (the driver pinned its tracking URI and experiment)."""
+        """``args``: the run's (the driver pinned its tracking URI and experiment), or anything
+        with its ``tracking_uri``, ``experiment`` and ``system_metrics``."""
         self.args, self.run_id, self.node = args, run_id, node
         self.monitor = None
         self._stopped = threading.Event()
@@ -129,3 +154,22 @@ class NodeMonitor:
             LOGGER.debug(f"system metrics: MLflow not reachable yet: {exc}")
             return None
         return run.info.run_id if run is not None else None
+
+
+class NodeSampler(Sink):
+    """A run callback that samples the node it runs on, from ``start`` to ``close``: first among
+    the callbacks, so its last sample is logged before the MLflow sink ends the run. It takes no
+    event, and ``orchestrator recover`` does not rebuild it (a recovering machine is not the run's)."""
+
+    events = frozenset()
+    handle_rows = None  # no rows: the dispatcher hands it none
+
+    def start(self) -> None:
+        self._monitor = NodeMonitor(self, self.run_id, this_node())
+        self._monitor.start()
+
+    def close(self, status: str = "FINISHED") -> dict:
+        monitor = self.__dict__.pop("_monitor", None)
+        if monitor is not None:
+            monitor.stop()
+        return {}

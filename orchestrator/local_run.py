@@ -5,7 +5,6 @@ import time
 
 from callbacks.dispatcher import Dispatcher
 from callbacks.records import CLOSE_EVENT, FLUSH_EVENTS
-from callbacks.system_metrics import NodeMonitor, node_label
 from orchestrator.console import print_lines
 
 
@@ -58,7 +57,7 @@ class LocalBackend:
     stops_at_once = False  # the trainer is here: a stop signal waits for a step boundary
 
     def __init__(self):
-        self.dispatcher = self.trainer = self.forwarder = self.monitor = None
+        self.dispatcher = self.trainer = self.forwarder = None
 
     def connect(self, args) -> None:
         """Nothing to reach: training runs in this process."""
@@ -69,8 +68,6 @@ class LocalBackend:
         self.trainer = session.factory()
         self.forwarder = LocalForwarder(self.dispatcher, session.run_id, session.events)
         self.forwarder.attach(self.trainer.callbacks)
-        self.monitor = NodeMonitor(session.args, session.run_id, node_label())
-        self.monitor.attach(self.trainer)
         if session.console is not None:  # after the forwarder's flush: the epoch's line is made
             self.trainer.add_callback("on_fit_epoch_end", lambda trainer: print_lines(session.console.take_lines()))
 
@@ -81,8 +78,6 @@ class LocalBackend:
     def finish(self, session, status: str, reason: str | None = None) -> dict:
         if self.forwarder is not None:
             self.forwarder.flush()
-        if self.monitor is not None:  # a failed run's last samples too
-            self.monitor.stop()
         return self.dispatcher.finish(status, reason)
 
     def outcome(self) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from callbacks.journal import Journal
 from callbacks.sinks.factory import SINK_CLASSES, forwarded_events
+from callbacks.system_metrics import node_sampler
 from trainers.config import worker_counts
 from trainers.utils import LOGGER, user_error_in
 from orchestrator.recovery import recover
@@ -32,9 +33,10 @@ def run_events(driver_callbacks) -> list[str]:
     return forwarded_events(driver_callbacks, (*SINK_CLASSES, ResultSink, EpochConsole))
 
 
-def run_callbacks(sinks: list, driver_callbacks, console: EpochConsole | None = None) -> list:
-    """A run's driver callbacks in dispatch order: its sinks, a ResultSink, its console, the user's."""
-    return [*sinks, ResultSink(), *([console] if console else []), *driver_callbacks]
+def run_callbacks(sinks: list, driver_callbacks, console: EpochConsole | None = None, sampler=()) -> list:
+    """A run's driver callbacks in dispatch order: its node's sampler (``node_sampler``), its sinks,
+    a ResultSink, its console, the user's."""
+    return [*sampler, *sinks, ResultSink(), *([console] if console else []), *driver_callbacks]
 
 
 def train_run(factory, args, driver_callbacks) -> dict:
@@ -82,7 +84,8 @@ class RunSession:
         self.journal = Journal.for_session(self.args.journal, self.run_id, self.sinks)
         self.driver_callbacks = list(driver_callbacks)
         self.console = EpochConsole(self.args.epochs) if self.args.verbose else None
-        self.callbacks = run_callbacks(self.sinks, self.driver_callbacks, self.console)
+        self.callbacks = run_callbacks(self.sinks, self.driver_callbacks, self.console,
+                                       node_sampler(self.args, self.run_id))
         self.events = run_events(driver_callbacks)
         self.report: dict = {}
         self.logged_model: str | None = None  # the MLflow logged model of best.pt, once finished

@@ -1,7 +1,8 @@
 """Ranks on other nodes than the driver, with the object store cut for 30 s mid-run: every rank's
 records reach the event log, in order, none missing or twice; the files rank 0's records name still
-reach the sinks; each node's system metrics reach the run under the node's name; training never
-waited for S3.
+reach the sinks; each node's system metrics (the three training nodes', and the head's, where the
+callback actor samples its own node) reach the run under the node's name; training never waited
+for S3.
 
 tests/multinode_run.py runs one tiny detection run on a Ray cluster of four raylets on this machine
 (the driver on the head, one rank on each of three other nodes) with S3 storage (moto over HTTP,
@@ -64,6 +65,6 @@ def test_three_remote_ranks_ride_out_a_30s_s3_outage_and_every_record_and_file_r
     assert {"fitness", "metrics/mAP50B", "train/box_loss", "lr/pg0"} <= set(epoch_keys), epoch_keys
     for key in epoch_keys:
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1, 2, 3], key
-    # each training node sampled itself into the run, under its own name
+    # each training node sampled itself into the run, under its own name; the callback actor its own
     nodes = {key.split("/")[1] for key in run.data.metrics if key.startswith("system/")}
-    assert nodes == {node_label(node) for node in result["worker_nodes"]}, nodes
+    assert nodes == {node_label(node) for node in [*result["worker_nodes"], result["driver_node"]]}, nodes

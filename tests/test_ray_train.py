@@ -3,6 +3,7 @@ import gc
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,8 @@ def test_custom_trainer_and_callbacks_run_on_every_rank(ray_session, tmp_path, n
     def record(trainer):
         with open(log, "a") as f:
             f.write(json.dumps({"rank": trainer.rank, "world": trainer.world_size, "epoch": trainer.epoch,
-                                "cls": type(trainer).__name__, "frozen": gc.get_freeze_count()}) + "\n")
+                                "cls": type(trainer).__name__, "frozen": gc.get_freeze_count(),
+                                "mlflow": "mlflow" in sys.modules}) + "\n")
 
     class DriverSink:  # a sink object on the driver: start, an event method, close(status)
         def __init__(self, path):
@@ -95,6 +97,7 @@ def test_custom_trainer_and_callbacks_run_on_every_rank(ray_session, tmp_path, n
     assert {(r["rank"], r["epoch"]) for r in rows} == {(r, e) for r in range(num_workers) for e in range(2)}
     assert all(r["world"] == num_workers and r["cls"] == "MarkedTrainer" for r in rows)
     assert all(r["frozen"] > 10_000 for r in rows)  # set-up's objects left out of garbage collections
+    assert not any(r["mlflow"] for r in rows)  # the actor samples the node: no worker loads MLflow for it
     assert "metrics/accuracy_top1" in metrics
     assert ray_session.is_initialized()  # a Ray the caller started is never shut down
     assert model.ckpt_path is not None and model.ckpt_path.name == "best.pt"
@@ -110,7 +113,7 @@ def test_custom_trainer_and_callbacks_run_on_every_rank(ray_session, tmp_path, n
     assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["digits"]  # logged by the actor's sink
     marker = client.get_metric_history(run.info.run_id, "custom/marker")  # trainer.log() on every epoch
     assert [(m.step, m.value) for m in marker] == [(0, 7.0), (1, 7.0)]
-    series = system_series(client, run.info.run_id)  # one monitor per node (rank 0's), each step once
+    series = system_series(client, run.info.run_id)  # one monitor per node (the actor's), each step once
     assert len({k.split("/")[1] for k in series}) == 1
     assert all(steps == list(range(len(steps))) for steps in series.values())
 
