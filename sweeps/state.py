@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import ray
+import yaml
 
 from callbacks.actor import send_record, start_callback_actor
 from callbacks.journal import Journal
@@ -92,20 +94,20 @@ class SweepState:
         self._note_hparams(trial, changed)
 
     def _note_hparams(self, trial, changed: dict) -> None:
-        """The new numbers as an ``on_hparams`` record of the driver to the trial's actor, at the
-        epoch the trial continues from: journaled and logged by its MLflow sink as ``hparam/<key>``
-        (params are write-once) like the trial's other records, so an MLflow outage only delays them.
-        Other values (strings, booleans) are in the line above and, once the trial ends, its table row."""
-        numbers = {k: v for k, v in changed.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if not numbers:
-            return
-        seq = self.notes[trial.trial_id] = self.notes.get(trial.trial_id, -1) + 1
+        """The new values as an ``on_hparams`` record of the driver to the trial's actor, at the
+        epoch the trial continues from: journaled and delivered by its sinks like the trial's other
+        records, so an MLflow outage only delays them. Numbers are its metrics (MLflow:
+        ``hparam/<key>``; params are write-once); every value, strings and booleans too, is in the
+        file it names (``hparams_file``: the child run's artifact ``hparams-epoch-<n>.yaml``)."""
+        trial_id = trial.trial_id
         epoch = int((trial.last_result or {}).get("training_iteration", 0))  # epochs done = the next one
-        record = driver_record(self.setup.run_id(trial.trial_id), "on_hparams", seq, epoch, numbers)
+        seq = self.notes[trial_id] = self.notes.get(trial_id, -1) + 1
         try:
-            send_record(self.actors[trial.trial_id], record)
+            record = hparams_record(self.setup.run_id(trial_id), seq, epoch, changed,
+                                    Path(self.setup.trials_dir) / trial_id)
+            send_record(self.actors[trial_id], record)
         except Exception as exc:  # the trial goes on; only this note is lost
-            LOGGER.warning(f"trial {trial.trial_id}: its callback actor did not take its new hyperparameters: {exc}")
+            LOGGER.warning(f"trial {trial_id}: its callback actor did not take its new hyperparameters: {exc}")
 
     def objective_history(self, run_id: str) -> list[float]:
         """A trial's reported objectives in order, from its child run (exact re-sends once)."""
@@ -163,6 +165,24 @@ class SweepState:
         run = mlflow_run_of(report)
         if run:
             self.mlflow_runs[trial_id] = run
+
+
+def hparams_record(run_id: str, seq: int, epoch: int, changed: dict, folder: Path) -> dict:
+    """The driver's ``on_hparams`` record of ``changed``: its numbers as metrics, all of it in a
+    file in ``folder``."""
+    numbers = {k: v for k, v in changed.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return driver_record(run_id, "on_hparams", seq, epoch, numbers,
+                         artifacts={"hparams": hparams_file(folder, epoch, changed)})
+
+
+def hparams_file(folder: Path, epoch: int, changed: dict) -> Path:
+    """``changed`` as YAML in the trial's folder, named after the epoch it trains first with them
+    (kept there: a recovered journal's record names it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"hparams-epoch-{epoch}.yaml"
+    plain = {key: value.item() if hasattr(value, "item") else value for key, value in changed.items()}
+    path.write_text(yaml.safe_dump(plain, sort_keys=True))
+    return path
 
 
 def register(state: SweepState) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 import logging
 import pickle
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from callbacks.sinks import EventLogSink, MLflowSink, create_run, replay_run
@@ -324,12 +326,13 @@ def test_a_training_run_logs_each_step_once_a_sweep_trial_may_log_an_epoch_again
 
 
 def test_a_pbt_note_of_the_driver_waits_out_an_outage_and_is_one_point_and_tag_per_number(server, tmp_path):
-    """A sweep driver's ``on_hparams`` record (``driver_record``), sent twice while MLflow is down:
+    """A sweep driver's ``on_hparams`` record (``hparams_record``), sent twice while MLflow is down:
     journaled once, then each number is a point ``hparam/<key>`` at the record's epoch and a tag
-    ``hparam.<key>`` once MLflow answers."""
+    ``hparam.<key>`` once MLflow answers, and every changed value, strings and booleans too, is in
+    the run's artifact ``hparams-epoch-<epoch>.yaml``."""
     from callbacks.dispatcher import Dispatcher
     from callbacks.journal import Journal
-    from callbacks.records import driver_record
+    from sweeps.state import hparams_record
     from tests.servers import TcpProxy
 
     with TcpProxy(server.port) as proxy:
@@ -337,7 +340,8 @@ def test_a_pbt_note_of_the_driver_waits_out_an_outage_and_is_one_point_and_tag_p
         sink = MLflowSink(proxy.url, "pbt", "trial", {"lr0": 0.01, "batch": 8}, {}, event_log=False)
         dispatcher = Dispatcher([sink], journal=Journal(tmp_path / "journal", "orch-h"))
         dispatcher.start()
-        record = driver_record("orch-h", "on_hparams", 0, 2, {"lr0": 0.05, "batch": 16})
+        changed = {"lr0": 0.05, "batch": 16, "optimizer": "AdamW", "cos_lr": True}
+        record = hparams_record("orch-h", 0, 2, changed, tmp_path / "trial")
         for _ in range(2):  # sent again: a restarted actor, an uncertain failure
             dispatcher.ingest([record], {("orch-h", -1, 0): 0})
         assert not sink.flush(timeout=3) and sink.report()["pending_points"] == 2
@@ -349,3 +353,6 @@ def test_a_pbt_note_of_the_driver_waits_out_an_outage_and_is_one_point_and_tag_p
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "hparam/batch")] == [(2, 16.0)]
     tags, params = client.get_run(run_id).data.tags, client.get_run(run_id).data.params
     assert (tags["hparam.lr0"], tags["hparam.batch"], params["lr0"]) == ("0.05", "16", "0.01")
+    assert not any(key.startswith(("hparam/optimizer", "hparam/cos_lr")) for key in client.get_run(run_id).data.metrics)
+    noted = Path(client.download_artifacts(run_id, "hparams-epoch-2.yaml", str(tmp_path / "got")))
+    assert yaml.safe_load(noted.read_text()) == changed

@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -376,8 +377,11 @@ def assert_hparams_noted(uri: str, child, start: dict, storage: str) -> None:
     assert start["lr0"] == 0.05 and child.data.params["lr0"] == "0.01"  # params stay the first values
     notes = [r for r in read_event_log(storage, child.data.tags["orchestrator.run_id"], dedup_rows=False).to_pylist()
              if r["event"] == "on_hparams"]
-    assert [(r["rank"], r["seq"], r["epoch"], sorted(dict(r["metrics"]))) for r in notes] == [
-        (-1, 0, start["start_epoch"], ["lr0", "momentum"])]
+    assert [(r["rank"], r["seq"], r["epoch"], sorted(dict(r["metrics"])), list(dict(r["artifacts"]))) for r in notes] \
+        == [(-1, 0, start["start_epoch"], ["lr0", "momentum"], ["hparams"])]
+    noted = client.download_artifacts(run_id, f"hparams-epoch-{start['start_epoch']}.yaml", tempfile.mkdtemp())
+    values = yaml.safe_load(Path(noted).read_text())  # every changed value, as the trial continued with it
+    assert sorted(values) == ["lr0", "momentum"] and values == pytest.approx({k: start[k] for k in values})
 
 
 def test_objective_missing_fails_the_sweep_on_first_report(sweep_ray, tmp_path, capsys):
