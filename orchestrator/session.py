@@ -33,10 +33,10 @@ def run_events(driver_callbacks) -> list[str]:
     return forwarded_events(driver_callbacks, (*SINK_CLASSES, ResultSink, EpochConsole))
 
 
-def run_callbacks(sinks: list, driver_callbacks, console: EpochConsole | None = None, sampler=()) -> list:
+def run_callbacks(args, run_id: str, sinks: list, driver_callbacks, console: EpochConsole | None = None) -> list:
     """A run's driver callbacks in dispatch order: its node's sampler (``node_sampler``), its sinks,
     a ResultSink, its console, the user's."""
-    return [*sampler, *sinks, ResultSink(), *([console] if console else []), *driver_callbacks]
+    return [*node_sampler(args, run_id), *sinks, ResultSink(), *([console] if console else []), *driver_callbacks]
 
 
 def train_run(factory, args, driver_callbacks) -> dict:
@@ -84,8 +84,7 @@ class RunSession:
         self.journal = Journal.for_session(self.args.journal, self.run_id, self.sinks)
         self.driver_callbacks = list(driver_callbacks)
         self.console = EpochConsole(self.args.epochs) if self.args.verbose else None
-        self.callbacks = run_callbacks(self.sinks, self.driver_callbacks, self.console,
-                                       node_sampler(self.args, self.run_id))
+        self.callbacks = run_callbacks(self.args, self.run_id, self.sinks, self.driver_callbacks, self.console)
         self.events = run_events(driver_callbacks)
         self.report: dict = {}
         self.logged_model: str | None = None  # the MLflow logged model of best.pt, once finished

@@ -28,7 +28,6 @@ from callbacks.journal import Journal
 from callbacks.records import driver_record
 from callbacks.sinks.factory import run_sinks
 from callbacks.sinks.mlflow_runs import PARENT_TAG, RUN_ID_TAG, find_run, mlflow_client, scoped_short_retries
-from callbacks.system_metrics import node_sampler
 from orchestrator.run_setup import mlflow_run_of, run_tags
 from orchestrator.session import run_callbacks
 from trainers.config import get_cfg
@@ -68,7 +67,7 @@ class SweepState:
         args = self.trial_args(trial_id, config)
         run_id = self.setup.run_id(trial_id)
         sinks = run_sinks(args, run_id, experiment=self.experiment, tags=self.child_tags(args, trial_id))
-        callbacks = run_callbacks(sinks, self.driver_callbacks, sampler=node_sampler(args, run_id))
+        callbacks = run_callbacks(args, run_id, sinks, self.driver_callbacks)
         name = self.setup.actor_name(trial_id)
         release_name(name)
         journal = Journal.for_session(args.journal, run_id, sinks)
