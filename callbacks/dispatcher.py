@@ -67,7 +67,8 @@ def _entry(item, index: int) -> _Entry:
         if not callable(fn):
             raise UserError(f"driver callback #{index} for {event!r} is not callable: {fn!r}")
         return _Entry(callback_name(fn), fn, {event: fn}, is_sink=False)
-    wanted = (isinstance(item, Sink) and item.events) or EVENTS  # a Sink may name the events it acts on
+    named = item.events if isinstance(item, Sink) else None  # a Sink may name the events it acts on
+    wanted = EVENTS if named is None else named  # (an empty set: none, e.g. a node sampler)
     handlers = {e: getattr(item, e) for e in EVENTS if e in wanted and callable(getattr(item, e, None))}
     if not handlers and not isinstance(item, Sink):  # a Sink may act on start and close alone
         raise UserError(f"driver callback #{index} ({type(item).__name__}) is neither an (event, fn) "

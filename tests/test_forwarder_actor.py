@@ -346,6 +346,17 @@ def test_forwarder_narrowed_to_listened_events(ray_env, tmp_path):
     ray.kill(actor)
 
 
+def test_a_sink_that_names_no_events_is_handed_none():
+    class Quiet(Sink):  # acts on start and close alone (like the node sampler)
+        events = frozenset()
+
+        def close(self, status="FINISHED"):
+            return {}
+
+    assert listened_events([Quiet()]) == set()
+    assert {"on_fit_epoch_end", "on_train_batch_end"} <= listened_events([Sink()])  # no events named: all
+
+
 def test_bad_driver_callbacks_and_arguments_are_named():
     with pytest.raises(ValueError, match="on_epoch_end"):
         Dispatcher([("on_epoch_end", print)])

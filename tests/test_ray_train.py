@@ -36,7 +36,7 @@ def lines(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("num_workers", [2])  # one worker on Ray: the sweep and job tests
-def test_custom_trainer_and_callbacks_run_on_every_rank(ray_session, tmp_path, num_workers, capsys):
+def test_custom_trainer_and_callbacks_run_on_every_rank(ray_session, tmp_path, num_workers, capsys, warnings_seen):
     log = tmp_path / "events.jsonl"
 
     class MarkedTrainer(ClassificationTrainer):  # defined here: travels by value, like __main__ code
@@ -84,6 +84,7 @@ def test_custom_trainer_and_callbacks_run_on_every_rank(ray_session, tmp_path, n
                                                                                           ["2/2"], ["best.pt"])]
     assert table == ["epoch", "1/2", "2/2", "best.pt"], captured.out
     assert "Reporting training result" not in captured.out + captured.err
+    assert not [w.getMessage() for w in warnings_seen if "driver callback" in w.getMessage()]  # none failed
     sink = json.loads((tmp_path / "sink.json").read_text())
     assert sink["started"] and sink["status"] == "FINISHED"
     assert sorted({(r, e) for r, e, final in sink["epochs"] if not final}) == \
