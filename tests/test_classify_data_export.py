@@ -1,9 +1,12 @@
 """Folder-per-class data, prediction on a folder, ONNX export equal to eager."""
+import warnings
+
 import numpy as np
 import torch
 from PIL import Image
 
 from orchestrator import Model
+from trainers.data.sources import read_image
 
 
 def make_folder_dataset(root, per_class=16):
@@ -21,6 +24,9 @@ def make_folder_dataset(root, per_class=16):
 
 def test_folder_per_class_trains_and_predicts_a_folder(tmp_path):
     data = make_folder_dataset(tmp_path / "ds")
+    with warnings.catch_warnings():  # reading the folder warns the user of nothing
+        warnings.simplefilter("error")
+        torch.from_numpy(read_image(next((data / "train" / "dark").iterdir())))
     model = Model("cls-n.yaml")
     metrics = model.train(data=str(data), epochs=8, imgsz=16, batch=4, nbs=4, verbose=False, plots=False,
                           optimizer="AdamW", lr0=0.003, warmup_epochs=0, project=str(tmp_path), name="folder")

@@ -16,7 +16,7 @@ def read_image(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))  # writable: torch.from_numpy warns on a read-only array
     except (OSError, UnidentifiedImageError) as exc:
         raise UserError(f"image {path} could not be read: {exc}") from None
 
