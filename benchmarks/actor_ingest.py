@@ -20,6 +20,7 @@ import time
 import ray
 
 import tiny
+from cluster import start_ray
 from callbacks.actor import start_callback_actor
 from callbacks.forwarder import EventForwarder
 from trainers.registry import CallbackMixin, new_registry, run_callbacks
@@ -85,7 +86,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=1000)
     args = tiny.parse(parser, f"{TINY_EVENTS:,} events per sender, seconds", events_per_sender=TINY_EVENTS)
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    start_ray(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     actor = start_callback_actor([CountingSink()])
     senders = [Sender.remote(actor, rank, args.max_batch) for rank in range(2)]
     ray.get([actor.ping.remote()] + [s.ready.remote() for s in senders])

@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import tiny
+from cluster import start_ray
 from callbacks.dispatcher import Dispatcher
 from callbacks.forwarder import FLUSH_INTERVAL
 from callbacks.journal import Journal
@@ -171,7 +172,7 @@ def latency(args, root: Path) -> None:
         def record_row(self, event):
             return step_rows(self.step, 1)[0]
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    start_ray(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     actor = start_callback_actor([ArrivalSink()], journal=Journal(root / "ray", "bench"))
     ray.get(actor.ping.remote())
     registry = new_registry()

@@ -53,6 +53,7 @@ import numpy as np
 import ray
 
 import tiny
+from cluster import start_ray
 from orchestrator import Model
 from trainers.classify import ClassificationTrainer
 from trainers.models.tasks import ClassificationModel
@@ -277,8 +278,8 @@ def main() -> None:
                       per_class=TINY_PER_CLASS)
     if opts.child:
         return child(opts)
-    info = ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
-                    runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    info = start_ray(num_cpus=4, include_dashboard=False, configure_logging=False,
+                     runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     tmp = Path(tempfile.mkdtemp(prefix="ray-overhead-"))
     data = folder_data(tmp / "data", per_class=opts.per_class)
     address = info.address_info["address"]

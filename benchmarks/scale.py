@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import tiny  # noqa: E402
+from benchmarks.cluster import start_ray  # noqa: E402
 from callbacks.actor import start_callback_actor  # noqa: E402
 from callbacks.forwarder import EventForwarder  # noqa: E402
 from callbacks.journal import Journal  # noqa: E402
@@ -395,8 +396,8 @@ def main() -> None:
     parser.set_defaults(settle=3.0)
     args = tiny.parse(parser, "2 and 4 ranks, 1 epoch of 4 steps, seconds", ranks="2,4", epochs=1, steps=4,
                       val_batches=1, senders=2, rate=100.0, log_every_n_steps=2, settle=0.5)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}})
+    start_ray(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}})
     senders = [Sender.remote() for _ in range(args.senders)]
     ray.get([s.ready.remote() for s in senders])
     results = []

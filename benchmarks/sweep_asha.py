@@ -24,6 +24,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 import tiny  # noqa: E402  (this folder: the script's own)
+from cluster import start_ray  # noqa: E402
 
 SPACE = {"lr0": {"loguniform": [0.0005, 0.3]}, "momentum": {"uniform": [0.6, 0.98]}}
 BASE = dict(data="digits", imgsz=16, batch=32, nbs=32, fraction=0.5, verbose=False, plots=False, workers=0,
@@ -55,10 +56,11 @@ def main() -> int:
 
     root = str(Path(__file__).resolve().parents[1])
     # The dashboard stays on: Ray Train frees the placement groups of trials Tune stops through the
-    # state API it serves; without it those CPUs stay reserved and later trials wait forever.
-    ray.init(configure_logging=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": root, "OMP_NUM_THREADS": "1",
-                                       "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}})
+    # state API it serves; without it those CPUs stay reserved and later trials wait forever. (Tiny
+    # mode stops no trial: the test suite's Ray, which has no dashboard, does for it.)
+    start_ray(configure_logging=False, log_to_driver=False,
+              runtime_env={"env_vars": {"PYTHONPATH": root, "OMP_NUM_THREADS": "1",
+                                        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}})
     asha = {"name": "asha", "grace_period": 1, "reduction_factor": 3}
     with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
         fifo, fifo_min = run("fifo", args, Path(tmp))

@@ -5,8 +5,9 @@ with one intra-op thread, its working directory and temporary files in the test'
 mode's figures are not measurements: these tests check that the lines are there and that the
 figures parse as finite numbers, never their values against the targets.
 
-A script that uses Ray starts its own local Ray (``RAY_ADDRESS=local``): it neither joins this
-session's Ray (tests/conftest.py) nor a cluster some other test started with ``ray start``.
+A script that uses Ray joins this session's Ray (tests/conftest.py; ``benchmarks/cluster.py``),
+which saves it a Ray start and stop; the others get ``RAY_ADDRESS=local``, so that none joins a
+cluster some other test started with ``ray start``.
 """
 from __future__ import annotations
 
@@ -30,9 +31,12 @@ NUMBER = r"(-?[\d,]*\.?\d+(?:e[-+]?\d+)?|nan|inf)"
 TIMEOUT = 420  # seconds per script: a tiny run takes 12-160 s on 2 idle cores, more on busy ones
 
 
-def run_tiny(script: str, tmp_path: Path) -> str:
-    """Run ``benchmarks/<script> --tiny``; return its stdout, failing with the output's tail."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": "local",
+def run_tiny(script: str, tmp_path: Path, ray_session=None) -> str:
+    """Run ``benchmarks/<script> --tiny`` (on ``ray_session``'s Ray if given); return its stdout,
+    failing with the output's tail."""
+    joined = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"} \
+        if ray_session else {"RAY_ADDRESS": "local"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **joined,
            # the scripts' mkdtemp() folders land in tmp_path; Ray keeps its own temp dir (short
            # socket paths), the one it would use in this process
            "RAY_TMPDIR": os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp",
@@ -105,8 +109,8 @@ def finite(*values: float, positive: bool = False) -> None:
         assert math.isfinite(value) and (value > 0 if positive else value >= 0), values
 
 
-def test_actor_ingest_tiny(tmp_path):
-    out = run_tiny("actor_ingest.py", tmp_path)
+def test_actor_ingest_tiny(ray_session, tmp_path):
+    out = run_tiny("actor_ingest.py", tmp_path, ray_session)
     for rank in (0, 1):
         events, rate, per_event = figures(out, f"sender {rank}: {{n}} events, emit {{n}} ev/s ({{n}} us/event)")
         finite(events, rate, per_event, positive=True)
@@ -148,8 +152,8 @@ def test_mlflow_sink_tiny(tmp_path):
     finite(*figures(out, "event log -> moto S3 : {n} rows/s"), positive=True)
 
 
-def test_ray_overhead_tiny(tmp_path):
-    out = run_tiny("ray_overhead.py", tmp_path)
+def test_ray_overhead_tiny(ray_session, tmp_path):
+    out = run_tiny("ray_overhead.py", tmp_path, ray_session)
     finite(*figures(out, "steps/s (medians): forwarded {n}, not forwarded {n}, in-process {n}"), positive=True)
     finite(*figures(out, "(a) forwarding on / off: {n} (target >= 0.97); paired with the epochs either side: {n}"),
            positive=True)
@@ -162,8 +166,8 @@ def test_ray_overhead_tiny(tmp_path):
     finite(*figures(out, "a TorchTrainer whose loop does nothing: {n} s to its start"), positive=True)
 
 
-def test_sweep_asha_tiny(tmp_path):
-    out = run_tiny("sweep_asha.py", tmp_path)
+def test_sweep_asha_tiny(ray_session, tmp_path):
+    out = run_tiny("sweep_asha.py", tmp_path, ray_session)
     for scheduler in ("FIFO", "ASHA"):
         objective, epochs, minutes, rate = figures(
             out, f"{scheduler}: best objective {{n}}, {{n}} epochs, {{n}} min, {{n}} trials/min")
@@ -174,8 +178,8 @@ def test_sweep_asha_tiny(tmp_path):
     assert re.search(r"^(targets met|TARGETS MISSED)$", out, re.M), out
 
 
-def test_journal_tiny(tmp_path):
-    out = run_tiny("journal.py", tmp_path)
+def test_journal_tiny(ray_session, tmp_path):
+    out = run_tiny("journal.py", tmp_path, ray_session)
     figures(out, "journal throughput: {n} rows per round in batches of 500, split among K concurrent callers")
     for k in (1, 2, 8, 16):
         on, off, ratio, per_call, calls = figures(
@@ -200,8 +204,8 @@ def test_peer_ultralytics_tiny(tmp_path):
         finite(*figures(out, "ratios ours/ultralytics: final mAP50 {n}, wall time {n}"))
 
 
-def test_scale_tiny(tmp_path):
-    out = run_tiny("scale.py", tmp_path)
+def test_scale_tiny(ray_session, tmp_path):
+    out = run_tiny("scale.py", tmp_path, ray_session)
     for n in (2, 4):
         offered, delivered, records, seconds, lag = figures(
             out, f"N={n} ranks at 100 events/s each (forwarders flush every {FLUSH_INTERVAL:g} s): "
