@@ -17,6 +17,13 @@ for _name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
     os.environ.pop(_name, None)
 
 
+def pytest_collection_modifyitems(items):
+    """The benchmarks' smoke runs go last (a stable sort keeps the rest in order). They join the
+    session's Ray, which tests/test_e2e_tracking.py must start: Ray's workers inherit the S3
+    settings it puts in the environment first."""
+    items.sort(key=lambda item: item.path.name == "test_benchmarks.py")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny tensors: one intra-op thread is faster than two, and steadier on a busy machine."""
