@@ -18,7 +18,7 @@ def start_ray(**own):
     import ray
 
     address = os.environ.get("RAY_ADDRESS")
-    if address and address not in ("local", "auto"):
+    if address and address != "local":
         env = {**own.get("runtime_env", {}).get("env_vars", {}), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         return ray.init(address=address, runtime_env={"env_vars": env},
                         **{k: v for k, v in own.items() if k in JOIN_KEYS})
