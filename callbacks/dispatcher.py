@@ -55,7 +55,8 @@ class _Entry:
 
     def __init__(self, name: str, obj, handlers: dict[str, Callable], is_sink: bool):
         self.name, self.obj, self.handlers, self.is_sink = name, obj, handlers, is_sink
-        rows = getattr(obj, "handle_rows", None) if is_sink else None
+        takes_rows = is_sink and getattr(obj, "events", None) != frozenset()  # naming no event: no rows
+        rows = getattr(obj, "handle_rows", None) if takes_rows else None
         self.rows: Callable | None = rows if callable(rows) else None
 
 

@@ -161,8 +161,7 @@ class NodeSampler(Sink):
     the callbacks, so its last sample is logged before the MLflow sink ends the run. It takes no
     event, and ``orchestrator recover`` does not rebuild it (a recovering machine is not the run's)."""
 
-    events = frozenset()
-    handle_rows = None  # no rows: the dispatcher hands it none
+    events = frozenset()  # no event, so no rows: the dispatcher hands it none
 
     def start(self) -> None:
         self._monitor = NodeMonitor(self, self.run_id, this_node())
