@@ -12,7 +12,7 @@ from callbacks.sinks.factory import run_sinks
 from callbacks.sinks.mlflow_runs import RUN_ID_TAG, announce_run, continue_run, probe_tracking_uri
 from callbacks.sinks.s3 import S3Setup
 from trainers.config import describe_workers, worker_counts
-from trainers.engine.paths import latest_checkpoint, project_dir, run_dir
+from trainers.engine.paths import project_dir, run_dir
 from trainers.utils import LOGGER
 
 
@@ -36,10 +36,9 @@ def resolve_run(args) -> dict:
     """Fix the run folder on the driver so every worker (and every restart) writes to the same one."""
     fixed = {"journal": str(Path(args.journal).expanduser().resolve())}
     if args.resume:  # the run folder and name come from the checkpoint
-        from trainers.engine.checkpoint import load_checkpoint
+        from trainers.engine.resume import check_resumable
 
-        path = latest_checkpoint(args) if args.resume is True else args.resume
-        train_args = load_checkpoint(path)["train_args"]
+        train_args = check_resumable(args)["train_args"]
         moved = {"project": train_args["project"], "name": train_args["name"]}
         at = {**args.to_dict(), **moved, "experiment": args.experiment or train_args.get("experiment")}
         return {**fixed, **pinned_endpoints(type(args)(**at)), **moved}

@@ -131,10 +131,12 @@ def bad_data(tmp_path) -> tuple[Path, Path]:
 
 
 def test_user_errors_on_workers_reach_the_cli_and_the_caller_as_raised(ray_session, tmp_path, capsys):
-    """A NaN loss, strict data errors and resuming a finished run, each raised inside 2 Ray workers:
+    """A NaN loss and strict data errors, each raised inside 2 Ray workers, and a resume of a
+    finished run, refused on the driver before any worker starts (its MLflow run stays FINISHED):
     one ``error:`` line and exit 2 from the CLI, the same exception type and line from Model.train."""
     done = Model("cls-n.yaml")
     done.train(**run_cfg(tmp_path, "done", epochs=1))  # in process: a finished run to resume
+    results = (done.trainer.save_dir / "results.csv").read_text()
     data, corrupt = bad_data(tmp_path)
     cases = [(["model=det-n.yaml", f"data={data}", "strict=True", "imgsz=32"],
               [f"{corrupt}: unreadable image", "(and 1 more problem(s))"]),  # the other: the bad label
@@ -145,10 +147,14 @@ def test_user_errors_on_workers_reach_the_cli_and_the_caller_as_raised(ray_sessi
         err = own_lines(capsys.readouterr().err)
         assert err[-1].startswith("error: ") and all(f in err[-1] for f in fragments), err[-5:]
         assert not any("Traceback" in line for line in err), err
+    client = MlflowClient(run_cfg(tmp_path, "nan")["tracking_uri"])
+    (finished,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+                   if r.info.run_name == "done"]
+    assert finished.info.status == "FINISHED" and "orchestrator.end_reason" not in finished.data.tags
+    assert (done.trainer.save_dir / "results.csv").read_text() == results
     with pytest.raises(UserError) as info:
         Model("cls-n.yaml").train(**run_cfg(tmp_path, "nan", num_workers=2, optimizer="SGD", lr0=1e30, warmup_epochs=0))
     assert type(info.value) is UserError and str(info.value).startswith("loss is nan at epoch 1, batch 1")
-    client = MlflowClient(run_cfg(tmp_path, "nan")["tracking_uri"])
     (run,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
               if r.info.run_name == "nan"]
     assert run.info.status == "FAILED"
@@ -168,25 +174,6 @@ def test_patience_on_two_workers_stops_every_rank_at_best_plus_patience(ray_sess
     table = read_event_log(cfg["storage"], read_run_id(cfg, "patience")).to_pylist()
     trained = sorted((r["rank"], r["epoch"]) for r in table if r["event"] == "on_train_epoch_end")
     assert trained == [(rank, epoch) for rank in (0, 1) for epoch in range(3)]
-
-
-def test_stop_on_one_rank_stops_all_and_two_worker_validation_equals_one_process(ray_session, tmp_path):
-    def stop_on_rank_1(trainer):
-        if trainer.rank == 1:
-            trainer.stop = True
-
-    model = Model("cls-n.yaml")
-    model.add_callback("on_fit_epoch_end", stop_on_rank_1)
-    ray_metrics = model.train(**run_cfg(tmp_path, "stop", num_workers=2, epochs=5))
-    ckpt = torch.load(model.ckpt_path, weights_only=True)
-    assert ckpt["epoch"] == 0  # both ranks left after the first epoch
-    # the final evaluation on the two ranks equals one process's validation of the same best.pt
-    local = Model(str(model.ckpt_path)).val(data="digits", imgsz=16, batch=32)
-    for key in ("metrics/accuracy_top1", "metrics/accuracy_top5"):
-        assert abs(ray_metrics[key] - local[key]) < 1e-6, (key, ray_metrics[key], local[key])
-    # train() on Ray returns the metrics object of the final evaluation, rebuilt from its record (SPEC §6)
-    assert type(ray_metrics) is type(local) and ray_metrics.top1 == ray_metrics["metrics/accuracy_top1"]
-    assert ray_metrics.top5 == pytest.approx(local.top5, abs=1e-6) and ray_metrics.fitness == ray_metrics["fitness"]
 
 
 def test_worker_sigkill_restarts_from_checkpoint_without_duplicates(ray_session, tmp_path):
@@ -271,9 +258,10 @@ def test_worker_killed_after_the_last_epoch_restarts_into_the_final_evaluation(r
     assert run.info.status == "FINISHED" and "final/metrics/accuracy_top1" in run.data.metrics
 
 
-def test_worker_killed_after_an_early_stop_restarts_into_the_final_evaluation(ray_session, tmp_path):
-    """Rank 1 alone stops the run after epoch 0 (of 5); rank 0 is killed in the final evaluation.
-    The checkpoint records the collective stop, so the restart trains no further epoch."""
+def test_a_stop_on_one_rank_stops_all_and_a_kill_in_the_final_evaluation_restarts_into_it(ray_session, tmp_path):
+    """Rank 1 alone stops the run after epoch 0 (of 5): both ranks leave; rank 0 is killed in the
+    final evaluation. The checkpoint records the collective stop, so the restart trains no further
+    epoch; its final evaluation on the two ranks equals one process's validation of best.pt."""
     marker = tmp_path / "killed"
 
     def stop_on_rank_1(trainer):
@@ -290,7 +278,7 @@ def test_worker_killed_after_an_early_stop_restarts_into_the_final_evaluation(ra
     model = Model("cls-n.yaml")
     model.add_callback("on_fit_epoch_end", stop_on_rank_1)
     model.add_callback("on_fit_epoch_end", kill_in_final_eval)
-    model.train(**cfg)
+    ray_metrics = model.train(**cfg)
     assert marker.exists()
 
     table = read_event_log(cfg["storage"], read_run_id(cfg, "stopkill")).to_pylist()
@@ -305,6 +293,13 @@ def test_worker_killed_after_an_early_stop_restarts_into_the_final_evaluation(ra
              and r["attempt"] == max(restarted[r["rank"]])]
     assert sorted(final) == [(0, 1), (1, 1)]
     assert torch.load(model.ckpt_path, weights_only=True)["epoch"] == 0
+
+    local = Model(str(model.ckpt_path)).val(data="digits", imgsz=16, batch=32)
+    for key in ("metrics/accuracy_top1", "metrics/accuracy_top5"):
+        assert abs(ray_metrics[key] - local[key]) < 1e-6, (key, ray_metrics[key], local[key])
+    # train() on Ray returns the metrics object of the final evaluation, rebuilt from its record (SPEC §6)
+    assert type(ray_metrics) is type(local) and ray_metrics.top1 == ray_metrics["metrics/accuracy_top1"]
+    assert ray_metrics.top5 == pytest.approx(local.top5, abs=1e-6) and ray_metrics.fitness == ray_metrics["fitness"]
 
 
 def test_callback_actor_killed_mid_run_loses_nothing(ray_session, tmp_path):

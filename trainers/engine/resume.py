@@ -16,7 +16,7 @@ import torch
 from trainers.config import Args, get_cfg
 from trainers.data.loader import batches_from, sampler_state
 from trainers.engine import checkpoint as ckpt_io
-from trainers.engine.paths import latest_checkpoint
+from trainers.engine.paths import latest_checkpoint, run_dir
 from trainers.registry import stateful_callbacks
 from trainers.utils import LOGGER, UserError, unwrap_model
 
@@ -94,6 +94,15 @@ def resolve_resume(args: Args) -> tuple[Args, dict | None]:
     ckpt = ckpt_io.load_checkpoint(path)
     overrides = {k: v for k, v in args.to_dict().items() if k in RESUME_OVERRIDES and v != get_cfg().get(k)}
     return get_cfg(ckpt["train_args"], {**overrides, "resume": str(path), "exist_ok": True}), ckpt
+
+
+def check_resumable(args: Args) -> dict:
+    """The checkpoint ``args.resume`` names, after checking there is something left to train: a
+    resume of a finished run fails on the driver, before any worker starts or its MLflow run is
+    touched. (Its trainer checks again: a script may build a trainer without a driver.)"""
+    resolved, ckpt = resolve_resume(args)
+    first_epoch_left(ckpt["epoch"], resolved.epochs, None, run_dir(resolved), mid_epoch=bool(ckpt.get("position")))
+    return ckpt
 
 
 def first_epoch_left(ckpt_epoch: int, epochs: int, resume_stop: bool | None, save_dir,
