@@ -202,7 +202,7 @@ class Outage(threading.Thread):
     """Waits for the training run to ask for it (a file), takes MLflow (and S3) away, tells the
     run (another file), and brings them back on the same ports and stores ``seconds`` later."""
 
-    def __init__(self, folder: Path, server, proxy=None, seconds: float = 10.0):
+    def __init__(self, folder: Path, server, proxy=None, seconds: float = 6.0):
         super().__init__(daemon=True)
         self.folder, self.server, self.proxy, self.seconds = folder, server, proxy, seconds
         self.done = threading.Event()
@@ -243,7 +243,7 @@ def ask_for_outage(folder: Path):
 
 @pytest.mark.parametrize("num_workers", [0, 2], ids=["in_process", "ray"])
 def test_outage_mid_run_loses_nothing(request, servers, tmp_path, num_workers):
-    """MLflow stopped and S3 cut for 10 s from the start of epoch 1, then restored: every point
+    """MLflow stopped and S3 cut for 6 s from the start of epoch 1, then restored: every point
     arrives exactly once, the run ends FINISHED, checkpoints and the event log are complete. On
     Ray this includes Ray Train's own checkpoint uploads to the same bucket; ``check_run`` asks
     of it all that it asks of a run without an outage (two Ray workers into MLflow and S3)."""

@@ -103,7 +103,7 @@ def test_outage_mid_run_delivers_every_point_once(server, tmp_path):
         assert not sink.flush(timeout=3)
         outage = sink.report()
         assert outage["pending_points"] > 50 and sink._points.on_disk > 0  # spilled beyond max_queue
-        time.sleep(7)                       # ~10 s down in total, with retries failing
+        time.sleep(2)                       # ~5 s down in total, with retries failing
         server.start()
         report = sink.close("FINISHED")
     assert any("delivery failed" in line for line in log.lines)
