@@ -190,16 +190,23 @@ def test_stack_status_env_and_a_second_up(stack):
     assert BUCKET in [b["Name"] for b in s3.list_buckets()["Buckets"]]
 
 
-def test_training_job_reaches_mlflow_and_the_bucket(stack, jobs, aws):
+def test_a_training_job_and_a_sweep_job_side_by_side_reach_mlflow_and_the_bucket(stack, jobs, aws, tmp_path):
+    """Two jobs on the cluster at once, as a team's: a training job submitted through the jobs API
+    and a sweep job through ``ray job submit``; each one's runs, files and records are its own."""
+    storage = f"s3://{BUCKET}/train"
+    entrypoint = ("python -m orchestrator train model=cls-n.yaml data=digits epochs=2 imgsz=16 fraction=0.1 "
+                  f"log_every_n_steps=1 num_workers=1 verbose=false storage={storage}")  # MLflow: the head's env
+    training = jobs.submit_job(entrypoint=entrypoint, runtime_env={
+        "working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": {"OMP_NUM_THREADS": "1"}})
+    check_sweep_job(stack, aws, tmp_path)
+    check_training_job(stack, jobs, aws, training, storage)
+
+
+def check_training_job(stack, jobs, aws, submission_id: str, storage: str) -> None:
     from mlflow.tracking import MlflowClient
 
     from callbacks.sinks import read_event_log
 
-    storage = f"s3://{BUCKET}/train"
-    entrypoint = ("python -m orchestrator train model=cls-n.yaml data=digits epochs=2 imgsz=16 fraction=0.1 "
-                  f"log_every_n_steps=1 num_workers=1 verbose=false storage={storage}")  # MLflow: the head's env
-    submission_id = jobs.submit_job(entrypoint=entrypoint, runtime_env={
-        "working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": {"OMP_NUM_THREADS": "1"}})
     status = wait_for(jobs, submission_id)
     assert status == "SUCCEEDED", job_failure(jobs, submission_id, status)
     logs = jobs.get_job_logs(submission_id)
@@ -243,7 +250,8 @@ def test_training_job_reaches_mlflow_and_the_bucket(stack, jobs, aws):
     assert {r["rank"] for r in events} == {0}
 
 
-def test_sweep_job_with_the_cli_and_token_env(stack, aws, tmp_path):
+def check_sweep_job(stack, aws, tmp_path) -> None:
+    """A sweep submitted with the ``ray job submit`` CLI and the stack's token environment."""
     from mlflow.tracking import MlflowClient
 
     storage = f"s3://{BUCKET}/sweep"
