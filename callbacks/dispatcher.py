@@ -53,9 +53,8 @@ class _Entry:
 
     __slots__ = ("name", "obj", "handlers", "is_sink", "rows")
 
-    def __init__(self, name: str, obj, handlers: dict[str, Callable], is_sink: bool):
+    def __init__(self, name: str, obj, handlers: dict[str, Callable], is_sink: bool, takes_rows: bool = False):
         self.name, self.obj, self.handlers, self.is_sink = name, obj, handlers, is_sink
-        takes_rows = is_sink and getattr(obj, "events", None) != frozenset()  # naming no event: no rows
         rows = getattr(obj, "handle_rows", None) if takes_rows else None
         self.rows: Callable | None = rows if callable(rows) else None
 
@@ -74,7 +73,7 @@ def _entry(item, index: int) -> _Entry:
     if not handlers and not isinstance(item, Sink):  # a Sink may act on start and close alone
         raise UserError(f"driver callback #{index} ({type(item).__name__}) is neither an (event, fn) "
                         f"pair nor a sink with a method named after an event")
-    return _Entry(type(item).__name__, item, handlers, is_sink=True)
+    return _Entry(type(item).__name__, item, handlers, is_sink=True, takes_rows=bool(wanted))  # naming none: no rows
 
 
 def driver_entries(driver_callbacks: Iterable) -> list[_Entry]:

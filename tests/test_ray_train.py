@@ -147,7 +147,7 @@ def test_user_errors_on_workers_reach_the_cli_and_the_caller_as_raised(ray_sessi
         err = own_lines(capsys.readouterr().err)
         assert err[-1].startswith("error: ") and all(f in err[-1] for f in fragments), err[-5:]
         assert not any("Traceback" in line for line in err), err
-    client = MlflowClient(run_cfg(tmp_path, "nan")["tracking_uri"])
+    client = MlflowClient(run_cfg(tmp_path, "done")["tracking_uri"])
     (finished,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
                    if r.info.run_name == "done"]
     assert finished.info.status == "FINISHED" and "orchestrator.end_reason" not in finished.data.tags

@@ -101,19 +101,18 @@ def check_resumable(args: Args) -> dict:
     resume of a finished run fails on the driver, before any worker starts or its MLflow run is
     touched. (Its trainer checks again: a script may build a trainer without a driver.)"""
     resolved, ckpt = resolve_resume(args)
-    first_epoch_left(ckpt["epoch"], resolved.epochs, None, run_dir(resolved), mid_epoch=bool(ckpt.get("position")))
+    first_epoch_left(ckpt, resolved.epochs, None, run_dir(resolved))
     return ckpt
 
 
-def first_epoch_left(ckpt_epoch: int, epochs: int, resume_stop: bool | None, save_dir,
-                     mid_epoch: bool = False) -> int:
+def first_epoch_left(ckpt: dict, epochs: int, resume_stop: bool | None, save_dir) -> int:
     """The first epoch left to train: the one after the checkpoint's, or for a mid-epoch checkpoint
-    (a preemption's) its own. A restart whose checkpoint ended the training (``resume_stop`` known)
-    has none left: ``epochs``, the final evaluation only. A user's resume (``resume_stop`` None) of
-    a finished run is an error, so it is never a no-op."""
-    if resume_stop is not None and training_finished(ckpt_epoch, resume_stop, epochs):
+    (a preemption's, with a data position) its own. A restart whose checkpoint ended the training
+    (``resume_stop`` known) has none left: ``epochs``, the final evaluation only. A user's resume
+    (``resume_stop`` None) of a finished run is an error, so it is never a no-op."""
+    if resume_stop is not None and training_finished(ckpt["epoch"], resume_stop, epochs):
         return epochs
-    start = ckpt_epoch + (0 if mid_epoch else 1)
+    start = ckpt["epoch"] + (0 if ckpt.get("position") else 1)
     if start >= epochs:
         raise UserError(f"run in {save_dir} already trained {start} epochs (epochs={epochs}); "
                         f"pass a larger epochs= to continue, or model=<best.pt> to fine-tune")

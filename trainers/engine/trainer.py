@@ -555,8 +555,7 @@ class BaseTrainer(CallbackMixin):
 
     def _resume_start(self, ckpt: dict) -> int:
         """The first epoch left to train (``epochs`` when a restart's checkpoint ended the training)."""
-        return resume.first_epoch_left(ckpt["epoch"], self.epochs, self.resume_stop, self.save_dir,
-                                       mid_epoch=bool(ckpt.get("position")))
+        return resume.first_epoch_left(ckpt, self.epochs, self.resume_stop, self.save_dir)
 
     def get_save_dir(self) -> Path:
         """``project/name`` (numbered unless exist_ok); a resumed run keeps its checkpoint's folder."""
