@@ -52,13 +52,14 @@ def make_record(*, run_id: str, event: str, rank: int, attempt: int, seq: int, e
 
 
 def driver_record(run_id: str, event: str, seq: int, epoch: int, metrics: dict,
-                  artifacts: dict | None = None) -> dict:
+                  artifacts: dict | None = None, attempt: int = 0) -> dict:
     """A record the driver itself sends to the run's callback actor (a ``DRIVER`` event of
-    ``trainers.events``): a stream of its own, (run_id, -1, 0), numbered by the driver from 0, so
-    the actor journals, orders and de-duplicates it like a worker's. A sweep trial has no rank -1
-    of its own (its workers are Ray Train's), and its actor's journal is new with each driver.
-    ``step`` is 0: the driver does not count optimizer steps."""
-    return make_record(run_id=run_id, event=event, rank=-1, attempt=0, seq=seq, epoch=epoch, step=0,
+    ``trainers.events``): a stream of its own, (run_id, -1, ``attempt``), numbered by its sender
+    from 0, so the actor journals, orders and de-duplicates it like a worker's. A sweep trial has no
+    rank -1 of its own (its workers are Ray Train's), and its actor's journal is new with each
+    driver: the sweep's driver sends as attempt 0, each start of the trial (another process) as
+    its start time in ms. ``step`` is 0: the driver does not count optimizer steps."""
+    return make_record(run_id=run_id, event=event, rank=-1, attempt=attempt, seq=seq, epoch=epoch, step=0,
                        metrics=metrics, artifacts=artifacts)
 
 

@@ -260,7 +260,7 @@ def train_worker(config: dict) -> None:
     node = node_label(ray.get_runtime_context().get_node_id())
     NodeMonitor(trainer.args, config["run_id"], node).attach(trainer)  # one of a node's workers samples it
     trainer.add_callback("on_pretrain_routine_end", freeze_setup_objects)
-    trainer.epoch_reporters += [partial(deliver_before_report, forwarder), report_epoch]
+    trainer.epoch_reporters += [partial(deliver_before_report, forwarder), partial(report_epoch, config["run_id"])]
     trainer.preemption_reporters.append(partial(deliver_before_report, forwarder))
     listen_for_preemption(trainer)
     try:
@@ -322,13 +322,14 @@ def restore_checkpoint(checkpoint: Checkpoint) -> str:
     return str(local)
 
 
-def report_epoch(trainer) -> None:
+def report_epoch(run_id: str, trainer) -> None:
     """Every rank reports once per epoch (a barrier); rank 0 attaches last.pt (uploaded async) with
-    the epoch and the loop's stop vote of that epoch, which a restart continues from."""
+    the epoch and the loop's stop vote of that epoch, which a restart continues from, and the run
+    it belongs to (a sweep trial that starts from another trial's checkpoint tells it by that)."""
     metrics = epoch_report_metrics(trainer)
     checkpoint = None
     if trainer.is_main and trainer.last.is_file():
-        checkpoint = checkpoint_of(trainer.last, {"epoch": trainer.epoch, "stop": trainer.stop})
+        checkpoint = checkpoint_of(trainer.last, {"epoch": trainer.epoch, "stop": trainer.stop, "run_id": run_id})
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
                      checkpoint_upload_fn=persist_patiently)
 

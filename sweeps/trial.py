@@ -18,6 +18,8 @@ from ray import tune
 from ray.train import UserCallback
 from ray.util.queue import Empty, Queue
 
+from callbacks.actor import send_record
+from callbacks.records import driver_record
 from trainers.registry import copy_registry
 from trainers.config import get_cfg
 from orchestrator.ray_launch import epoch_report_metrics, is_epoch_report, make_torch_trainer, nothing_left
@@ -127,6 +129,8 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
         LOGGER.info(f"trial {trial_id}: its checkpoint {start.path} ends the training; nothing left to run")
         ray.get(actor.finish.remote("FINISHED"))
         return
+    if start is not None:
+        note_clone(actor, setup.run_id(trial_id), start)
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     trainer = make_torch_trainer(
         factory, args, actor, setup.run_id(trial_id), setup.events,
@@ -143,6 +147,19 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
     # Finished by itself: close the child run FINISHED now. A trial Tune stops early never gets
     # here; the driver then closes it KILLED (the first status an actor gets is the one kept).
     ray.get(actor.finish.remote("FINISHED"))
+
+
+def note_clone(actor, run_id: str, start) -> None:
+    """A start from another trial's checkpoint (a PBT exploit) begins a new lineage of the child
+    run's points: its epochs from there are logged again, where a restart's repeats are dropped
+    (``callbacks/sinks/mlflow_writer.py``). The ``on_clone`` record that says so, at the first
+    epoch trained from it, is journaled before the Train run starts, so it precedes all its records.
+    A start from the trial's own checkpoint (a retry, a resumed sweep) sends none."""
+    meta = start.get_metadata()
+    if meta.get("run_id") in (None, run_id):
+        return
+    attempt = time.time_ns() // 1_000_000  # this start's own stream
+    send_record(actor, driver_record(run_id, "on_clone", 0, int(meta["epoch"]) + 1, {}, attempt=attempt))
 
 
 def _fit(trainer, queue: Queue, outcome: dict) -> None:

@@ -299,30 +299,57 @@ def test_event_log_parts_encoded_once_for_both_destinations(server, tmp_path, mo
     assert len(encoded) == len(stored) and sum(encoded) == len(records)
 
 
-def test_a_training_run_logs_each_step_once_a_sweep_trial_may_log_an_epoch_again(tmp_path):
-    """Points a restart repeats (a step the run's key already has) are not sent again, whether the
-    writer saw the first ones or found them in the run when it attached; a sweep trial's child run
-    (it has a parent) takes an epoch again, as PBT does when it moves a trial to another checkpoint."""
-    from callbacks.sinks.mlflow_writer import RunWriter
+def test_each_step_is_logged_once_per_lineage_and_a_clone_begins_a_new_one(tmp_path):
+    """Points a restart repeats (a step its key already has) are not sent again, in a sweep trial's
+    child run as in a training run; an ``on_clone`` record (PBT started the trial from another
+    trial's earlier checkpoint) begins a new lineage, whose epochs are logged again; a sink that
+    attaches later (a restarted actor, a resume) finds the floors in the run."""
+    from callbacks.records import driver_record, make_record
 
     uri = mlflow_store(tmp_path / "mlflow.db")
-    parent = create_run(uri, "floors", "sweep")
+    parent = create_run(uri, "lineage", "sweep")
+    clock = iter(range(1, 10_000))
 
-    def fitness(run_id):
-        return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, "fitness")]
+    def train(sink, run, attempt: int, epochs, fitness) -> None:
+        """Rank 0 of one worker group: two optimizer steps an epoch, then the epoch's record."""
+        for epoch, value in zip(epochs, fitness):
+            for step in (2 * epoch + 1, 2 * epoch + 2):
+                sink.handle("on_train_batch_end", make_record(
+                    run_id=run, event="on_train_batch_end", rank=0, attempt=attempt, seq=0, epoch=epoch,
+                    step=step, metrics={"loss": 10 * attempt + step}, now=next(clock)))
+            sink.handle("on_fit_epoch_end", make_record(
+                run_id=run, event="on_fit_epoch_end", rank=0, attempt=attempt, seq=0, epoch=epoch,
+                step=2 * epoch + 2, metrics={"fitness": value}, now=next(clock)))
 
-    for parent_run_id, expected in ((None, [(0, 0.1), (1, 0.2), (2, 0.3)]),
-                                    (parent, [(0, 0.1), (1, 0.2), (1, 0.25), (2, 0.3)])):
-        writer = RunWriter(uri, "floors", "run", {}, {}, orch_run_id=f"o-{parent_run_id}",
-                           parent_run_id=parent_run_id)
-        writer.attach()
-        writer.send_points([["fitness", 0.1, 1000, 0], ["fitness", 0.2, 2000, 1]])
-        writer.send_points([["fitness", 0.25, 3000, 1], ["fitness", 0.3, 4000, 2]])  # epoch 1 again
-        assert sorted(fitness(writer.run_id)) == expected
-    again = RunWriter(uri, "floors", "run", {}, {}, orch_run_id="o-None")  # a restarted actor, a resume
-    again.attach()
-    again.send_points([["fitness", 0.35, 5000, 2], ["fitness", 0.4, 6000, 3]])
-    assert sorted(fitness(again.run_id)) == [(0, 0.1), (1, 0.2), (2, 0.3), (3, 0.4)]
+    def history(run_id: str, key: str) -> list:
+        points = MlflowClient(uri).get_metric_history(run_id, key)
+        return [(m.step, m.value) for m in sorted(points, key=lambda m: m.timestamp)]
+
+    for run, parent_run_id in (("plain", None), ("trial", parent)):
+        sink = MLflowSink(uri, "lineage", run, parent_run_id=parent_run_id, event_log=False,
+                          spool_dir=str(tmp_path / "spool"))
+        train(sink, run, 1, [0, 1], [0.1, 0.2])
+        train(sink, run, 2, [1, 2], [0.25, 0.3])  # restarted from epoch 0's checkpoint: epoch 1 again
+        sink.handle("on_clone", driver_record(run, "on_clone", 0, 1, {}, attempt=3))
+        train(sink, run, 4, [1, 2], [0.5, 0.6])  # from another trial's checkpoint of epoch 0
+        assert sink.close("FINISHED")["status"] == "FINISHED"
+        run_id = sink.report()["run_id"]
+        assert history(run_id, "fitness") == [(0, 0.1), (1, 0.2), (2, 0.3), (1, 0.5), (2, 0.6)], run
+        assert history(run_id, "step/loss") == [(s, 10 + s) for s in (1, 2, 3, 4)] + [(5, 25), (6, 26)] \
+            + [(s, 40 + s) for s in (3, 4, 5, 6)], run
+        assert MlflowClient(uri).get_run(run_id).data.tags.get("mlflow.parentRunId") == parent_run_id
+    again = MLflowSink(uri, "lineage", "plain", event_log=False, spool_dir=str(tmp_path / "spool"))
+    train(again, "plain", 5, [2, 3], [0.65, 0.7])  # a resume: epoch 2 again, then 3
+    again.close("FINISHED")
+    assert again.report()["run_id"] == run_ids(uri, "lineage", "plain")[0]
+    assert history(again.report()["run_id"], "fitness")[-2:] == [(2, 0.6), (3, 0.7)]
+
+
+def run_ids(uri: str, experiment: str, orch_run_id: str) -> list[str]:
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+                              f"tags.`orchestrator.run_id` = '{orch_run_id}'")
+    return [r.info.run_id for r in runs]
 
 
 def test_a_pbt_note_of_the_driver_waits_out_an_outage_and_is_one_point_and_tag_per_number(server, tmp_path):

@@ -361,6 +361,24 @@ def test_pbt_restarts_the_weak_trial_from_the_strong_trials_checkpoint(sweep_ray
     assert_hparams_noted(uri, child, first_weak, where(tmp_path)["storage"])
     (strong,) = [r for r in children if r is not child]
     assert not any(key.startswith("hparam") for key in {**strong.data.metrics, **strong.data.tags})
+    assert_clone_noted(uri, child, strong, first_weak, where(tmp_path)["storage"])
+
+
+def assert_clone_noted(uri: str, child, strong, start: dict, storage: str) -> None:
+    """The restarted trial's start from the strong trial's checkpoint is one ``on_clone`` record, at
+    the first epoch it trained from it, before the Train run's; its child run has its own epochs
+    once each, then the clone's epoch (lr0 0.05 x 3); the strong trial started from nothing."""
+    from callbacks.sinks import read_event_log
+
+    def clones(run):
+        rows = read_event_log(storage, run.data.tags["orchestrator.run_id"], dedup_rows=False).to_pylist()
+        return [(r["rank"], r["seq"], r["epoch"]) for r in rows if r["event"] == "on_clone"]
+
+    assert clones(child) == [(-1, 0, start["start_epoch"])] and clones(strong) == []
+    history = sorted(MlflowClient(uri).get_metric_history(child.info.run_id, "objective"), key=lambda m: m.timestamp)
+    points = [(m.step, m.value) for m in history]
+    assert points[:2] == [(0, pytest.approx(0.01)), (1, pytest.approx(0.02))], points
+    assert points[-1] == (2, pytest.approx(0.15)) and len(points) <= 4, points  # the first lineage may reach epoch 2
 
 
 def assert_hparams_noted(uri: str, child, start: dict, storage: str) -> None:

@@ -40,6 +40,7 @@ EVENTS: dict[str, str] = {
     "on_export_start": EXPORTER,
     "on_export_end": EXPORTER,
     "on_hparams": DRIVER,  # this project's own: a sweep's PBT changed the trial's hyperparameters
+    "on_clone": DRIVER,  # this project's own: a sweep trial starts from another trial's checkpoint
 }
 
 # Events fired once per optimizer step or batch: the hot path, batched by the forwarder.

@@ -7,7 +7,9 @@ evaluation's under ``final/``, so no key mixes two x axes and no step is logged 
 ``world_size_before`` at the first epoch of the new size; an ``on_hparams`` record (a sweep's
 driver: PBT changed the trial's numeric hyperparameters) gives ``hparam/<key>`` at the first epoch
 trained with the new values, and each such point sets the tag ``hparam.<key>`` when it is
-delivered (``hparam_tags``): MLflow params are write-once. The final
+delivered (``hparam_tags``): MLflow params are write-once. An ``on_clone`` record (a sweep trial
+starts from another trial's checkpoint) makes one marker, ``[CLONED, 0.0, timestamp, epoch]``, in
+line with the points: the run writer takes the steps after it as a new lineage. The final
 evaluation's per-class values (``trainers.metrics.base``) make no points: they are for the metrics
 object ``Model.train`` returns, and stay in the event log.
 Per-step points go at every ``every``-th optimizer step (``log_every_n_steps``; the first batch
@@ -23,8 +25,10 @@ from callbacks.sinks.mlflow_runs import MAX_KEY, metric_key
 from trainers.metrics.base import is_per_class
 
 BATCH_END, EPOCH_END, RESIZE, HPARAMS = "on_train_batch_end", "on_fit_epoch_end", "on_resize", "on_hparams"
+CLONE = "on_clone"
 FINAL = "final/"  # the final evaluation's keys
 HPARAM = "hparam/"  # the keys of hyperparameters PBT changed
+CLONED = "<cloned>"  # the key of ``on_clone``'s marker: no metric's (``metric_key`` turns "<" and ">" into "_")
 
 
 class MetricPoints:
@@ -38,9 +42,11 @@ class MetricPoints:
 
     def makes_points(self, event: str, step: int) -> bool:
         """Whether a record of ``event`` at ``step`` may make points (a cheap test on the row)."""
-        return event in (EPOCH_END, RESIZE, HPARAMS) or (event == BATCH_END and step % self.every == 0)
+        return event in (EPOCH_END, RESIZE, HPARAMS, CLONE) or (event == BATCH_END and step % self.every == 0)
 
     def of(self, event: str, record: dict) -> list[list]:
+        if event == CLONE:
+            return [[CLONED, 0.0, int(float(record.get("time", time.time())) * 1000), int(record.get("epoch", 0))]]
         metrics = record.get("metrics")
         if not metrics:
             return []

@@ -9,9 +9,11 @@ point is found and dropped (counted), so one bad value never blocks the rest of 
 of a hyperparameter PBT changed (``hparam/<key>``) also sets its tag (``hparam_tags``).
 Re-sending a point after an uncertain failure is harmless: the SQL store ignores an exact
 duplicate (same key, value, step, timestamp). No point goes at a step its key already has in the
-run (``last_steps`` when a restarted actor or a resumed run attaches, ``raise_floors`` as points
-go): what a restart repeated is not logged twice. Any other failure propagates to the courier, which keeps the data queued and
-retries.
+run (``last_steps`` when a restarted actor or a resumed run attaches, ``send_points`` as points go,
+a batch's own repeats included): what a restart repeated is not logged twice. A sweep trial that
+PBT started from another trial's checkpoint logs its epochs from there again: the ``CLONED``
+marker among the points (``mlflow_points.py``) lowers every floor. Any other failure propagates
+to the courier, which keeps the data queued and retries.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 from callbacks.sinks.mlflow_runs import (PARENT_TAG, RUN_ID_TAG, announce_run, find_run, first_line, is_invalid,
                                          last_steps, log_dataset, log_params_tags, mlflow_client, new_run,
                                          reopen_run)
-from callbacks.sinks.mlflow_points import hparam_tags
+from callbacks.sinks.mlflow_points import CLONED, HPARAM, hparam_tags
 from trainers.utils import LOGGER
 
 
@@ -98,16 +100,22 @@ class RunWriter:
         return run_id
 
     def send_points(self, points: list[list]) -> None:
-        """Points ``[key, value, timestamp ms, step]``, at most 1000 (MLflow's limit per request)."""
+        """Points ``[key, value, timestamp ms, step]``, at most 1000 (MLflow's limit per request),
+        without repeats (``is_repeat``); at a ``CLONED`` marker a new lineage begins. The floors
+        move only once the batch is in: a failed batch is sent again as it was."""
         from mlflow.entities import Metric
-        floors = self.floors
-        metrics = [Metric(k, v, ts, step) for k, v, ts, step in points if step > floors.get(k, -1)]
+        floors, metrics = dict(self.floors), []
+        for key, value, ts, step in points:
+            if key == CLONED:
+                floors.clear()
+            elif not is_repeat(floors, key, step):
+                metrics.append(Metric(key, value, ts, step))
+                floors[key] = max(step, floors.get(key, -1))
         if metrics:
             self._send(metrics)
         self._set_tags(hparam_tags(points))
-        if self.parent_run_id is None:  # see ``raise_floors``
-            raise_floors(floors, metrics)
-        self.delivered += len(points)
+        self.floors = floors
+        self.delivered += sum(point[0] != CLONED for point in points)
 
     def _set_tags(self, tags: dict[str, str]) -> None:
         """Tags that go with points (``hparam_tags``), after them: a failure keeps both queued, and
@@ -153,11 +161,9 @@ class RunWriter:
             self.terminated = True
 
 
-def raise_floors(floors: dict[str, int], metrics: list) -> None:
-    """A training run logs each (key, step) once: a worker group that Ray Train restarted between an
-    epoch's end and that epoch's checkpoint trains the epoch again, and the first values stay. A
-    sweep trial's run is left out: PBT may move a trial to another trial's earlier checkpoint, and
-    its epochs from there are logged again."""
-    for metric in metrics:
-        if metric.step > floors.get(metric.key, -1):
-            floors[metric.key] = metric.step
+def is_repeat(floors: dict[str, int], key: str, step: int) -> bool:
+    """A run logs each (key, step) once per lineage: a worker group that Ray Train restarted between
+    an epoch's end and that epoch's checkpoint trains the epoch again, and the first values stay.
+    A PBT note (``hparam/<key>``) never repeats: the sweep's driver sends it, journaled once by its
+    sequence number, at the trial's epoch count, which need not follow the clone's epochs."""
+    return step <= floors.get(key, -1) and not key.startswith(HPARAM)
