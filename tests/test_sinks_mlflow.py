@@ -303,7 +303,7 @@ def test_each_step_is_logged_once_per_lineage_and_a_clone_begins_a_new_one(tmp_p
     """Points a restart repeats (a step its key already has) are not sent again, in a sweep trial's
     child run as in a training run; an ``on_clone`` record (PBT started the trial from another
     trial's earlier checkpoint) begins a new lineage, whose epochs are logged again; a sink that
-    attaches later (a restarted actor, a resume) finds the floors in the run."""
+    attaches later (a restarted actor, a resume) finds the floors of the lineage in the run."""
     from callbacks.records import driver_record, make_record
 
     uri = mlflow_store(tmp_path / "mlflow.db")
@@ -330,19 +330,18 @@ def test_each_step_is_logged_once_per_lineage_and_a_clone_begins_a_new_one(tmp_p
                           spool_dir=str(tmp_path / "spool"))
         train(sink, run, 1, [0, 1], [0.1, 0.2])
         train(sink, run, 2, [1, 2], [0.25, 0.3])  # restarted from epoch 0's checkpoint: epoch 1 again
-        sink.handle("on_clone", driver_record(run, "on_clone", 0, 1, {}, attempt=3))
-        train(sink, run, 4, [1, 2], [0.5, 0.6])  # from another trial's checkpoint of epoch 0
-        assert sink.close("FINISHED")["status"] == "FINISHED"
-        run_id = sink.report()["run_id"]
+        sink.handle("on_clone", {**driver_record(run, "on_clone", 0, 1, {}, attempt=3), "time": next(clock)})
+        train(sink, run, 4, [1], [0.5])  # from another trial's checkpoint of epoch 0
+        assert sink.flush(timeout=30)  # then the callback actor dies
+        again = MLflowSink(uri, "lineage", run, event_log=False, spool_dir=str(tmp_path / "spool"))
+        train(again, run, 5, [1, 2], [0.55, 0.6])  # restarted from the clone's epoch 0: epoch 1 again
+        assert again.close("FINISHED")["status"] == "FINISHED"
+        run_id = again.report()["run_id"]
+        assert run_id == sink.report()["run_id"] and run_ids(uri, "lineage", run) == [run_id]
         assert history(run_id, "fitness") == [(0, 0.1), (1, 0.2), (2, 0.3), (1, 0.5), (2, 0.6)], run
         assert history(run_id, "step/loss") == [(s, 10 + s) for s in (1, 2, 3, 4)] + [(5, 25), (6, 26)] \
-            + [(s, 40 + s) for s in (3, 4, 5, 6)], run
+            + [(3, 43), (4, 44), (5, 55), (6, 56)], run
         assert MlflowClient(uri).get_run(run_id).data.tags.get("mlflow.parentRunId") == parent_run_id
-    again = MLflowSink(uri, "lineage", "plain", event_log=False, spool_dir=str(tmp_path / "spool"))
-    train(again, "plain", 5, [2, 3], [0.65, 0.7])  # a resume: epoch 2 again, then 3
-    again.close("FINISHED")
-    assert again.report()["run_id"] == run_ids(uri, "lineage", "plain")[0]
-    assert history(again.report()["run_id"], "fitness")[-2:] == [(2, 0.6), (3, 0.7)]
 
 
 def run_ids(uri: str, experiment: str, orch_run_id: str) -> list[str]:

@@ -26,6 +26,8 @@ RUN_ID_TAG = "orchestrator.run_id"
 # exist yet when the child's sink starts (both are made by sinks that wait out an outage).
 PARENT_TAG = "orchestrator.parent_run_id"
 END_REASON_TAG = "orchestrator.end_reason"  # why a run failed or was killed
+# A sweep trial's latest start from another trial's checkpoint (ms): its points since begin a new lineage.
+CLONED_TAG = "orchestrator.cloned_at"
 # MLflow's own HTTP retries: short, so a down server fails fast and the sinks' backoff takes over.
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
             "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
@@ -161,9 +163,16 @@ def continue_run(tracking_uri: str, experiment: str, orch_run_id: str) -> str | 
 def last_steps(client, run) -> dict[str, int]:
     """Each metric's last step in ``run``: a run continued (``resume=``, a restarted callback actor)
     logs only later steps, so no (key, step) point is logged twice, whatever the restart repeated.
+    In a sweep trial PBT started from another trial's checkpoint, only the points since
+    (``CLONED_TAG``) count: the earlier lineage may have gone further.
     ``system/`` metrics have a monitor of their own (``callbacks/system_metrics.py``)."""
-    keys = [k for k in run.data.metrics if not k.startswith("system/")]
-    return {k: max(m.step for m in client.get_metric_history(run.info.run_id, k)) for k in keys}
+    since = int(run.data.tags.get(CLONED_TAG, 0))
+    floors = {}
+    for key in (k for k in run.data.metrics if not k.startswith("system/")):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key) if m.timestamp >= since]
+        if steps:
+            floors[key] = max(steps)
+    return floors
 
 
 def log_params_tags(client, run_id: str, params: dict[str, str], tags: dict[str, str]) -> None:

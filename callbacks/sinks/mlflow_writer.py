@@ -12,7 +12,8 @@ duplicate (same key, value, step, timestamp). No point goes at a step its key al
 run (``last_steps`` when a restarted actor or a resumed run attaches, ``send_points`` as points go,
 a batch's own repeats included): what a restart repeated is not logged twice. A sweep trial that
 PBT started from another trial's checkpoint logs its epochs from there again: the ``CLONED``
-marker among the points (``mlflow_points.py``) lowers every floor. Any other failure propagates
+marker among the points (``mlflow_points.py``) lowers every floor, and its time goes to the run's
+tag ``CLONED_TAG``, from which ``last_steps`` counts. Any other failure propagates
 to the courier, which keeps the data queued and retries.
 """
 from __future__ import annotations
@@ -20,9 +21,9 @@ from __future__ import annotations
 import posixpath
 from pathlib import Path
 
-from callbacks.sinks.mlflow_runs import (PARENT_TAG, RUN_ID_TAG, announce_run, find_run, first_line, is_invalid,
-                                         last_steps, log_dataset, log_params_tags, mlflow_client, new_run,
-                                         reopen_run)
+from callbacks.sinks.mlflow_runs import (CLONED_TAG, PARENT_TAG, RUN_ID_TAG, announce_run, find_run, first_line,
+                                         is_invalid, last_steps, log_dataset, log_params_tags, mlflow_client,
+                                         new_run, reopen_run)
 from callbacks.sinks.mlflow_points import CLONED, HPARAM, hparam_tags
 from trainers.utils import LOGGER
 
@@ -104,13 +105,15 @@ class RunWriter:
         without repeats (``is_repeat``); at a ``CLONED`` marker a new lineage begins. The floors
         move only once the batch is in: a failed batch is sent again as it was."""
         from mlflow.entities import Metric
-        floors, metrics = dict(self.floors), []
+        floors, metrics, cloned = dict(self.floors), [], {}
         for key, value, ts, step in points:
             if key == CLONED:
                 floors.clear()
+                cloned = {CLONED_TAG: str(ts)}  # before the points: a writer attaching later finds both
             elif not is_repeat(floors, key, step):
                 metrics.append(Metric(key, value, ts, step))
                 floors[key] = max(step, floors.get(key, -1))
+        self._set_tags(cloned)
         if metrics:
             self._send(metrics)
         self._set_tags(hparam_tags(points))
@@ -118,8 +121,9 @@ class RunWriter:
         self.delivered += sum(point[0] != CLONED for point in points)
 
     def _set_tags(self, tags: dict[str, str]) -> None:
-        """Tags that go with points (``hparam_tags``), after them: a failure keeps both queued, and
-        sending them again is harmless (points a floor holds back still set theirs)."""
+        """Tags that go with points (``hparam_tags`` after them, ``CLONED_TAG`` before): a failure
+        keeps both queued, and sending them again is harmless (points a floor holds back still set
+        theirs)."""
         if not tags:
             return
         from mlflow.entities import RunTag
