@@ -366,8 +366,9 @@ def test_pbt_restarts_the_weak_trial_from_the_strong_trials_checkpoint(sweep_ray
 
 def assert_clone_noted(uri: str, child, strong, start: dict, storage: str) -> None:
     """The restarted trial's start from the strong trial's checkpoint is one ``on_clone`` record, at
-    the first epoch it trained from it, before the Train run's; its child run has its own epochs
-    once each, then the clone's epoch (lr0 0.05 x 3); the strong trial started from nothing."""
+    the first epoch it trained from it, before the Train run's (its time a tag of the child run);
+    its child run has its own epochs once each, then the clone's epoch (lr0 0.05 x 3); the strong
+    trial started from nothing."""
     from callbacks.sinks import read_event_log
 
     def clones(run):
@@ -375,6 +376,7 @@ def assert_clone_noted(uri: str, child, strong, start: dict, storage: str) -> No
         return [(r["rank"], r["seq"], r["epoch"]) for r in rows if r["event"] == "on_clone"]
 
     assert clones(child) == [(-1, 0, start["start_epoch"])] and clones(strong) == []
+    assert "orchestrator.cloned_at" in child.data.tags and "orchestrator.cloned_at" not in strong.data.tags
     history = sorted(MlflowClient(uri).get_metric_history(child.info.run_id, "objective"), key=lambda m: m.timestamp)
     points = [(m.step, m.value) for m in history]
     assert points[:2] == [(0, pytest.approx(0.01)), (1, pytest.approx(0.02))], points
