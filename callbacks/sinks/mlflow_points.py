@@ -46,7 +46,7 @@ class MetricPoints:
 
     def of(self, event: str, record: dict) -> list[list]:
         if event == CLONE:
-            return [[CLONED, 0.0, int(float(record.get("time", time.time())) * 1000), int(record.get("epoch", 0))]]
+            return [[CLONED, 0.0, time_ms(record), int(record.get("epoch", 0))]]
         metrics = record.get("metrics")
         if not metrics:
             return []
@@ -62,7 +62,7 @@ class MetricPoints:
             prefix, step = (HPARAM if event == HPARAMS else ""), int(record.get("epoch", 0))
         else:
             return []
-        ts = int(float(record.get("time", time.time())) * 1000)
+        ts = time_ms(record)
         return [[self._key(prefix, k), float(v), ts, step] for k, v in metrics.items()]
 
     def _key(self, prefix: str, name: str) -> str:
@@ -71,6 +71,11 @@ class MetricPoints:
         if key is None:
             key = self._keys[full] = metric_key(full)[:MAX_KEY]
         return key
+
+
+def time_ms(record: dict) -> int:
+    """A point's timestamp: when its record's event fired, in ms."""
+    return int(float(record.get("time", time.time())) * 1000)
 
 
 def hparam_tags(points: list[list]) -> dict[str, str]:
