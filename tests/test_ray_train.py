@@ -162,21 +162,13 @@ def test_user_errors_on_workers_reach_the_cli_and_the_caller_as_raised(ray_sessi
     assert "\n" not in str(info.value)
 
 
-def test_patience_on_two_workers_stops_every_rank_at_best_plus_patience(ray_session, tmp_path):
+def test_worker_sigkill_restarts_from_checkpoint_without_duplicates_and_patience_stops_every_rank(ray_session, tmp_path):
+    """Two runs of 2 workers whose fitness is best at epoch 1, with patience 1: both ranks stop
+    after epoch 2. One run is undisturbed; in the other, rank 1 is SIGKILLed at the start of epoch
+    1: the restarted group resumes after epoch 0, keeps the patience count, and ends with the
+    undisturbed run's weights, each record and epoch metric once."""
     from tests.test_training_mechanics import ScriptedFitness  # best fitness at epoch 1
 
-    cfg = run_cfg(tmp_path, "patience", num_workers=2, epochs=8, patience=1)
-    model = Model("cls-n.yaml")
-    model.train(**cfg, trainer=ScriptedFitness)
-    last = torch.load(Path(cfg["project"]) / "patience" / "weights" / "last.pt", weights_only=True)
-    assert last["epoch"] == 2 and last["best_fitness"] == 0.9  # epoch 2 was worse: patience 1 ends it
-    assert torch.load(model.ckpt_path, weights_only=True)["epoch"] == 1
-    table = read_event_log(cfg["storage"], read_run_id(cfg, "patience")).to_pylist()
-    trained = sorted((r["rank"], r["epoch"]) for r in table if r["event"] == "on_train_epoch_end")
-    assert trained == [(rank, epoch) for rank in (0, 1) for epoch in range(3)]
-
-
-def test_worker_sigkill_restarts_from_checkpoint_without_duplicates(ray_session, tmp_path):
     marker = tmp_path / "killed"
 
     def kill_once(trainer):
@@ -185,18 +177,24 @@ def test_worker_sigkill_restarts_from_checkpoint_without_duplicates(ray_session,
             wait_for_registered_checkpoint(cfg["storage"], trainer.args.name, epoch=0)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    cfg = run_cfg(tmp_path, "clean", num_workers=2, epochs=3, max_failures=2)
+    cfg = run_cfg(tmp_path, "clean", num_workers=2, epochs=8, patience=1, max_failures=2)
     clean = Model("cls-n.yaml")
-    clean.train(**cfg)
+    clean.train(**cfg, trainer=ScriptedFitness)
+    last = torch.load(Path(cfg["project"]) / "clean" / "weights" / "last.pt", weights_only=True)
+    assert last["epoch"] == 2 and last["best_fitness"] == 0.9  # epoch 2 was worse: patience 1 ends it
+    assert torch.load(clean.ckpt_path, weights_only=True)["epoch"] == 1
+    table = read_event_log(cfg["storage"], read_run_id(cfg, "clean")).to_pylist()
+    trained = sorted((r["rank"], r["epoch"]) for r in table if r["event"] == "on_train_epoch_end")
+    assert trained == [(rank, epoch) for rank in (0, 1) for epoch in range(3)]
 
     crashing = Model("cls-n.yaml")
     crashing.add_callback("on_train_batch_start", kill_once)
-    crashing.train(**{**cfg, "name": "crash"})
+    crashing.train(**{**cfg, "name": "crash"}, trainer=ScriptedFitness)
     assert marker.exists()
 
     a = torch.load(Path(cfg["project"]) / "clean" / "weights" / "last.pt", weights_only=True)
     b = torch.load(Path(cfg["project"]) / "crash" / "weights" / "last.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2
+    assert a["epoch"] == b["epoch"] == 2 and b["best_fitness"] == 0.9  # the restart kept the patience count
     for name, value in a["ema"].items():
         assert torch.allclose(value, b["ema"][name], atol=1e-6), name
     resumed = Path(b["train_args"]["resume"])  # the restarted workers' local copy of the checkpoint
