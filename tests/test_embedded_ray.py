@@ -3,6 +3,7 @@ stopping that, and a normal exit leaving nothing."""
 import json
 import os
 import re
+from collections import Counter, defaultdict
 import subprocess
 import sys
 import time
@@ -10,8 +11,11 @@ from pathlib import Path
 
 import psutil
 
+from mlflow import MlflowClient
+
+from callbacks.journal import read_segment
 from orchestrator.embedded_ray import running, stop_dead_sessions
-from tests.test_journal import ROOT, _mlflow_run, kill_after_epochs, orchestrator, train_command
+from tests.test_journal import ROOT, _mlflow_run, kill_after_epochs, orchestrator, raw_event_rows, train_command
 
 RAY_RUN = "num_workers=1"  # one Ray Train worker: a Ray run
 # a local Ray of the driver's own, even with another local cluster up (``ray.init()`` would join it)
@@ -48,12 +52,16 @@ def settled(cwd: Path, quiet: float = 3.0, timeout: float = 30.0) -> list[psutil
 def test_recover_stops_what_a_killed_driver_left_of_its_ray(tmp_path):
     """SIGKILL to a driver mid-training: processes of its Ray outlive it (Ray's dashboard and
     runtime-env agents, which ignore SIGTERM). ``orchestrator recover`` stops every one of them,
-    says so in a line of its own, removes the session's record, and ends the run KILLED, delivered."""
+    says so in a line of its own, removes the session's record, and ends the run KILLED, delivered:
+    each journaled epoch once in MLflow, each journaled record once in the event log; a second
+    ``recover`` has nothing left to do."""
     kill_after_epochs(tmp_path, [*train_command(40, 0.5), RAY_RUN], epochs=2, env=OWN_RAY)
     try:
         journals = tmp_path / "runs" / "journal"
         (record,) = journals.glob("ray-*.json")
         session = json.loads(record.read_text())["session_dir"]
+        folder = next(f for f in journals.iterdir() if f.is_dir())
+        assert not (folder / "finished.json").exists()
         left = settled(tmp_path)
         assert left, "nothing of the killed driver's Ray outlived it"
 
@@ -65,16 +73,35 @@ def test_recover_stops_what_a_killed_driver_left_of_its_ray(tmp_path):
         assert all(p.pid in named or not running(p) for p in left) and named <= {p.pid for p in left}
         assert not in_folder(tmp_path) and not record.exists()
 
+        store = tmp_path / "runs" / "store"
+        copied = journal_copy(store, folder.name)  # delivered, the journal left its folder for the store
+        assert copied, "the journal was not copied beside the event log"
+        journaled = Counter((row["rank"], row["attempt"]) for row in copied)
+        epochs = sorted(row["epoch"] for row in copied if row["event"] == "on_fit_epoch_end" and row["rank"] == 0)
+        assert len(epochs) >= 2
         run = _mlflow_run(tmp_path)
-        folder = next(f for f in journals.iterdir() if f.is_dir())
-        assert re.fullmatch(rf"{folder.name}: \d+ journal entries delivered, MLflow run {run.info.run_id} "
-                            r"ended KILLED", run_line)
+        assert run_line == f"{folder.name}: {max(row['entry'] for row in copied) + 1} journal entries delivered, " \
+                           f"MLflow run {run.info.run_id} ended KILLED"
         assert run.info.status == "KILLED" and "driver died" in run.data.tags["orchestrator.end_reason"]
         assert json.loads((folder / "finished.json").read_text())["delivered"] is True
+        history = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db").get_metric_history(run.info.run_id, "fitness")
+        assert sorted(point.step for point in history) == epochs == list(range(len(epochs)))
+        table = raw_event_rows(store, folder.name)  # every part's rows, duplicates too
+        stored = defaultdict(list)
+        for rank, attempt, seq in zip(*(table.column(c).to_pylist() for c in ("rank", "attempt", "seq"))):
+            stored[(rank, attempt)].append(seq)
+        assert {stream: sorted(seqs) for stream, seqs in stored.items()} == \
+            {stream: list(range(count)) for stream, count in journaled.items()}  # each journaled row once
         assert orchestrator(["recover"], tmp_path).stdout.startswith("nothing to recover")
     finally:
         for process in in_folder(tmp_path):  # only this test's: they work in its folder
             process.kill()
+
+
+def journal_copy(store: Path, run_id: str) -> list[dict]:
+    """The rows of a run's journal as copied beside its event log, each as often as it is there."""
+    return [row for path in sorted((store / "events" / f"run_id={run_id}" / "_journal").glob("*/seg-*.arrow"))
+            for batch in read_segment(path) for row in batch.to_pylist()]
 
 
 DRIVER = """import sys, ray

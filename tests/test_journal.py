@@ -120,33 +120,6 @@ def recover_publishes(folder: Path, cwd: Path) -> str:
     return model_id
 
 
-def test_recover_after_the_driver_is_killed(tmp_path):
-    """SIGKILL to an in-process run mid-training, then ``orchestrator recover``: the MLflow run
-    ends KILLED with the reason, holds each journaled epoch once, and the event log holds every
-    journaled row once; a second ``recover`` has nothing left to do."""
-    kill_after_epochs(tmp_path, train_command(40, 0.5), epochs=3)
-    folder = next((tmp_path / "runs" / "journal").iterdir())
-    journal = Journal(folder, folder.name)
-    journaled = [r for _, _, _, rs in journal.entries() for r in rs]
-    epochs = sorted(r[1] for r in journaled if r[0] == "on_fit_epoch_end")
-    assert len(epochs) >= 3 and not (folder / "finished.json").exists()
-
-    out = orchestrator(["recover"], tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == [f"{folder.name}: {journal.next_entry} journal entries delivered, "
-                                       f"MLflow run {_mlflow_run(tmp_path).info.run_id} ended KILLED"]
-    run = _mlflow_run(tmp_path)
-    assert run.info.status == "KILLED" and "driver died" in run.data.tags["orchestrator.end_reason"]
-    from mlflow import MlflowClient
-
-    history = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db").get_metric_history(run.info.run_id, "fitness")
-    assert sorted(point.step for point in history) == epochs == list(range(len(epochs)))
-    table = raw_event_rows(tmp_path / "runs" / "store", folder.name)
-    assert table.num_rows == len(journaled) and sorted(table.column("seq").to_pylist()) == list(range(len(journaled)))
-    again = orchestrator(["recover"], tmp_path)
-    assert again.returncode == 0 and again.stdout.startswith("nothing to recover")
-
-
 def _mlflow_run(tmp_path: Path):
     from mlflow import MlflowClient
 
