@@ -5,6 +5,7 @@ with one intra-op thread, its working directory and temporary files in the test'
 mode's figures are not measurements: these tests check that the lines are there and that the
 figures parse as finite numbers, never their values against the targets.
 
+The scripts that start no Ray run two at a time (``without_ray``), each on a core of its own.
 A script that uses Ray joins this session's Ray (tests/conftest.py; ``benchmarks/cluster.py``),
 which saves it a Ray start and stop; the others get ``RAY_ADDRESS=local``, so that none joins a
 cluster some other test started with ``ray start``.
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -109,6 +111,59 @@ def finite(*values: float, positive: bool = False) -> None:
         assert math.isfinite(value) and (value > 0 if positive else value >= 0), values
 
 
+IN_PROCESS = ("actor_sink_cost.py", "digits_quality.py", "detect_quality.py", "mlflow_sink.py", "peer_ultralytics.py")
+
+
+@pytest.fixture(scope="module")
+def without_ray(tmp_path_factory):
+    """The scripts that start no Ray, two at a time from the first test that asks (each keeps one
+    core busy; the tests that follow wait for their own): script -> a future of its stdout."""
+    with ThreadPoolExecutor(2) as pool:
+        yield {script: pool.submit(run_tiny, script, tmp_path_factory.mktemp(script.split(".")[0]))
+               for script in IN_PROCESS}
+
+
+def test_actor_sink_cost_tiny(without_ray):
+    out = without_ray["actor_sink_cost.py"].result()
+    for kind in ("none", "eventlog", "mlflow", "all"):
+        finite(*figures(out, f"{kind}: {{n}} us of driver CPU per record"))
+    finite(*figures(out, "driver CPU / wall time with all sinks at 800 steps/s (4,000 records/s): {n}"))
+
+
+def test_digits_quality_tiny(without_ray):
+    out = without_ray["digits_quality.py"].result()
+    top1, mean, seconds, ratio = figures(
+        out, "digits held-out top-1 after 1 epochs, seeds 0-0: {n}; mean {n} in {n} s per run (target 0.95: ratio {n})")
+    assert 0 <= top1 <= 1 and mean == top1
+    finite(seconds, ratio)
+
+
+def test_detect_quality_tiny(without_ray):
+    out = without_ray["detect_quality.py"].result()
+    map50, map5095 = figures(out, "shapes8 val mAP50 {n} (mAP50-95 {n}) after 1 epochs")
+    assert 0 <= map5095 <= map50 <= 1
+    finite(*figures(out, "(target 0.8: ratio {n}; time budget 600 s: ratio {n})"))
+
+
+def test_mlflow_sink_tiny(without_ray):
+    out = without_ray["mlflow_sink.py"].result()
+    finite(*figures(out, "mlflow raw log_batch loop : {n} points/s"), positive=True)
+    finite(*figures(out, "mlflow through MLflowSink : {n} points/s"), positive=True)
+    finite(*figures(out, "ratio sink/raw : {n} (target >= 0.9)"), positive=True)
+    finite(*figures(out, "event log -> local dir : {n} rows/s"), positive=True)
+    finite(*figures(out, "event log -> moto S3 : {n} rows/s"), positive=True)
+
+
+def test_peer_ultralytics_tiny(without_ray):
+    out = without_ray["peer_ultralytics.py"].result()
+    (map50,) = figures(out, "ours (det-n.yaml, defaults): final mAP50 {n} after 1 epochs")
+    assert 0 <= map50 <= 1
+    if "ultralytics: skipped: " not in out:  # its venv exists on this machine: the peer ran too
+        (peer,) = figures(out, "ultralytics 8.4.190 (yolov8n.yaml, defaults): final mAP50 {n} after 1 epochs")
+        assert 0 <= peer <= 1
+        finite(*figures(out, "ratios ours/ultralytics: final mAP50 {n}, wall time {n}"))
+
+
 def test_actor_ingest_tiny(ray_session, tmp_path):
     out = run_tiny("actor_ingest.py", tmp_path, ray_session)
     for rank in (0, 1):
@@ -119,37 +174,6 @@ def test_actor_ingest_tiny(ray_session, tmp_path):
     finite(seconds, rate, positive=True)
     (ratio,) = figures(out, "ratio to target 100,000 events/s: {n}")
     finite(ratio, positive=True)
-
-
-def test_actor_sink_cost_tiny(tmp_path):
-    out = run_tiny("actor_sink_cost.py", tmp_path)
-    for kind in ("none", "eventlog", "mlflow", "all"):
-        finite(*figures(out, f"{kind}: {{n}} us of driver CPU per record"))
-    finite(*figures(out, "driver CPU / wall time with all sinks at 800 steps/s (4,000 records/s): {n}"))
-
-
-def test_digits_quality_tiny(tmp_path):
-    out = run_tiny("digits_quality.py", tmp_path)
-    top1, mean, seconds, ratio = figures(
-        out, "digits held-out top-1 after 1 epochs, seeds 0-0: {n}; mean {n} in {n} s per run (target 0.95: ratio {n})")
-    assert 0 <= top1 <= 1 and mean == top1
-    finite(seconds, ratio)
-
-
-def test_detect_quality_tiny(tmp_path):
-    out = run_tiny("detect_quality.py", tmp_path)
-    map50, map5095 = figures(out, "shapes8 val mAP50 {n} (mAP50-95 {n}) after 1 epochs")
-    assert 0 <= map5095 <= map50 <= 1
-    finite(*figures(out, "(target 0.8: ratio {n}; time budget 600 s: ratio {n})"))
-
-
-def test_mlflow_sink_tiny(tmp_path):
-    out = run_tiny("mlflow_sink.py", tmp_path)
-    finite(*figures(out, "mlflow raw log_batch loop : {n} points/s"), positive=True)
-    finite(*figures(out, "mlflow through MLflowSink : {n} points/s"), positive=True)
-    finite(*figures(out, "ratio sink/raw : {n} (target >= 0.9)"), positive=True)
-    finite(*figures(out, "event log -> local dir : {n} rows/s"), positive=True)
-    finite(*figures(out, "event log -> moto S3 : {n} rows/s"), positive=True)
 
 
 def test_ray_overhead_tiny(ray_session, tmp_path):
@@ -192,16 +216,6 @@ def test_journal_tiny(ray_session, tmp_path):
     count, rate, p50, p99 = figures(out, "emit to journal: {n} records at {n}/s, p50 {n} ms, p99 {n} ms, "
                                          f"then one fsync (forwarder flush interval {FLUSH_INTERVAL} s)")
     assert count == 2_000 and p99 >= p50  # 1 s at 2,000 rows/s, each journaled once
-
-
-def test_peer_ultralytics_tiny(tmp_path):
-    out = run_tiny("peer_ultralytics.py", tmp_path)
-    (map50,) = figures(out, "ours (det-n.yaml, defaults): final mAP50 {n} after 1 epochs")
-    assert 0 <= map50 <= 1
-    if "ultralytics: skipped: " not in out:  # its venv exists on this machine: the peer ran too
-        (peer,) = figures(out, "ultralytics 8.4.190 (yolov8n.yaml, defaults): final mAP50 {n} after 1 epochs")
-        assert 0 <= peer <= 1
-        finite(*figures(out, "ratios ours/ultralytics: final mAP50 {n}, wall time {n}"))
 
 
 def test_scale_tiny(ray_session, tmp_path):
