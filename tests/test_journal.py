@@ -154,7 +154,7 @@ def test_resume_recovers_the_killed_run_first(tmp_path):
     """``resume=True`` after a SIGKILL ends the killed run (KILLED, delivered) before training on, into
     the same MLflow run: every epoch's point once, whatever the killed session logged past its
     last checkpoint."""
-    kill_after_epochs(tmp_path, train_command(8, 0.3), epochs=2)
+    kill_after_epochs(tmp_path, train_command(5, 0.3), epochs=2)
     killed = _mlflow_run(tmp_path).info.run_id
     out = orchestrator(["train", "resume=True"], tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -165,7 +165,7 @@ def test_resume_recovers_the_killed_run_first(tmp_path):
     run = client.get_run(killed)  # ended KILLED by the recovery, then continued by the resume
     assert run.info.status == "FINISHED" and "orchestrator.end_reason" not in run.data.tags
     fitness = [m.step for m in client.get_metric_history(killed, "fitness")]  # raw: each epoch once
-    assert sorted(fitness) == list(range(8))
+    assert sorted(fitness) == list(range(5))
     steps = [m.step for m in client.get_metric_history(killed, "step/train/loss")]
     assert len(steps) == len(set(steps)) > 0  # steps the killed session logged past last.pt: not again
     assert orchestrator(["recover"], tmp_path).stdout.startswith("nothing to recover")

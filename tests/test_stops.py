@@ -40,7 +40,7 @@ def mlflow_runs(cwd: Path, experiment: str = "classify"):
 
 
 def test_sigterm_stops_at_a_step_and_resume_continues(tmp_path):
-    proc = start_training(tmp_path, "epochs=12")
+    proc = start_training(tmp_path, "epochs=6")
     results = tmp_path / "runs" / "classify" / "train" / "results.csv"
     wait_for_epochs(proc, results, 2)
     proc.send_signal(signal.SIGTERM)
@@ -65,8 +65,8 @@ def test_sigterm_stops_at_a_step_and_resume_continues(tmp_path):
     client, runs = mlflow_runs(tmp_path)
     assert [r.info.run_id for r in runs] == [run.info.run_id]  # the same MLflow run, continued
     steps = [point.step for point in client.get_metric_history(run.info.run_id, "fitness")]  # raw
-    assert client.get_run(run.info.run_id).info.status == "FINISHED" and sorted(steps) == list(range(12))
-    assert stopped_at + 1 < 12
+    assert client.get_run(run.info.run_id).info.status == "FINISHED" and sorted(steps) == list(range(6))
+    assert stopped_at + 1 < 6
     table = read_event_log(str(tmp_path / "runs" / "store"), run.data.tags["orchestrator.run_id"], dedup_rows=False)
     sessions = {}
     for attempt, seq in zip(table.column("attempt").to_pylist(), table.column("seq").to_pylist()):
