@@ -326,7 +326,9 @@ def test_a_driver_record_is_journaled_once_through_an_actor_restart(ray_env, tmp
     send_record(actor, notes[0])  # as after an uncertain failure
     report = ray.get(actor.finish.remote("FINISHED"))
     ray.kill(actor)
-    assert report["restarted"] is True and report["duplicates"] == 1
+    # The deliberate resend is dropped; so is the second record's own resend when the kill landed
+    # after the old actor journaled it but before its reply (send_record cannot tell the two apart).
+    assert report["restarted"] is True and report["duplicates"] in (1, 2)
     raw = read_event_log(store, "run-h", dedup_rows=False).to_pylist()  # every stored row
     assert sorted((r["rank"], r["seq"], r["epoch"], dict(r["metrics"])["lr0"]) for r in raw) == [
         (-1, 0, 2, 0.05), (-1, 1, 2, 0.04)]
