@@ -1,8 +1,9 @@
 """Customization 7: gradient clipping with its own max norm, by overriding ``clip_gradients()``.
 
 The default ``optimizer_step()`` calls ``clip_gradients()`` after unscaling the AMP gradients and
-before the optimizer steps; the loop fires the three step events around it, so this override only
-clips. The gradient norm before clipping is kept in ``self.grad_norm`` and its epoch mean is logged
+before the optimizer steps, then fires the three step events, zeroes the gradients and updates the
+EMA, so this override only clips (an ``optimizer_step()`` override without ``super()`` would own
+all of that). The gradient norm before clipping is kept in ``self.grad_norm`` and its epoch mean is logged
 as ``train/grad_norm``.
 
 Run: ``python examples/custom_grad_clip.py``

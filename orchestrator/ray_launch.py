@@ -56,7 +56,7 @@ def connect_ray(journal: str | None = None) -> None:
         probe_address(address)
     try:
         ray.init(address=address or None, log_to_driver=True, configure_logging=False,
-                 runtime_env=None if address else {"env_vars": LOCAL_RAY_ENV})
+                 runtime_env={"env_vars": LOCAL_RAY_ENV} if address in (None, "", "local") else None)
     except ConnectionError as exc:
         raise UserError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {exc}".splitlines()[0]) from None
     if journal is not None:

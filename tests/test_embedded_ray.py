@@ -104,17 +104,18 @@ def journal_copy(store: Path, run_id: str) -> list[dict]:
             for batch in read_segment(path) for row in batch.to_pylist()]
 
 
-DRIVER = """import sys, ray
+DRIVER = """import json, sys, ray
 from orchestrator.ray_launch import connect_ray
 connect_ray("journal")
 print(ray.get_runtime_context().gcs_address, flush=True)
+print(json.dumps(ray.get_runtime_context().runtime_env.get("env_vars")), flush=True)
 sys.stdin.readline()  # until the test lets it end normally
 """
 
 
 def driver(cwd: Path, env: dict) -> subprocess.Popen:
     """A driver that connects to Ray as a run does, with its journal in ``cwd``; it prints Ray's
-    address and exits normally on a line of input."""
+    address and its job's environment variables, and exits normally on a line of input."""
     cwd.mkdir()
     return subprocess.Popen([sys.executable, "-c", DRIVER], cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
@@ -127,10 +128,12 @@ def test_only_a_ray_of_its_own_is_recorded_and_a_normal_exit_leaves_nothing(tmp_
     owner = driver(tmp_path / "owner", OWN_RAY)
     try:
         address = owner.stdout.readline().strip()
+        # its own Ray (``local`` too) is one node nothing preempts: no preemption watcher per run
+        assert json.loads(owner.stdout.readline()) == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
         (record,) = (tmp_path / "owner" / "journal").glob("ray-*.json")
         joiner = driver(tmp_path / "joiner", {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"})
         joined, err = joiner.communicate("\n", timeout=120)
-        assert joiner.returncode == 0 and joined.strip() == address, err[-2000:]
+        assert joiner.returncode == 0 and joined.split() == [address, "null"], err[-2000:]  # a cluster's: watched
         assert not (tmp_path / "joiner" / "journal").exists()
         ray_processes = in_folder(tmp_path / "owner")
         assert len(ray_processes) > 3 and all(running(p) for p in ray_processes)  # the joiner's exit stopped none

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from orchestrator import Model
-from tests.helpers import QUICK, EventRecorder, expected_events
+from tests.helpers import QUICK, STEP, EventRecorder, expected_events
 from trainers.classify import ClassificationTrainer
 from trainers.utils import UserError
 
@@ -208,6 +208,9 @@ class TinyClipTrainer(ClassificationTrainer):
         super().__init__(*a, **kw)
         self.norms_before, self.norms_after = [], []
         self.add_callback("optimizer_step", lambda t: t.norms_after.append(grad_norm(t.model)))
+        self.add_callback("on_before_zero_grad", lambda t: t.seen.append(grad_norm(t.model) > 0))
+        self.add_callback("on_params_update", lambda t: t.seen.append(grad_norm(t.model) == 0))
+        self.seen = []
 
     def clip_gradients(self):
         self.norms_before.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)))
@@ -224,53 +227,70 @@ def train_with_all_events(tmp_path, trainer_cls):
     return trainer, rec
 
 
-def test_clip_gradients_override_changes_clipping_and_keeps_the_step_events(tmp_path):
+def test_clip_gradients_override_changes_clipping_and_keeps_the_default_step(tmp_path):
     trainer, _ = train_with_all_events(tmp_path, TinyClipTrainer)
     assert len(trainer.norms_before) == len(trainer.norms_after) == trainer.step == 6
     assert all(after <= TinyClipTrainer.max_norm * (1 + 1e-5) for after in trainer.norms_after)
     assert all(before > TinyClipTrainer.max_norm for before in trainer.norms_before)  # the clip acted
+    assert trainer.seen == [True, True] * 6  # the default step: gradients there before zeroing, zero after
+    assert trainer.ema.updates == 6
 
 
 class OwnStepTrainer(ClassificationTrainer):
-    """Overrides optimizer_step() without super(): steps the optimizer itself, fires no event."""
+    """Overrides optimizer_step() without super() and does only a plain step: it owns the step
+    and its events (SPEC §3), so nothing fires, zeroes or moves the EMA but what it does."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        self.own_steps = 0
+        self.grads = []  # the gradient norm each batch starts with
+        self.add_callback("on_train_batch_start", lambda t: t.grads.append(grad_norm(t.model)))
+        self.steps = 0
+
+    def optimizer_step(self):
+        self.steps += 1
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+def test_an_override_without_super_owns_the_step_events_zeroing_and_ema(tmp_path):
+    model = Model("cls-n.yaml")
+    rec = EventRecorder().register(model)
+    model.train(**QUICK, trainer=OwnStepTrainer, project=str(tmp_path), name="own")
+    trainer = model.trainer
+    n_batches, n_val = len(trainer.train_loader), len(trainer.test_loader)
+    assert rec.names == [e for e in expected_events(2, n_batches, trainer.accumulate, n_val) if e not in STEP]
+    assert trainer.step == trainer.steps == 6 and trainer.ema.updates == 0
+    nb = len(trainer.train_loader)  # zeroed only where each epoch starts: the loop's, not the step's
+    assert [i for i, g in enumerate(trainer.grads) if g == 0] == [0, nb] and len(trainer.grads) == 2 * nb
+
+
+class WholeStepTrainer(ClassificationTrainer):
+    """Owns the whole step as SPEC §4 lets it, the default's work and events in its own hands."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
         self.add_callback("on_before_zero_grad", lambda t: t.seen.append(grad_norm(t.model) > 0))
         self.add_callback("on_params_update", lambda t: t.seen.append(grad_norm(t.model) == 0))
         self.seen = []
 
     def optimizer_step(self):
-        self.own_steps += 1
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-
-
-def test_optimizer_step_override_keeps_the_step_events_zeroing_and_ema(tmp_path):
-    trainer, rec = train_with_all_events(tmp_path, OwnStepTrainer)
-    assert step_events_of(rec) == ["optimizer_step", "on_before_zero_grad", "on_params_update"] * 6
-    assert trainer.own_steps == trainer.step == trainer.ema.updates == 6  # one EMA update per step
-    assert trainer.seen == [True, True] * 6  # gradients there before zeroing, zero after
-
-
-
-class WholeStepTrainer(ClassificationTrainer):
-    """Owns the whole step as SPEC §4 lets it: zeroing and the EMA update too."""
-
-    def optimizer_step(self):
         self.scaler.unscale_(self.optimizer)
-        self.clip_gradients()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=1.0)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.run_callbacks("optimizer_step")
+        self.run_callbacks("on_before_zero_grad")
         self.optimizer.zero_grad()
         self.ema.update(self.model)
+        self.run_callbacks("on_params_update")
 
 
-def test_override_that_owns_zeroing_and_the_ema_moves_the_ema_once_per_step(tmp_path):
+def test_an_override_that_owns_the_whole_step_fires_each_event_once(tmp_path):
     trainer, rec = train_with_all_events(tmp_path, WholeStepTrainer)
-    assert step_events_of(rec) == ["optimizer_step", "on_before_zero_grad", "on_params_update"] * 6
+    assert step_events_of(rec) == STEP * 6
     assert trainer.step == trainer.ema.updates == 6
+    assert trainer.seen == [True, True] * 6  # gradients there before zeroing, zero after
+
 
 def test_one_stop_vote_after_on_fit_epoch_end_reaches_the_epoch_reporters(tmp_path):
     """A callback that sets stop in on_fit_epoch_end ends the run after that epoch; the launcher's
@@ -307,3 +327,14 @@ def test_restart_of_a_finished_training_runs_only_the_final_evaluation(tmp_path,
     if epochs > 2:  # not finished by its epochs: a user's resume trains on
         resumed = ClassificationTrainer(overrides={"resume": last, "epochs": epochs})
         assert resumed._resume_start(torch.load(last, weights_only=True)) == 2
+
+
+def test_trainer_log_reaches_every_epochs_record_and_the_final_evaluations(tmp_path):
+    """SPEC §2: ``trainer.log()`` from any callback; in the final evaluation too (its ``final/`` keys)."""
+    seen = []
+    model = Model("cls-n.yaml")
+    model.add_callback("on_fit_epoch_end", lambda t: t.log({"custom/final": float(t.final_eval)}))
+    model.add_callback("on_fit_epoch_end", seen.append, where="driver")
+    model.train(**QUICK, project=str(tmp_path), name="logged")
+    assert [(r["epoch"], r["final_eval"], r["metrics"]["custom/final"]) for r in seen] == [
+        (0, False, 0.0), (1, False, 0.0), (2, True, 1.0)]

@@ -264,26 +264,22 @@ class BaseTrainer(CallbackMixin):
         self.data_position = None  # a later checkpoint of this trainer is an epoch's own
 
     def _take_step(self) -> None:
-        """One optimizer step with its three events. They fire here, around ``optimizer_step()``,
-        so a subclass that overrides that method keeps them; zeroing and the EMA sit between them.
-        An override that owns the whole step (zeroing and the EMA too, as SPEC §4 allows) has its
-        EMA update counted: the EMA moves once per step either way."""
-        updates = self.ema.updates
         self.optimizer_step()
-        self.run_callbacks("optimizer_step")
-        self.run_callbacks("on_before_zero_grad")
-        self.optimizer.zero_grad()
-        if self.ema.updates == updates:
-            self.ema.update(self.model)
-        self.run_callbacks("on_params_update")
         self.step += 1
 
     def optimizer_step(self) -> None:
-        """Unscale the gradients, clip them, step the optimizer, update the scaler."""
+        """The whole optimizer step and its three events (SPEC §3, §4): unscale, clip, step, update
+        the scaler, zero the gradients, update the EMA. An override without ``super()`` owns all of
+        it, events included; to change only the clipping, override ``clip_gradients()``."""
         self.scaler.unscale_(self.optimizer)
         self.clip_gradients()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.run_callbacks("optimizer_step")
+        self.run_callbacks("on_before_zero_grad")
+        self.optimizer.zero_grad()
+        self.ema.update(self.model)
+        self.run_callbacks("on_params_update")
 
     def clip_gradients(self):
         """Clip the (already unscaled) gradient norm to ``args.clip_grad``; return the norm before."""
@@ -479,8 +475,9 @@ class BaseTrainer(CallbackMixin):
 
     def final_record_metrics(self) -> dict:
         """The best model's metrics; rank 0 adds the per-class values ``model.train()`` rebuilds its
-        metrics object from (``validator.per_class_results``), so the other ranks' records stay small."""
-        return {**self.metrics, **(self.validator.per_class_results() if self.is_main else {})}
+        metrics object from (``validator.per_class_results``), so the other ranks' records stay small.
+        What callbacks ``log()`` in the final evaluation is in it too, as in an epoch's record."""
+        return {**self.metrics, **self._logged, **(self.validator.per_class_results() if self.is_main else {})}
 
     def epoch_metrics(self) -> dict:
         train = self.label_loss_items(self.tloss) if self.tloss is not None else {}
