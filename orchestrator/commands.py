@@ -152,5 +152,7 @@ def run_recover(options: dict) -> int:
     if unknown:
         raise UserError(f"recover: unknown option {sorted(unknown)[0]!r}; usage: orchestrator recover [journal=runs/journal]")
     root = options.get("journal") or DEFAULTS["journal"]
+    if options.get("journal") and not Path(root).expanduser().is_dir():  # the default may not exist yet
+        raise UserError(f"recover: journal folder {root} does not exist")
     print("\n".join(recover(root)) or f"nothing to recover: every run under {root} ended and was delivered")
     return 0

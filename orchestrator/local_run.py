@@ -76,6 +76,8 @@ class LocalBackend:
         self.trainer.train()
 
     def finish(self, session, status: str, reason: str | None = None) -> dict:
+        if self.dispatcher is None:  # start failed before the sinks were up: nothing to close
+            return {}
         if self.forwarder is not None:
             self.forwarder.flush()
         return self.dispatcher.finish(status, reason)

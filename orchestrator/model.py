@@ -131,8 +131,7 @@ class Model:
 
     def _args(self, mode: str, kwargs: dict):
         args = get_cfg(None, {**self.overrides, **kwargs, "mode": mode})
-        if args.imgsz is None:
-            args.imgsz = task_class(self.task, "trainer").default_imgsz
+        args.imgsz = task_class(self.task, "trainer").input_size(args.imgsz)
         return args
 
     def _model_for(self, args):

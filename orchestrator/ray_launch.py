@@ -134,6 +134,8 @@ class RayBackend:
     def finish(self, session, status: str, reason: str | None = None) -> dict:
         """Close the actor's sinks with the run's status, then stop the actor (it serves one run)."""
         self._beating.set()
+        if self.actor is None:  # start failed before the actor was up: nothing to close
+            return {}
         report = ray.get(self.actor.finish.remote(status, reason))
         take_back(session.driver_callbacks, self._callback_objects(session))
         ray.kill(self.actor)

@@ -95,7 +95,6 @@ class RunSession:
         Returns metrics, per_class (the final evaluation's, ``trainers.metrics.base``), best (best.pt's
         path), run_id, mlflow_run (its MLflow run id), logged_model (best.pt's MLflow model id), report
         and what the backend adds."""
-        self.backend.start(self)
         self.report = self._train()
         self.logged_model = publish_run(self.args, self.run_id, mlflow_run_of(self.report), self.results.get("best"),
                                         self.results.get("metrics", {}), self.journal.dir)
@@ -105,6 +104,7 @@ class RunSession:
         status, reason = "FAILED", None
         try:
             with StopSignals(immediate=self.backend.stops_at_once) as self.stops:
+                self.backend.start(self)  # in here: a trainer that fails to build ends the run FAILED
                 self.backend.train(self)
             status = "FINISHED"
         except KeyboardInterrupt as exc:  # Ray's waits turn our RunStopped into a bare KeyboardInterrupt

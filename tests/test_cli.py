@@ -36,6 +36,7 @@ def test_mode_help_shows_help(mode):
     (["train", "model=nope.yaml"], "nope.yaml"),
     (["val", "model=missing.pt"], "checkpoint missing.pt does not exist"),
     (["nomode"], "unknown mode 'nomode'"),
+    (["recover", "journal=nope"], "recover: journal folder nope does not exist"),
 ])
 def test_bad_input_gets_one_line(tmp_path, args, message):
     out = run_cli(*args, cwd=tmp_path)

@@ -68,7 +68,7 @@ def test_missing_spec_names_it():
 def test_malformed_yaml_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("nc: 2\nbackbone:\n  - [-1, 1, Conv, [16, 3, 2]\nhead: [\n")
-    with pytest.raises(UserError, match=r"bad\.yaml line \d+: malformed YAML"):
+    with pytest.raises(UserError, match=r"bad\.yaml: malformed YAML \(line \d+, column \d+: "):
         load_spec(bad)
 
 

@@ -241,6 +241,67 @@ def test_optimizer_arguments_torch_rejects_get_one_line_naming_the_keys(tmp_path
     assert capsys.readouterr().err == f"error: {message}\n"
 
 
+@pytest.mark.parametrize("args, message", [
+    (["epochs=0"], "config key 'epochs': value 0 is not valid (expected an int >= 1)"),
+    (["batch=-1"], "config key 'batch': value -1 is not valid (expected an int >= 1, the global batch; "
+                   "AutoBatch, batch=-1, is not supported)"),
+    (["imgsz=0"], "config key 'imgsz': value 0 is not valid (expected an int >= 1)"),
+    (["fraction=2"], "config key 'fraction': value 2.0 is not valid (expected a number in (0, 1])"),
+    (["fitness_weights=[1,2]"], "config key 'fitness_weights': value [1.0, 2.0] is not valid "
+                                "(expected 4 weights over [P, R, mAP50, mAP50-95])"),
+    (["device=tpu"], "config key 'device': value 'tpu' is not valid (expected cpu, cuda, cuda:<index>, <index>, "
+                     "mps or xpu; null picks cuda when there is one)"),
+])
+def test_values_out_of_range_fail_in_one_line_before_anything_is_made(tmp_path, capsys, args, message):
+    work = tmp_path / "work"
+    tiny = ["model=cls-n.yaml", "data=digits", "epochs=1", "fraction=0.05", "imgsz=16", "verbose=False",
+            f"project={work}", f"tracking_uri=sqlite:///{work}/mlflow.db", f"storage={work}/store",
+            f"journal={work}/journal"]
+    assert cli_main(["train", *tiny, *args]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not work.exists()  # no run folder, MLflow store, object store or journal
+
+
+def missing_device() -> str:
+    return next(d for d in ("cuda", "xpu", "mps") if not getattr(torch, d).is_available())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["batch=1"], "config key 'batch': 1 over 1 worker(s) is one image a batch, too few for the model's "
+                  "BatchNorm at imgsz=16: use batch >= 2"),
+    ([f"device={missing_device()}"], f"config key 'device': {missing_device()} is not available on"),
+])
+def test_errors_the_run_meets_end_it_failed_in_one_line(tmp_path, capsys, args, message):
+    """Found by the trainer (its device when it is built, a batch BatchNorm cannot train on at its
+    first step): one line, and the MLflow run ends FAILED with it, not RUNNING."""
+    from mlflow import MlflowClient
+
+    tiny = ["model=cls-n.yaml", "data=digits", "epochs=1", "fraction=0.05", "imgsz=16", "verbose=False",
+            f"project={tmp_path}", f"tracking_uri={mlflow_store(tmp_path / 'mlflow.db')}", f"storage={tmp_path}/store",
+            f"journal={tmp_path}/journal"]
+    assert cli_main(["train", *tiny, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    client = MlflowClient(mlflow_store(tmp_path / "mlflow.db"))
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED" and run.data.tags["orchestrator.end_reason"] == f"UserError: {err[7:-1]}"
+
+
+def test_an_epoch_never_ends_in_a_batch_of_one_image(tmp_path):
+    """BatchNorm cannot train on one image with 1x1 feature maps (cls-n at a small imgsz): a training
+    epoch whose last batch would hold one ends before it; evaluation keeps every image."""
+    from trainers.data.loader import build_dataloader
+
+    for n, batch, world, sizes in ((9, 2, 1, [2] * 4), (10, 3, 1, [3] * 3), (8, 3, 1, [3, 3, 2]), (11, 2, 2, [2] * 3)):
+        loader = build_dataloader(list(range(n)), batch, 0, "train", 0, world)
+        assert [len(b) for b in loader] == sizes and len(loader) == len(sizes), (n, batch, world)
+    assert [len(b) for b in build_dataloader(list(range(9)), 2, 0, "val", 0, 1)] == [2, 2, 2, 2, 1]
+    trainer = ClassificationTrainer(overrides={**QUICK, "batch": 10, "nbs": 10, "epochs": 1,
+                                               "project": str(tmp_path), "name": "odd"})
+    trainer.train()  # 71 training images: 7 batches of 10 and one image left out
+    assert len(trainer.data["train"]) == 71 and trainer.step == 7
+
+
 def test_the_optimizer_auto_chose_is_checked_too(tmp_path):
     """auto picks SGD for long runs (> 10,000 iterations): momentum=0 fails before training."""
     trainer = ClassificationTrainer(overrides={**QUICK, "epochs": 5000, "momentum": 0.0,

@@ -117,7 +117,7 @@ def test_data_yaml_resolves_paths(tmp_path):
     ("train: images/train\nval: images/nope\nnames: [a]\n", "'val' folder not found"),
     ("train: images/train\nval: images/val\nnames: {0: a, 2: b}\n", "'names' keys must be 0..1"),
     ("train: images/train\nval: images/val\nnames: [a, b]\nnc: 3\n", "nc=3 but names has 2"),
-    ("train: [unclosed\n", "is not valid YAML"),
+    ("names: [a]\ntrain: [unclosed\n", "is not valid YAML (line 3, column 1: expected ',' or ']'"),
 ])
 def test_data_yaml_errors_name_the_problem(tmp_path, text, message):
     _layout(tmp_path)

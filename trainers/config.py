@@ -11,12 +11,12 @@ import re
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import yaml
 from pydantic import ConfigDict, ValidationError, create_model
 
-from trainers.utils import UserError
+from trainers.utils import UserError, yaml_problem
 
 DEFAULT_CFG_PATH = Path(__file__).with_name("default.yaml")
 DEFAULTS: dict[str, Any] = yaml.safe_load(DEFAULT_CFG_PATH.read_text())
@@ -36,7 +36,7 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
 # Keys whose type is not the type of their default.
 _TYPES: dict[str, Any] = {
     "task": Optional[str], "model": Optional[str], "data": Optional[str],
-    "imgsz": Optional[int], "device": Optional[str], "project": Optional[str],
+    "imgsz": Optional[int], "device": Optional[Union[int, str]], "project": Optional[str],
     "name": Optional[str], "resume": Union[bool, str], "freeze": Optional[Union[int, list[int]]],
     "conf": Optional[float], "source": Optional[Any], "fitness_weights": Optional[list[float]],
     "resources_per_worker": Optional[dict[str, float]], "warmup_epochs": Optional[float],
@@ -116,7 +116,7 @@ def load_yaml(path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+        raise UserError(f"config file {path} is not valid YAML ({yaml_problem(exc)})") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of key: value")
     return data
@@ -140,14 +140,47 @@ def validate(values: dict) -> Args:
             options = ", ".join(sorted(str(a) for a in allowed if a is not None))
             raise UserError(f"config key '{key}': value {cfg[key]!r} is not one of {options}")
     cfg["num_workers"] = check_num_workers(cfg["num_workers"])
-    if cfg["max_preemptions"] < -1:
-        raise UserError(f"config key 'max_preemptions': value {cfg['max_preemptions']!r} is not valid "
-                        f"(expected an int >= 0, or -1 for no limit)")
-    if cfg["log_every_n_steps"] < 1:
-        raise UserError(f"config key 'log_every_n_steps': value {cfg['log_every_n_steps']!r} is not valid "
-                        f"(expected an int >= 1)")
+    check_ranges(cfg)
+    cfg["device"] = check_device(cfg["device"])
     check_optimizer_values(cfg["optimizer"], cfg["lr0"], cfg["momentum"], cfg["weight_decay"])
     return Args(**cfg)
+
+
+# The values each numeric key takes (a null default stays allowed): a value outside fails here,
+# naming its key, instead of deep in torch after the run started.
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epochs": (lambda v: v >= 1, "an int >= 1"),
+    "batch": (lambda v: v >= 1, "an int >= 1, the global batch; AutoBatch, batch=-1, is not supported"),
+    "imgsz": (lambda v: v >= 1, "an int >= 1"),
+    "nbs": (lambda v: v >= 1, "an int >= 1"),
+    "workers": (lambda v: v >= 0, "an int >= 0"),
+    "fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "warmup_epochs": (lambda v: v >= 0, "a number >= 0"),
+    "iou": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "conf": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "max_det": (lambda v: v >= 1, "an int >= 1"),
+    "fitness_weights": (lambda v: len(v) == 4, "4 weights over [P, R, mAP50, mAP50-95]"),
+    "max_preemptions": (lambda v: v >= -1, "an int >= 0, or -1 for no limit"),
+    "log_every_n_steps": (lambda v: v >= 1, "an int >= 1"),
+}
+DEVICE = re.compile(r"cpu|mps|(cuda|xpu)(:\d+)?|\d+")  # a bare index is a CUDA device's
+
+
+def check_ranges(cfg: dict) -> None:
+    for key, (ok, expected) in _RANGES.items():
+        if cfg[key] is not None and not ok(cfg[key]):
+            raise UserError(f"config key '{key}': value {cfg[key]!r} is not valid (expected {expected})")
+
+
+def check_device(device: int | str | None) -> str | None:
+    """The device's form only (``0`` is ``cuda:0``): whether it is there is for the machine that
+    trains to say (``trainers.engine.distributed.select_device``)."""
+    if device is None:
+        return None
+    if isinstance(device, bool) or not DEVICE.fullmatch(str(device)):
+        raise UserError(f"config key 'device': value {device!r} is not valid (expected cpu, cuda, cuda:<index>, "
+                        f"<index>, mps or xpu; null picks cuda when there is one)")
+    return f"cuda:{device}" if str(device).isdigit() else device
 
 
 WORKER_RANGE = re.compile(r"(\d+)(?:\s*-\s*(\d+))?")  # "2-4" (or a count as text, "2")

@@ -11,7 +11,9 @@ from trainers.engine.distributed import ShardSampler
 
 def build_dataloader(dataset, batch: int, workers: int, mode: str, rank: int, world_size: int,
                      seed: int = 0, collate_fn=None) -> DataLoader:
-    """Training shuffles per epoch (``sampler.set_epoch``), identically with or without DDP."""
+    """Training shuffles per epoch (``sampler.set_epoch``), identically with or without DDP. A
+    training epoch whose last batch would hold one image ends before it (another image each epoch,
+    as the shuffle changes): BatchNorm cannot train on one value per channel."""
     if mode == "train":
         sampler = EpochSampler(dataset, num_replicas=world_size, rank=max(rank, 0),
                                shuffle=True, seed=seed, drop_last=False)
@@ -19,7 +21,7 @@ def build_dataloader(dataset, batch: int, workers: int, mode: str, rank: int, wo
         sampler = ShardSampler(dataset, rank, world_size)
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
                       collate_fn=collate_fn, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=workers > 0, drop_last=False)
+                      persistent_workers=workers > 0, drop_last=mode == "train" and batch > 1 and len(sampler) % batch == 1)
 
 
 class EpochSampler(DistributedSampler):

@@ -20,7 +20,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from trainers.data.augment import apply_letterbox, letterbox
 from trainers.data.augment import augment as random_augment
-from trainers.utils import LOGGER, UserError
+from trainers.utils import LOGGER, UserError, yaml_problem
 
 IMG_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
 REQUIRED_KEYS = ("train", "val", "names")
@@ -61,7 +61,7 @@ def _read_yaml(file: Path) -> dict:
     try:
         data = yaml.safe_load(file.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"data YAML {file} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UserError(f"data YAML {file} is not valid YAML ({yaml_problem(e)})") from None
     if not isinstance(data, dict):
         raise UserError(f"data YAML {file} must be a mapping with keys {', '.join(REQUIRED_KEYS)}")
     return data

@@ -11,6 +11,7 @@ from trainers.utils import unwrap_model
 class DetectionTrainer(BaseTrainer):
     task = "detect"
     default_imgsz = 96
+    imgsz_multiple = 32  # the largest stride of the built-in specs (P3-P5: 8, 16, 32)
 
     @classmethod
     def preflight(cls, args) -> None:

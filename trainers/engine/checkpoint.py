@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import sys
 import inspect
+import pickle
 import io
 import random
 from datetime import datetime, timezone
@@ -92,6 +93,9 @@ def load_checkpoint(path) -> dict:
         raise UserError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's text advises weights_only=False: wrong for either cause
+        raise UserError(f"checkpoint {path} is not one this project wrote: not a torch file, or one holding "
+                        f"more than plain data (tensors, numbers, strings, lists, dicts)") from None
     except Exception as exc:
         raise UserError(f"checkpoint {path} could not be read: {type(exc).__name__}: "
                         f"{str(exc).splitlines()[0]}") from None

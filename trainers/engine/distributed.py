@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import os
+import platform
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
+
+from trainers.utils import UserError
 
 
 def is_dist() -> bool:
@@ -20,8 +23,14 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def select_device(device: str | None) -> torch.device:
+    """``device`` (its form checked by ``trainers.config``), once this machine is known to have it."""
     if device:
-        return torch.device(device)
+        chosen = torch.device(device)
+        backend = getattr(torch, chosen.type, None) if chosen.type != "cpu" else None
+        if backend is not None and not backend.is_available():
+            raise UserError(f"config key 'device': {device} is not available on {platform.node()} "
+                            f"(torch {torch.__version__} finds no {chosen.type} device; device=cpu trains without one)")
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")

@@ -43,6 +43,7 @@ class BaseTrainer(CallbackMixin):
 
     task: str | None = None
     default_imgsz = 32
+    imgsz_multiple = 1  # the model takes only multiples of this (a detector: its largest stride)
     _step_keys: list[str] = []
     _step_keys_of = None  # the loss_names that _step_keys were made from
 
@@ -68,8 +69,7 @@ class BaseTrainer(CallbackMixin):
         self.resume_position: dict | None = None
         self.rank, self.world_size = rank_and_world()
         self.device = select_device(self.args.device)
-        if self.args.imgsz is None:
-            self.args.imgsz = self.default_imgsz
+        self.args.imgsz = self.input_size(self.args.imgsz)
         self.args.task = self.args.task or self.task
         self.save_dir = self.get_save_dir()
         self.wdir = self.save_dir / "weights"
@@ -223,9 +223,7 @@ class BaseTrainer(CallbackMixin):
             if ni <= nw:
                 warmup(self.optimizer, ni, nw, self.lf(self.epoch), self.args)
             batch = self.preprocess_batch(batch)
-            with torch.autocast(self.device.type, enabled=self.amp):
-                preds = self.model(batch["img"])
-                self.loss, self.loss_items = unwrap_model(self.model).loss(batch, preds)
+            self.loss, self.loss_items = self._forward(batch)
             self._check_loss(i)
             self.tloss = self.loss_items if self.tloss is None else (self.tloss * i + self.loss_items) / (i + 1)
             self.scaler.scale(self.loss / self.accumulate).backward()
@@ -262,6 +260,19 @@ class BaseTrainer(CallbackMixin):
         for report in self.preemption_reporters:
             report(self)
         self.data_position = None  # a later checkpoint of this trainer is an epoch's own
+
+    def _forward(self, batch: dict):
+        """The batch's loss and loss items. A batch BatchNorm cannot train on (one image with 1x1
+        feature maps) is the config's doing: said in its key, not in torch's words."""
+        try:
+            with torch.autocast(self.device.type, enabled=self.amp):
+                return unwrap_model(self.model).loss(batch, self.model(batch["img"]))
+        except ValueError as exc:
+            if "more than 1 value per channel" not in str(exc):
+                raise
+            raise UserError(f"config key 'batch': {self.args.batch} over {self.world_size} worker(s) is one image "
+                            f"a batch, too few for the model's BatchNorm at imgsz={self.args.imgsz}: use batch >= "
+                            f"{2 * self.world_size}") from None
 
     def _take_step(self) -> None:
         self.optimizer_step()
@@ -349,6 +360,17 @@ class BaseTrainer(CallbackMixin):
         return ckpt.get("ema") or ckpt["model"]
 
     # ------------------------------------------------------------------ overridable methods
+    @classmethod
+    def input_size(cls, imgsz: int | None) -> int:
+        """``imgsz`` (the task's default when null) rounded up to ``imgsz_multiple``, with a warning,
+        as Ultralytics does: a detector's feature maps only line up at multiples of its largest stride."""
+        size = cls.default_imgsz if imgsz is None else int(imgsz)
+        rounded = -(-size // cls.imgsz_multiple) * cls.imgsz_multiple
+        if rounded != size:
+            LOGGER.warning(f"imgsz={size} is not a multiple of the model's largest stride {cls.imgsz_multiple}: "
+                           f"using imgsz={rounded}")
+        return rounded
+
     @classmethod
     def preflight(cls, args) -> None:
         """Cheap checks of ``args`` on the driver (e.g. the dataset exists) before anything starts."""

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from torch import nn
 
-from trainers.utils import LOGGER, UserError
+from trainers.utils import LOGGER, UserError, yaml_problem
 
 from . import modules as M
 
@@ -83,10 +83,7 @@ def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"model spec {path}{where}: malformed YAML ({problem})") from None
+        raise UserError(f"model spec {path}: malformed YAML ({yaml_problem(e)})") from None
     except OSError as e:
         raise UserError(f"model spec {path}: cannot read ({e.strerror})") from None
     if not isinstance(data, dict):

@@ -55,6 +55,13 @@ class UserError(Exception):
     """Bad input from the user: the CLI prints the message alone and exits 2."""
 
 
+def yaml_problem(exc: Exception) -> str:
+    """Where a YAML file is malformed and how, in one line: ``line 3, column 7: <problem>``."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
 def user_error_in(exc: BaseException | None) -> UserError | None:
     """The ``UserError`` a failure carries, as it was raised: Ray wraps a worker's, an actor's or a
     trial's error (with the remote traceback in its text), yet the user should meet the same type
