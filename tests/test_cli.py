@@ -32,6 +32,7 @@ def test_mode_help_shows_help(mode):
     (["train", "optimizer=Adamm"], "config key 'optimizer': value 'Adamm' is not one of"),
     (["train", "log_every_n_steps=0"], "config key 'log_every_n_steps': value 0 is not valid (expected an int >= 1)"),
     (["train", "model=cls-n.yaml", "data=missing_dir"], "dataset 'missing_dir' not found"),
+    (["train", "model=cls-n.yaml", "data=."], "dataset folder . needs train/ and val/ subfolders"),
     (["train", "cfg=missing.yaml"], "config file missing.yaml does not exist"),
     (["train", "model=nope.yaml"], "nope.yaml"),
     (["val", "model=missing.pt"], "checkpoint missing.pt does not exist"),

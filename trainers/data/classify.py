@@ -87,15 +87,21 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def load_folder_split(root: Path, imgsz: int) -> dict:
-    """``root/{train,val}/<class>/*.png``: class names from the train folder, sorted."""
-    root = Path(root)
+def folder_layout(root: Path) -> tuple[Path, Path, list[str]]:
+    """``root``'s train and val (or test) folders and its classes (the train folder's, sorted);
+    names what is missing. Cheap: the driver checks it before a run is made."""
     train_dir, val_dir = root / "train", root / ("val" if (root / "val").is_dir() else "test")
     if not train_dir.is_dir() or not val_dir.is_dir():
         raise UserError(f"dataset folder {root} needs train/ and val/ subfolders with one folder per class")
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if not classes:
         raise UserError(f"dataset folder {train_dir} holds no class folders")
+    return train_dir, val_dir, classes
+
+
+def load_folder_split(root: Path, imgsz: int) -> dict:
+    """``root/{train,val}/<class>/*.png``."""
+    train_dir, val_dir, classes = folder_layout(Path(root))
     names = dict(enumerate(classes))
     return {"train": _folder_images(train_dir, classes, imgsz, augment=True),
             "val": _folder_images(val_dir, classes, imgsz), "nc": len(classes), "names": names, "ch": 3}
@@ -116,8 +122,11 @@ def _folder_images(split_dir: Path, classes: list[str], imgsz: int, augment: boo
 
 
 def check_classification_data(data: str | None) -> None:
-    if data not in (None, "", "digits") and not Path(data).exists():
+    if data in (None, "", "digits"):
+        return
+    if not Path(data).exists():
         raise UserError(f"dataset {data!r} not found: give 'digits' or a folder with train/ and val/ class folders")
+    folder_layout(Path(data))
 
 
 def load_classification_data(data: str | None, imgsz: int, seed: int = 0) -> dict:
