@@ -249,6 +249,7 @@ def test_optimizer_arguments_torch_rejects_get_one_line_naming_the_keys(tmp_path
     (["fraction=2"], "config key 'fraction': value 2.0 is not valid (expected a number in (0, 1])"),
     (["fitness_weights=[1,2]"], "config key 'fitness_weights': value [1.0, 2.0] is not valid "
                                 "(expected 4 weights over [P, R, mAP50, mAP50-95])"),
+    (["freeze=abc"], "config key 'freeze': value 'abc' is not valid (expected int or a list of int or null)"),
     (["device=tpu"], "config key 'device': value 'tpu' is not valid (expected cpu, cuda, cuda:<index>, <index>, "
                      "mps or xpu; null picks cuda when there is one)"),
 ])

@@ -11,7 +11,7 @@ import re
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import ConfigDict, ValidationError, create_model
@@ -132,7 +132,7 @@ def validate(values: dict) -> Args:
     except ValidationError as exc:
         err = exc.errors()[0]
         key = err["loc"][0]
-        want = str(_TYPES.get(key, type(DEFAULTS[key]).__name__)).replace("typing.", "")
+        want = type_words(_TYPES.get(key, type(DEFAULTS[key])))
         raise UserError(f"config key '{key}': value {values.get(key)!r} is not valid "
                         f"(expected {want})") from None
     for key, allowed in _CHOICES.items():
@@ -164,6 +164,18 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "log_every_n_steps": (lambda v: v >= 1, "an int >= 1"),
 }
 DEVICE = re.compile(r"cpu|mps|(cuda|xpu)(:\d+)?|\d+")  # a bare index is a CUDA device's
+
+
+def type_words(kind) -> str:
+    """A key's type as its error says it: ``int or a list of int or null``, not typing's repr."""
+    args = [a for a in get_args(kind)]
+    if get_origin(kind) is Union:
+        return " or ".join(type_words(a) for a in args)
+    if get_origin(kind) is list:
+        return f"a list of {type_words(args[0])}"
+    if get_origin(kind) is dict:
+        return f"a mapping of {type_words(args[0])} to {type_words(args[1])}"
+    return {type(None): "null", Any: "any value"}.get(kind, getattr(kind, "__name__", str(kind)))
 
 
 def check_ranges(cfg: dict) -> None:
