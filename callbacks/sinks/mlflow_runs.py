@@ -64,9 +64,16 @@ def is_invalid(exc: Exception) -> bool:
     return getattr(exc, "error_code", None) == "INVALID_PARAMETER_VALUE"
 
 
+OS_ERROR = re.compile(r"\[Errno -?\d+\] [^\"')]+")  # what a connection error comes down to
+
+
 def first_line(exc: Exception) -> str:
+    """The error in a line; for a connection error the OS's own words (``[Errno 111] Connection
+    refused``), not the ~400 characters of MLflow's and urllib3's wrapping."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+    line = text[0] if text else ""
+    cause = OS_ERROR.search(line)
+    return f"{type(exc).__name__}: {cause[0] if cause else line}"
 
 
 # ----------------------------------------------------------------------------- HTTP retries
