@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from callbacks.sinks.mlflow_runs import RUN_ID_TAG, announce_run, continue_run, 
 from callbacks.sinks.s3 import S3Setup
 from trainers.config import describe_workers, worker_counts
 from trainers.engine.paths import project_dir, run_dir
-from trainers.utils import LOGGER
+from trainers.utils import LOGGER, UserError
 
 
 def absolute_uri(uri: str) -> str:
@@ -34,7 +35,7 @@ def pinned_endpoints(args) -> dict:
 
 def resolve_run(args) -> dict:
     """Fix the run folder on the driver so every worker (and every restart) writes to the same one."""
-    fixed = {"journal": str(Path(args.journal).expanduser().resolve())}
+    fixed = {"journal": str(check_writable("journal", Path(args.journal).expanduser().resolve()))}
     if args.resume:  # the run folder and name come from the checkpoint
         from trainers.engine.resume import check_resumable
 
@@ -43,7 +44,8 @@ def resolve_run(args) -> dict:
         at = {**args.to_dict(), **moved, "experiment": args.experiment or train_args.get("experiment")}
         return {**fixed, **pinned_endpoints(type(args)(**at)), **moved}
     fixed.update(pinned_endpoints(args))
-    fixed.update(project=str(project_dir(args).resolve()), name=run_dir(args).name, exist_ok=True)
+    fixed.update(project=str(check_writable("project", project_dir(args).resolve())), name=run_dir(args).name,
+                 exist_ok=True)
     if args.data and Path(str(args.data)).exists():
         fixed["data"] = str(Path(str(args.data)).resolve())
     return fixed
@@ -133,6 +135,19 @@ def mlflow_run_of(report: dict) -> str | None:
 
 
 RUN_ID_FILE = "run_id.txt"  # in the run folder: the run a resume continues
+
+
+def check_writable(key: str, folder: Path) -> Path:
+    """A folder the driver writes (the journal, the run folder), tried before the MLflow run is made:
+    found unwritable later, it would fail the run with a traceback and leave that run RUNNING.
+    The try leaves nothing behind."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as exc:
+        raise UserError(f"config key '{key}': cannot create or write the folder {folder} "
+                        f"({exc.strerror or exc} in {existing})") from None
+    return folder
 
 
 def continued_run_id(args) -> str | None:

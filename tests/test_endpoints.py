@@ -38,6 +38,13 @@ def test_unreachable_mlflow(tmp_path):
     assert not (tmp_path / "runs" / "classify").exists()  # nothing started
 
 
+def test_only_a_connection_error_is_cut_to_the_os_words():
+    from callbacks.sinks.mlflow_runs import first_line
+
+    assert first_line(PermissionError(13, "Permission denied", "/srv/mlruns")) == \
+        "PermissionError: [Errno 13] Permission denied: '/srv/mlruns'"
+
+
 def test_unreachable_s3(tmp_path):
     port = closed_port()
     out, _ = run_cli(["storage=s3://bucket/prefix"], cwd=tmp_path,

@@ -252,7 +252,7 @@ class OwnStepTrainer(ClassificationTrainer):
         self.scaler.update()
 
 
-def test_an_override_without_super_owns_the_step_events_zeroing_and_ema(tmp_path):
+def test_an_override_without_super_owns_the_step_events_zeroing_and_ema(tmp_path, warnings_seen):
     model = Model("cls-n.yaml")
     rec = EventRecorder().register(model)
     model.train(**QUICK, trainer=OwnStepTrainer, project=str(tmp_path), name="own")
@@ -262,6 +262,9 @@ def test_an_override_without_super_owns_the_step_events_zeroing_and_ema(tmp_path
     assert trainer.step == trainer.steps == 6 and trainer.ema.updates == 0
     nb = len(trainer.train_loader)  # zeroed only where each epoch starts: the loop's, not the step's
     assert [i for i, g in enumerate(trainer.grads) if g == 0] == [0, nb] and len(trainer.grads) == 2 * nb
+    stale = [r.getMessage() for r in warnings_seen if "self.ema.update" in r.getMessage()]
+    assert stale == ["optimizer_step() stepped but never called self.ema.update(self.model): validation, "
+                     "best.pt and last.pt use the EMA, which still holds the initial weights"]  # once, not per epoch
 
 
 class WholeStepTrainer(ClassificationTrainer):
@@ -285,8 +288,9 @@ class WholeStepTrainer(ClassificationTrainer):
         self.run_callbacks("on_params_update")
 
 
-def test_an_override_that_owns_the_whole_step_fires_each_event_once(tmp_path):
+def test_an_override_that_owns_the_whole_step_fires_each_event_once(tmp_path, warnings_seen):
     trainer, rec = train_with_all_events(tmp_path, WholeStepTrainer)
+    assert not [r for r in warnings_seen if "self.ema.update" in r.getMessage()]
     assert step_events_of(rec) == STEP * 6
     assert trainer.step == trainer.ema.updates == 6
     assert trainer.seen == [True, True] * 6  # gradients there before zeroing, zero after

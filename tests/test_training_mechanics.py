@@ -263,6 +263,26 @@ def test_values_out_of_range_fail_in_one_line_before_anything_is_made(tmp_path, 
     assert not work.exists()  # no run folder, MLflow store, object store or journal
 
 
+@pytest.mark.parametrize("key", ["journal", "project"])
+def test_a_folder_the_driver_cannot_write_fails_in_one_line_before_a_run_exists(tmp_path, capsys, key):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    tiny = ["model=cls-n.yaml", "data=digits", "epochs=1", "fraction=0.05", "imgsz=16", "verbose=False",
+            f"project={tmp_path}/work", f"tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"storage={tmp_path}/store",
+            f"journal={tmp_path}/journal"]
+    assert cli_main(["train", *tiny, f"{key}={blocker}/x"]) == 2
+    assert capsys.readouterr().err == (f"error: config key '{key}': cannot create or write the folder {blocker}/x "
+                                       f"(Not a directory in {blocker})\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no MLflow run (left RUNNING before)
+
+
+def test_a_device_is_written_as_ultralytics_writes_it():
+    from trainers.config import get_cfg
+
+    for given, kept in ((None, None), ("", None), (0, "cuda:0"), ("1", "cuda:1"), ("cpu", "cpu"), ("cuda:1", "cuda:1")):
+        assert get_cfg(overrides={"device": given}).device == kept, given
+
+
 def missing_device() -> str:
     return next(d for d in ("cuda", "xpu", "mps") if not getattr(torch, d).is_available())
 
@@ -290,10 +310,12 @@ def test_errors_the_run_meets_end_it_failed_in_one_line(tmp_path, capsys, args, 
 
 def test_an_epoch_never_ends_in_a_batch_of_one_image(tmp_path):
     """BatchNorm cannot train on one image with 1x1 feature maps (cls-n at a small imgsz): a training
-    epoch whose last batch would hold one ends before it; evaluation keeps every image."""
+    epoch whose last batch would hold one ends before it, unless that image is the replica's whole
+    share (an epoch of no batch would train nothing, silently); evaluation keeps every image."""
     from trainers.data.loader import build_dataloader
 
-    for n, batch, world, sizes in ((9, 2, 1, [2] * 4), (10, 3, 1, [3] * 3), (8, 3, 1, [3, 3, 2]), (11, 2, 2, [2] * 3)):
+    for n, batch, world, sizes in ((9, 2, 1, [2] * 4), (10, 3, 1, [3] * 3), (8, 3, 1, [3, 3, 2]), (11, 2, 2, [2] * 3),
+                                     (13, 2, 2, [2] * 3), (1, 2, 1, [1]), (2, 4, 2, [1])):
         loader = build_dataloader(list(range(n)), batch, 0, "train", 0, world)
         assert [len(b) for b in loader] == sizes and len(loader) == len(sizes), (n, batch, world)
     assert [len(b) for b in build_dataloader(list(range(9)), 2, 0, "val", 0, 1)] == [2, 2, 2, 2, 1]

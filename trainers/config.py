@@ -186,8 +186,9 @@ def check_ranges(cfg: dict) -> None:
 
 def check_device(device: int | str | None) -> str | None:
     """The device's form only (``0`` is ``cuda:0``): whether it is there is for the machine that
-    trains to say (``trainers.engine.distributed.select_device``)."""
-    if device is None:
+    trains to say (``trainers.engine.distributed.select_device``). An empty one is Ultralytics'
+    "pick for me", as null is."""
+    if device is None or device == "":
         return None
     if isinstance(device, bool) or not DEVICE.fullmatch(str(device)):
         raise UserError(f"config key 'device': value {device!r} is not valid (expected cpu, cuda, cuda:<index>, "

@@ -69,10 +69,11 @@ OS_ERROR = re.compile(r"\[Errno -?\d+\] [^\"')]+")  # what a connection error co
 
 def first_line(exc: Exception) -> str:
     """The error in a line; for a connection error the OS's own words (``[Errno 111] Connection
-    refused``), not the ~400 characters of MLflow's and urllib3's wrapping."""
+    refused``), not the ~400 characters of MLflow's and urllib3's wrapping; any other error whole
+    (a path's ``[Errno 13] Permission denied: '/x'`` keeps its path)."""
     text = str(exc).strip().splitlines()
     line = text[0] if text else ""
-    cause = OS_ERROR.search(line)
+    cause = OS_ERROR.search(line) if "Max retries exceeded" in line else None
     return f"{type(exc).__name__}: {cause[0] if cause else line}"
 
 

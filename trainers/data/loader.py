@@ -21,7 +21,13 @@ def build_dataloader(dataset, batch: int, workers: int, mode: str, rank: int, wo
         sampler = ShardSampler(dataset, rank, world_size)
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
                       collate_fn=collate_fn, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=workers > 0, drop_last=mode == "train" and batch > 1 and len(sampler) % batch == 1)
+                      persistent_workers=workers > 0, drop_last=mode == "train" and ends_in_one(len(sampler), batch))
+
+
+def ends_in_one(images: int, batch: int) -> bool:
+    """Whether an epoch of ``images`` would end in a batch of one image after at least one full
+    batch: dropping it then leaves an epoch; a share of one image stays (and says why it fails)."""
+    return images > batch > 1 and images % batch == 1
 
 
 class EpochSampler(DistributedSampler):

@@ -239,6 +239,15 @@ class BaseTrainer(CallbackMixin):
             if self.stop and self.world_size == 1:
                 break
         self.scheduler.step()
+        self._warn_if_ema_still()
+
+    def _warn_if_ema_still(self) -> None:
+        """Validation and the checkpoints use the EMA: an ``optimizer_step()`` override that never
+        updates it would have them measure the initial weights, silently. Said once, after the
+        first epoch this process trains."""
+        if self.epoch == self.start_epoch and self.step and self.ema.updates == 0:
+            LOGGER.warning("optimizer_step() stepped but never called self.ema.update(self.model): validation, "
+                           "best.pt and last.pt use the EMA, which still holds the initial weights")
 
     def _epoch_batches(self):
         """``(batches, index of the first)``: the whole epoch, or the rest of the one a preemption cut
