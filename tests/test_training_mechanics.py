@@ -246,6 +246,8 @@ def test_optimizer_arguments_torch_rejects_get_one_line_naming_the_keys(tmp_path
     (["batch=-1"], "config key 'batch': value -1 is not valid (expected an int >= 1, the global batch; "
                    "AutoBatch, batch=-1, is not supported)"),
     (["imgsz=0"], "config key 'imgsz': value 0 is not valid (expected an int >= 1)"),
+    (["batch=3", "num_workers=2-4"], "config keys 'batch', 'num_workers': a global batch of 3 over up to 4 workers "
+                                     "leaves a worker less than one image a step (use batch >= 4)"),
     (["fraction=2"], "config key 'fraction': value 2.0 is not valid (expected a number in (0, 1])"),
     (["fitness_weights=[1,2]"], "config key 'fitness_weights': value [1.0, 2.0] is not valid "
                                 "(expected 4 weights over [P, R, mAP50, mAP50-95])"),

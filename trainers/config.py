@@ -141,6 +141,7 @@ def validate(values: dict) -> Args:
             raise UserError(f"config key '{key}': value {cfg[key]!r} is not one of {options}")
     cfg["num_workers"] = check_num_workers(cfg["num_workers"])
     check_ranges(cfg)
+    check_batch_split(cfg["batch"], cfg["num_workers"])
     cfg["device"] = check_device(cfg["device"])
     check_optimizer_values(cfg["optimizer"], cfg["lr0"], cfg["momentum"], cfg["weight_decay"])
     return Args(**cfg)
@@ -182,6 +183,16 @@ def check_ranges(cfg: dict) -> None:
     for key, (ok, expected) in _RANGES.items():
         if cfg[key] is not None and not ok(cfg[key]):
             raise UserError(f"config key '{key}': value {cfg[key]!r} is not valid (expected {expected})")
+
+
+def check_batch_split(batch: int, num_workers) -> None:
+    """The global batch is split over the workers (``trainers.engine.setup.split_batch``): fewer
+    images than workers would make each worker train on one, a larger batch than asked, silently.
+    An elastic run is checked at its largest size."""
+    most = worker_counts(num_workers)[1]
+    if batch < most:
+        raise UserError(f"config keys 'batch', 'num_workers': a global batch of {batch} over up to {most} "
+                        f"workers leaves a worker less than one image a step (use batch >= {most})")
 
 
 def check_device(device: int | str | None) -> str | None:
