@@ -6,6 +6,8 @@ import time
 from callbacks.dispatcher import Dispatcher
 from callbacks.records import CLOSE_EVENT, FLUSH_EVENTS
 from orchestrator.console import print_lines
+from orchestrator.stops import RunStopped
+from trainers.engine.preemption import Preempted
 
 
 class LocalForwarder:
@@ -72,8 +74,14 @@ class LocalBackend:
             self.trainer.add_callback("on_fit_epoch_end", lambda trainer: print_lines(session.console.take_lines()))
 
     def train(self, session) -> None:
-        session.stops.watch(self.trainer.callbacks)
-        self.trainer.train()
+        """A stop signal ends training at the next optimizer step with a mid-epoch last.pt, as a
+        preemption does, so ``resume=`` loses no batch; evaluation stops at its next batch."""
+        session.stops.watch(self.trainer.callbacks, ("on_val_batch_end", "on_predict_batch_end"))
+        self.trainer.preemption_notice = session.stops.requested
+        try:
+            self.trainer.train()
+        except Preempted:
+            raise RunStopped(session.stops.reason) from None
 
     def finish(self, session, status: str, reason: str | None = None) -> dict:
         if self.dispatcher is None:  # start failed before the sinks were up: nothing to close

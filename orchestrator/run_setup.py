@@ -33,15 +33,21 @@ def pinned_endpoints(args) -> dict:
             "experiment": experiment_name(args), **S3Setup.of(args).as_config()}
 
 
-def resolve_run(args) -> dict:
-    """Fix the run folder on the driver so every worker (and every restart) writes to the same one."""
+# What a resumed run takes from its checkpoint on the driver too, unless given: its folder, its
+# length (the console's) and its workers (which backend trains it).
+RESUMED_ON_DRIVER = ("project", "name", "epochs", "num_workers", "use_gpu", "resources_per_worker")
+
+
+def resolve_run(args, given=()) -> dict:
+    """Fix the run folder on the driver so every worker (and every restart) writes to the same one.
+    ``given``: the keys the user set (a resume keeps the checkpoint's value of the others)."""
     fixed = {"journal": str(check_writable("journal", Path(args.journal).expanduser().resolve()))}
-    if args.resume:  # the run folder and name come from the checkpoint
+    if args.resume:
         from trainers.engine.resume import check_resumable
 
-        train_args = check_resumable(args)["train_args"]
-        moved = {"project": train_args["project"], "name": train_args["name"]}
-        at = {**args.to_dict(), **moved, "experiment": args.experiment or train_args.get("experiment")}
+        resumed = check_resumable(args, given)
+        moved = {k: resumed.get(k) for k in RESUMED_ON_DRIVER}
+        at = {**args.to_dict(), **moved, "experiment": args.experiment or resumed.experiment}
         return {**fixed, **pinned_endpoints(type(args)(**at)), **moved}
     fixed.update(pinned_endpoints(args))
     fixed.update(project=str(check_writable("project", project_dir(args).resolve())), name=run_dir(args).name,

@@ -41,7 +41,7 @@ def run_callbacks(args, run_id: str, sinks: list, driver_callbacks, console: Epo
 
 def train_run(factory, args, driver_callbacks) -> dict:
     """Train on Ray Train workers (``num_workers > 0``) or in this process; see ``RunSession.run``."""
-    return RunSession(factory, args, driver_callbacks, backend_for(args)).run()
+    return RunSession(factory, args, driver_callbacks).run()
 
 
 def backend_for(args):
@@ -70,16 +70,16 @@ class RunSession:
     """A run's set-up (run id, args with the fixed run folder, sinks, callbacks) and its one
     way from start to result."""
 
-    def __init__(self, factory, args, driver_callbacks, backend):
-        self.backend = backend
-        backend.connect(args)  # an unreachable cluster fails before a run is created
-        if args.resume:  # the run resumed may have died with its driver: end it first
-            recover_before_resume(args.journal)
-        factory.overrides.update(resolve_run(args))
+    def __init__(self, factory, args, driver_callbacks):
+        factory.overrides.update(resolve_run(args, given=set(factory.overrides)))
         self.factory = factory
         self.args = type(args)(**{**args.to_dict(), **factory.overrides})
+        self.backend = backend_for(self.args)  # a resumed run's workers are its checkpoint's
+        self.backend.connect(self.args)  # an unreachable cluster fails before a run is created
+        if self.args.resume:  # the run resumed may have died with its driver: end it first
+            recover_before_resume(self.args.journal)
         self.run_id = continued_run_id(self.args) or new_run_id()  # resume=: the same run, continued
-        self.sinks = start_tracking(self.args, self.run_id, defer_run=backend.defer_run)
+        self.sinks = start_tracking(self.args, self.run_id, defer_run=self.backend.defer_run)
         remember_run_id(self.args, self.run_id)  # once the endpoints answered: a bad one leaves no folder
         self.journal = Journal.for_session(self.args.journal, self.run_id, self.sinks)
         self.driver_callbacks = list(driver_callbacks)

@@ -1,9 +1,10 @@
 """Stopping a run on SIGINT or SIGTERM (Ctrl+C, ``ray job stop``, a scheduler's kill).
 
-The first signal asks the run to stop: training in this process stops at the next step
-boundary (a checkpoint being written is never cut short), a driver waiting on Ray Train workers
-stops waiting at once; either way the run's callbacks flush and the run ends KILLED with the
-signal as its reason. Resuming continues from the last checkpoint. A second signal gets the
+The first signal asks the run to stop: training in this process stops at the next optimizer step
+and saves a mid-epoch last.pt there (a checkpoint being written is never cut short; evaluation
+stops at its next batch), a driver waiting on Ray Train workers stops waiting at once; either way
+the run's callbacks flush and the run ends KILLED with the signal as its reason. Resuming
+continues from the last checkpoint: in process, at the batch after the stop. A second signal gets the
 default action: the process ends at once, and the run's journal keeps what was acknowledged.
 """
 from __future__ import annotations
@@ -48,9 +49,12 @@ class StopSignals:
         if self.immediate:
             raise RunStopped(self.reason)
 
-    def watch(self, registry: dict) -> None:
-        """Raise ``RunStopped`` at the step boundaries of the trainer owning ``registry``."""
-        for event in BOUNDARIES:
+    def requested(self) -> bool:
+        return self.reason is not None
+
+    def watch(self, registry: dict, events=BOUNDARIES) -> None:
+        """Raise ``RunStopped`` at the step boundaries (``events``) of the trainer owning ``registry``."""
+        for event in events:
             registry[event].append(self._check)
 
     def _check(self, owner) -> None:

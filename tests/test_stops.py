@@ -1,5 +1,6 @@
-"""SIGTERM/SIGINT to a training driver: the run stops, flushes, ends KILLED with the signal as its
-reason, and ``resume=True`` continues from its last checkpoint, into the same MLflow run and run id."""
+"""SIGTERM/SIGINT to a training driver: the run stops at an optimizer step with a mid-epoch last.pt,
+flushes, ends KILLED with the signal as its reason, and ``resume=True`` continues from that batch,
+into the same MLflow run and run id."""
 import os
 import signal
 import subprocess
@@ -57,6 +58,7 @@ def test_sigterm_stops_at_a_step_and_resume_continues(tmp_path):
     assert '"status": "KILLED"' in finished.read_text() and '"delivered": true' in finished.read_text()
     last = torch.load(tmp_path / "runs" / "classify" / "train" / "weights" / "last.pt", weights_only=True)
     stopped_at = last["epoch"]  # the stop never cuts a checkpoint short: it loads
+    assert last["position"]["batch"] >= 1  # saved at the optimizer step where it stopped, mid-epoch
 
     resumed = subprocess.run([sys.executable, "-m", "orchestrator", "train", "resume=True"],
                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
@@ -72,6 +74,10 @@ def test_sigterm_stops_at_a_step_and_resume_continues(tmp_path):
     for attempt, seq in zip(table.column("attempt").to_pylist(), table.column("seq").to_pylist()):
         sessions.setdefault(attempt, []).append(seq)
     assert len(sessions) == 2 and all(sorted(s) == list(range(len(s))) for s in sessions.values())
+    rows = zip(table.column("event").to_pylist(), table.column("step").to_pylist(),
+               table.column("final_eval").to_pylist())
+    ends = [step for event, step, final in rows if event == "on_fit_epoch_end" and not final]
+    assert sorted(ends) == [ends[0] * (e + 1) for e in range(6)]  # no batch lost or trained twice
 
 
 def test_a_failing_run_ends_failed_with_its_reason_and_files(tmp_path, monkeypatch):

@@ -181,6 +181,28 @@ def test_resume_true_takes_the_latest_run_not_the_store_copies_and_restores_call
     assert sorted(p.name for p in runs.iterdir() if p.name != "store") == ["new", "old"]
 
 
+def test_a_resume_takes_what_the_user_gave_even_a_default_and_the_checkpoint_s_the_rest(tmp_path):
+    from orchestrator.run_setup import resolve_run
+    from trainers.config import get_cfg
+
+    trainer = ClassificationTrainer(overrides={**QUICK, "val": False, "project": str(tmp_path), "name": "r"})
+    trainer.train()
+    ckpt = load(trainer.last)
+    ckpt["train_args"]["num_workers"] = 2  # as a Ray run's checkpoint
+    saved = tmp_path / "ray-run.pt"
+    torch.save(ckpt, saved)
+    given = {"resume": str(saved), "epochs": 10, "val": True}  # epochs and val as their defaults
+    assert (ClassificationTrainer(overrides=given).args.epochs, ClassificationTrainer(overrides=given).args.val) \
+        == (10, True)
+    kept = ClassificationTrainer(overrides={"resume": str(saved), "epochs": 3}).args
+    assert (kept.epochs, kept.val, kept.num_workers) == (3, False, 2)
+    on_driver = resolve_run(get_cfg(None, {"resume": str(saved), "epochs": 10}), given={"resume", "epochs"})
+    assert (on_driver["epochs"], on_driver["num_workers"]) == (10, 2)  # trained on Ray Train workers again
+    on_driver = resolve_run(get_cfg(None, {"resume": str(saved), "epochs": 10, "num_workers": 0}),
+                            given={"resume", "epochs", "num_workers"})
+    assert on_driver["num_workers"] == 0
+
+
 # ---------------------------------------------------------------- failures
 def raise_at_epoch_1(trainer):
     if trainer.epoch == 1:

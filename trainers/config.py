@@ -257,6 +257,9 @@ def check_optimizer_values(optimizer: str, lr0: float, momentum: float, weight_d
 def get_cfg(cfg: str | Path | dict | None = None, overrides: dict | None = None) -> Args:
     """Defaults, then the environment (``ENV_VARS``), then a YAML file or dict ``cfg``, then
     ``overrides``; validated."""
-    values = dict(load_yaml(cfg) if isinstance(cfg, (str, Path)) else (cfg or {}))
-    values.update(overrides or {})
-    return validate(values)
+    return validate({**given_values(cfg), **(overrides or {})})
+
+
+def given_values(cfg: str | Path | dict | None) -> dict:
+    """What a YAML file or dict sets itself, defaults left out."""
+    return dict(load_yaml(cfg) if isinstance(cfg, (str, Path)) else (cfg or {}))

@@ -84,25 +84,27 @@ def continue_epoch(trainer, position: dict):
     return batches, first
 
 
-def resolve_resume(args: Args) -> tuple[Args, dict | None]:
+def resolve_resume(args: Args, given=()) -> tuple[Args, dict | None]:
     """``(args, checkpoint)`` for ``args.resume``: the checkpoint's args with the few keys a resume
-    may change (``RESUME_OVERRIDES``) taken from ``args`` when set; ``(args, None)`` without resume."""
+    may change (``RESUME_OVERRIDES``) taken from ``args`` where the user ``given`` them (a value
+    equal to the default counts too: ``epochs=100`` continues a 50-epoch run to 100);
+    ``(args, None)`` without resume."""
     resume = args.resume
     if not resume:
         return args, None
     path = latest_checkpoint(args) if resume is True else Path(resume)
     ckpt = ckpt_io.load_checkpoint(path)
-    overrides = {k: v for k, v in args.to_dict().items() if k in RESUME_OVERRIDES and v != get_cfg().get(k)}
+    overrides = {k: getattr(args, k) for k in given if k in RESUME_OVERRIDES}
     return get_cfg(ckpt["train_args"], {**overrides, "resume": str(path), "exist_ok": True}), ckpt
 
 
-def check_resumable(args: Args) -> dict:
-    """The checkpoint ``args.resume`` names, after checking there is something left to train: a
-    resume of a finished run fails on the driver, before any worker starts or its MLflow run is
-    touched. (Its trainer checks again: a script may build a trainer without a driver.)"""
-    resolved, ckpt = resolve_resume(args)
+def check_resumable(args: Args, given=()) -> Args:
+    """The args of the resumed run (``resolve_resume``), after checking there is something left to
+    train: a resume of a finished run fails on the driver, before any worker starts or its MLflow run
+    is touched. (Its trainer checks again: a script may build a trainer without a driver.)"""
+    resolved, ckpt = resolve_resume(args, given)
     first_epoch_left(ckpt, resolved.epochs, None, run_dir(resolved))
-    return ckpt
+    return resolved
 
 
 def first_epoch_left(ckpt: dict, epochs: int, resume_stop: bool | None, save_dir) -> int:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from trainers.events import STEP_EVENTS, wire_row
 from trainers.registry import CallbackMixin, new_registry
-from trainers.config import Args, get_cfg
+from trainers.config import Args, get_cfg, given_values
 from trainers.engine import checkpoint as ckpt_io
 from trainers.engine import resume
 from trainers.engine.distributed import (any_rank, broadcast_object, gather_objects, is_dist,
@@ -50,7 +50,7 @@ class BaseTrainer(CallbackMixin):
     def __init__(self, cfg=None, overrides: dict | None = None, _callbacks: dict | None = None):
         self.args: Args = get_cfg(cfg, overrides)
         self.callbacks = _callbacks if _callbacks is not None else new_registry()
-        self.resume_ckpt = self.check_resume()
+        self.resume_ckpt = self.check_resume({**given_values(cfg), **(overrides or {})})
         # The stop vote recorded with the resumed checkpoint, known when a launcher restarts the run
         # after a fault (Ray Train keeps it in the checkpoint's metadata). A restart continues as the
         # run would have: a checkpoint that ended the training leaves only the final evaluation.
@@ -59,10 +59,11 @@ class BaseTrainer(CallbackMixin):
         # Launcher functions ``fn(trainer)`` run on every rank at each epoch's end, after the stop
         # vote, so what they record (Ray Train's report) holds the stop every rank acts on.
         self.epoch_reporters: list = []
-        # A launcher that hears of preemptions (Ray Train) sets ``preemption_notice() -> bool``. When
-        # the ranks agree on it at an optimizer step (``preemption.StepVote``), rank 0 writes a
-        # mid-epoch last.pt with ``data_position``, every rank runs ``preemption_reporters`` and
-        # raises ``Preempted``; the restart continues the epoch at ``resume_position``.
+        # A launcher that hears of preemptions (Ray Train) or of a stop signal (in process) sets
+        # ``preemption_notice() -> bool``. When the ranks agree on it at an optimizer step
+        # (``preemption.StepVote``), rank 0 writes a mid-epoch last.pt with ``data_position``, every
+        # rank runs ``preemption_reporters`` and raises ``Preempted``; the restart continues the
+        # epoch at ``resume_position``.
         self.preemption_notice = None
         self.preemption_reporters: list = []
         self.data_position: dict | None = None
@@ -572,9 +573,10 @@ class BaseTrainer(CallbackMixin):
         """Config for checkpoints: a ``user:password@`` in a URI never lands in a file."""
         return resume.args_without_credentials(self.args)
 
-    def check_resume(self):
-        """Resolve ``resume`` to a checkpoint; adopt its args (a few keys may be overridden)."""
-        self.args, ckpt = resume.resolve_resume(self.args)
+    def check_resume(self, overrides: dict):
+        """Resolve ``resume`` to a checkpoint; adopt its args (a few keys may be overridden: those
+        in ``overrides``, what the trainer was given)."""
+        self.args, ckpt = resume.resolve_resume(self.args, overrides)
         return ckpt
 
     def resume_training(self, ckpt: dict) -> None:
