@@ -138,7 +138,7 @@ def test_user_errors_on_workers_reach_the_cli_and_the_caller_as_raised(ray_sessi
     done.train(**run_cfg(tmp_path, "done", epochs=1))  # in process: a finished run to resume
     results = (done.trainer.save_dir / "results.csv").read_text()
     data, corrupt = bad_data(tmp_path)
-    cases = [(["model=det-n.yaml", f"data={data}", "strict=True", "imgsz=32"],
+    cases = [(["model=det-n.yaml", f"data={data}", "imgsz=32"],  # strict by default
               [f"{corrupt}: unreadable image", "(and 1 more problem(s))"]),  # the other: the bad label
              ([f"resume={done.trainer.last}", "epochs=1"], ["already trained 1 epochs"])]
     common = [f"{k}={v}" for k, v in run_cfg(tmp_path, "bad", num_workers=2).items() if k not in ("data", "imgsz")]

@@ -155,16 +155,17 @@ def _bad_dataset(root):
 def test_strict_raises_with_file_and_line(tmp_path):
     img_dir = _bad_dataset(tmp_path)
     with pytest.raises(UserError) as e:
-        YOLODataset(img_dir, 64, strict=True, nc=2)
+        YOLODataset(img_dir, 64, nc=2)  # the default
     msg = str(e.value)
     assert "\n" not in msg
     ghost = tmp_path / "labels" / "val" / "ghost.txt"
-    assert msg == f"{ghost}: missing image for this label file (and 5 more problem(s))"
+    assert msg == (f"{ghost}: missing image for this label file (and 5 more problem(s)); strict=False skips them "
+                   f"with a warning")
 
 
-def test_default_skips_and_warns_once(tmp_path, warnings_seen):
+def test_not_strict_skips_and_warns_once(tmp_path, warnings_seen):
     img_dir = _bad_dataset(tmp_path)
-    ds = YOLODataset(img_dir, 64, nc=2)
+    ds = YOLODataset(img_dir, 64, nc=2, strict=False)
     assert len(warnings_seen) == 1
     text = warnings_seen[0].getMessage()
     good = tmp_path / "labels" / "val" / "good.txt"
@@ -183,7 +184,7 @@ def test_image_list_file_reports_missing_image(tmp_path, warnings_seen):
     img_dir = _bad_dataset(tmp_path)
     lst = tmp_path / "val.txt"
     lst.write_text("images/val/good.png\nimages/val/absent.png\n")
-    ds = YOLODataset(lst, 64, nc=2)
+    ds = YOLODataset(lst, 64, nc=2, strict=False)
     assert len(ds) == 1 and len(warnings_seen) == 1
     assert f"{lst}:2: missing image" in warnings_seen[0].getMessage()
     with pytest.raises(UserError, match="image folder not found"):

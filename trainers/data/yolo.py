@@ -2,8 +2,8 @@
 
 Labels live next to images with ``images`` replaced by ``labels`` in the path and a
 ``.txt`` suffix; each line is ``class cx cy w h`` normalized to [0, 1]. Bad files and lines
-are reported with file and line: ``strict=True`` raises, otherwise they are skipped with
-one warning so a single bad label does not stop a long run.
+are reported with file and line: ``strict`` (the default) raises, as bad input does everywhere;
+``strict=False`` skips them with one warning, for a large set where a few bad labels may go.
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ class YOLODataset(Dataset):
     ``nc`` (when given) bounds the class ids.
     """
 
-    def __init__(self, img_dir, imgsz: int, augment: bool = False, strict: bool = False,
+    def __init__(self, img_dir, imgsz: int, augment: bool = False, strict: bool = True,
                  hyp=None, nc: int | None = None):
         self.imgsz, self.augment, self.hyp, self.nc = int(imgsz), augment, hyp, nc
         self.problems: list[str] = []
@@ -223,7 +223,8 @@ class YOLODataset(Dataset):
             return
         if strict:
             more = len(self.problems) - 1
-            raise UserError(self.problems[0] + (f" (and {more} more problem(s))" if more else ""))
+            raise UserError(self.problems[0] + (f" (and {more} more problem(s))" if more else "")
+                            + "; strict=False skips them with a warning")
         listed = "\n  ".join(self.problems[:MAX_LISTED])
         extra = len(self.problems) - MAX_LISTED
         LOGGER.warning(
