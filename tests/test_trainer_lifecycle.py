@@ -342,3 +342,27 @@ def test_trainer_log_reaches_every_epochs_record_and_the_final_evaluations(tmp_p
     model.train(**QUICK, project=str(tmp_path), name="logged")
     assert [(r["epoch"], r["final_eval"], r["metrics"]["custom/final"]) for r in seen] == [
         (0, False, 0.0), (1, False, 0.0), (2, True, 1.0)]
+
+
+def test_metrics_keep_the_last_validation_where_an_epoch_does_not_validate(tmp_path):
+    """As Ultralytics: ``trainer.metrics`` holds zeros before the first validation and the last
+    validation's values after; ``fitness`` is None there; records and results.csv only carry an
+    epoch's own validation; ``on_train_end`` sees the last trained epoch."""
+    trainer = ClassificationTrainer(overrides={**QUICK, "epochs": 3, "val": False, "project": str(tmp_path),
+                                               "name": "noval"})
+    seen = []
+    trainer.add_callback("on_fit_epoch_end", lambda t: seen.append((t.epoch, dict(t.metrics), t.fitness,
+                                                                     dict(t.epoch_metrics()))))
+    trainer.add_callback("on_train_end", lambda t: seen.append(t.epoch))
+    trainer.add_callback("on_train_end", lambda t: seen.append((t.csv.is_file(), t.epoch_time > 0,
+                                                                t.train_time_start < t.epoch_time_start)))
+    trainer.train()
+    zeros = {"metrics/accuracy_top1": 0.0, "metrics/accuracy_top5": 0.0, "val/loss": 0.0}
+    assert [(e, m, f) for e, m, f, _ in seen[:2]] == [(0, zeros, None), (1, zeros, None)]
+    assert not any(k in seen[0][3] for k in zeros)  # the record carries no stale values
+    epoch, metrics, fitness, record = seen[2]
+    assert epoch == 2 and metrics["metrics/accuracy_top5"] > 0 and fitness is not None and "val/loss" in record
+    assert seen[3][0] == 3 and seen[4] == 2  # the final evaluation at epochs, then the last epoch again
+    assert seen[5] == (True, True, True)  # Ultralytics' csv, epoch_time, train_time_start
+    rows = (trainer.save_dir / "results.csv").read_text().splitlines()
+    assert rows[1].endswith(",,,,") and not rows[3].endswith(",")

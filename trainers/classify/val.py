@@ -9,6 +9,8 @@ from trainers.metrics.classify import ClassifyMetrics, topk_correct
 
 
 class ClassificationValidator(BaseValidator):
+    metric_keys = ClassifyMetrics.metric_keys
+
     def build_dataloader(self):
         data = load_classification_data(self.args.data, self.args.imgsz, self.args.seed)
         rank, world = self.rank_world

@@ -11,7 +11,7 @@ from trainers.detect.data import detection_loader, load_detection_data
 from trainers.engine.distributed import gather_objects
 from trainers.engine.validator import BaseValidator
 from trainers.metrics.coco import coco_prediction_records, write_coco_labels
-from trainers.metrics.detection import ConfusionMatrix, DetMetrics
+from trainers.metrics.detection import METRIC_KEYS, ConfusionMatrix, DetMetrics
 from trainers.utils import LOGGER
 from trainers.utils.ops import non_max_suppression, xywh2xyxy
 
@@ -23,13 +23,15 @@ DEFAULT_FITNESS = (0.0, 0.0, 0.0, 1.0)  # over [P, R, mAP50, mAP50-95]
 class DetectionValidator(BaseValidator):
     """Scores boxes in original-image pixels, so the figures match pycocotools on the same files."""
 
+    metric_keys = tuple(METRIC_KEYS)
+
     def __init__(self, dataloader=None, save_dir=None, args=None, _callbacks=None):
         super().__init__(dataloader, save_dir, args, _callbacks)
         if save_dir is None:  # standalone model.val(): project/name, like predict
             self.save_dir = Path(self.args.project or "runs/detect") / (self.args.name or "val")
         self.names: dict[int, str] = {}
-        self.confusion = None
-        self.json_records: list[dict] = []
+        self.confusion_matrix = None
+        self.jdict: list[dict] = []
 
     # ------------------------------------------------------------------ data
     def build_dataloader(self):
@@ -49,8 +51,8 @@ class DetectionValidator(BaseValidator):
         report_conf = REPORT_CONF if self.args.conf is None else self.args.conf
         self.metrics = DetMetrics(self.names, conf=report_conf,
                                   fitness_weights=self.args.fitness_weights or DEFAULT_FITNESS)
-        self.confusion = ConfusionMatrix(len(self.names), conf=report_conf, names=self.names)
-        self.json_records = []
+        self.confusion_matrix = ConfusionMatrix(len(self.names), conf=report_conf, names=self.names)
+        self.jdict = []
 
     def postprocess(self, preds):
         decoded = preds[0] if isinstance(preds, (tuple, list)) else preds
@@ -70,17 +72,17 @@ class DetectionValidator(BaseValidator):
             pred = pred.detach().cpu().clone()
             pred[:, :4] = unletterbox_boxes(pred[:, :4], ratio_pad, shape)
             preds_o.append(pred)
-            self.confusion.update(pred, targets_o[-1])
+            self.confusion_matrix.update(pred, targets_o[-1])
         self.metrics.update(preds_o, targets_o, batch["im_file"])
         if self.args.save_json:
             for pred, im_file in zip(preds_o, batch["im_file"]):
-                self.json_records += coco_prediction_records(pred, im_file)
+                self.jdict += coco_prediction_records(pred, im_file)
 
     def get_stats(self) -> dict:
         """Merge every rank's matches, then compute; rank 0 writes plots and JSON."""
         self.metrics.merge(gather_objects(self.metrics.state()))
-        self.confusion.matrix = np.sum(gather_objects(self.confusion.matrix), axis=0)
-        records = gather_objects(self.json_records) if self.args.save_json else []
+        self.confusion_matrix.matrix = np.sum(gather_objects(self.confusion_matrix.matrix), axis=0)
+        records = gather_objects(self.jdict) if self.args.save_json else []
         stats = self.metrics.compute()
         if self.rank_world[0] in (-1, 0):
             if self.args.plots:  # every validation (plots=False skips the seconds they cost on a CPU)
@@ -95,7 +97,7 @@ class DetectionValidator(BaseValidator):
     def save_plots(self) -> None:
         """PR/F1/P/R curves and the confusion matrix; ``self.plots`` names them for the sinks."""
         self.save_dir.mkdir(parents=True, exist_ok=True)
-        files = self.metrics.plot(self.save_dir) + [self.confusion.plot(self.save_dir, normalize=True)]
+        files = self.metrics.plot(self.save_dir) + [self.confusion_matrix.plot(self.save_dir, normalize=True)]
         self.plots = {Path(f).name: str(f) for f in files}
 
     def save_json(self, records: list[dict]) -> None:

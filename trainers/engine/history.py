@@ -28,7 +28,8 @@ class History:
         return [r.get(key) for r in self.rows]
 
     def plot(self) -> Path | None:
-        """Draw every numeric column against epoch; returns the PNG path."""
+        """Draw every column against epoch, also one the first rows lack (val=False validates only
+        the last epoch); returns the PNG path."""
         if not self.rows:
             return None
         import matplotlib
@@ -36,7 +37,7 @@ class History:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        keys = [k for k in self.rows[0] if k not in {"epoch", "time"}]
+        keys = [k for k in dict.fromkeys(k for r in self.rows for k in r) if k not in {"epoch", "time"}]
         if not keys:
             return None
         cols = min(5, len(keys))

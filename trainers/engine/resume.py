@@ -157,6 +157,7 @@ def _restore_training_state(trainer, ckpt: dict, start: int) -> None:
     if trainer.scheduler.last_epoch != start:  # epochs changed: rebuild the schedule
         trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, trainer.lf, last_epoch=start - 1)
     trainer.stopper.load_state_dict(ckpt["stopper"])
+    trainer.metrics.update(ckpt.get("train_metrics") or {})
 
 
 def _restore_callbacks(callbacks: dict, ckpt: dict) -> None:

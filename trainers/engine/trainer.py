@@ -75,13 +75,16 @@ class BaseTrainer(CallbackMixin):
         self.save_dir = self.get_save_dir()
         self.wdir = self.save_dir / "weights"
         self.last, self.best = self.wdir / "last.pt", self.wdir / "best.pt"
+        self.csv, self.save_period = self.save_dir / "results.csv", self.args.save_period
+        self.train_time_start = self.epoch_time_start = self.epoch_time = None  # seconds, as Ultralytics'
         self.epochs, self.start_epoch, self.epoch = self.args.epochs, 0, 0
         self.step = 0  # optimizer steps taken, across epochs and resumes
         self.model = self.ema = self.optimizer = self.scheduler = self.scaler = None
         self.validator = self.data = self.train_loader = self.test_loader = None
         self.loss = self.loss_items = self.tloss = None
         self.loss_names: tuple[str, ...] = ("loss",)
-        self.metrics: dict = {}
+        self.metrics: dict = {}  # the last validation's (zeros before the first), as Ultralytics keeps them
+        self.validated: dict = {}  # this epoch's validation's; {} on an epoch that did not validate
         self.fitness = self.best_fitness = None
         self.freeze_layer_names: list[str] = []
         self.stop = False
@@ -106,11 +109,13 @@ class BaseTrainer(CallbackMixin):
                 self.epoch = epoch
                 self._train_one_epoch()
                 self.run_callbacks("on_train_epoch_end")
-                self.metrics, self.fitness = self._validate_when_due()
+                self.validated, self.fitness = self._validate_when_due()
+                self.metrics = {**self.metrics, **self.validated}
                 self._update_best_fitness()
                 self._apply_early_stopping()
                 self._gather_rng_states()
                 self._save_checkpoints()
+                self.epoch_time = time.time() - self.epoch_time_start
                 self.run_callbacks("on_fit_epoch_end")
                 self._add_results_row()
                 self._vote_stop()
@@ -128,11 +133,11 @@ class BaseTrainer(CallbackMixin):
     def _setup_train(self) -> None:
         """Seeds, data, model, optimizer, validator; fires the two pretrain-routine events."""
         self.run_callbacks("on_pretrain_routine_start")
-        self._t0 = time.time()
+        self.train_time_start = time.time()
         init_seeds(self.args.seed + 1 + max(self.rank, 0), self.args.deterministic, self.device)
         if self.is_main:
             self.save_dir.mkdir(parents=True, exist_ok=True)
-        self.history = History(self.save_dir / "results.csv")
+        self.history = History(self.csv)
         self.data = self.get_dataset()
         if self.args.fraction < 1.0:
             self.data["train"] = take_fraction(self.data["train"], self.args.fraction)
@@ -149,6 +154,7 @@ class BaseTrainer(CallbackMixin):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
         self.validator = self.get_validator()
         self.validator.parent = self
+        self.metrics = dict.fromkeys([*self.validator.metric_keys, *self.label_loss_items(prefix="val")], 0.0)
         self.ema = ModelEMA(self.model)
         self.stopper = EarlyStopping(self.args.patience)
         self.preemption_vote = StepVote(self.preemption_notice, self.device, self.world_size)
@@ -207,6 +213,7 @@ class BaseTrainer(CallbackMixin):
         preemption notice it saves a mid-epoch checkpoint and raises ``Preempted``; the run resumed
         from one continues the epoch where it stopped (``_epoch_batches``)."""
         self._logged = {}
+        self.epoch_time_start = time.time()
         self.run_callbacks("on_train_epoch_start")
         self._sync_trainable()
         self._set_train_mode()
@@ -348,7 +355,8 @@ class BaseTrainer(CallbackMixin):
             report(self)
 
     def _final_evaluation(self) -> None:
-        """Validate best.pt once more; ``on_fit_epoch_end`` fires with ``final_eval`` True."""
+        """Validate best.pt once more; ``on_fit_epoch_end`` fires with ``final_eval`` True and
+        ``epoch`` one past the last (its record's step); ``on_train_end`` sees the last epoch again."""
         state = broadcast_object(self._best_weights() if self.is_main else None)
         if state is None:
             return
@@ -360,7 +368,7 @@ class BaseTrainer(CallbackMixin):
         self.metrics = {k: v for k, v in metrics.items() if k != "fitness" and not k.startswith("val/")}
         self.fitness = metrics.get("fitness", self.fitness)
         self.run_callbacks("on_fit_epoch_end")
-        self.final_eval = False
+        self.epoch, self.final_eval = self.epoch - 1, False
 
     def _best_weights(self):
         path = self.best if self.best.is_file() else self.last
@@ -425,7 +433,7 @@ class BaseTrainer(CallbackMixin):
         if self.fitness is not None and self.fitness == self.best_fitness or not self.best.is_file():
             self.best.write_bytes(data)
             self._saved_best = True
-        if self.args.save_period > 0 and (self.epoch + 1) % self.args.save_period == 0:
+        if self.save_period > 0 and (self.epoch + 1) % self.save_period == 0:
             (self.wdir / f"epoch{self.epoch + 1}.pt").write_bytes(data)
         return True
 
@@ -512,11 +520,13 @@ class BaseTrainer(CallbackMixin):
         return {**self.metrics, **self._logged, **(self.validator.per_class_results() if self.is_main else {})}
 
     def epoch_metrics(self) -> dict:
+        """The epoch's own values: its validation's only if it validated (``trainer.metrics`` keeps
+        the last validation's, as Ultralytics' does, for callbacks; records and results.csv do not)."""
         train = self.label_loss_items(self.tloss) if self.tloss is not None else {}
-        return {**train, **self.metrics, **self._logged, **self.lr}
+        return {**train, **self.validated, **self._logged, **self.lr}
 
     def epoch_row(self) -> dict:
-        return {"epoch": self.epoch + 1, "time": round(time.time() - self._t0, 2),
+        return {"epoch": self.epoch + 1, "time": round(time.time() - self.train_time_start, 2),
                 **self.epoch_metrics(), **({"fitness": self.fitness} if self.fitness is not None else {})}
 
     def model_source(self):

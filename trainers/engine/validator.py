@@ -15,6 +15,8 @@ from trainers.utils import unwrap_model
 class BaseValidator(CallbackMixin):
     """Subclasses implement init_metrics / update_metrics / get_stats (and postprocess)."""
 
+    metric_keys: tuple = ()  # the task's metric names (Ultralytics' ``metrics.keys``), before any validation
+
     def __init__(self, dataloader=None, save_dir=None, args=None, _callbacks=None):
         self.args = args if args is not None else get_cfg(None, {"mode": "val"})
         self.dataloader = dataloader
