@@ -137,7 +137,7 @@ def test_perfect_predictions_and_fitness():
     assert list(res) == list(m.keys()) == m.metric_keys + ["fitness"]  # keys() is the dict's, as for a dict
     assert res == pytest.approx({k: 1.0 for k in res})
     assert m.box.ap_class_index.tolist() == [0, 2]
-    assert m.box.maps.tolist() == pytest.approx([1.0] * 4)
+    assert m.box.maps.tolist() == pytest.approx([1.0] * 4) and m.maps.tolist() == m.box.maps.tolist()
     box = Metric()
     box.p, box.r, box.f1, box.all_ap = np.array([np.nan]), np.array([0.5]), np.array([0.5]), np.full((1, 10), 0.3)
     assert box.fitness() == pytest.approx(0.3) and box.fitness((1, 1, 0, 0)) == pytest.approx(0.5)

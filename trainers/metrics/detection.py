@@ -312,6 +312,10 @@ class DetMetrics(TaskMetrics):
         return self.box.class_result(i)
 
     @property
+    def maps(self) -> np.ndarray:
+        return self.box.maps
+
+    @property
     def fitness(self) -> float:
         return self.box.fitness(self.fitness_weights)
 
