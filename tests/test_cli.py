@@ -47,6 +47,12 @@ def test_bad_input_gets_one_line(tmp_path, args, message):
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
+def test_a_cfg_file_that_is_not_text_gets_one_line(tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)))
+    out = run_cli("train", "cfg=binary.yaml", cwd=tmp_path)
+    assert (out.returncode, out.stderr) == (2, "error: config file binary.yaml is not valid YAML (not UTF-8 text)\n")
+
+
 def tiny_train(tmp_path, *extra) -> list[str]:
     return ["train", "model=cls-n.yaml", "data=digits", "epochs=2", "imgsz=16", "fraction=0.05", "batch=16",
             "nbs=16", "plots=False", f"project={tmp_path / 'runs'}", f"tracking_uri={mlflow_store(tmp_path / 'm.db')}",

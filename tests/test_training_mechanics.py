@@ -274,6 +274,11 @@ def test_optimizer_arguments_torch_rejects_get_one_line_naming_the_keys(tmp_path
     (["fitness_weights=[1,2]"], "config key 'fitness_weights': value [1.0, 2.0] is not valid "
                                 "(expected 4 weights over [P, R, mAP50, mAP50-95])"),
     (["freeze=abc"], "config key 'freeze': value 'abc' is not valid (expected int or a list of int or null)"),
+    (["freeze=-1"], "config key 'freeze': value -1 is not valid (expected layer indices >= 0)"),
+    (["clip_grad=-1"], "config key 'clip_grad': value -1.0 is not valid (expected a number > 0: the largest "
+                       "gradient norm a step takes)"),  # a negative bound turns every gradient around
+    (["lr0=nan"], "config key 'lr0': value nan is not valid (expected a number >= 0)"),
+    (["fliplr=7"], "config key 'fliplr': value 7.0 is not valid (expected a probability in [0, 1])"),
     (["device=tpu"], "config key 'device': value 'tpu' is not valid (expected cpu, cuda, cuda:<index>, <index>, "
                      "mps or xpu; null picks cuda when there is one)"),
 ])
@@ -315,6 +320,12 @@ def missing_device() -> str:
     (["batch=1"], "config key 'batch': 1 over 1 worker(s) is one image a batch, too few for the model's "
                   "BatchNorm at imgsz=16: use batch >= 2"),
     ([f"device={missing_device()}"], f"config key 'device': {missing_device()} is not available on"),
+    (["imgsz=100000"], "config keys 'batch', 'imgsz': batch=16 at imgsz=100000 does not fit in the memory of cpu: "
+                       "lower them"),  # digits are resized up front: 57 TB
+    (["freeze=10"], "config key 'freeze': value 10 is not valid: every layer would be frozen, nothing trained "
+                    "(the model has 10 layers, 0-9)"),
+    (["freeze=[50]"], "config key 'freeze': value [50] is not valid: layer 50 does not exist (the model has 10 "
+                      "layers, 0-9)"),
 ])
 def test_errors_the_run_meets_end_it_failed_in_one_line(tmp_path, capsys, args, message):
     """Found by the trainer (its device when it is built, a batch BatchNorm cannot train on at its

@@ -6,6 +6,7 @@ the default value does not tell it (null defaults, unions).
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import warnings
@@ -117,6 +118,8 @@ def load_yaml(path) -> dict:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"config file {path} is not valid YAML ({yaml_problem(exc)})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not valid YAML (not UTF-8 text)") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of key: value")
     return data
@@ -163,6 +166,17 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "fitness_weights": (lambda v: len(v) == 4, "4 weights over [P, R, mAP50, mAP50-95]"),
     "max_preemptions": (lambda v: v >= -1, "an int >= 0, or -1 for no limit"),
     "log_every_n_steps": (lambda v: v >= 1, "an int >= 1"),
+    "lr0": (lambda v: 0 <= v < math.inf, "a number >= 0"),
+    "lrf": (lambda v: 0 <= v < math.inf, "a number >= 0"),
+    "clip_grad": (lambda v: 0 < v < math.inf, "a number > 0: the largest gradient norm a step takes"),
+    "fliplr": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "hsv_h": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    "hsv_s": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    "hsv_v": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    "scale": (lambda v: 0 <= v < 1, "a gain in [0, 1)"),
+    "freeze": (lambda v: min(v if isinstance(v, list) else [v], default=0) >= 0, "layer indices >= 0"),
+    "system_metrics": (lambda v: v >= 0, "seconds >= 0, 0 = off"),
+    "ckpt_upload_interval": (lambda v: v >= 0, "seconds >= 0"),
 }
 DEVICE = re.compile(r"cpu|mps|(cuda|xpu)(:\d+)?|\d+")  # a bare index is a CUDA device's
 

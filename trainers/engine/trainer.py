@@ -127,6 +127,11 @@ class BaseTrainer(CallbackMixin):
                 self.plot_metrics()
                 self.run_callbacks("on_train_end")
             return self.metrics
+        except RuntimeError as exc:  # torch.OutOfMemoryError (CUDA) is one too
+            if not any(words in str(exc) for words in ("out of memory", "can't allocate memory")):
+                raise
+            raise UserError(f"config keys 'batch', 'imgsz': batch={self.args.batch} at imgsz={self.args.imgsz} "
+                            f"does not fit in the memory of {self.device}: lower them") from None
         finally:
             self.run_callbacks("teardown")
 
@@ -541,6 +546,7 @@ class BaseTrainer(CallbackMixin):
         """Freeze ``model.<i>.`` prefixes from ``args.freeze`` (int N -> first N, list -> those)."""
         freeze = self.args.freeze
         indices = range(freeze) if isinstance(freeze, int) else (freeze or [])
+        check_freeze(freeze, indices, len(unwrap_model(self.model).model))
         names = [f"model.{i}." for i in indices]
         for name, p in self.model.named_parameters():
             if any(name.startswith(prefix) for prefix in names):
@@ -600,4 +606,14 @@ class BaseTrainer(CallbackMixin):
     def get_save_dir(self) -> Path:
         """``project/name`` (numbered unless exist_ok); a resumed run keeps its checkpoint's folder."""
         return run_dir(self.args)
+
+
+def check_freeze(freeze, indices, n_layers: int) -> None:
+    """A layer the model lacks would be frozen in name only, and freezing them all trains nothing
+    (torch's "does not require grad", deep in backward): both are said before the first step."""
+    missing = [i for i in indices if not 0 <= i < n_layers]
+    if missing or len(set(indices)) >= n_layers:
+        problem = f"layer {missing[0]} does not exist" if missing else "every layer would be frozen, nothing trained"
+        raise UserError(f"config key 'freeze': value {freeze!r} is not valid: {problem} (the model has "
+                        f"{n_layers} layers, 0-{n_layers - 1})")
 
