@@ -9,6 +9,7 @@ from trainers.registry import add_callback, copy_registry, new_registry
 from callbacks.sinks.s3 import S3Setup
 from callbacks.sinks.storage import local_file
 from trainers.config import get_cfg
+from trainers.data.sources import check_source
 from orchestrator.tasks import task_class
 from trainers.engine import checkpoint as ckpt_io
 from trainers.engine.exporter import Exporter
@@ -110,9 +111,10 @@ class Model:
 
     def predict(self, source=None, stream: bool = False, **kwargs):
         args = self._args("predict", {"save": False, **kwargs})
+        source = source if source is not None else args.source
+        check_source(source)
         predictor = task_class(self.task, "predictor")(args=args, _callbacks=copy_registry(self.callbacks))
-        return predictor(source=source if source is not None else args.source,
-                         model=self._model_for(args), stream=stream)
+        return predictor(source=source, model=self._model_for(args), stream=stream)
 
     __call__ = predict
 

@@ -35,7 +35,14 @@ def test_mode_help_shows_help(mode):
     (["train", "model=cls-n.yaml", "data=."], "dataset folder . needs train/ and val/ subfolders"),
     (["train", "cfg=missing.yaml"], "config file missing.yaml does not exist"),
     (["train", "model=nope.yaml"], "nope.yaml"),
+    (["train", "data=digits"], "data=digits is a classification data set (digits, or a folder of class folders), "
+                               "not a detection data YAML: give a data YAML, or a classification model"),  # det-n
+    (["train", "model=cls-n.yaml", "data=shapes8.yaml"], "data=shapes8.yaml is a detection data YAML, not a "
+                                                         "classification data set"),
     (["val", "model=missing.pt"], "checkpoint missing.pt does not exist"),
+    (["predict", "model=cls-n.yaml"], "config key 'source' is required for predict"),
+    (["predict", "model=cls-n.yaml", "source=http://host/x.png"], "source http://host/x.png does not exist (URLs "
+                                                                    "are not read: download the image first)"),
     (["nomode"], "unknown mode 'nomode'"),
     (["recover", "journal=nope"], "recover: journal folder nope does not exist"),
 ])

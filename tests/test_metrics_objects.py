@@ -7,6 +7,7 @@ from orchestrator import Model
 from orchestrator.results import ResultSink
 from trainers.metrics.base import PER_CLASS
 from trainers.metrics.classify import ClassifyMetrics
+from trainers.utils import UserError
 
 
 def test_a_metrics_object_reads_as_a_read_only_dict():
@@ -56,3 +57,14 @@ def test_val_returns_the_validators_metrics_object_with_logged_values():
     assert metrics.top5 == metrics["metrics/accuracy_top5"] > metrics.top1 > 0
     assert metrics.fitness == metrics["fitness"] == pytest.approx((metrics.top1 + metrics.top5) / 2)
     assert metrics["custom/images"] == validator.seen > 100
+
+
+def test_classification_val_takes_the_split_asked_for():
+    seen = []
+    model = Model("cls-n.yaml")
+    model.add_callback("on_val_end", lambda validator: seen.append(validator.seen))
+    model.val(data="digits", imgsz=16, batch=256, verbose=False)
+    model.val(data="digits", imgsz=16, batch=256, verbose=False, split="train")
+    assert seen[1] > 3 * seen[0]  # digits holds out a fifth for val
+    with pytest.raises(UserError, match=r"^config key 'split': value 'tset' is not valid \(a classification"):
+        model.val(data="digits", imgsz=16, split="tset")

@@ -279,6 +279,8 @@ def test_optimizer_arguments_torch_rejects_get_one_line_naming_the_keys(tmp_path
                        "gradient norm a step takes)"),  # a negative bound turns every gradient around
     (["lr0=nan"], "config key 'lr0': value nan is not valid (expected a number >= 0)"),
     (["fliplr=7"], "config key 'fliplr': value 7.0 is not valid (expected a probability in [0, 1])"),
+    (["register=team/detector:v1"], "config key 'register': value 'team/detector:v1' is not valid (expected true "
+                                    "or a model name without '/' or ':')"),  # MLflow's registry refuses it
     (["device=tpu"], "config key 'device': value 'tpu' is not valid (expected cpu, cuda, cuda:<index>, <index>, "
                      "mps or xpu; null picks cuda when there is one)"),
 ])

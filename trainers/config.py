@@ -145,6 +145,7 @@ def validate(values: dict) -> Args:
     cfg["num_workers"] = check_num_workers(cfg["num_workers"])
     check_ranges(cfg)
     check_batch_split(cfg["batch"], cfg["num_workers"])
+    check_register(cfg["register"])
     cfg["device"] = check_device(cfg["device"])
     check_optimizer_values(cfg["optimizer"], cfg["lr0"], cfg["momentum"], cfg["weight_decay"])
     return Args(**cfg)
@@ -207,6 +208,13 @@ def check_batch_split(batch: int, num_workers) -> None:
     if batch < most:
         raise UserError(f"config keys 'batch', 'num_workers': a global batch of {batch} over up to {most} "
                         f"workers leaves a worker less than one image a step (use batch >= {most})")
+
+
+def check_register(name) -> None:
+    """A name MLflow's registry refuses would be found only after training, and stay unpublished."""
+    if isinstance(name, str) and (not name.strip() or any(c in name for c in "/:")):
+        raise UserError(f"config key 'register': value {name!r} is not valid (expected true or a model name "
+                        f"without '/' or ':')")
 
 
 def check_device(device: int | str | None) -> str | None:

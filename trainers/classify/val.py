@@ -6,16 +6,22 @@ from trainers.data.loader import build_dataloader
 from trainers.engine.distributed import gather_objects
 from trainers.engine.validator import BaseValidator
 from trainers.metrics.classify import ClassifyMetrics, topk_correct
+from trainers.utils import UserError
 
 
 class ClassificationValidator(BaseValidator):
     metric_keys = ClassifyMetrics.metric_keys
 
     def build_dataloader(self):
+        """``args.split`` of the data, never augmented (the train split is, for training)."""
         data = load_classification_data(self.args.data, self.args.imgsz, self.args.seed)
+        if self.args.split not in ("train", "val"):
+            raise UserError(f"config key 'split': value {self.args.split!r} is not valid (a classification data "
+                            f"set has the splits train and val)")
+        dataset = data[self.args.split]
+        dataset.augment = False
         rank, world = self.rank_world
-        return build_dataloader(data["val"], self.args.batch, self.args.workers, "val", rank, world,
-                                collate_fn=collate)
+        return build_dataloader(dataset, self.args.batch, self.args.workers, "val", rank, world, collate_fn=collate)
 
     def init_metrics(self, model) -> None:
         self.metrics = ClassifyMetrics()

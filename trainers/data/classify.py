@@ -124,6 +124,9 @@ def _folder_images(split_dir: Path, classes: list[str], imgsz: int, augment: boo
 def check_classification_data(data: str | None) -> None:
     if data in (None, "", "digits"):
         return
+    if str(data).endswith((".yaml", ".yml")):
+        raise UserError(f"data={data} is a detection data YAML, not a classification data set: give digits or a "
+                        f"folder with train/ and val/ class folders, or a detection model (model=det-n.yaml)")
     if not Path(data).exists():
         raise UserError(f"dataset {data!r} not found: give 'digits' or a folder with train/ and val/ class folders")
     folder_layout(Path(data))

@@ -34,7 +34,7 @@ def _items(source):
         elif path.is_file():
             yield str(path), (lambda: read_image(path))
         else:
-            raise UserError(f"source {path} does not exist")
+            raise UserError(f"source {source} does not exist" + unsupported_form(str(source)))
     elif torch.is_tensor(source):
         batch = source if source.ndim == 4 else source[None]
         for i, im in enumerate(batch):
@@ -51,9 +51,27 @@ def _items(source):
                 yield from _items(item)
     elif hasattr(source, "convert"):  # a PIL image
         yield "image0", (lambda: np.asarray(source.convert("RGB")))
+    elif source is None:
+        raise UserError("config key 'source' is required for predict: give an image path, a folder, numpy arrays "
+                        "or a tensor batch")
     else:
         raise UserError(f"unsupported predict source of type {type(source).__name__}: "
                         f"give an image path, a folder, numpy arrays or a tensor batch")
+
+
+def check_source(source) -> None:
+    """Fail on a source that names nothing before a model is loaded for it (its first item only:
+    a folder is listed, no image read)."""
+    next(_items(source), None)
+
+
+def unsupported_form(source: str) -> str:
+    """Why a source that names no file may be meant as something predict does not read."""
+    if "://" in source:
+        return " (URLs are not read: download the image first)"
+    if any(c in source for c in "*?["):
+        return " (glob patterns are not expanded: give the folder)"
+    return ""
 
 
 def iter_batches(source, batch: int):

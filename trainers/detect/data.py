@@ -1,6 +1,8 @@
 """Resolve ``args.data`` for detection: the built-in ``shapes8.yaml`` or a data YAML path."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from trainers.data.loader import build_dataloader
 from trainers.data.yolo import YOLODataset, load_data_yaml
 from trainers.utils import UserError
@@ -10,6 +12,9 @@ def check_detection_data(data) -> dict:
     """The parsed data YAML (``shapes8.yaml`` is generated on first use); names a missing ``data``."""
     if not data:
         raise UserError("config key 'data' is required for detection: give shapes8.yaml or a data YAML path")
+    if str(data) == "digits" or Path(str(data)).is_dir():
+        raise UserError(f"data={data} is a classification data set (digits, or a folder of class folders), not a "
+                        f"detection data YAML: give a data YAML, or a classification model (model=cls-n.yaml)")
     return load_data_yaml(data)
 
 
