@@ -90,6 +90,25 @@ def run_data(argv: list[str]) -> int:
     return 0
 
 
+def ui_store_problem(uri: str) -> str | None:
+    """Why ``mlflow ui`` cannot open the store ``uri``, or None (also when unsure): it would die with
+    a long traceback instead, for a scheme it has no store for or a database driver not installed."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else "file"
+    if scheme == "file":
+        return None
+    if scheme.split("+", 1)[0] not in ("sqlite", "postgresql", "mysql", "mssql"):
+        return f"ui: '{scheme}://' is not a store mlflow ui can open (sqlite, postgresql, mysql, mssql or a folder)"
+    try:
+        from sqlalchemy.engine import make_url
+
+        make_url(uri).get_dialect().import_dbapi()
+    except ImportError as exc:
+        return f"ui: the database driver for '{scheme}://' is not installed ({exc.name or exc})"
+    except Exception:
+        return None  # let mlflow itself judge the URI
+    return None
+
+
 def run_ui(opts: dict) -> int:
     """``mlflow ui`` on the embedded store (127.0.0.1), from this environment's mlflow."""
     import os
@@ -98,6 +117,7 @@ def run_ui(opts: dict) -> int:
     import subprocess
     import sys
 
+    from callbacks.sinks.redact import redact_text
     from trainers.config import defaults
 
     for key in opts:
@@ -107,9 +127,13 @@ def run_ui(opts: dict) -> int:
     port = opts.get("port", 5000)
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise UserError(f"ui: port={port!r} is not a port number (1-65535)")
+    shown = redact_text(uri)  # the URI may carry a password (user info)
     if uri.startswith(("http://", "https://")):
-        print(f"{uri} is an MLflow server: it serves the UI itself, open {uri}")
+        print(f"{shown} is an MLflow server: it serves the UI itself, open {shown}")
         return 0
+    problem = ui_store_problem(uri)
+    if problem:
+        raise UserError(problem)
     with socket.socket() as sock:
         if sock.connect_ex(("127.0.0.1", port)) == 0:
             raise UserError(f"ui: port {port} on 127.0.0.1 is in use; choose another with port=...")
@@ -118,7 +142,7 @@ def run_ui(opts: dict) -> int:
     if not mlflow:
         raise UserError("ui: the 'mlflow' command is not installed in this environment")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner processes
-    print(f"MLflow UI for {uri} at http://127.0.0.1:{port}  (Ctrl-C to stop)", flush=True)
+    print(f"MLflow UI for {shown} at http://127.0.0.1:{port}  (Ctrl-C to stop)", flush=True)
     return subprocess.call([mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                             "--port", str(port), "--workers", "1"], env=env)
 
@@ -153,6 +177,7 @@ def run_recover(options: dict) -> int:
         raise UserError(f"recover: unknown option {sorted(unknown)[0]!r}; usage: orchestrator recover [journal=runs/journal]")
     root = options.get("journal") or DEFAULTS["journal"]
     if options.get("journal") and not Path(root).expanduser().is_dir():  # the default may not exist yet
-        raise UserError(f"recover: journal folder {root} does not exist")
+        what = "is not a folder" if Path(root).expanduser().exists() else "does not exist"
+        raise UserError(f"recover: journal folder {root} {what}")
     print("\n".join(recover(root)) or f"nothing to recover: every run under {root} ended and was delivered")
     return 0

@@ -99,3 +99,42 @@ def test_unmaskable_binary_is_withheld(tmp_path):
     else:
         raise AssertionError("a file holding a secret was let through")
     assert not (tmp_path / "copy.bin").exists()
+
+
+URLS_WITH_USERINFO = [  # (URL, its secret part, what is left once masked)
+    ("http://minio:p@ss-Word99@localhost:9000", "ss-Word99", "http://***@localhost:9000"),  # '@' in it
+    ("http://alice:ab/cdPass99@127.0.0.1:9", "cdPass99", "http://***@127.0.0.1:9"),  # '/' in it
+    ("https://ghp_TokenOnly1234567890@127.0.0.1:9", "ghp_TokenOnly", "https://***@127.0.0.1:9"),  # no ':'
+]
+
+
+def test_redact_text_masks_all_url_userinfo():
+    for url, secret, masked in URLS_WITH_USERINFO:
+        out = redact_text(f"error: cannot reach {url} (refused)")
+        assert out == f"error: cannot reach {masked} (refused)" and secret not in out, out
+
+
+def test_checkpoint_args_drop_all_url_userinfo():
+    from trainers.config import get_cfg
+    from trainers.engine.resume import args_without_credentials
+
+    for url, _, masked in URLS_WITH_USERINFO:
+        saved = args_without_credentials(get_cfg(overrides={"s3_endpoint": url}))
+        assert saved["s3_endpoint"] == masked.replace("***@", ""), saved["s3_endpoint"]
+    paths = {"storage": "s3://bucket/team@v2/runs", "tracking_uri": "sqlite:////srv/a@b/mlflow.db"}
+    assert {k: args_without_credentials(get_cfg(overrides=paths))[k] for k in paths} == paths  # no user info
+
+
+def test_ui_prints_no_tracking_password(monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    uri = "http://alice:S3cretPass99@mlflow.example.com"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for args, env in ((["tracking_uri=" + uri], {}), ([], {"MLFLOW_TRACKING_URI": uri})):
+        out = subprocess.run([sys.executable, "-m", "orchestrator", "ui", *args], capture_output=True, text=True,
+                             env={**os.environ, **env}, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "S3cretPass99" not in out.stdout + out.stderr
+        assert "http://***@mlflow.example.com is an MLflow server" in out.stdout

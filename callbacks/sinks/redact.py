@@ -1,7 +1,8 @@
 """Keep secrets out of MLflow params, tags, artifacts and log lines.
 
 A value is secret when its key is named like one (key, secret, token, password, credential),
-when it looks like an AWS access key id, when it carries ``user:password@`` in a URL, or when
+when it looks like an AWS access key id, when it is the user info of a URL (``user:password@``,
+``token@``; the rule is ``trainers.utils.urls``), or when
 it contains the value of an environment variable whose name looks secret. Redaction replaces
 the secret part with ``***``; it never raises.
 """
@@ -12,6 +13,8 @@ import os
 import re
 from typing import Any, Iterable
 
+from trainers.utils.urls import mask_url_userinfo
+
 MASK = "***"
 SECRET_WORDS = frozenset({
     "key", "keys", "apikey", "secret", "secrets", "token", "password", "passwd", "pwd",
@@ -20,7 +23,6 @@ SECRET_WORDS = frozenset({
 MIN_SECRET_LEN = 8      # env values shorter than this are too common to mask everywhere
 MIN_KNOWN_LEN = 6       # values found under secret-named config keys
 _AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA|AROA|AIDA)[A-Z0-9]{16}\b")
-_URL_CREDS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/@\s:]*:[^/@\s]*)@")
 _WORD_SPLIT = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
 
 
@@ -50,7 +52,7 @@ def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
         if value and len(value) >= MIN_KNOWN_LEN and value in text:
             text = text.replace(value, MASK)
     text = _AWS_KEY_ID.sub(MASK, text)
-    return _URL_CREDS.sub(lambda m: f"{m['scheme']}{MASK}@", text)
+    return mask_url_userinfo(text, MASK)
 
 
 def redact_value(key: str, value: Any, secrets: Iterable[str] = ()) -> Any:
