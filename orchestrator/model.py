@@ -42,11 +42,11 @@ class Model:
 
     def _load(self, path) -> None:
         ckpt = ckpt_io.load_checkpoint(path)
-        self.model = ckpt_io.build_model(ckpt)
+        self.model = ckpt_io.build_model(ckpt, path=path)
         self.ckpt_path = Path(path)
         self.spec = ckpt["model_yaml"]
-        args = ckpt.get("train_args", {})
-        self.task = args.get("task")
+        args = ckpt_io.saved_args(ckpt, path)
+        self.task = args.get("task") or spec_task(self.model.yaml)  # a file's args may lack it
         self.overrides = {k: args[k] for k in _INHERITED if args.get(k) is not None}
         self.overrides["model"] = str(path)
 

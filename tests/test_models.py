@@ -239,6 +239,110 @@ def test_load_rejects_missing_file(det):
         det.load("nope.pt")
 
 
+# ---------------------------------------------------------------- checkpoint files that are not this project's
+
+def _checkpoint(folder, **change):
+    """A checkpoint as a run writes one (model, training state, args), with entries changed: a value,
+    a function of the saved one, or None to drop the entry."""
+    from trainers.config import get_cfg
+    from trainers.engine import checkpoint as ckpt_io
+
+    torch.manual_seed(0)
+    model = ClassificationModel("cls-n.yaml", nc=3, verbose=False)
+    args = get_cfg(None, {"task": "classify", "model": "cls-n.yaml", "data": "digits",
+                          "project": str(folder / "runs"), "name": "train"}).to_dict()
+    ckpt = {**ckpt_io.model_entry(model), **ckpt_io.stamp(), "ema": ckpt_io.float_state(model), "updates": 0,
+            "optimizer": {}, "scaler": {}, "scheduler": {}, "epoch": 0, "step": 0, "best_fitness": 0.0,
+            "fitness": 0.0, "train_args": args, "train_metrics": {}, "stopper": {}, "rng": [], "callbacks": {},
+            "position": None}
+    for key, value in change.items():
+        if value is None:
+            ckpt.pop(key)
+        else:
+            ckpt[key] = value(ckpt[key]) if callable(value) else value
+    return ckpt
+
+
+def _bad_file(folder, kind: str):
+    path = folder / f"{kind}.pt"
+    good = folder / "good.pt"
+    torch.save(_checkpoint(folder), good)
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("these are not weights\n")
+    elif kind == "truncated":
+        path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    else:
+        torch.save({
+            "state_dict": {"a": torch.zeros(2)}, "list": [1, 2, 3],
+            "no_model": _checkpoint(folder, model=None),
+            "foreign_class": _checkpoint(folder, model_class="os.path.join"),
+            "bad_args": _checkpoint(folder, train_args={"epochs": "abc"}),
+            "edited_nc": _checkpoint(folder, nc=6),
+        }[kind], path)
+    return path
+
+
+BAD_FILES = [
+    ("state_dict", "is not a checkpoint of this project (no 'model_class', 'model_yaml', 'nc', 'model', "
+                   "'train_args' entries)"),
+    ("list", "is not a checkpoint of this project (it holds a list, not a dict of entries)"),
+    ("empty", "is not a checkpoint of this project (the file is empty)"),
+    ("text", "is not a checkpoint of this project (not a torch file)"),
+    ("truncated", "is not a checkpoint of this project (a truncated or damaged torch file)"),
+    ("no_model", "is not a checkpoint of this project (no 'model' entry)"),
+    ("foreign_class", "is not a checkpoint of this project (its model_class 'os.path.join' is not a subclass of "
+                      "trainers.models.tasks.BaseModel)"),
+    ("bad_args", ": config key 'epochs': value 'abc' is not valid (expected int)"),
+    ("edited_nc", "is not a checkpoint of this project (its weights do not fit its model spec: "
+                  "model.9.linear.weight is [3, 256], the spec builds [6, 256])"),
+]
+
+
+@pytest.mark.parametrize("mode", ["train", "val", "predict", "export", "resume"])
+@pytest.mark.parametrize("kind, message", BAD_FILES, ids=[kind for kind, _ in BAD_FILES])
+def test_a_file_that_is_not_a_checkpoint_gets_one_line_naming_it(tmp_path, capsys, kind, message, mode):
+    from orchestrator.cli import main
+
+    path = _bad_file(tmp_path, kind)
+    argv = ["train", f"resume={path}"] if mode == "resume" else [mode, f"model={path}"]
+    assert main([*argv, f"project={tmp_path / 'runs'}", f"journal={tmp_path / 'journal'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()] and err.startswith("error: "), err
+    assert str(path) in err and message in err, err
+
+
+def test_a_checkpoint_loads_and_resume_needs_its_training_state(tmp_path):
+    from orchestrator import Model
+    from trainers.config import get_cfg
+    from trainers.engine.resume import resolve_resume
+
+    good, stateless = tmp_path / "good.pt", tmp_path / "stateless.pt"
+    torch.save(_checkpoint(tmp_path), good)
+    torch.save(_checkpoint(tmp_path, optimizer=None), stateless)
+    assert Model(str(good)).task == "classify" and Model(str(stateless)).model.nc == 3
+    with pytest.raises(UserError, match=f"^{stateless} is not a checkpoint of this project \\(no 'optimizer' entry\\)$"):
+        resolve_resume(get_cfg(None, {"resume": str(stateless)}))
+
+
+def test_resume_leaves_out_keys_its_checkpoint_has_and_this_version_does_not_with_one_warning(
+        tmp_path, warnings_seen):
+    """The user never typed the key: val of the file works, so a resume of it does too, and says so."""
+    from orchestrator import Model
+    from trainers.config import get_cfg
+    from trainers.engine.resume import resolve_resume
+
+    path = tmp_path / "newer.pt"
+    torch.save(_checkpoint(tmp_path, train_args=lambda args: {**args, "bogus_key": 1}), path)
+    args, ckpt = resolve_resume(get_cfg(None, {"resume": str(path), "epochs": 5}), given={"epochs"})
+    assert args.epochs == 5 and args.name == "train" and not hasattr(args, "bogus_key")
+    assert Model(str(path)).task == "classify"
+    assert ckpt["train_args"]["bogus_key"] == 1  # what was saved is all there
+    assert [r.getMessage() for r in warnings_seen] == [
+        f"checkpoint {path}: ignoring config keys this version does not know: 'bogus_key'"]
+
+
 # ---------------------------------------------------------------- learning
 
 def test_classifier_learns_digits():

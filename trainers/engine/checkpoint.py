@@ -11,15 +11,30 @@ import inspect
 import pickle
 import io
 import random
+import re
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from trainers.utils import UserError, unwrap_model
+from trainers.config import DEFAULTS, get_cfg
+from trainers.models.tasks import BaseModel
+from trainers.utils import LOGGER, UserError, unwrap_model
 
 FORMAT_VERSION = 1
+
+# What every reader of a checkpoint needs, and its type (``model_entry`` and ``checkpoint_contents``
+# write them); the optional entries may also be None.
+ENTRIES = {"model_class": str, "model_yaml": dict, "nc": int, "model": dict, "train_args": dict}
+OPTIONAL_ENTRIES = {"ema": dict, "names": dict, "ch": int}
+# What a resume restores besides the model (``resume.restore_trainer``), and the args naming the run
+# folder it continues.
+TRAINING_STATE = ("ema", "updates", "optimizer", "scaler", "scheduler", "epoch", "step", "best_fitness",
+                  "stopper", "rng")
+RUN_FOLDER = ("project", "name")
+CLASS_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 
 
 def class_path(obj) -> str:
@@ -87,31 +102,137 @@ def to_bytes(ckpt: dict) -> bytes:
     return buffer.getvalue()
 
 
-def load_checkpoint(path) -> dict:
+def load_checkpoint(path, resume: bool = False) -> dict:
+    """The checkpoint at ``path``, checked here where every reader gets it (``check_contents``), so
+    a file this project did not write fails in one line naming it, not later as a KeyError deep in
+    a verb. ``resume``: it must hold the training state too."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # torch's text advises weights_only=False: wrong for either cause
-        raise UserError(f"checkpoint {path} is not one this project wrote: not a torch file, or one holding "
-                        f"more than plain data (tensors, numbers, strings, lists, dicts)") from None
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"checkpoint {path} could not be read: {type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0]}") from None
+        raise UserError(unreadable(path, exc)) from None
+    return check_contents(ckpt, path, resume)
 
 
-def build_model(ckpt: dict, use_ema: bool = True, verbose: bool = False):
-    """Rebuild the model a checkpoint describes (EMA weights when present)."""
-    cls = import_class(ckpt["model_class"])
+def not_a_checkpoint(path, reason: str) -> str:
+    """The one line for a file that is no checkpoint of this project, or not one this version can use."""
+    return f"{path if path is not None else 'the file'} is not a checkpoint of this project ({reason})"
+
+
+def unreadable(path: Path, exc: Exception) -> str:
+    """Why torch could not read ``path``, said plainly: torch's own words name its internals (a miniz
+    error, ``KeyError: 101``, ``OSError: [Errno 22]``, an empty message), not what is wrong with the file."""
+    if isinstance(exc, PermissionError):
+        return f"checkpoint {path} could not be read: permission denied"
+    with open(path, "rb") as file:
+        head = file.read(4)
+    if not head:
+        reason = "the file is empty"
+    elif isinstance(exc, pickle.UnpicklingError):  # torch's text advises weights_only=False: wrong for either cause
+        reason = "not a torch file, or one holding more than plain data (tensors, numbers, strings, lists, dicts)"
+    elif head == b"PK\x03\x04":  # torch files are zip archives
+        reason = "a truncated or damaged torch file"
+    else:
+        reason = "not a torch file"
+    return not_a_checkpoint(path, reason)
+
+
+def check_contents(ckpt, path: Path, resume: bool = False) -> dict:
+    """``ckpt`` when it holds this project's entries (``ENTRIES``; for a ``resume`` its training state
+    too), else one line saying what is wrong. The model class is checked when a model is built
+    (``model_class``): a worker that only reads the weights may not have a script's class."""
+    problem = contents_problem(ckpt, resume)
+    if problem:
+        raise UserError(not_a_checkpoint(path, problem))
+    return ckpt
+
+
+def contents_problem(ckpt, resume: bool = False) -> str | None:
+    """What makes ``ckpt`` no checkpoint of this project, in a few words; None when nothing does."""
+    if not isinstance(ckpt, dict):
+        return f"it holds a {type(ckpt).__name__}, not a dict of entries"
+    missing = [k for k in (*ENTRIES, *(TRAINING_STATE if resume else ())) if k not in ckpt]
+    if missing:
+        return f"no {', '.join(repr(k) for k in missing)} entr{'y' if len(missing) == 1 else 'ies'}"
+    for key, kind in {**ENTRIES, **OPTIONAL_ENTRIES}.items():
+        value = ckpt.get(key)
+        if (key in ENTRIES or value is not None) and (not isinstance(value, kind) or isinstance(value, bool)):
+            return f"its '{key}' is a {type(value).__name__}, not a {kind.__name__}"
+    if not CLASS_PATH.fullmatch(ckpt["model_class"]):
+        return f"its model_class {ckpt['model_class']!r} is not a class path"
+    if resume and not all(ckpt["train_args"].get(k) for k in RUN_FOLDER):
+        return f"its 'train_args' have no {' or '.join(RUN_FOLDER)}: no run folder to continue"
+    weights = [k for k in ("model", "ema") if ckpt.get(k) is not None]
+    bad = next((k for k in weights if not all(torch.is_tensor(v) for v in ckpt[k].values())), None)
+    return f"its '{bad}' holds values that are not tensors" if bad else None
+
+
+def model_class(name: str, path=None) -> type:
+    """The model class a checkpoint names (``import_class``), only if it is one of this project's (a
+    ``BaseModel``): a checkpoint is data and must not make this process call anything else."""
+    cls = import_class(name)
+    if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+        raise UserError(not_a_checkpoint(path, f"its model_class {name!r} is not a subclass of "
+                                               f"{class_path(BaseModel)}"))
+    return cls
+
+
+def build_model(ckpt: dict, use_ema: bool = True, verbose: bool = False, path=None):
+    """Rebuild the model a checkpoint (read by ``load_checkpoint``) describes (EMA weights when
+    present). ``path`` names the file in errors: a spec or weights that do not build."""
+    cls = model_class(ckpt["model_class"], path)
     kwargs = {"cfg": ckpt["model_yaml"], "nc": ckpt["nc"], "verbose": verbose}
     if "ch" in inspect.signature(cls).parameters:
         kwargs["ch"] = ckpt.get("ch", 3)
-    model = cls(**kwargs)
+    try:
+        model = cls(**kwargs)
+    except UserError as exc:  # its text names the spec '<dict>': say which file holds it
+        raise UserError(not_a_checkpoint(path, f"its model spec does not build: {exc}")) from None
     model.names = dict(ckpt.get("names") or {})
     state = ckpt.get("ema") if use_ema and ckpt.get("ema") is not None else ckpt["model"]
+    misfit = weights_misfit(model, state)
+    if misfit:
+        raise UserError(not_a_checkpoint(path, f"its weights do not fit its model spec: {misfit}"))
     model.load_state_dict(state)
     return model
+
+
+def weights_misfit(model, state: dict) -> str | None:
+    """The first weight of ``state`` that does not fit ``model`` (a spec, ``nc`` or ``ch`` edited
+    without the weights), in words; None when all fit. torch's own error is many lines."""
+    own = model.state_dict()
+    for key, value in own.items():
+        if key not in state:
+            return f"no weights for {key}"
+        if tuple(state[key].shape) != tuple(value.shape):
+            return f"{key} is {list(state[key].shape)}, the spec builds {list(value.shape)}"
+    extra = next((k for k in state if k not in own), None)
+    return f"{extra} is not in the model its spec builds" if extra else None
+
+
+def saved_args(ckpt: dict, path) -> dict:
+    """The config a checkpoint was trained with, as this version reads it, checked: an error names
+    the file (the user never typed these values). Keys this version does not know (another version
+    wrote the file) are left out with one warning, for ``val`` and a resume of the file alike."""
+    args = ckpt["train_args"]
+    unknown = tuple(sorted(str(k) for k in args if k not in DEFAULTS))
+    if unknown:
+        _warn_unknown_keys(str(path), unknown)
+    known = {k: v for k, v in args.items() if k in DEFAULTS}
+    try:
+        get_cfg(known)
+    except UserError as exc:
+        raise UserError(f"checkpoint {path}: {exc}") from None
+    return known
+
+
+@lru_cache(maxsize=None)
+def _warn_unknown_keys(path: str, keys: tuple) -> None:
+    """Once per file and process: the driver, the trainer and ``Model`` all read a resumed checkpoint."""
+    LOGGER.warning(f"checkpoint {path}: ignoring config keys this version does not know: "
+                   f"{', '.join(repr(k) for k in keys)}")
 
 
 def stamp() -> dict:

@@ -8,7 +8,6 @@ trainer's methods, not each other, where a subclass may have overridden one.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -19,8 +18,7 @@ from trainers.engine import checkpoint as ckpt_io
 from trainers.engine.paths import latest_checkpoint, run_dir
 from trainers.registry import stateful_callbacks
 from trainers.utils import LOGGER, UserError, unwrap_model
-
-URL_USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
+from trainers.utils.urls import mask_url_userinfo
 
 # Keys a resumed run may change; everything else comes from the checkpoint's args.
 RESUME_OVERRIDES = {"epochs", "device", "workers", "patience", "save_period", "val", "plots",
@@ -41,8 +39,9 @@ def world_size_of(ckpt: dict) -> int:
 
 
 def args_without_credentials(args: Args) -> dict:
-    """Config for checkpoints: a ``user:password@`` in a URI never lands in a file."""
-    return {k: URL_USERINFO.sub(r"\1", v) if isinstance(v, str) else v for k, v in args.to_dict().items()}
+    """Config for checkpoints: a URI's user info never lands in a file. It is dropped, not masked,
+    so a resumed run still reaches the host with credentials given another way (env vars)."""
+    return {k: mask_url_userinfo(v, mask="") if isinstance(v, str) else v for k, v in args.to_dict().items()}
 
 
 def checkpoint_contents(trainer) -> dict:
@@ -93,9 +92,9 @@ def resolve_resume(args: Args, given=()) -> tuple[Args, dict | None]:
     if not resume:
         return args, None
     path = latest_checkpoint(args) if resume is True else Path(resume)
-    ckpt = ckpt_io.load_checkpoint(path)
+    ckpt = ckpt_io.load_checkpoint(path, resume=True)
     overrides = {k: getattr(args, k) for k in given if k in RESUME_OVERRIDES}
-    return get_cfg(ckpt["train_args"], {**overrides, "resume": str(path), "exist_ok": True}), ckpt
+    return get_cfg(ckpt_io.saved_args(ckpt, path), {**overrides, "resume": str(path), "exist_ok": True}), ckpt
 
 
 def check_resumable(args: Args, given=()) -> Args:
