@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from tests.helpers import own_lines
 from tests.servers import mlflow_store
 
 
@@ -88,4 +89,4 @@ def test_train_with_verbose_false_prints_only_the_result(tmp_path, capsys):
 
     assert main(tiny_train(tmp_path, "verbose=False")) == 0
     captured = capsys.readouterr()
-    assert captured.out.splitlines()[0] == "results:" and captured.err == ""
+    assert captured.out.splitlines()[0] == "results:" and own_lines(captured.err) == []
