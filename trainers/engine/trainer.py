@@ -48,9 +48,10 @@ class BaseTrainer(CallbackMixin):
     _step_keys_of = None  # the loss_names that _step_keys were made from
 
     def __init__(self, cfg=None, overrides: dict | None = None, _callbacks: dict | None = None):
-        self.args: Args = get_cfg(cfg, overrides)
+        given = {**given_values(cfg), **(overrides or {})}  # what a resume may take over its checkpoint's
+        self.args: Args = get_cfg(given)
         self.callbacks = _callbacks if _callbacks is not None else new_registry()
-        self.resume_ckpt = self.check_resume({**given_values(cfg), **(overrides or {})})
+        self.resume_ckpt = self.check_resume(given)
         # The stop vote recorded with the resumed checkpoint, known when a launcher restarts the run
         # after a fault (Ray Train keeps it in the checkpoint's metadata). A restart continues as the
         # run would have: a checkpoint that ended the training leaves only the final evaluation.
