@@ -56,6 +56,7 @@ class CallbackActor(Dispatcher):
         if self._restarted:
             self._catch_up()
         self._heard = time.monotonic()  # the driver's heartbeat or a worker's batch
+        self._stop_reason: str | None = None  # the driver's stop request, which workers poll
         self._orphan_after = orphan_after
         self._job_id = ray.get_runtime_context().get_job_id()  # the driver's job (detached: it stays)
         if orphan_after:
@@ -83,7 +84,16 @@ class CallbackActor(Dispatcher):
         self._heard = time.monotonic()
         return super().ingest_rows(stream, first_seq, rows, floors)
 
-    # ----------------------------------------------------------------- a lost driver
+    # ----------------------------------------------------------------- a stop, a lost driver
+    def request_stop(self, reason: str) -> None:
+        """The driver was asked to stop (a signal): workers save and end at their next step
+        (``stop_requested``); should the driver die meanwhile, the run ends with this reason."""
+        self._stop_reason = reason
+
+    def stop_requested(self) -> str | None:
+        """The driver's stop request, polled by the workers (``orchestrator/stops.py``)."""
+        return self._stop_reason
+
     def heartbeat(self) -> bool:
         """The driver is alive (it calls this every few seconds while its run trains)."""
         self._heard = time.monotonic()
@@ -92,11 +102,10 @@ class CallbackActor(Dispatcher):
     def _driver_lost(self) -> str | None:
         """Why this run's driver is taken for gone, else None. Its Ray job's end says so at once
         (a killed driver ends its job; Ray then ends its workers), checked only once the driver
-        has been quiet for a while; long silence says so where the job table cannot."""
-        if self._status is not None:
-            return None
+        has been quiet for a while; long silence says so where the job table cannot, until the
+        run has ended (the driver stops beating while the sinks close, which may take long)."""
         quiet = time.monotonic() - self._heard
-        if quiet > self._orphan_after:
+        if quiet > self._orphan_after and self._status is None:
             return f"no word from it or its workers for {self._orphan_after:.0f} s"
         if quiet > ASK_RAY_AFTER and job_ended(self._job_id):
             return "its Ray job ended"
@@ -105,8 +114,9 @@ class CallbackActor(Dispatcher):
     def _watch_driver(self) -> None:
         """A detached actor outlives its driver; its workers do not (Ray ends them with the
         driver). End the run from here once the driver is gone, through the actor's own queue,
-        after the calls already waiting in it."""
-        while self._status is None:
+        after the calls already waiting in it; a driver killed while it ended the run leaves the
+        actor to go the same way."""
+        while True:
             time.sleep(1.0)
             why = self._driver_lost()
             if why:
@@ -115,12 +125,14 @@ class CallbackActor(Dispatcher):
                 return
 
     def finish_orphan(self, reason: str) -> None:
-        """Deliver the journal, end the run KILLED with ``reason``, and leave (detached: nobody
-        else would)."""
+        """Deliver the journal, end the run KILLED with ``reason`` (the driver's stop request's,
+        if it had one: a ``ray job stop`` whose grace ran out), and leave (detached: nobody else
+        would)."""
         if self._driver_lost() is None:
             return
-        LOGGER.warning(f"callback actor: {reason}")
-        self.finish("KILLED", reason)
+        if self._status is None:
+            LOGGER.warning(f"callback actor: {reason}")
+            self.finish("KILLED", self._stop_reason or reason)
         ray.actor.exit_actor()
 
     def _freeze_once(self) -> None:

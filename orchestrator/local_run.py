@@ -56,7 +56,6 @@ class LocalBackend:
     """
 
     defer_run = False
-    stops_at_once = False  # the trainer is here: a stop signal waits for a step boundary
 
     def __init__(self):
         self.dispatcher = self.trainer = self.forwarder = None
@@ -77,7 +76,7 @@ class LocalBackend:
         """A stop signal ends training at the next optimizer step with a mid-epoch last.pt, as a
         preemption does, so ``resume=`` loses no batch; evaluation stops at its next batch."""
         session.stops.watch(self.trainer.callbacks, ("on_val_batch_end", "on_predict_batch_end"))
-        self.trainer.preemption_notice = session.stops.requested
+        self.trainer.preemption_notice = session.stops.notice
         try:
             self.trainer.train()
         except Preempted:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import shutil
 import socket
@@ -34,6 +35,7 @@ from callbacks.system_metrics import NodeMonitor, node_label
 from orchestrator.console import print_lines
 from orchestrator.embedded_ray import record_session
 from orchestrator.results import take_back
+from orchestrator.stops import STOP_POLL, RunStopped, StopListener, stop_grace
 from trainers.config import worker_counts
 from trainers.engine.preemption import Preempted
 from trainers.engine.resume import training_finished
@@ -94,7 +96,6 @@ class RayBackend:
     """
 
     defer_run = True
-    stops_at_once = True  # the driver only waits on the workers; the job's end stops them
 
     def __init__(self):
         self.actor = self.trainer = None
@@ -108,12 +109,17 @@ class RayBackend:
                                           namespace=ACTOR_NAMESPACE, journal=session.journal,
                                           orphan_after=ORPHAN_AFTER)
         threading.Thread(target=heartbeat, args=(self.actor, self._beating), name="heartbeat", daemon=True).start()
+        # Ray Train's run name is the session's (its journal's folder: ``<run id>`` then ``<run id>.1``
+        # ...): a restart within the session starts from its latest checkpoint, a ``resume=`` from
+        # the checkpoint it names (a stop's mid-epoch last.pt is newer than any Ray Train has).
         self.trainer = make_torch_trainer(session.factory, session.args, self.actor, session.run_id,
-                                          session.events, name=f"{session.args.name}-{session.run_id}")
+                                          session.events, name=f"{session.args.name}-{session.journal.dir.name}")
 
     def train(self, session) -> None:
         """``fit()`` on a thread of its own, so that Ray Train installs no SIGINT handler of its own
-        (it does on the main thread): Ctrl+C and SIGTERM stay ours (``orchestrator/stops.py``)."""
+        (it does on the main thread): Ctrl+C and SIGTERM stay ours (``orchestrator/stops.py``). On
+        one, the workers are asked to stop at their next step and waited for, ``stop_grace()`` at
+        most; the run then ends KILLED however far they got."""
         failure: list[BaseException] = []
 
         def fit() -> None:
@@ -124,12 +130,25 @@ class RayBackend:
 
         thread = threading.Thread(target=fit, name="train-fit", daemon=True)
         thread.start()
-        while thread.is_alive():
-            thread.join(1.0)  # a signal's handler runs between these waits
+        deadline = math.inf
+        while thread.is_alive() and time.monotonic() < deadline:
+            thread.join(WAIT_STEP)  # a signal's handler runs between these waits
+            if deadline == math.inf and session.stops.requested():
+                deadline = self._ask_to_stop(session.stops.reason)
             self._print_console(session)
         self._print_console(session)
+        if session.stops.requested():
+            raise RunStopped(session.stops.reason)
         if failure:
             raise failure[0]
+
+    def _ask_to_stop(self, reason: str) -> float:
+        """Pass the stop to the workers through the callback actor; when to stop waiting for them."""
+        grace = stop_grace()
+        LOGGER.warning(f"{reason}: the workers stop at their next training step (waiting {grace:.0f} s at most; "
+                       f"a second signal stops at once)")
+        self.actor.request_stop.remote(reason)
+        return time.monotonic() + grace
 
     def finish(self, session, status: str, reason: str | None = None) -> dict:
         """Close the actor's sinks with the run's status, then stop the actor (it serves one run)."""
@@ -166,6 +185,7 @@ class RayBackend:
         return {}
 
 
+WAIT_STEP = 0.5  # seconds between the driver's looks at a stop signal and the console's lines
 ACTOR_NAMESPACE = "orchestrator"  # a detached actor's namespace (it outlives the driver's own)
 ORPHAN_AFTER = 30.0  # seconds of silence after which the actor ends the run itself (the driver died)
 
@@ -264,12 +284,15 @@ def train_worker(config: dict) -> None:
     trainer.add_callback("on_pretrain_routine_end", freeze_setup_objects)
     trainer.epoch_reporters += [partial(deliver_before_report, forwarder), partial(report_epoch, config["run_id"])]
     trainer.preemption_reporters.append(partial(deliver_before_report, forwarder))
-    listen_for_preemption(trainer)
+    stop = StopListener(config["actor"])
+    listen_for_notices(trainer, stop)
     try:
         trainer.train()
     except Preempted as preempted:
-        wait_for_restart(preempted)
+        if not preempted.stopped:
+            wait_for_restart(preempted, stop)
     finally:
+        stop.close()
         if resume:
             shutil.rmtree(Path(resume).parent, ignore_errors=True)
 
@@ -356,11 +379,12 @@ def checkpoint_of(path: Path, metadata: dict) -> Checkpoint:
 MID_EPOCH = "mid_epoch_batch"  # in a preemption's report: the batches of its epoch trained before it
 
 
-def listen_for_preemption(trainer) -> None:
-    """Ray Train's notice of a node's preemption reaches the trainer's loop: at the next optimizer
-    step the ranks agree on, it saves a mid-epoch checkpoint, ``report_mid_epoch`` reports it, and
-    the loop raises ``Preempted`` (docs/faults.md, Preemption)."""
-    trainer.preemption_notice = preemption_notice
+def listen_for_notices(trainer, stop: StopListener) -> None:
+    """Ray Train's notice of a node's preemption, or the driver's stop request, reaches the
+    trainer's loop: at the next optimizer step the ranks agree on, it saves a mid-epoch checkpoint,
+    ``report_mid_epoch`` reports a preemption's, and the loop raises ``Preempted``
+    (docs/faults.md, Preemption)."""
+    trainer.preemption_notice = lambda: stop.notice() or preemption_notice()
     trainer.preemption_reporters.append(report_mid_epoch)
 
 
@@ -372,10 +396,13 @@ def preemption_notice() -> bool:
 
 
 def report_mid_epoch(trainer) -> None:
-    """Every rank reports the mid-epoch checkpoint; rank 0 attaches last.pt, uploaded before this
-    returns (the node is about to go). Its metadata has no ``epoch``: neither a restart's stop vote
-    nor a sweep's ``nothing_left`` takes it for the end of one. Sweeps skip the report itself
-    (``is_epoch_report``)."""
+    """Every rank reports a preemption's mid-epoch checkpoint; rank 0 attaches last.pt, uploaded
+    before this returns (the node is about to go). Its metadata has no ``epoch``: neither a
+    restart's stop vote nor a sweep's ``nothing_left`` takes it for the end of one. Sweeps skip the
+    report itself (``is_epoch_report``). A stop's is not reported: the run ends, and last.pt in the
+    run folder is what ``resume=`` takes (Ray Train's report, a barrier, would use up the stop's grace)."""
+    if trainer.stopping:
+        return
     batch = trainer.data_position["batch"]
     checkpoint = checkpoint_of(trainer.last, {MID_EPOCH: batch}) if trainer.is_main else None
     ray.train.report({"epoch": trainer.epoch, MID_EPOCH: batch}, checkpoint=checkpoint,
@@ -387,13 +414,13 @@ def is_epoch_report(metrics: dict) -> bool:
     return MID_EPOCH not in metrics
 
 
-def wait_for_restart(preempted: Preempted) -> None:
+def wait_for_restart(preempted: Preempted, stop: StopListener) -> None:
     """Hold this worker until Ray Train stops the group, at the notice's deadline, and restarts the
     run from the mid-epoch checkpoint: returning would end the run as finished, and any step
-    trained from here on would be lost with the node."""
+    trained from here on would be lost with the node. A stop request meanwhile ends the run."""
     LOGGER.warning(f"{preempted}; waiting for Ray Train to restart the run")
-    while True:
-        time.sleep(60)
+    while stop.reason is None:
+        time.sleep(STOP_POLL)
 
 
 def nothing_left(checkpoint: Checkpoint, epochs: int) -> bool:

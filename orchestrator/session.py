@@ -6,10 +6,9 @@ run's status, best.pt registered. A backend only says where the callbacks run an
 runs: this process (``local_run.LocalBackend``) or Ray Train workers (``ray_launch.RayBackend``).
 
 A backend has ``defer_run`` (whether the callback actor, not the driver, creates the MLflow run),
-``stops_at_once`` (whether a stop signal may interrupt its ``train`` anywhere: a driver that only
-waits on workers; else the trainer here stops at a step boundary, ``orchestrator/stops.py``),
-``connect(args)``, ``start(session)``, ``train(session)``, ``finish(session, status, reason) -> report`` and
-``outcome() -> dict`` (what it adds to the result).
+``connect(args)``, ``start(session)``, ``train(session)`` (it stops at a step boundary once
+``session.stops`` has a signal, ``orchestrator/stops.py``), ``finish(session, status, reason) ->
+report`` and ``outcome() -> dict`` (what it adds to the result).
 """
 from __future__ import annotations
 
@@ -103,7 +102,7 @@ class RunSession:
     def _train(self) -> dict:
         status, reason = "FAILED", None
         try:
-            with StopSignals(immediate=self.backend.stops_at_once) as self.stops:
+            with StopSignals() as self.stops:
                 self.backend.start(self)  # in here: a trainer that fails to build ends the run FAILED
                 self.backend.train(self)
             status = "FINISHED"

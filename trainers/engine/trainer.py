@@ -29,7 +29,7 @@ from trainers.engine.ema import ModelEMA
 from trainers.engine.history import History
 from trainers.engine.optim import lr_lambda, make_optimizer, warmup
 from trainers.engine.paths import run_dir
-from trainers.engine.preemption import Preempted, StepVote
+from trainers.engine.preemption import STOPPED, Preempted, StepVote
 from trainers.engine.setup import init_seeds, scaled_to_data, split_batch, take_fraction
 from trainers.engine.stopper import EarlyStopping
 from trainers.utils import LOGGER, UserError, unwrap_model
@@ -60,13 +60,14 @@ class BaseTrainer(CallbackMixin):
         # Launcher functions ``fn(trainer)`` run on every rank at each epoch's end, after the stop
         # vote, so what they record (Ray Train's report) holds the stop every rank acts on.
         self.epoch_reporters: list = []
-        # A launcher that hears of preemptions (Ray Train) or of a stop signal (in process) sets
-        # ``preemption_notice() -> bool``. When the ranks agree on it at an optimizer step
+        # A launcher that hears of preemptions or of stop requests sets ``preemption_notice()``
+        # (``trainers/engine/preemption.py``). When the ranks agree on one at an optimizer step
         # (``preemption.StepVote``), rank 0 writes a mid-epoch last.pt with ``data_position``, every
-        # rank runs ``preemption_reporters`` and raises ``Preempted``; the restart continues the
-        # epoch at ``resume_position``.
+        # rank runs ``preemption_reporters`` (``stopping`` says whether it was a stop) and raises
+        # ``Preempted``; the restart (or a ``resume=``) continues the epoch at ``resume_position``.
         self.preemption_notice = None
         self.preemption_reporters: list = []
+        self.stopping = False
         self.data_position: dict | None = None
         self.resume_position: dict | None = None
         self.rank, self.world_size = rank_and_world()
@@ -246,10 +247,11 @@ class BaseTrainer(CallbackMixin):
                 self._take_step()
             self.lr = {f"lr/pg{j}": float(g["lr"]) for j, g in enumerate(self.optimizer.param_groups)}
             self.run_callbacks("on_train_batch_end")
-            if stepped and self.preemption_vote():
+            if stepped and (notice := self.preemption_vote()):
+                self.stopping = notice == STOPPED
                 self._save_mid_epoch(i + 1, nb)
-                raise Preempted(f"preempted at epoch {self.epoch + 1}, batch {i + 1} of {nb}: "
-                                f"the run continues from {self.last}")
+                raise Preempted(f"{'stopped' if self.stopping else 'preempted'} at epoch {self.epoch + 1}, batch "
+                                f"{i + 1} of {nb}: the run continues from {self.last}", stopped=self.stopping)
             if self.stop and self.world_size == 1:
                 break
         self.scheduler.step()
