@@ -244,8 +244,9 @@ RAY_TRAIN_LOGGING = LoggingConfig(log_level="WARNING")
 
 
 def quiet_console() -> None:
-    """Keep two kinds of Ray Train lines off the worker's console (Ray forwards it to the user's):
-    a ``UserError``'s traceback (the driver prints its one line) and each report's metric dump."""
+    """Keep three kinds of lines off the worker's console (Ray forwards it to the user's): a
+    ``UserError``'s traceback (the driver prints its one line), each Ray Train report's metric dump,
+    and matplotlib's notes (its font cache, built on a fresh machine's first plot)."""
     for logger in (logging.getLogger("ray.train"), logging.getLogger()):
         for handler in logger.handlers:
             if isinstance(handler, PlainRayHandler):
@@ -259,7 +260,8 @@ def for_the_console(record: logging.LogRecord) -> bool:
     """Ray logs a failure inside its ``except`` block: the exception being handled is the user's."""
     if isinstance(sys.exc_info()[1], UserError):
         return False
-    return record.name != REPORT_LOGGER or record.levelno >= logging.WARNING
+    quiet = record.name == REPORT_LOGGER or record.name.startswith("matplotlib")
+    return not quiet or record.levelno >= logging.WARNING
 
 
 def train_worker(config: dict) -> None:
@@ -285,6 +287,8 @@ def train_worker(config: dict) -> None:
     trainer.epoch_reporters += [partial(deliver_before_report, forwarder), partial(report_epoch, config["run_id"])]
     trainer.preemption_reporters.append(partial(deliver_before_report, forwarder))
     stop = StopListener(config["actor"])
+    if rank == 0:
+        stop.listen()
     listen_for_notices(trainer, stop)
     try:
         trainer.train()
@@ -419,6 +423,7 @@ def wait_for_restart(preempted: Preempted, stop: StopListener) -> None:
     run from the mid-epoch checkpoint: returning would end the run as finished, and any step
     trained from here on would be lost with the node. A stop request meanwhile ends the run."""
     LOGGER.warning(f"{preempted}; waiting for Ray Train to restart the run")
+    stop.listen()
     while stop.reason is None:
         time.sleep(STOP_POLL)
 

@@ -85,13 +85,21 @@ def stop_grace() -> float:
 
 class StopListener:
     """A Ray Train worker's ear for the driver's stop request: a thread asks the callback actor
-    every ``STOP_POLL`` s; ``notice()`` is what the trainer's step vote reads (a flag, no call)."""
+    every ``STOP_POLL`` s; ``notice()`` is what the trainer's step vote reads (a flag, no call).
+    Only rank 0 listens while training (``listen``): the vote tells the other ranks, and the
+    actor gets two calls a second however many ranks the run has."""
 
     def __init__(self, actor):
         self.actor = actor
         self.reason: str | None = None
         self._closed = threading.Event()
-        threading.Thread(target=self._poll, name="stop-listener", daemon=True).start()
+        self._thread: threading.Thread | None = None
+
+    def listen(self) -> "StopListener":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._poll, name="stop-listener", daemon=True)
+            self._thread.start()
+        return self
 
     def _poll(self) -> None:
         import ray

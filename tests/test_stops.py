@@ -68,6 +68,7 @@ def test_sigterm_stops_at_a_step_and_resume_continues(tmp_path, workers, epochs)
                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"from epoch {stopped_at + 1} of {epochs}, batch {last['position']['batch'] + 1} of " in resumed.stderr
     client, runs = mlflow_runs(tmp_path)
     assert [r.info.run_id for r in runs] == [run.info.run_id]  # the same MLflow run, continued
     steps = [point.step for point in client.get_metric_history(run.info.run_id, "fitness")]  # raw

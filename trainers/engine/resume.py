@@ -102,7 +102,8 @@ def check_resumable(args: Args, given=()) -> Args:
     train: a resume of a finished run fails on the driver, before any worker starts or its MLflow run
     is touched. (Its trainer checks again: a script may build a trainer without a driver.)"""
     resolved, ckpt = resolve_resume(args, given)
-    first_epoch_left(ckpt, resolved.epochs, None, run_dir(resolved))
+    start = first_epoch_left(ckpt, resolved.epochs, None, run_dir(resolved))
+    LOGGER.info(resume_note(run_dir(resolved), start, resolved.epochs, ckpt.get("position")))
     return resolved
 
 
@@ -128,11 +129,17 @@ def restore_trainer(trainer, ckpt: dict) -> None:
     trainer.epoch = ckpt["epoch"]  # the last one trained (the loop moves on from it)
     _restore_callbacks(trainer.callbacks, ckpt)
     _restore_rng_and_position(trainer, ckpt)
-    position = trainer.resume_position
+    if trainer.resume_stop is not None:  # a restart; the driver said a user's resume (check_resumable)
+        LOGGER.info(resume_note(trainer.save_dir, start, trainer.epochs, trainer.resume_position))
+
+
+def resume_note(save_dir, start: int, epochs: int, position: dict | None) -> str:
+    """The line that says where a run continues: ``start`` the first epoch left (``epochs``: only
+    the final evaluation), ``position`` a mid-epoch checkpoint's."""
+    if start >= epochs:
+        return f"restarting {save_dir} after its last trained epoch: only the final evaluation is left"
     where = f", batch {position['batch'] + 1} of {position['batches']}" if position else ""
-    LOGGER.info(f"resuming {trainer.save_dir} from epoch {start + 1} of {trainer.epochs}{where}" if start < trainer.epochs
-                else f"restarting {trainer.save_dir} after its last trained epoch ({ckpt['epoch'] + 1}): "
-                     f"only the final evaluation is left")
+    return f"resuming {save_dir} from epoch {start + 1} of {epochs}{where}"
 
 
 def _restore_rng_and_position(trainer, ckpt: dict) -> None:
