@@ -244,24 +244,27 @@ RAY_TRAIN_LOGGING = LoggingConfig(log_level="WARNING")
 
 
 def quiet_console() -> None:
-    """Keep three kinds of lines off the worker's console (Ray forwards it to the user's): a
-    ``UserError``'s traceback (the driver prints its one line), each Ray Train report's metric dump,
-    and matplotlib's notes (its font cache, built on a fresh machine's first plot)."""
-    for logger in (logging.getLogger("ray.train"), logging.getLogger()):
+    """Keep these lines off a Ray process's console (Ray forwards it to the user's): a
+    ``UserError``'s traceback (the driver prints its one line), and the notes (below WARNING) of
+    ``QUIET_LOGGERS``. Called in each Ray Train worker and each sweep trial's process."""
+    for logger in (logging.getLogger("ray"), logging.getLogger("ray.train"), logging.getLogger()):
         for handler in logger.handlers:
             if isinstance(handler, PlainRayHandler):
                 handler.addFilter(for_the_console)
 
 
 REPORT_LOGGER = train_context.__file__  # Ray Train names the logger of its per-report line by file path
+QUIET_LOGGERS = (REPORT_LOGGER,  # each report's metric dump
+                 "ray.train.v2._internal.execution.storage",  # "Checkpoint successfully created at", each epoch
+                 "ray.train._internal.storage",  # the same, for a sweep trial's report to Tune
+                 "matplotlib")  # its font cache, built on a fresh machine's first plot
 
 
 def for_the_console(record: logging.LogRecord) -> bool:
     """Ray logs a failure inside its ``except`` block: the exception being handled is the user's."""
     if isinstance(sys.exc_info()[1], UserError):
         return False
-    quiet = record.name == REPORT_LOGGER or record.name.startswith("matplotlib")
-    return not quiet or record.levelno >= logging.WARNING
+    return record.levelno >= logging.WARNING or not record.name.startswith(QUIET_LOGGERS)
 
 
 def train_worker(config: dict) -> None:

@@ -22,7 +22,8 @@ from callbacks.actor import send_record
 from callbacks.records import driver_record
 from trainers.registry import copy_registry
 from trainers.config import get_cfg
-from orchestrator.ray_launch import epoch_report_metrics, is_epoch_report, make_torch_trainer, nothing_left
+from orchestrator.ray_launch import (epoch_report_metrics, is_epoch_report, make_torch_trainer, nothing_left,
+                                    quiet_console)
 from sweeps.exploit import ExploitedCheckpoint
 from sweeps.space import Objective, ObjectiveKeyError
 from trainers.engine.factory import TrainerFactory
@@ -119,6 +120,7 @@ def find_actor(name: str, timeout: float = ACTOR_WAIT_S):
 
 def run_trial(config: dict, setup: TrialSetup) -> None:
     """The Tune trainable: one Train run, its epoch reports relayed to Tune."""
+    quiet_console()
     trial_id = tune.get_context().get_trial_id()
     overrides = setup.overrides(trial_id, config)
     args = get_cfg(None, overrides)

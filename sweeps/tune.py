@@ -1,6 +1,7 @@
 """Run a sweep on Ray Tune: build the Tuner (or restore it), run it, write the results."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +201,7 @@ def make_tuner(sweep: SweepConfig, setup: TrialSetup, base_args, storage_path: s
     # A failed trial gets one line from SweepTracker (its traceback stays in the trial's error file);
     # TUNE_PRINT_ALL_TRIAL_ERRORS=1 brings Tune's traceback back.
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    quiet_tune()
     run_config = tune.RunConfig(
         name=tune_name, storage_path=storage_path, storage_filesystem=filesystem,
         callbacks=[SweepTracker(setup.sweep_id)], stop=FatalStopper(setup.sweep_id),
@@ -210,6 +212,23 @@ def make_tuner(sweep: SweepConfig, setup: TrialSetup, base_args, storage_path: s
                                                 checkpoint_score_order=sweep.mode))
     return tune.Tuner(trainable, param_space=param_space(sweep.space, sweep.search),
                       tune_config=tune_config, run_config=run_config)
+
+
+def quiet_tune() -> None:
+    """The console of a sweep is its own (a line per ended trial, the table, how to resume): Tune's
+    banner, its warning about frequent state snapshots (``keep_checkpoints`` makes one per epoch
+    report) and its advice to resume with ``Tuner.restore`` stay off it. Tune's old output engine is
+    the one ``verbose=0`` silences; environment variables set before win."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    tune_logger = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(f, NoRestoreAdvice) for f in tune_logger.filters):
+        tune_logger.addFilter(NoRestoreAdvice())
+
+
+class NoRestoreAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore(" not in record.getMessage()
 
 
 def checkpoint_uri(mode: str):

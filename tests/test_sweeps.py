@@ -299,6 +299,8 @@ def test_custom_fitness_drives_asha_and_every_trial_is_tracked(sweep_ray, tmp_pa
     assert ended == [["lr0=0.02", "objective 0.02 after 1 epoch(s)"],
                      ["lr0=0.03", "objective 0.09 after 3 epoch(s)"]], out  # one line per trial
     assert "Trial status" not in out  # Tune's own periodic tables stay off
+    assert "Configuration for experiment" not in out and "View detailed results" not in out  # and its banner
+    assert "Checkpoint successfully created" not in capsys.readouterr().err  # a trial's per-epoch note
     # MLflow: parent with the sweep's files, one child per trial, none left RUNNING
     client = MlflowClient(uri)
     parent = client.get_run(result.parent_run_id)
