@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import logging
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -379,3 +380,22 @@ def test_model_classes_take_nc_second_as_the_spec_says():
     model = DetectionModel("det-n.yaml", 2, False)  # SPEC §5: DetectionModel(cfg, nc, verbose)
     assert model.nc == 2 and model.model[-1].nc == 2
     assert ClassificationModel("cls-n.yaml", 5, False).nc == 5
+
+
+def test_a_checkpoint_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A process killed while it saves (here: half the bytes written) leaves the previous file."""
+    from trainers.engine import checkpoint as ckpt_io
+
+    path = tmp_path / "last.pt"
+    ckpt_io.write(path, b"the epoch before")
+    real = Path.write_bytes
+
+    def killed_halfway(self, data):
+        real(self, data[:len(data) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_bytes", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt_io.write(path, b"this epoch, never finished")
+    monkeypatch.undo()
+    assert path.read_bytes() == b"the epoch before"

@@ -281,7 +281,7 @@ class BaseTrainer(CallbackMixin):
         self._gather_rng_states()
         if self.is_main:
             self.wdir.mkdir(parents=True, exist_ok=True)
-            self.last.write_bytes(ckpt_io.to_bytes(self.checkpoint()))
+            ckpt_io.write(self.last, ckpt_io.to_bytes(self.checkpoint()))
         for report in self.preemption_reporters:
             report(self)
         self.data_position = None  # a later checkpoint of this trainer is an epoch's own
@@ -437,12 +437,12 @@ class BaseTrainer(CallbackMixin):
         """Write last.pt every epoch and best.pt on the best fitness (plain data only)."""
         data = ckpt_io.to_bytes(self.checkpoint())
         self.wdir.mkdir(parents=True, exist_ok=True)
-        self.last.write_bytes(data)
+        ckpt_io.write(self.last, data)
         if self.fitness is not None and self.fitness == self.best_fitness or not self.best.is_file():
-            self.best.write_bytes(data)
+            ckpt_io.write(self.best, data)
             self._saved_best = True
         if self.save_period > 0 and (self.epoch + 1) % self.save_period == 0:
-            (self.wdir / f"epoch{self.epoch + 1}.pt").write_bytes(data)
+            ckpt_io.write(self.wdir / f"epoch{self.epoch + 1}.pt", data)
         return True
 
     def label_loss_items(self, loss_items=None, prefix="train"):
