@@ -609,3 +609,36 @@ def test_deliver_waits_for_the_acknowledgements_but_not_for_a_file_still_shippin
     assert forwarder.deliver(timeout=30) is True and forwarder.stats()["acked"] == 7
     assert [r["seq"] for r in records_of(sink_path)] == list(range(7))
     ray.kill(actor)
+
+
+def test_an_orphaned_actor_ends_its_run_with_the_drivers_stop_reason_and_leaves(ray_env, tmp_path):
+    """A driver that asked its workers to stop and then died before closing the run (``ray job
+    stop``'s SIGKILL after its grace): the detached actor, hearing nothing for ``orphan_after``,
+    delivers the journal, ends the run KILLED with the stop's reason (not "the driver was lost")
+    and leaves."""
+    from callbacks.journal import Journal
+    from callbacks.sinks import EventLogSink, read_event_log
+    from trainers.events import make_row
+
+    store, stream, folder = str(tmp_path / "store"), ("run-o", 0, 1), tmp_path / "journal" / "run-o"
+    actor = start_callback_actor([EventLogSink(store, "run-o", max_age=3600)], name="orphan-o",
+                                 namespace="tests", journal=Journal(folder, "run-o"), orphan_after=2.0)
+    rows = [make_row("on_train_batch_end", {"step": i}, now=1e9 + i) for i in range(5)]
+    assert ray.get(actor.ingest_rows.remote(stream, 0, rows))["next_seq"] == {stream: 5}
+    assert ray.get(actor.stop_requested.remote()) is None
+    ray.get(actor.request_stop.remote("stopped by SIGTERM"))
+    assert ray.get(actor.stop_requested.remote()) == "stopped by SIGTERM"  # what the workers poll
+    deadline = time.monotonic() + 60
+    while Journal.read_finished(folder / "finished.json") is None:
+        assert time.monotonic() < deadline, "the orphaned actor did not end the run"
+        time.sleep(0.2)
+    assert Journal.read_finished(folder / "finished.json") == {
+        "status": "KILLED", "delivered": True, "reason": "stopped by SIGTERM"}
+    assert sorted(read_event_log(store, "run-o", dedup_rows=False).column("seq").to_pylist()) == list(range(5))
+    while True:  # gone by itself (detached: nothing else would end it)
+        try:
+            ray.get(actor.ping.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            break
+        assert time.monotonic() < deadline, "the orphaned actor stayed"
+        time.sleep(0.2)
