@@ -145,7 +145,7 @@ class RayBackend:
     def _ask_to_stop(self, reason: str) -> float:
         """Pass the stop to the workers through the callback actor; when to stop waiting for them."""
         grace = stop_grace()
-        LOGGER.warning(f"{reason}: the workers stop at their next training step (waiting {grace:.0f} s at most; "
+        LOGGER.warning(f"{reason}: the workers stop at their next training step (waiting {grace:g} s at most; "
                        f"a second signal stops at once)")
         self.actor.request_stop.remote(reason)
         return time.monotonic() + grace
