@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from callbacks.sinks.base import write_atomic
+from trainers.utils import write_atomic
 from callbacks.sinks.mlflow_runs import find_run, mlflow_client, scoped_short_retries
 from orchestrator.logged_model import log_best_model, register_model
 from orchestrator.run_setup import experiment_name, run_description

@@ -296,7 +296,7 @@ def train_worker(config: dict) -> None:
     try:
         trainer.train()
     except Preempted as preempted:
-        if not preempted.stopped:
+        if not trainer.stopping:
             wait_for_restart(preempted, stop)
     finally:
         stop.close()
@@ -427,7 +427,7 @@ def wait_for_restart(preempted: Preempted, stop: StopListener) -> None:
     trained from here on would be lost with the node. A stop request meanwhile ends the run."""
     LOGGER.warning(f"{preempted}; waiting for Ray Train to restart the run")
     stop.listen()
-    while stop.reason is None:
+    while not stop.requested():
         time.sleep(STOP_POLL)
 
 

@@ -26,7 +26,20 @@ class RunStopped(KeyboardInterrupt):
     """The run was asked to stop by a signal; ``str()`` names it."""
 
 
-class StopSignals:
+class HeardStop:
+    """A stop this process heard of (``reason``), as the trainer's step vote reads it (``notice``)."""
+
+    reason: str | None = None
+
+    def requested(self) -> bool:
+        return self.reason is not None
+
+    def notice(self) -> int:
+        """A trainer's ``preemption_notice``."""
+        return STOPPED if self.reason is not None else 0
+
+
+class StopSignals(HeardStop):
     """While active, the first SIGINT/SIGTERM is noted (``reason``): a trainer here reads it as its
     notice (``notice``) and at the boundaries passed to ``watch``, a Ray run's driver passes it on."""
 
@@ -52,13 +65,6 @@ class StopSignals:
         for sig in SIGNALS:  # a second signal: the default action, at once
             signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
 
-    def requested(self) -> bool:
-        return self.reason is not None
-
-    def notice(self) -> int:
-        """A trainer's ``preemption_notice`` in this process."""
-        return STOPPED if self.reason is not None else 0
-
     def watch(self, registry: dict, events=BOUNDARIES) -> None:
         """Raise ``RunStopped`` at the step boundaries (``events``) of the trainer owning ``registry``."""
         for event in events:
@@ -83,7 +89,7 @@ def stop_grace() -> float:
     return max(0.5, float(os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", JOB_GRACE)) - FINISH_TIME)
 
 
-class StopListener:
+class StopListener(HeardStop):
     """A Ray Train worker's ear for the driver's stop request: a thread asks the callback actor
     every ``STOP_POLL`` s; ``notice()`` is what the trainer's step vote reads (a flag, no call).
     Only rank 0 listens while training (``listen``): the vote tells the other ranks, and the
@@ -109,9 +115,6 @@ class StopListener:
                 self.reason = ray.get(self.actor.stop_requested.remote(), timeout=10)
             except Exception:  # the actor restarting: ask again
                 pass
-
-    def notice(self) -> int:
-        return STOPPED if self.reason is not None else 0
 
     def close(self) -> None:
         self._closed.set()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import logging
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -383,19 +382,23 @@ def test_model_classes_take_nc_second_as_the_spec_says():
 
 
 def test_a_checkpoint_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
-    """A process killed while it saves (here: half the bytes written) leaves the previous file."""
-    from trainers.engine import checkpoint as ckpt_io
+    """A process killed while it saves (here: last.pt's new bytes written, not yet on disk) leaves
+    the previous file."""
+    import os
+    from types import SimpleNamespace
 
-    path = tmp_path / "last.pt"
-    ckpt_io.write(path, b"the epoch before")
-    real = Path.write_bytes
+    from trainers.engine.trainer import BaseTrainer
 
-    def killed_halfway(self, data):
-        real(self, data[:len(data) // 2])
+    last = tmp_path / "last.pt"
+    last.write_bytes(b"the epoch before")
+    trainer = SimpleNamespace(checkpoint=lambda: {"epoch": 1}, wdir=tmp_path, last=last, best=tmp_path / "best.pt",
+                              fitness=None, best_fitness=None, save_period=0, epoch=1)
+
+    def killed(fd):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Path, "write_bytes", killed_halfway)
+    monkeypatch.setattr(os, "fsync", killed)
     with pytest.raises(KeyboardInterrupt):
-        ckpt_io.write(path, b"this epoch, never finished")
+        BaseTrainer.save_model(trainer)
     monkeypatch.undo()
-    assert path.read_bytes() == b"the epoch before"
+    assert last.read_bytes() == b"the epoch before"

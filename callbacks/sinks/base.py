@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from trainers.events import EVENT, EVENTS
+from trainers.utils import write_atomic
 from callbacks.records import record_of
 
 
@@ -177,14 +178,3 @@ class Progress:
     def release(self, key: str) -> None:
         with self._lock:
             self._holds.pop(key, None)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

@@ -10,7 +10,6 @@ import sys
 import inspect
 import pickle
 import io
-import os
 import random
 import re
 from datetime import datetime, timezone
@@ -101,15 +100,6 @@ def to_bytes(ckpt: dict) -> bytes:
     buffer = io.BytesIO()
     torch.save(ckpt, buffer)
     return buffer.getvalue()
-
-
-def write(path: Path, data: bytes) -> None:
-    """Write a checkpoint file whole or not at all (a file beside it, renamed over it): a process
-    killed while saving (a stop past its wait, a preemption's deadline, OOM) leaves the previous
-    file, not a truncated one that ``resume=`` cannot load."""
-    part = path.with_name(f".{path.name}.{os.getpid()}.part")
-    part.write_bytes(data)
-    os.replace(part, path)
 
 
 def load_checkpoint(path, resume: bool = False) -> dict:

@@ -24,12 +24,8 @@ PREEMPTED, STOPPED = 1, 2  # what a notice says; ranks agree on the highest
 
 class Preempted(Exception):
     """Raised on every rank after the mid-epoch checkpoint of a notice: this process's part of the
-    run is over (``teardown`` still fires). ``stopped``: the notice was a stop request, and the run
-    ends; else the launcher restarts the run from that checkpoint."""
-
-    def __init__(self, message: str, stopped: bool = False):
-        super().__init__(message)
-        self.stopped = stopped
+    run is over (``teardown`` still fires). After a stop request (the trainer's ``stopping``) the
+    run ends; else the launcher restarts the run from that checkpoint."""
 
 
 class StepVote:

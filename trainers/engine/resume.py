@@ -102,8 +102,9 @@ def check_resumable(args: Args, given=()) -> Args:
     train: a resume of a finished run fails on the driver, before any worker starts or its MLflow run
     is touched. (Its trainer checks again: a script may build a trainer without a driver.)"""
     resolved, ckpt = resolve_resume(args, given)
-    start = first_epoch_left(ckpt, resolved.epochs, None, run_dir(resolved))
-    LOGGER.info(resume_note(run_dir(resolved), start, resolved.epochs, ckpt.get("position")))
+    folder = run_dir(resolved)
+    start = first_epoch_left(ckpt, resolved.epochs, None, folder)
+    LOGGER.info(resume_note(folder, start, resolved.epochs, ckpt.get("position")))
     return resolved
 
 

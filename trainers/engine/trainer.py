@@ -32,7 +32,7 @@ from trainers.engine.paths import run_dir
 from trainers.engine.preemption import STOPPED, Preempted, StepVote
 from trainers.engine.setup import init_seeds, scaled_to_data, split_batch, take_fraction
 from trainers.engine.stopper import EarlyStopping
-from trainers.utils import LOGGER, UserError, unwrap_model
+from trainers.utils import LOGGER, UserError, unwrap_model, write_atomic
 
 # Records that carry run files early (rank 0), so a run that fails later has them in MLflow.
 EARLY_FILES = ("on_pretrain_routine_end", "on_train_epoch_start")
@@ -251,7 +251,7 @@ class BaseTrainer(CallbackMixin):
                 self.stopping = notice == STOPPED
                 self._save_mid_epoch(i + 1, nb)
                 raise Preempted(f"{'stopped' if self.stopping else 'preempted'} at epoch {self.epoch + 1}, batch "
-                                f"{i + 1} of {nb}: the run continues from {self.last}", stopped=self.stopping)
+                                f"{i + 1} of {nb}: the run continues from {self.last}")
             if self.stop and self.world_size == 1:
                 break
         self.scheduler.step()
@@ -281,7 +281,7 @@ class BaseTrainer(CallbackMixin):
         self._gather_rng_states()
         if self.is_main:
             self.wdir.mkdir(parents=True, exist_ok=True)
-            ckpt_io.write(self.last, ckpt_io.to_bytes(self.checkpoint()))
+            write_atomic(self.last, ckpt_io.to_bytes(self.checkpoint()))
         for report in self.preemption_reporters:
             report(self)
         self.data_position = None  # a later checkpoint of this trainer is an epoch's own
@@ -437,12 +437,12 @@ class BaseTrainer(CallbackMixin):
         """Write last.pt every epoch and best.pt on the best fitness (plain data only)."""
         data = ckpt_io.to_bytes(self.checkpoint())
         self.wdir.mkdir(parents=True, exist_ok=True)
-        ckpt_io.write(self.last, data)
+        write_atomic(self.last, data)
         if self.fitness is not None and self.fitness == self.best_fitness or not self.best.is_file():
-            ckpt_io.write(self.best, data)
+            write_atomic(self.best, data)
             self._saved_best = True
         if self.save_period > 0 and (self.epoch + 1) % self.save_period == 0:
-            ckpt_io.write(self.wdir / f"epoch{self.epoch + 1}.pt", data)
+            write_atomic(self.wdir / f"epoch{self.epoch + 1}.pt", data)
         return True
 
     def label_loss_items(self, loss_items=None, prefix="train"):

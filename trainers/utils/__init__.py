@@ -1,8 +1,11 @@
-"""Small shared helpers: logger, this process's rank, unwrapping DDP, the user-error type."""
+"""Small shared helpers: logger, this process's rank, unwrapping DDP, the user-error type, atomic
+file writes."""
 from __future__ import annotations
 
 import logging
 import os
+import threading
+from pathlib import Path
 
 LOGGER = logging.getLogger("orchestrator")
 if not LOGGER.handlers:
@@ -95,3 +98,16 @@ def unwrap_model(model):
             model = model._orig_mod
         else:
             return model
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content (a file
+    beside it, synced, renamed over it): a journal's files, a checkpoint a process killed while
+    saving must not leave truncated."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
