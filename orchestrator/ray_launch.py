@@ -56,6 +56,7 @@ def connect_ray(journal: str | None = None) -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address and address != "auto":
         probe_address(address)
+    logging.getLogger(RAY_AUTH_LOGGER).addFilter(no_default_auth_banner)
     try:
         ray.init(address=address or None, log_to_driver=True, configure_logging=False,
                  runtime_env={"env_vars": LOCAL_RAY_ENV} if address in (None, "", "local") else None)
@@ -63,6 +64,15 @@ def connect_ray(journal: str | None = None) -> None:
         raise UserError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {exc}".splitlines()[0]) from None
     if journal is not None:
         record_session(journal)
+
+
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def no_default_auth_banner(record: logging.LogRecord) -> bool:
+    """Ray's note that a new local Ray has its default, token auth, on every run: not the user's
+    business. Its warning that auth is off stays."""
+    return not record.getMessage().startswith("Token authentication is enabled")
 
 
 def probe_address(address: str, timeout: float = 5.0) -> None:

@@ -124,7 +124,8 @@ def driver(cwd: Path, env: dict) -> subprocess.Popen:
 def test_only_a_ray_of_its_own_is_recorded_and_a_normal_exit_leaves_nothing(tmp_path):
     """A driver that starts its own Ray records it; one that joins that Ray (a cluster, to it)
     records nothing and leaves it running when it exits; recovery leaves a live driver's Ray alone;
-    the owner's normal exit shuts its Ray down: no process left, no record left."""
+    the owner's normal exit shuts its Ray down: no process left, no record left. Its own Ray has
+    Ray's default token auth, set explicitly: no banner about it on the user's console."""
     owner = driver(tmp_path / "owner", OWN_RAY)
     try:
         address = owner.stdout.readline().strip()
@@ -138,8 +139,9 @@ def test_only_a_ray_of_its_own_is_recorded_and_a_normal_exit_leaves_nothing(tmp_
         ray_processes = in_folder(tmp_path / "owner")
         assert len(ray_processes) > 3 and all(running(p) for p in ray_processes)  # the joiner's exit stopped none
         assert stop_dead_sessions(tmp_path / "owner" / "journal") == [] and record.exists()  # a live driver's
-        owner.communicate("\n", timeout=60)
+        _, said = owner.communicate("\n", timeout=60)
         assert owner.returncode == 0 and not record.exists()
+        assert "Token authentication" not in said  # Ray's banner about its default: not the user's business
         assert not settled(tmp_path / "owner", quiet=1.0)
     finally:
         for process in in_folder(tmp_path / "owner"):
