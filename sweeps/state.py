@@ -135,7 +135,7 @@ class SweepState:
             actor = self.actors.get(trial_id)
             if actor is None or trial_id in self.pending:
                 return
-            LOGGER.info(f"trial {trial_id}: closing its runs ({status} unless it finished by itself)")
+            LOGGER.debug(f"trial {trial_id}: closing its runs ({status} unless it finished by itself)")
             self.status[trial_id] = status
             self.pending[trial_id] = actor.finish.remote(status)
 
