@@ -60,17 +60,11 @@ def run_task_mode(mode: str, args, given: dict) -> int:
         n = 0
         for result in model.predict(stream=True, **kwargs):
             n += 1
-            LOGGER.info(f"{result.path}: {_describe(result)}")
+            LOGGER.info(f"{result.path}: {result.verbose()}")
         print(f"{n} images predicted")
     elif mode == "export":
         print(f"exported: {model.export(**kwargs)}")
     return 0
-
-
-def _describe(result) -> str:
-    if result.boxes is not None:
-        return f"{len(result.boxes)} boxes"
-    return f"class {result.names.get(result.probs.top1, result.probs.top1)} ({result.probs.top1conf:.2f})"
 
 
 def run_data(argv: list[str]) -> int:

@@ -318,3 +318,16 @@ def test_a_fresh_spec_predicts_and_exports_without_a_data_set_and_validates_on_o
     assert metrics.box.map50 == metrics["metrics/mAP50(B)"] and 0.0 <= metrics.box.map50 <= 1.0
     with pytest.raises(UserError, match="config key 'data' is required"):
         Model("det-n.yaml").val()
+
+
+def test_results_say_what_was_found_in_one_line_as_ultralytics_prints_it():
+    """``orchestrator predict`` prints each image's ``verbose()``: counts per class (plural past
+    one), "(no detections)", or a classifier's top classes with their probabilities."""
+    from trainers.engine.results import Results
+
+    names, image = {0: "circle", 1: "square", 2: "cross"}, np.zeros((8, 8, 3), np.uint8)
+    boxes = torch.tensor([[0, 0, 2, 2, 0.9, 1], [1, 1, 3, 3, 0.8, 0], [2, 2, 4, 4, 0.7, 1]])
+    assert Results(image, "a.png", names, boxes=boxes).verbose() == "1 circle, 2 squares"
+    assert Results(image, "a.png", names, boxes=torch.zeros(0, 6)).verbose() == "(no detections)"
+    probs = torch.tensor([0.2, 0.7, 0.1])
+    assert Results(image, "a.png", names, probs=probs).verbose() == "square 0.70, circle 0.20, cross 0.10"

@@ -39,6 +39,18 @@ class Results:
     def __len__(self):
         return len(self.boxes) if self.boxes is not None else 1
 
+    def verbose(self) -> str:
+        """One line of what was found, as Ultralytics prints it per image: ``2 circles, 1 square``
+        (``(no detections)``), or the top-5 classes with their probabilities."""
+        if self.probs is not None:
+            return ", ".join(f"{self._name(j)} {float(self.probs.data[j]):.2f}" for j in self.probs.top5)
+        classes, counts = np.unique(self.boxes.cls.cpu().numpy().astype(int), return_counts=True)
+        found = [f"{n} {self._name(c)}{'s' if n > 1 else ''}" for c, n in zip(classes, counts)]
+        return ", ".join(found) or "(no detections)"
+
+    def _name(self, index: int) -> str:
+        return str(self.names.get(int(index), int(index)))
+
     def plot(self) -> np.ndarray:
         """The original image (HWC uint8) with boxes and labels drawn, or the top-1 class."""
         from PIL import Image, ImageDraw
