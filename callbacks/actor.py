@@ -36,6 +36,13 @@ INGEST_THREADS = 16  # ingest calls in the actor at once: those waiting for a lo
 # RSS grew 1.5-2 MB/s at 5,000 rows/s and kept growing. With the system allocator it stays flat.
 # Read once, when Arrow first allocates: so it is set for the actor's process, not from inside it.
 ACTOR_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system"}
+# MLflow's INFO lines (its system-metrics monitor's start, ...) would reach the user's console
+# through Ray, prefixed: the user's own level when set, else warnings only (as the CLI's).
+MLFLOW_LEVEL = "MLFLOW_LOGGING_LEVEL"
+
+
+def actor_env() -> dict:
+    return {**ACTOR_ENV, MLFLOW_LEVEL: os.environ.get(MLFLOW_LEVEL, "WARNING")}
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, concurrency_groups={"ingest": INGEST_THREADS})
@@ -199,7 +206,7 @@ def start_callback_actor(driver_callbacks: Iterable, name: str | None = None,
     lifetime = "detached" if orphan_after else None
     actor = CallbackActor.options(num_cpus=0, max_restarts=-1, max_task_retries=0, name=name,
                                   namespace=namespace, scheduling_strategy=here, lifetime=lifetime,
-                                  runtime_env={"env_vars": ACTOR_ENV}).remote(callbacks, journal, orphan_after)
+                                  runtime_env={"env_vars": actor_env()}).remote(callbacks, journal, orphan_after)
     actor.start.remote()  # not awaited: sinks connect while the workers start
     return actor
 

@@ -7,12 +7,10 @@ when Ray announces a node's preemption, with a mid-epoch ``last.pt`` (docs/fault
 from __future__ import annotations
 
 import gc
-import logging
 import math
 import os
 import shutil
 import socket
-import sys
 import time
 import tempfile
 import threading
@@ -21,7 +19,6 @@ from pathlib import Path
 
 import ray
 import ray.train
-from ray._private.log import PlainRayHandler
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.v2._internal.execution import context as train_context
 from ray.train.v2.api.config import LoggingConfig
@@ -34,6 +31,7 @@ from callbacks.sinks.s3 import S3Setup
 from callbacks.system_metrics import NodeMonitor, node_label
 from orchestrator.console import print_lines
 from orchestrator.embedded_ray import record_session
+from orchestrator.ray_quiet import quiet_console, quiet_driver
 from orchestrator.results import take_back
 from orchestrator.stops import STOP_POLL, RunStopped, StopListener, stop_grace
 from trainers.config import worker_counts
@@ -51,12 +49,12 @@ def connect_ray(journal: str | None = None) -> None:
     """Join the cluster in RAY_ADDRESS (as under ``ray job submit``), else start a local Ray, which
     is recorded under ``journal`` for ``orchestrator recover`` should this driver be killed
     (``orchestrator/embedded_ray.py``)."""
+    quiet_driver()
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address and address != "auto":
         probe_address(address)
-    logging.getLogger(RAY_AUTH_LOGGER).addFilter(no_default_auth_banner)
     try:
         ray.init(address=address or None, log_to_driver=True, configure_logging=False,
                  runtime_env={"env_vars": LOCAL_RAY_ENV} if address in (None, "", "local") else None)
@@ -64,15 +62,6 @@ def connect_ray(journal: str | None = None) -> None:
         raise UserError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {exc}".splitlines()[0]) from None
     if journal is not None:
         record_session(journal)
-
-
-RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
-
-
-def no_default_auth_banner(record: logging.LogRecord) -> bool:
-    """Ray's note that a new local Ray has its default, token auth, on every run: not the user's
-    business. Its warning that auth is off stays."""
-    return not record.getMessage().startswith("Token authentication is enabled")
 
 
 def probe_address(address: str, timeout: float = 5.0) -> None:
@@ -251,30 +240,6 @@ def log_report(report: dict) -> None:
 # Ray Train's own INFO lines (each report's metrics, its failure-policy decisions) stay in Ray's log
 # files: the user's console has the run's own lines.
 RAY_TRAIN_LOGGING = LoggingConfig(log_level="WARNING")
-
-
-def quiet_console() -> None:
-    """Keep these lines off a Ray process's console (Ray forwards it to the user's): a
-    ``UserError``'s traceback (the driver prints its one line), and the notes (below WARNING) of
-    ``QUIET_LOGGERS``. Called in each Ray Train worker and each sweep trial's process."""
-    for logger in (logging.getLogger("ray"), logging.getLogger("ray.train"), logging.getLogger()):
-        for handler in logger.handlers:
-            if isinstance(handler, PlainRayHandler):
-                handler.addFilter(for_the_console)
-
-
-REPORT_LOGGER = train_context.__file__  # Ray Train names the logger of its per-report line by file path
-QUIET_LOGGERS = (REPORT_LOGGER,  # each report's metric dump
-                 "ray.train.v2._internal.execution.storage",  # "Checkpoint successfully created at", each epoch
-                 "ray.train._internal.storage",  # the same, for a sweep trial's report to Tune
-                 "matplotlib")  # its font cache, built on a fresh machine's first plot
-
-
-def for_the_console(record: logging.LogRecord) -> bool:
-    """Ray logs a failure inside its ``except`` block: the exception being handled is the user's."""
-    if isinstance(sys.exc_info()[1], UserError):
-        return False
-    return record.levelno >= logging.WARNING or not record.name.startswith(QUIET_LOGGERS)
 
 
 def train_worker(config: dict) -> None:

@@ -15,6 +15,7 @@ import time
 
 import ray
 from ray import tune
+from ray.exceptions import RayActorError
 from ray.train import UserCallback
 from ray.util.queue import Empty, Queue
 
@@ -22,8 +23,8 @@ from callbacks.actor import send_record
 from callbacks.records import driver_record
 from trainers.registry import copy_registry
 from trainers.config import get_cfg
-from orchestrator.ray_launch import (epoch_report_metrics, is_epoch_report, make_torch_trainer, nothing_left,
-                                    quiet_console)
+from orchestrator.ray_launch import epoch_report_metrics, is_epoch_report, make_torch_trainer, nothing_left
+from orchestrator.ray_quiet import quiet_console
 from sweeps.exploit import ExploitedCheckpoint
 from sweeps.space import Objective, ObjectiveKeyError
 from trainers.engine.factory import TrainerFactory
@@ -170,7 +171,10 @@ def _fit(trainer, queue: Queue, outcome: dict) -> None:
     except BaseException as exc:  # handed to the trial's thread, which raises it
         outcome["error"] = user_error_in(exc) or exc  # a user error inside the Train run, as raised
     finally:
-        queue.put((_DONE, None))
+        try:
+            queue.put((_DONE, None))
+        except RayActorError:  # the trial is being torn down (Tune removed its placement group): nobody waits
+            pass
 
 
 def _relay(queue: Queue, objective: Objective, thread: threading.Thread) -> None:

@@ -146,3 +146,31 @@ def test_only_a_ray_of_its_own_is_recorded_and_a_normal_exit_leaves_nothing(tmp_
     finally:
         for process in in_folder(tmp_path / "owner"):
             process.kill()
+
+
+def test_rays_own_lines_that_say_nothing_to_the_user_stay_off_the_drivers_console():
+    """Through Ray's own filter of forwarded lines and its logger: the cleaner's lines of a Train
+    run that ended without its controller (each trial a scheduler stops) and the note that a local
+    Ray has token auth are dropped; anything else, and Ray's warning that auth is off, are kept."""
+    import logging
+
+    from ray._private import ray_logging
+
+    from orchestrator.ray_quiet import RAY_AUTH_LOGGER, quiet_driver
+
+    quiet_driver()
+    quiet_driver()  # once per run in a process that runs many: the rule is not stacked
+    noise = ("Detected that the Ray Train controller actor (0dfc090d088bbab549e04b7b01000000) is dead. Cleaning up "
+             "placement group = [PlacementGroupID(c29bc8073bf8b7640e2f6ad763fe01000000)] created by this run.")
+    batch = {"ip": "10.0.0.1", "pid": 4242, "task_name": "PlacementGroupCleaner", "is_err": True,
+             "lines": [noise, "trial 1: a line of the user's", "Failed to query Ray Train Controller actor state. "
+                       "State API may be temporarily unavailable. Continuing to monitor."]}
+    printed = [line for out in ray_logging.stderr_deduplicator.deduplicate(batch) for line in out["lines"]]
+    assert printed == ["trial 1: a line of the user's"]
+    assert ray_logging.stderr_deduplicator.skip_re.pattern.count("Train controller actor") == 1
+
+    def shown(message: str) -> bool:
+        return bool(logging.getLogger(RAY_AUTH_LOGGER).filter(logging.LogRecord(
+            RAY_AUTH_LOGGER, logging.WARNING, __file__, 1, message, None, None)))
+    assert not shown("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+    assert shown("Token authentication is disabled for this Ray cluster. Anyone with network access ...")

@@ -424,7 +424,7 @@ def test_objective_missing_fails_the_sweep_on_first_report(sweep_ray, tmp_path, 
     assert len(children) == 1 and children[0].info.status == "FAILED"  # the second trial never started
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_ray, tmp_path):
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_ray, tmp_path, capsys):
     log = tmp_path / "epochs.jsonl"
     uri = where(tmp_path)["tracking_uri"]
     settings = dict(trainer=LrFitness, max_concurrent=1, name="resumable", epochs=2, **QUICK, **where(tmp_path))
@@ -454,6 +454,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_ray, 
     finally:
         stop.set()
     assert first.status == "KILLED"
+    said = capsys.readouterr().err  # Ray's and MLflow's notes from the trials' processes stay in their logs
+    assert "PlacementGroupCleaner" not in said and "INFO mlflow" not in said and "Traceback" not in said, said[-3000:]
     statuses = {r.data.params["lr0"]: r.info.status for r in child_runs(uri, first.parent_run_id)}
     assert "RUNNING" not in statuses.values() and list(statuses.values()).count("FINISHED") == 1
     done_lr = next(k for k, v in statuses.items() if v == "FINISHED")
@@ -581,3 +583,23 @@ def test_a_sweep_rides_out_an_mlflow_outage_from_its_start(sweep_ray, tmp_path):
         assert models[0].model_id == model_id
         assert client.get_run(parent.info.run_id).data.tags["champion_model_id"] == model_id
         assert not (folder / "publish.json").exists()
+
+
+def test_a_trials_fit_thread_ends_quietly_when_its_queue_went_with_the_trial():
+    """A trial Tune stops has its placement group removed, the relay queue's actor with it; the
+    fit thread's last word to the relay then has nobody to reach (it printed a traceback)."""
+    from ray.exceptions import RayActorError
+
+    from sweeps.trial import _fit
+
+    class GoneQueue:
+        def put(self, item):
+            raise RayActorError()
+
+    class Fits:
+        def fit(self):
+            return None
+
+    outcome = {}
+    _fit(Fits(), GoneQueue(), outcome)
+    assert outcome == {}
