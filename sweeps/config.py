@@ -7,6 +7,7 @@ one-line ``UserError`` naming the key; unknown keys get the closest valid name.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -87,6 +88,14 @@ class SweepConfig:
 
     def base_args(self) -> Args:
         return get_cfg(None, self.base)
+
+    def described(self, base: dict) -> dict:
+        """The sweep as it runs, with its resolved ``base``, as JSON values: the parent run's params
+        (``sweep.*``, ``space.*``, ``base.*``), and what a resume goes on with (``sweeps/tune.as_started``)."""
+        return json.loads(json.dumps({
+            "sweep": self.settings.model_dump(exclude={"resume"}),
+            "space": {key: {kind: values} for key, (kind, values) in self.space.items()},
+            "base": base}, default=str))  # a Path given in Python as its text
 
 
 def closest(key: str, valid) -> str:

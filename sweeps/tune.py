@@ -18,7 +18,7 @@ from orchestrator.session import run_events
 from sweeps import champion, parent, report
 from sweeps.state import SweepState, register, unregister
 from sweeps.tune_callbacks import FatalStopper, SweepTracker
-from sweeps.config import SweepConfig
+from sweeps.config import SweepConfig, build_sweep
 from sweeps.space import param_space, pbt_mutations
 from sweeps.trial import TrialSetup, run_trial
 from trainers.engine.paths import increment_path, project_dir
@@ -60,6 +60,25 @@ def sweep_folder(sweep: SweepConfig, base_args) -> Path:
         parent.load_state(folder)
         return folder
     return increment_path(project / sweep.name, exist_ok=False)
+
+
+def as_started(folder: Path, sweep: SweepConfig, base: dict) -> tuple[SweepConfig, dict]:
+    """A resumed sweep goes on as it was started, as Tune restores its trials, search and
+    scheduler: its settings, space and base come from the sweep's state. What the call gives
+    differently is not applied, and one warning says which (trials trained on with other epochs
+    than their scheduler's were stopped, and their child runs ended KILLED)."""
+    started = parent.load_state(folder).get("started")
+    if started is None:  # a sweep started before its state kept this: the call's, as given
+        return sweep, base
+    now = sweep.described(base)
+    changed = [f"{key}={now[part].get(key)!r} (started with {started[part].get(key)!r})"
+               for part in ("sweep", "space", "base") for key in sorted({*now[part], *started[part]})
+               if now[part].get(key) != started[part].get(key)]
+    if changed:
+        LOGGER.warning(f"resume: sweep {folder.name} goes on as it was started; not applied: {', '.join(changed)}")
+    again = build_sweep({**started["sweep"], "base": started["base"], "space": started["space"]},
+                        {"resume": sweep.settings.resume}, origin=sweep.origin)
+    return again, started["base"]
 
 
 def resolved_base(sweep: SweepConfig, task: str | None) -> dict:
@@ -131,8 +150,11 @@ def run_sweep(sweep: SweepConfig, trainer_cls, callbacks: dict | None = None, dr
     ObjectStore.from_uri(base_args.storage, S3Setup.of(base_args)).check()  # unreachable: fails here, in one line
     folder = sweep_folder(sweep, base_args)
     folder.mkdir(parents=True, exist_ok=True)
-    experiment = experiment_name(base_args)
     resuming = bool(sweep.settings.resume)
+    if resuming:
+        sweep, base = as_started(folder, sweep, base)
+        base_args = get_cfg(None, base)
+    experiment = experiment_name(base_args)
     storage_path, filesystem = storage_for(base_args.storage, S3Setup.of(base_args))
     parent_run = open_parent(sweep, base, base_args, folder, experiment, resuming)
     sweep_id = parent_run.sweep_id
@@ -172,10 +194,9 @@ def open_parent(sweep: SweepConfig, base: dict, base_args, folder: Path, experim
     sweep_id = new_run_id()[:10]
     sweep_file = folder / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump(sweep.source, sort_keys=False))
-    parent.save_state(folder, {"sweep_id": sweep_id, "tune_name": f"sweep-{sweep_id}", "experiment": experiment})
-    params = {"sweep": {k: v for k, v in sweep.settings.model_dump().items() if k != "resume"},
-              "space": {k: {kind: values} for k, (kind, values) in sweep.space.items()},
-              "base": base}
+    params = sweep.described(base)
+    parent.save_state(folder, {"sweep_id": sweep_id, "tune_name": f"sweep-{sweep_id}", "experiment": experiment,
+                               "started": params})
     parent_run = parent.ParentRun(base_args.tracking_uri, experiment, folder.name, sweep_id, base_args.journal,
                                   params, parent.sweep_description(sweep, base_args))
     parent_run.send("on_train_start", [sweep_file])
@@ -186,6 +207,10 @@ def make_tuner(sweep: SweepConfig, setup: TrialSetup, base_args, storage_path: s
                tune_name: str, resuming: bool) -> tune.Tuner:
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": TRIAL_DRIVER_CPU})
     experiment_path = f"{storage_path}/{tune_name}"
+    # A failed trial gets one line from SweepTracker (its traceback stays in the trial's error file);
+    # TUNE_PRINT_ALL_TRIAL_ERRORS=1 brings Tune's traceback back.
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    quiet_tune()
     if resuming:
         if not tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
             raise UserError(f"resume: no Tune experiment at {experiment_path}")
@@ -198,10 +223,6 @@ def make_tuner(sweep: SweepConfig, setup: TrialSetup, base_args, storage_path: s
         num_samples=sweep.num_samples, time_budget_s=sweep.time_budget_s,
         max_concurrent_trials=concurrency if sweep.search == "optuna" else None,  # else in the generator
         trial_dirname_creator=lambda trial: trial.trial_id)
-    # A failed trial gets one line from SweepTracker (its traceback stays in the trial's error file);
-    # TUNE_PRINT_ALL_TRIAL_ERRORS=1 brings Tune's traceback back.
-    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
-    quiet_tune()
     run_config = tune.RunConfig(
         name=tune_name, storage_path=storage_path, storage_filesystem=filesystem,
         callbacks=[SweepTracker(setup.sweep_id)], stop=FatalStopper(setup.sweep_id),

@@ -424,7 +424,7 @@ def test_objective_missing_fails_the_sweep_on_first_report(sweep_ray, tmp_path, 
     assert len(children) == 1 and children[0].info.status == "FAILED"  # the second trial never started
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_ray, tmp_path, capsys):
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_ray, tmp_path, capsys, warnings_seen):
     log = tmp_path / "epochs.jsonl"
     uri = where(tmp_path)["tracking_uri"]
     settings = dict(trainer=LrFitness, max_concurrent=1, name="resumable", epochs=2, **QUICK, **where(tmp_path))
@@ -462,7 +462,11 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_ray, 
     before = [r for r in rows(log) if str(r["lr0"]) == done_lr]
     assert len(before) == 2
 
-    again = model.tune(space, resume=True, **settings)
+    warnings_seen.clear()  # the resume asks for 3 epochs: the sweep goes on as it was started, with 2
+    again = model.tune(space, resume=True, **{**settings, "epochs": 3})
+    assert [r.getMessage() for r in warnings_seen if r.getMessage().startswith("resume")] == [
+        f"resume: sweep {first.path.name} goes on as it was started; not applied: epochs=3 (started with 2)"]
+    assert list(again.trials["epochs"]) == [2, 2]
     assert again.status == "FINISHED" and again.path == first.path and again.parent_run_id == first.parent_run_id
     after = rows(log)
     assert [r for r in after if str(r["lr0"]) == done_lr] == before  # the finished trial did not run again
