@@ -22,8 +22,11 @@ RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 # says so each time a Tune trial's Train run ends without its controller (a scheduler stopped the
 # trial, a sweep was interrupted), and each time Ray's state API was slow to tell it about the
 # controller (a busy head): what it cleans up and asks about is Ray's; the trial's line says how it ended.
+# Tune notes each trial it restores from a checkpoint, before the trial's code runs (a resumed sweep,
+# a retried trial): the Train run's own line says where it restarts from.
 FORWARDED_NOISE = (r"Detected that the Ray Train controller actor \(\w+\) is dead"
-                   r"|Failed to query Ray Train Controller actor state\. State API may be temporarily unavailable")
+                   r"|Failed to query Ray Train Controller actor state\. State API may be temporarily unavailable"
+                   r"|Restored on \S+ from checkpoint: Checkpoint\(")
 
 
 def quiet_driver() -> None:

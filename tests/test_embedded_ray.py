@@ -164,7 +164,8 @@ def test_rays_own_lines_that_say_nothing_to_the_user_stay_off_the_drivers_consol
              "placement group = [PlacementGroupID(c29bc8073bf8b7640e2f6ad763fe01000000)] created by this run.")
     batch = {"ip": "10.0.0.1", "pid": 4242, "task_name": "PlacementGroupCleaner", "is_err": True,
              "lines": [noise, "trial 1: a line of the user's", "Failed to query Ray Train Controller actor state. "
-                       "State API may be temporarily unavailable. Continuing to monitor."]}
+                       "State API may be temporarily unavailable. Continuing to monitor.",
+                       "Restored on 192.0.2.2 from checkpoint: Checkpoint(filesystem=local, path=/x/checkpoint_000000)"]}
     printed = [line for out in ray_logging.stderr_deduplicator.deduplicate(batch) for line in out["lines"]]
     assert printed == ["trial 1: a line of the user's"]
     assert ray_logging.stderr_deduplicator.skip_re.pattern.count("Train controller actor") == 1
