@@ -235,8 +235,11 @@ def split_overrides(overrides: dict) -> tuple[dict, dict]:
             base[key[len("base."):]] = value
         elif key in SweepSettings.model_fields:
             sweep[key] = value
-        else:
+        elif key in DEFAULTS:
             base[key] = value
+        else:  # either kind may have been meant: the closest name of both
+            raise UserError(f"unknown key '{key}': neither a sweep setting nor a config key"
+                            f"{closest(key, [*SweepSettings.model_fields, *DEFAULTS])}")
     return sweep, base
 
 

@@ -161,6 +161,12 @@ def test_cli_rejects_bad_sweep_before_any_trial(tmp_path, capsys):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
     assert main(["sweep", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    sweep.write_text(yaml.safe_dump({"base": {"model": "cls-n.yaml", "optimizer": "SGD", **store},
+                                     "space": {"lr0": {"uniform": [0.01, 0.1]}}}))
+    assert main(["sweep", str(sweep), "num_sample=3"]) == 2  # on the command line: a setting or a config key
+    assert own_lines(capsys.readouterr().err) == [
+        "error: unknown key 'num_sample': neither a sweep setting nor a config key; did you mean 'num_samples'?"]
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
 
 
 def test_sweep_file_layers_cfg_base_and_cli_overrides(tmp_path):
