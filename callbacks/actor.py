@@ -26,7 +26,7 @@ from callbacks.dispatcher import Dispatcher, driver_entries
 from callbacks.forwarder import ACTOR_ERRORS, PROBE_INTERVAL
 from callbacks.journal import Journal
 from callbacks.records import record_key
-from trainers.utils import LOGGER, log_details_to
+from trainers.utils import LOGGER, MLFLOW_LEVEL, log_details_to
 
 
 SEND_TIMEOUT = 30.0  # seconds the driver waits for the actor to journal a record of its own
@@ -36,12 +36,11 @@ INGEST_THREADS = 16  # ingest calls in the actor at once: those waiting for a lo
 # RSS grew 1.5-2 MB/s at 5,000 rows/s and kept growing. With the system allocator it stays flat.
 # Read once, when Arrow first allocates: so it is set for the actor's process, not from inside it.
 ACTOR_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system"}
-# MLflow's INFO lines (its system-metrics monitor's start, ...) would reach the user's console
-# through Ray, prefixed: the user's own level when set, else warnings only (as the CLI's).
-MLFLOW_LEVEL = "MLFLOW_LOGGING_LEVEL"
 
 
 def actor_env() -> dict:
+    """MLflow's INFO lines (its system-metrics monitor's start, ...) would reach the user's console
+    through Ray, prefixed: the user's own level when set, else warnings only (as the CLI's)."""
     return {**ACTOR_ENV, MLFLOW_LEVEL: os.environ.get(MLFLOW_LEVEL, "WARNING")}
 
 

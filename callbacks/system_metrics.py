@@ -14,6 +14,8 @@ A restarted worker continues the step count (``resume_logging``), so no step is 
 """
 from __future__ import annotations
 
+import logging
+import os
 import socket
 import sys
 import tempfile
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from callbacks.sinks.base import Sink
 from callbacks.sinks.mlflow_runs import find_run, mlflow_client
-from trainers.utils import LOGGER, try_lock
+from trainers.utils import LOGGER, MLFLOW_LEVEL, try_lock
 
 FIND_RUN_S = 120.0  # how long a monitor waits for the callback actor to create the MLflow run
 POLL_S = 0.25  # between looks for it
@@ -128,6 +130,7 @@ class NodeMonitor:
             return
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        quiet_monitor()
         self.monitor = SystemMetricsMonitor(mlflow_run, sampling_interval=float(self.args.system_metrics),
                                             resume_logging=True, node_id=self.node,
                                             tracking_uri=self.args.tracking_uri)
@@ -154,6 +157,14 @@ class NodeMonitor:
             LOGGER.debug(f"system metrics: MLflow not reachable yet: {exc}")
             return None
         return run.info.run_id if run is not None else None
+
+
+def quiet_monitor() -> None:
+    """MLflow's monitor notes its start and stop at INFO, three lines on the user's console every
+    run (in process: the driver's); they stay off it unless ``MLFLOW_LOGGING_LEVEL`` asks for
+    MLflow's notes (the CLI sets it to WARNING, which has the same effect)."""
+    if MLFLOW_LEVEL not in os.environ:
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 
 class NodeSampler(Sink):

@@ -10,7 +10,7 @@ import sys
 from contextlib import contextmanager
 
 from trainers.config import DEFAULT_CFG_PATH, get_cfg, load_yaml, parse_overrides
-from trainers.utils import LOGGER, UserError
+from trainers.utils import LOGGER, MLFLOW_LEVEL, UserError
 
 MODES = {
     "train": "train a model: orchestrator train model=det-n.yaml data=shapes8.yaml epochs=5",
@@ -91,8 +91,8 @@ def run_mode(mode: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its INFO lines are noise on a terminal
-    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])  # (when already imported)
+    os.environ.setdefault(MLFLOW_LEVEL, "WARNING")  # its INFO lines are noise on a terminal
+    logging.getLogger("mlflow").setLevel(os.environ[MLFLOW_LEVEL])  # (when already imported)
     if not argv or argv[0] in {"-h", "--help", "help"} or any(a in {"-h", "--help"} for a in argv[1:2]):
         print(usage())
         return 0

@@ -1,5 +1,6 @@
 """System metrics: MLflow's monitor samples the node into the run as ``system/<node>/...``, each
 step once; ``system_metrics=0`` turns it off."""
+import logging
 import socket
 import time
 
@@ -10,12 +11,31 @@ from tests.helpers import QUICK, system_series
 from tests.servers import mlflow_store
 
 
-def test_an_in_process_run_logs_its_node_s_system_metrics_each_step_once(tmp_path):
+class Said(logging.Handler):
+    """What a logger hands its handlers: the lines the console would print."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_an_in_process_run_logs_its_node_s_system_metrics_each_step_once(tmp_path, monkeypatch):
     uri = mlflow_store(tmp_path / "mlflow.db")
     where = dict(project=str(tmp_path / "runs"), tracking_uri=uri, storage=str(tmp_path / "store"),
                  journal=str(tmp_path / "journal"))
     model = Model("cls-n.yaml")
-    model.train(**{**QUICK, "epochs": 3, "fraction": 0.2}, **where, name="sampled", system_metrics=0.1)
+    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)  # as in a user's script (the CLI sets it)
+    said = Said()
+    monitor_log = logging.getLogger("mlflow.system_metrics.system_metrics_monitor")
+    monitor_log.addHandler(said)
+    try:
+        model.train(**{**QUICK, "epochs": 3, "fraction": 0.2}, **where, name="sampled", system_metrics=0.1)
+    finally:
+        monitor_log.removeHandler(said)
+    assert said.lines == []  # MLflow's monitor noted its start and stop on the console, three lines a run
     client = MlflowClient(uri)
     series = system_series(client, model.mlflow_run_id)
     host = socket.gethostname().split(".")[0]

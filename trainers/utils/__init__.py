@@ -14,6 +14,7 @@ if not LOGGER.handlers:
     LOGGER.addHandler(_handler)
     LOGGER.setLevel(logging.INFO)
     LOGGER.propagate = False
+MLFLOW_LEVEL = "MLFLOW_LOGGING_LEVEL"  # MLflow's own lines: the user's level when set, else warnings only
 
 
 def log_details_to(path) -> None:
