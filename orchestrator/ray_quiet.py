@@ -3,11 +3,13 @@ console has the run's own lines. Each rule here is one kind of Ray line that say
 can act on."""
 from __future__ import annotations
 
+import builtins
 import logging
 import re
 import sys
 
 from ray._private.log import PlainRayHandler
+from ray.train.v2._internal.logging import patch_print
 from ray.train.v2._internal.execution import context as train_context
 
 from trainers.utils import UserError
@@ -48,11 +50,16 @@ def no_default_auth_banner(record: logging.LogRecord) -> bool:
 def quiet_console() -> None:
     """Keep these lines off a Ray process's console (Ray forwards it to the user's): a
     ``UserError``'s traceback (the driver prints its one line), and the notes (below WARNING) of
-    ``QUIET_LOGGERS``. Called in each Ray Train worker and each sweep trial's process."""
+    ``QUIET_LOGGERS``; and a ``print`` is printed once. Called in each Ray Train worker and each
+    sweep trial's process."""
     for logger in (logging.getLogger("ray"), logging.getLogger("ray.train"), logging.getLogger()):
         for handler in logger.handlers:
             if isinstance(handler, PlainRayHandler):
                 handler.addFilter(for_the_console)
+    # Ray Train points a worker's ``print`` at its logger, which prints it a second time whenever
+    # the process's stdout is wrapped, as Ray wraps every worker's: each line a user's callback
+    # printed reached the console twice. Restored, a print goes to stdout (forwarded by Ray) once.
+    builtins.print = patch_print._original_print
 
 
 def for_the_console(record: logging.LogRecord) -> bool:

@@ -46,6 +46,7 @@ def test_custom_trainer_and_callbacks_run_on_every_rank(ray_session, tmp_path, n
             return metrics, fitness
 
     def record(trainer):
+        print(f"rank {['zero', 'one'][trainer.rank]} ends its {['first', 'second'][trainer.epoch]} epoch")
         with open(log, "a") as f:
             f.write(json.dumps({"rank": trainer.rank, "world": trainer.world_size, "epoch": trainer.epoch,
                                 "cls": type(trainer).__name__, "frozen": gc.get_freeze_count(),
@@ -84,6 +85,9 @@ def test_custom_trainer_and_callbacks_run_on_every_rank(ray_session, tmp_path, n
                                                                                           ["2/2"], ["best.pt"])]
     assert table == ["epoch", "1/2", "2/2", "best.pt"], captured.out
     assert "Reporting training result" not in captured.out + captured.err
+    printed = [line[line.index("rank "):] for line in (captured.out + captured.err).splitlines() if " ends its " in line]
+    assert sorted(printed) == sorted(f"rank {r} ends its {e} epoch" for r in ("zero", "one")[:num_workers]
+                                     for e in ("first", "second")), printed  # a worker's print() once
     assert not [w.getMessage() for w in warnings_seen if "driver callback" in w.getMessage()]  # none failed
     sink = json.loads((tmp_path / "sink.json").read_text())
     assert sink["started"] and sink["status"] == "FINISHED"
