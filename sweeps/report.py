@@ -41,9 +41,9 @@ def trial_rows(results, state, space: dict, mode: str, checkpoint_uri) -> pd.Dat
     return table.reset_index(drop=True)
 
 
-def trial_line(trial, error: str | None = None) -> str:
-    """One console line for a trial that ended: its sampled values, then its last objective and
-    epochs, or its error's line."""
+def trial_line(trial, error: str | None = None, stopped: bool = False) -> str:
+    """One console line for a trial that ended (by itself, or ``stopped`` by Tune): its sampled
+    values, then its last objective and epochs, or its error's line."""
     values = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in (trial.evaluated_params or {}).items())
     if error is not None:
@@ -51,7 +51,7 @@ def trial_line(trial, error: str | None = None) -> str:
     result = trial.last_result or {}
     objective, epochs = result.get("objective"), result.get("training_iteration", 0)
     reached = f"objective {objective:.4g}" if isinstance(objective, (int, float)) else "no objective"
-    return f"trial {trial.trial_id} ended  {values}  {reached} after {epochs} epoch(s)"
+    return f"trial {trial.trial_id} {'stopped' if stopped else 'ended'}  {values}  {reached} after {epochs} epoch(s)"
 
 
 def merged_objectives(df, logged: list[float], taken: int) -> pd.Series:

@@ -53,6 +53,7 @@ class SweepState:
         self.fatal: str | None = None
         self.interrupted = False  # Ctrl+C / SIGUSR1: Tune saved the experiment and stopped
         self.errors: dict[str, str] = {}
+        self.stopped: set[str] = set()  # trials Tune stopped (scheduler, stopper), not ended by themselves
         self._lock = threading.Lock()
 
     # -------------------------------------------------------------------- trials

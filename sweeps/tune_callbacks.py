@@ -27,11 +27,17 @@ class SweepTracker(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         self.state.open_trial(trial)
 
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        """A result marked done is one at which Tune stopped the trial (its scheduler, a stopper):
+        a trial that ends by itself reports no such result (Tune marks its end after the last)."""
+        if result.get("done"):
+            self.state.stopped.add(trial.trial_id)
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         # A trial that finished by itself closed its actor FINISHED already; this KILLED only
         # applies to a trial Tune stopped (scheduler, time budget, stopper).
         self.state.close_trial(trial.trial_id, "KILLED")
-        print(trial_line(trial), flush=True)
+        print(trial_line(trial, stopped=trial.trial_id in self.state.stopped), flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         message = error_line(trial)

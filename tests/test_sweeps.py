@@ -301,9 +301,9 @@ def test_custom_fitness_drives_asha_and_every_trial_is_tracked(sweep_ray, tmp_pa
     assert best["train_args"]["lr0"] == 0.03 and best["epoch"] == 2
     out = capsys.readouterr().out
     assert "objective (fitness)" in out and f"best: trial {result.best_trial} objective 0.09" in out
-    ended = sorted(line.split("  ")[1:] for line in out.splitlines() if line.startswith("trial "))
-    assert ended == [["lr0=0.02", "objective 0.02 after 1 epoch(s)"],
-                     ["lr0=0.03", "objective 0.09 after 3 epoch(s)"]], out  # one line per trial
+    ended = sorted([*line.split("  ")[1:], line.split()[2]] for line in out.splitlines() if line.startswith("trial "))
+    assert ended == [["lr0=0.02", "objective 0.02 after 1 epoch(s)", "stopped"],  # by ASHA
+                     ["lr0=0.03", "objective 0.09 after 3 epoch(s)", "ended"]], out  # one line per trial
     assert "Trial status" not in out  # Tune's own periodic tables stay off
     assert "Configuration for experiment" not in out and "View detailed results" not in out  # and its banner
     assert "Checkpoint successfully created" not in capsys.readouterr().err  # a trial's per-epoch note
