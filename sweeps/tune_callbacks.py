@@ -49,7 +49,9 @@ class SweepTracker(tune.Callback):
 
     def setup(self, **info):
         """Note an interruption: Tune's own handlers (installed just before) stop the run and
-        keep its state; chained here so the sweep knows it ended unfinished."""
+        keep its state; chained here so the sweep knows it ended unfinished. SIGTERM (``ray job
+        stop``, a scheduler's kill) stops it as Ctrl+C does: Tune takes only SIGINT and SIGUSR1,
+        and Ray's own SIGTERM handler ended the driver at once, its runs left to the orphan rules."""
         self._chained = {}
         if threading.current_thread() is not threading.main_thread():
             return
@@ -58,6 +60,9 @@ class SweepTracker(tune.Callback):
             if callable(previous):
                 self._chained[sig] = previous
                 signal.signal(sig, self._noting(previous))
+        if signal.SIGINT in self._chained:
+            self._chained[signal.SIGTERM] = signal.getsignal(signal.SIGTERM) or signal.SIG_DFL  # None: set in C
+            signal.signal(signal.SIGTERM, self._noting(self._chained[signal.SIGINT]))
 
     def _noting(self, previous):
         def handler(signum, frame):
