@@ -174,24 +174,7 @@ def test_resume_recovers_the_killed_run_first(tmp_path):
 def test_recover_ends_a_killed_sweeps_runs(tmp_path):
     """A sweep driver and its embedded Ray killed outright mid-trial: ``orchestrator recover``
     ends the parent run and every child run, and none is left RUNNING."""
-    import json
-
-    from mlflow import MlflowClient
-
-    sweep = tmp_path / "tiny.yaml"
-    sweep.write_text(json.dumps({  # JSON is YAML
-        "base": {"model": "cls-n.yaml", "data": "digits", "epochs": 30, "imgsz": 16, "fraction": 0.3,
-                 "verbose": False, "plots": False, "project": "killed-sweep", "optimizer": "SGD"},
-        "space": {"lr0": {"grid": [0.01, 0.02]}}, "name": "tiny", "search": "grid", "num_samples": 1,
-        "max_concurrent": 1, "scheduler": "fifo"}))
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(sweep)], cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "local"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    client = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
-    deadline = time.monotonic() + 300
-    while not _a_child_logged_an_epoch(client):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:] if proc.poll() else "slow"
-        time.sleep(1)
+    proc, _, client = sweep_until_a_trial_logged_an_epoch(tmp_path)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait()
     experiment = client.get_experiment_by_name("killed-sweep").experiment_id
@@ -221,27 +204,10 @@ def test_sigterm_to_a_sweep_driver_stops_it_as_ctrl_c_does(tmp_path):
     """SIGTERM to a sweep's driver alone (``ray job stop``, a scheduler): Tune saves the sweep and
     stops its trials, the driver prints how to resume and exits 130, and every run ends KILLED
     (Ray's own SIGTERM handler ended the driver at once, with a C++ stack on the console)."""
-    import json
-
-    from mlflow import MlflowClient
-
-    sweep = tmp_path / "tiny.yaml"
-    sweep.write_text(json.dumps({
-        "base": {"model": "cls-n.yaml", "data": "digits", "epochs": 30, "imgsz": 16, "fraction": 0.3,
-                 "verbose": False, "plots": False, "project": "killed-sweep", "optimizer": "SGD"},
-        "space": {"lr0": {"grid": [0.01, 0.02]}}, "name": "tiny", "search": "grid", "num_samples": 1,
-        "max_concurrent": 1, "scheduler": "fifo"}))
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(sweep)], cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "local"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc, sweep, client = sweep_until_a_trial_logged_an_epoch(tmp_path)
     try:
-        client = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
-        deadline = time.monotonic() + 300
-        while not _a_child_logged_an_epoch(client):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:] if proc.poll() else "slow"
-            time.sleep(1)
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=180)
+        _, err = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -250,6 +216,32 @@ def test_sigterm_to_a_sweep_driver_stops_it_as_ctrl_c_does(tmp_path):
         in err and "SIGTERM received" not in err, err[-2000:]
     runs = client.search_runs([client.get_experiment_by_name("killed-sweep").experiment_id])
     assert len(runs) >= 2 and {r.info.status for r in runs} == {"KILLED"}  # the parent and the trial that started
+
+
+def sweep_until_a_trial_logged_an_epoch(tmp_path):
+    """A sweep's driver (the CLI, its own local Ray) with a trial far from done: (process, sweep
+    file, MLflow client) once the first trial logged an epoch."""
+    import json
+
+    from mlflow import MlflowClient
+
+    sweep = tmp_path / "tiny.yaml"
+    sweep.write_text(json.dumps({  # JSON is YAML
+        "base": {"model": "cls-n.yaml", "data": "digits", "epochs": 30, "imgsz": 16, "fraction": 0.3,
+                 "verbose": False, "plots": False, "project": "killed-sweep", "optimizer": "SGD"},
+        "space": {"lr0": {"grid": [0.01, 0.02]}}, "name": "tiny", "search": "grid", "num_samples": 1,
+        "max_concurrent": 1, "scheduler": "fifo"}))
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(sweep)], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "local"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    client = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
+    deadline = time.monotonic() + 300
+    while not _a_child_logged_an_epoch(client):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(proc.stderr.read()[-2000:] if proc.poll() is not None else "no epoch in 300 s")
+        time.sleep(1)
+    return proc, sweep, client
 
 
 def _a_child_logged_an_epoch(client) -> bool:
