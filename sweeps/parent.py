@@ -70,15 +70,15 @@ class ParentRun:
         self._seq += 1
         self.dispatcher.ingest([record])
 
-    def close(self, status: str, files=(), metrics=None, tags=None) -> str | None:
-        """Final files, metrics (at step 0) and tags, then the status (the sink's bounded final
-        attempt; what it cannot deliver stays in the journal for ``orchestrator recover``)."""
+    def close(self, status: str, files=(), metrics=None, tags=None, reason: str | None = None) -> str | None:
+        """Final files, metrics (at step 0) and tags, then the status and why (the sink's bounded
+        final attempt; what it cannot deliver stays in the journal for ``orchestrator recover``)."""
         if files or metrics:
             self.send("on_fit_epoch_end", files, metrics)
         if tags:
             self.journal.save_sinks([self._sink(tags)])
             self.sink.note_tags(tags)
-        self.run_id = mlflow_run_of(self.dispatcher.finish(status))
+        self.run_id = mlflow_run_of(self.dispatcher.finish(status, reason))
         return self.run_id
 
 

@@ -33,6 +33,8 @@ from orchestrator.session import run_callbacks
 from trainers.config import get_cfg
 from trainers.utils import LOGGER, UserError
 
+EARLY_STOP = "stopped early by the sweep (its scheduler, time budget or a stopper)"
+
 _SWEEPS: dict[str, "SweepState"] = {}  # sweep id -> live state of this driver process
 
 
@@ -51,7 +53,7 @@ class SweepState:
         self.status: dict[str, str] = {}
         self.pending: dict[str, object] = {}  # trial id -> ObjectRef of actor.finish(status)
         self.fatal: str | None = None
-        self.interrupted = False  # Ctrl+C / SIGUSR1: Tune saved the experiment and stopped
+        self.interrupted: str | None = None  # why (Ctrl+C, SIGTERM, SIGUSR1): Tune saved the experiment and stopped
         self.errors: dict[str, str] = {}
         self.stopped: set[str] = set()  # trials Tune stopped (scheduler, stopper), not ended by themselves
         self._lock = threading.Lock()
@@ -138,7 +140,13 @@ class SweepState:
                 return
             LOGGER.debug(f"trial {trial_id}: closing its runs ({status} unless it finished by itself)")
             self.status[trial_id] = status
-            self.pending[trial_id] = actor.finish.remote(status)
+            self.pending[trial_id] = actor.finish.remote(status, self._why(trial_id) if status == "KILLED" else None)
+
+    def _why(self, trial_id: str) -> str | None:
+        """A KILLED child run's ``orchestrator.end_reason`` (a run that ended by itself keeps its FINISHED)."""
+        if self.interrupted:
+            return f"sweep {self.interrupted}"
+        return EARLY_STOP if trial_id in self.stopped else None
 
     def finish_all(self, status: str = "KILLED", timeout: float = 300.0) -> dict:
         """Close what is still open with ``status``; wait for every close; stop the actors."""

@@ -176,7 +176,7 @@ def run_sweep(sweep: SweepConfig, trainer_cls, callbacks: dict | None = None, dr
         status = "KILLED"
         raise
     finally:
-        interrupted = status == "FINISHED" and state.interrupted
+        interrupted = status == "FINISHED" and state.interrupted is not None
         state.finish_all("KILLED")
         unregister(sweep_id)
         if status != "FINISHED":
@@ -303,7 +303,8 @@ def finish(sweep: SweepConfig, state, grid, folder: Path, base_args, parent_run:
         result.status = "KILLED"
     elif best is None and len(table):
         result.status = "FAILED"
-    result.parent_run_id = parent_run.close(result.status, files=files, metrics=metrics, tags=tags)
+    result.parent_run_id = parent_run.close(result.status, files=files, metrics=metrics, tags=tags,
+                                            reason=state.interrupted if interrupted else None)
     if state.fatal:
         raise UserError(state.fatal)
     if interrupted:

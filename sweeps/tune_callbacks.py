@@ -7,6 +7,7 @@ import threading
 
 from ray import tune
 
+from orchestrator.stops import SIGNALS
 from sweeps.errors import error_line, is_objective_error
 from sweeps.report import trial_line
 from sweeps.state import SweepState, live_state
@@ -68,7 +69,7 @@ class SweepTracker(tune.Callback):
         def handler(signum, frame):
             state = live_state(self.sweep_id)
             if state is not None:
-                state.interrupted = True
+                state.interrupted = f"stopped by {SIGNALS.get(signum, signal.Signals(signum).name)}"
             previous(signum, frame)
         return handler
 

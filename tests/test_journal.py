@@ -216,6 +216,8 @@ def test_sigterm_to_a_sweep_driver_stops_it_as_ctrl_c_does(tmp_path):
         in err and "SIGTERM received" not in err, err[-2000:]
     runs = client.search_runs([client.get_experiment_by_name("killed-sweep").experiment_id])
     assert len(runs) >= 2 and {r.info.status for r in runs} == {"KILLED"}  # the parent and the trial that started
+    assert sorted(r.data.tags.get("orchestrator.end_reason") for r in runs) == \
+        ["stopped by SIGTERM"] + ["sweep stopped by SIGTERM"] * (len(runs) - 1)  # the parent's, the trials'
 
 
 def sweep_until_a_trial_logged_an_epoch(tmp_path):

@@ -319,6 +319,8 @@ def test_custom_fitness_drives_asha_and_every_trial_is_tracked(sweep_ray, tmp_pa
     children = {r.data.params["lr0"]: r for r in child_runs(uri, parent.info.run_id)}
     assert set(children) == {"0.03", "0.02"}
     assert {k: r.info.status for k, r in children.items()} == {"0.03": "FINISHED", "0.02": "KILLED"}
+    assert {k: r.data.tags.get("orchestrator.end_reason") for k, r in children.items()} == {
+        "0.03": None, "0.02": "stopped early by the sweep (its scheduler, time budget or a stopper)"}
     history = client.get_metric_history(children["0.03"].info.run_id, "fitness")
     assert [(m.step, round(m.value, 6)) for m in history] == [(0, 0.03), (1, 0.06), (2, 0.09)]
     assert children["0.03"].data.params["epochs"] == "3" and children["0.03"].data.params["optimizer"] == "SGD"
