@@ -101,7 +101,9 @@ def test_ui_serves_the_embedded_store(tmp_path):
             assert json.loads(resp.read())["experiment"]["name"] == "ui-check"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+        said, _ = proc.communicate(timeout=30)
+    said = said.decode()  # the UI's own lines: no line per request, no deprecation warning of its libraries
+    assert " - \"GET " not in said and "DeprecationWarning" not in said and "Uvicorn running" not in said, said
     assert procs.wait_port_closed(port)
     deadline = time.monotonic() + 10
     while procs.group_members(proc.pid) and time.monotonic() < deadline:
