@@ -136,7 +136,8 @@ def run_ui(opts: dict) -> int:
     if not mlflow:
         raise UserError("ui: the 'mlflow' command is not installed in this environment")
     # no job-runner processes; no line per request the UI makes, nor its libraries' deprecation notes
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore:starlette.middleware.wsgi is deprecated"}
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore:starlette.middleware.wsgi is deprecated"}
     print(f"MLflow UI for {shown} at http://127.0.0.1:{port}  (Ctrl-C to stop)", flush=True)
     return subprocess.call([mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                             "--port", str(port), "--workers", "1", "--uvicorn-opts", "--log-level warning"], env=env)
