@@ -26,7 +26,7 @@ from callbacks.dispatcher import Dispatcher, driver_entries
 from callbacks.forwarder import ACTOR_ERRORS, PROBE_INTERVAL
 from callbacks.journal import Journal
 from callbacks.records import record_key
-from trainers.utils import LOGGER, MLFLOW_LEVEL, log_details_to
+from trainers.utils import LOGGER, MLFLOW_LEVEL, log_details_to, mlflow_level
 
 
 SEND_TIMEOUT = 30.0  # seconds the driver waits for the actor to journal a record of its own
@@ -40,8 +40,8 @@ ACTOR_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system"}
 
 def actor_env() -> dict:
     """MLflow's INFO lines (its system-metrics monitor's start, ...) would reach the user's console
-    through Ray, prefixed: the user's own level when set, else warnings only (as the CLI's)."""
-    return {**ACTOR_ENV, MLFLOW_LEVEL: os.environ.get(MLFLOW_LEVEL, "WARNING")}
+    through Ray, prefixed: the actor's process gets ``mlflow_level``."""
+    return {**ACTOR_ENV, MLFLOW_LEVEL: mlflow_level()}
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, concurrency_groups={"ingest": INGEST_THREADS})

@@ -35,10 +35,9 @@ from typing import Callable
 import pyarrow as pa
 
 from callbacks.sinks.base import Progress
-from trainers.utils import write_atomic
 from callbacks.sinks.event_parts import SCHEMA, stream_table
 from trainers.events import ROW_FIELDS
-from trainers.utils import try_lock
+from trainers.utils import try_lock, write_atomic
 
 ENTRY = "entry"
 JOURNAL_SCHEMA = SCHEMA.append(pa.field(ENTRY, pa.int64()))

@@ -15,7 +15,6 @@ A restarted worker continues the step count (``resume_logging``), so no step is 
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from callbacks.sinks.base import Sink
 from callbacks.sinks.mlflow_runs import find_run, mlflow_client
-from trainers.utils import LOGGER, MLFLOW_LEVEL, try_lock
+from trainers.utils import LOGGER, mlflow_level, try_lock
 
 FIND_RUN_S = 120.0  # how long a monitor waits for the callback actor to create the MLflow run
 POLL_S = 0.25  # between looks for it
@@ -161,10 +160,8 @@ class NodeMonitor:
 
 def quiet_monitor() -> None:
     """MLflow's monitor notes its start and stop at INFO, three lines on the user's console every
-    run (in process: the driver's); they stay off it unless ``MLFLOW_LOGGING_LEVEL`` asks for
-    MLflow's notes (the CLI sets it to WARNING, which has the same effect)."""
-    if MLFLOW_LEVEL not in os.environ:
-        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    run (in process: the driver's): its logger gets ``mlflow_level``."""
+    logging.getLogger("mlflow.system_metrics").setLevel(mlflow_level())
 
 
 class NodeSampler(Sink):

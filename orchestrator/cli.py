@@ -10,7 +10,7 @@ import sys
 from contextlib import contextmanager
 
 from trainers.config import DEFAULT_CFG_PATH, get_cfg, load_yaml, parse_overrides
-from trainers.utils import LOGGER, MLFLOW_LEVEL, UserError
+from trainers.utils import LOGGER, MLFLOW_LEVEL, UserError, mlflow_level
 
 MODES = {
     "train": "train a model: orchestrator train model=det-n.yaml data=shapes8.yaml epochs=5",
@@ -91,7 +91,7 @@ def run_mode(mode: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault(MLFLOW_LEVEL, "WARNING")  # its INFO lines are noise on a terminal
+    os.environ[MLFLOW_LEVEL] = mlflow_level()  # for this process and those it starts
     logging.getLogger("mlflow").setLevel(os.environ[MLFLOW_LEVEL])  # (when already imported)
     if not argv or argv[0] in {"-h", "--help", "help"} or any(a in {"-h", "--help"} for a in argv[1:2]):
         print(usage())

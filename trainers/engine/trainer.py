@@ -280,7 +280,6 @@ class BaseTrainer(CallbackMixin):
         self.data_position = resume.mid_epoch_position(self, done, nb)
         self._gather_rng_states()
         if self.is_main:
-            self.wdir.mkdir(parents=True, exist_ok=True)
             write_atomic(self.last, ckpt_io.to_bytes(self.checkpoint()))
         for report in self.preemption_reporters:
             report(self)
@@ -436,7 +435,6 @@ class BaseTrainer(CallbackMixin):
     def save_model(self):
         """Write last.pt every epoch and best.pt on the best fitness (plain data only)."""
         data = ckpt_io.to_bytes(self.checkpoint())
-        self.wdir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.last, data)
         if self.fitness is not None and self.fitness == self.best_fitness or not self.best.is_file():
             write_atomic(self.best, data)

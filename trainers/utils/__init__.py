@@ -14,7 +14,13 @@ if not LOGGER.handlers:
     LOGGER.addHandler(_handler)
     LOGGER.setLevel(logging.INFO)
     LOGGER.propagate = False
-MLFLOW_LEVEL = "MLFLOW_LOGGING_LEVEL"  # MLflow's own lines: the user's level when set, else warnings only
+MLFLOW_LEVEL = "MLFLOW_LOGGING_LEVEL"
+
+
+def mlflow_level() -> str:
+    """The level of MLflow's own lines (its INFO notes are noise on a user's console): the user's
+    ``MLFLOW_LOGGING_LEVEL`` when set, else warnings only."""
+    return os.environ.get(MLFLOW_LEVEL, "WARNING")
 
 
 def log_details_to(path) -> None:
