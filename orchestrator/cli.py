@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from contextlib import contextmanager
 
 from trainers.config import DEFAULT_CFG_PATH, get_cfg, load_yaml, parse_overrides
 from trainers.utils import LOGGER, MLFLOW_LEVEL, UserError, mlflow_level
@@ -37,17 +36,6 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-@contextmanager
-def details_shown(verbose: bool):
-    """``verbose=False``: the run's INFO lines stay off the console (warnings and the result remain)."""
-    level = LOGGER.level
-    LOGGER.setLevel(logging.INFO if verbose else logging.WARNING)
-    try:
-        yield
-    finally:
-        LOGGER.setLevel(level)
-
-
 def split_args(argv: list[str]) -> tuple[dict | None, dict]:
     overrides = parse_overrides(argv)
     cfg_file = overrides.pop("cfg", None)
@@ -56,7 +44,7 @@ def split_args(argv: list[str]) -> tuple[dict | None, dict]:
 
 def run_mode(mode: str, argv: list[str]) -> int:
     if mode in {"train", "val", "predict", "export"}:
-        from orchestrator.commands import run_task_mode
+        from orchestrator.commands import details_shown, run_task_mode
 
         cfg, overrides = split_args(argv)
         args = get_cfg(cfg, overrides)

@@ -1,6 +1,8 @@
 """What each CLI mode does, given validated arguments."""
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 from trainers.utils import LOGGER, UserError
@@ -45,6 +47,17 @@ def where_the_run_is(args, model) -> list[str]:
     return lines + [f"object store: {args.storage}  (event log, checkpoints)"]
 
 
+@contextmanager
+def details_shown(verbose: bool):
+    """``verbose=False``: the run's INFO lines stay off the console (warnings and the result remain)."""
+    level = LOGGER.level
+    LOGGER.setLevel(logging.INFO if verbose else logging.WARNING)
+    try:
+        yield
+    finally:
+        LOGGER.setLevel(level)
+
+
 def run_task_mode(mode: str, args, given: dict) -> int:
     from orchestrator.model import Model
 
@@ -63,7 +76,9 @@ def run_task_mode(mode: str, args, given: dict) -> int:
             LOGGER.info(f"{result.path}: {result.verbose()}")
         print(f"{n} images predicted")
     elif mode == "export":
-        print(f"exported: {model.export(**kwargs)}")
+        with details_shown(False):  # the exporter's own line would name the file the result names
+            path = model.export(**kwargs)
+        print(f"exported: {path}")
     return 0
 
 

@@ -90,3 +90,13 @@ def test_train_with_verbose_false_prints_only_the_result(tmp_path, capsys):
     assert main(tiny_train(tmp_path, "verbose=False")) == 0
     captured = capsys.readouterr()
     assert captured.out.splitlines()[0] == "results:" and own_lines(captured.err) == []
+
+
+def test_export_names_its_file_once(tmp_path, capsys, monkeypatch):
+    from orchestrator.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "model=cls-n.yaml", "imgsz=16"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "exported: runs/export/model.torchscript\n"
+    assert "model.torchscript" not in captured.err and (tmp_path / "runs/export/model.torchscript").is_file()
