@@ -45,7 +45,8 @@ def log_best_model(args, mlflow_run: str | None, best: str | None, name: str = "
         raise
     client.finalize_logged_model(model_id, _status("READY"))
     _link_metrics(client, run, model_id, _points(client, run, evaluated, int(ckpt.get("epoch", 0))))
-    LOGGER.info(f"logged best.pt as MLflow model {model_id} (run {mlflow_run})")
+    what = Path(path).name if name == "best" else f"{name}'s checkpoint"
+    LOGGER.info(f"logged {what} as MLflow model {model_id} (run {mlflow_run})")
     return model_id
 
 

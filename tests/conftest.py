@@ -75,13 +75,22 @@ class _Records(logging.Handler):
         self.records.append(record)
 
 
-@pytest.fixture
-def warnings_seen():
-    """The orchestrator logger's warnings during a test (it does not propagate to pytest's caplog)."""
+def _logged(level: int):
+    """The orchestrator logger's records of ``level`` and up (it does not propagate to pytest's caplog)."""
     from trainers.utils import LOGGER
 
     handler = _Records()
-    handler.setLevel(logging.WARNING)
+    handler.setLevel(level)
     LOGGER.addHandler(handler)
     yield handler.records
     LOGGER.removeHandler(handler)
+
+
+@pytest.fixture
+def warnings_seen():
+    yield from _logged(logging.WARNING)
+
+
+@pytest.fixture
+def info_seen():
+    yield from _logged(logging.INFO)

@@ -268,7 +268,7 @@ def sweep_ray(ray_session):
             ray_session.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
 
 
-def test_custom_fitness_drives_asha_and_every_trial_is_tracked(sweep_ray, tmp_path, capsys):
+def test_custom_fitness_drives_asha_and_every_trial_is_tracked(sweep_ray, tmp_path, capsys, info_seen):
     """Trials in order lr0 = 0.03, 0.02: the trainer's own fitness ranks them, so ASHA (grace 1,
     reduction 2, one trial at a time) stops the second after its first epoch."""
     log = tmp_path / "epochs.jsonl"
@@ -299,14 +299,15 @@ def test_custom_fitness_drives_asha_and_every_trial_is_tracked(sweep_ray, tmp_pa
     assert len(pd.read_parquet(folder / "trials.parquet")) == 2 and len(pd.read_csv(folder / "trials.csv")) == 2
     best = torch.load(result.best_checkpoint, weights_only=True)
     assert best["train_args"]["lr0"] == 0.03 and best["epoch"] == 2
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "objective (fitness)" in out and f"best: trial {result.best_trial} objective 0.09" in out
     ended = sorted([*line.split("  ")[1:], line.split()[2]] for line in out.splitlines() if line.startswith("trial "))
     assert ended == [["lr0=0.02", "objective 0.02 after 1 epoch(s)", "stopped"],  # by ASHA
                      ["lr0=0.03", "objective 0.09 after 3 epoch(s)", "ended"]], out  # one line per trial
     assert "Trial status" not in out  # Tune's own periodic tables stay off
     assert "Configuration for experiment" not in out and "View detailed results" not in out  # and its banner
-    assert "Checkpoint successfully created" not in capsys.readouterr().err  # a trial's per-epoch note
+    assert "Checkpoint successfully created" not in captured.err  # a trial's per-epoch note
     # MLflow: parent with the sweep's files, one child per trial, none left RUNNING
     client = MlflowClient(uri)
     parent = client.get_run(result.parent_run_id)
@@ -337,6 +338,9 @@ def test_custom_fitness_drives_asha_and_every_trial_is_tracked(sweep_ray, tmp_pa
     champion = client.get_model_version_by_alias("runs", "champion")  # register= unset: the experiment's name
     assert champion.source == f"models:/{models[0].model_id}" and models[0].model_id == result.champion_model_id
     assert parent.data.tags["champion_model_id"] == result.champion_model_id
+    logged = [r.getMessage() for r in info_seen if "as MLflow model" in r.getMessage()]
+    assert logged == [f"logged {m.name}'s checkpoint as MLflow model {m.model_id} "
+                      f"(run {m.source_run_id})" for m in models], logged  # which trial's, best first
     objective = client.get_metric_history(children["0.03"].info.run_id, "objective")
     assert [m.step for m in objective] == [0, 1, 2]  # linking re-sent the epoch's points: none added
 
