@@ -66,10 +66,23 @@ def git_commit() -> str | None:
 
 
 def run_tags(args) -> dict:
+    commit = git_commit()
     tags = {"task": args.task, "model": args.model, "world_size": describe_workers(args.num_workers),
-            "git_commit": git_commit(), "ray_job_id": job_submission_id(),
+            "git_commit": commit, "ray_job_id": job_submission_id(),
             "mlflow.note.content": run_description(args)}
-    return {k: str(v) for k, v in tags.items() if v is not None}
+    return {**source_tags(commit), **{k: str(v) for k, v in tags.items() if v is not None}}
+
+
+def source_tags(commit: str | None) -> dict:
+    """MLflow's own tags for who ran what (the runs table's User and Source columns, the run page's
+    git commit), which ``mlflow.start_run`` sets and the client that makes our runs does not; the
+    commit is the working directory's, as ``git_commit``."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = resolve_tags()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
 
 
 def job_submission_id() -> str | None:

@@ -8,6 +8,7 @@ MLflow, and secrets reach no param, tag, artifact or log line.
 """
 from __future__ import annotations
 
+import getpass
 import io
 import os
 import re
@@ -136,6 +137,9 @@ def check_run(server, experiment: str, storage: str, num_workers: int) -> tuple[
     assert run.info.status == "FINISHED"
     run_id = tags["orchestrator.run_id"]
     assert tags["world_size"] == str(max(num_workers, 1)) and tags["task"] == "classify"
+    # MLflow's own columns (User, Source, Version), as mlflow.start_run would have set them
+    assert tags["mlflow.user"] == getpass.getuser() and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.name"] and tags.get("mlflow.source.git.commit") == tags.get("git_commit")
     assert params["epochs"] == str(EPOCHS) and params["imgsz"] == "16" and params["fraction"] == "0.1"
     assert params["num_workers"] == str(num_workers) and params["storage"] == storage
     assert params["tracking_uri"] == server.url

@@ -1,4 +1,5 @@
 """Sweeps on Ray Tune: validation, ASHA/PBT on real Train runs, MLflow parent/child runs, resume."""
+import getpass
 import json
 import os
 import signal
@@ -319,6 +320,7 @@ def test_custom_fitness_drives_asha_and_every_trial_is_tracked(sweep_ray, tmp_pa
         "sweep.yaml", "best.yaml", "trials.csv", "trials.parquet", "parallel_coordinates.png"}
     children = {r.data.params["lr0"]: r for r in child_runs(uri, parent.info.run_id)}
     assert set(children) == {"0.03", "0.02"}
+    assert {r.data.tags["mlflow.user"] for r in [parent, *children.values()]} == {getpass.getuser()}
     assert {k: r.info.status for k, r in children.items()} == {"0.03": "FINISHED", "0.02": "KILLED"}
     assert {k: r.data.tags.get("orchestrator.end_reason") for k, r in children.items()} == {
         "0.03": None, "0.02": "stopped early by the sweep (its scheduler, time budget or a stopper)"}
