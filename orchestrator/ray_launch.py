@@ -29,12 +29,13 @@ from callbacks.artifacts import ArtifactShipper
 from callbacks.forwarder import EventForwarder
 from callbacks.sinks.s3 import S3Setup
 from callbacks.system_metrics import NodeMonitor, node_label
+from orchestrator.capacity import check_room, per_worker
 from orchestrator.console import print_lines
 from orchestrator.embedded_ray import record_session
 from orchestrator.ray_quiet import quiet_console, quiet_driver
 from orchestrator.results import take_back
 from orchestrator.stops import STOP_POLL, RunStopped, StopListener, stop_grace
-from trainers.config import worker_counts
+from trainers.config import describe_workers, worker_counts
 from trainers.engine.preemption import Preempted
 from trainers.engine.resume import training_finished
 from trainers.utils import LOGGER, UserError, log_details_to
@@ -102,6 +103,8 @@ class RayBackend:
 
     def connect(self, args) -> None:
         connect_ray(args.journal)
+        check_room(worker_counts(args.num_workers)[0], per_worker(args.use_gpu, args.resources_per_worker),
+                   f"num_workers={describe_workers(args.num_workers)}")
 
     def start(self, session) -> None:
         self.actor = start_callback_actor(session.callbacks, name=f"callbacks-{session.journal.dir.name}",

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ray
 import yaml
 from ray import tune
 
 from trainers.registry import new_registry
+from orchestrator.capacity import alive_nodes, check_room, per_worker, room
 from orchestrator.ray_launch import connect_ray, storage_for
 from orchestrator.run_setup import experiment_name, new_run_id, pinned_endpoints
 from orchestrator.session import run_events
@@ -125,14 +125,9 @@ def search_alg(sweep: SweepConfig, concurrency: int):
     return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrency)
 
 
-def default_concurrency(workers: int, use_gpu: bool, per_worker: dict | None) -> int:
+def default_concurrency(workers: int, use_gpu: bool, resources: dict | None) -> int:
     """How many trials' Train workers fit in the cluster at once."""
-    total = ray.cluster_resources()
-    if use_gpu:
-        need, have = float((per_worker or {}).get("GPU", 1)), total.get("GPU", 0)
-    else:
-        need, have = float((per_worker or {}).get("CPU", 1)), total.get("CPU", 1)
-    return max(1, int(have // max(need * workers, 1e-9)))
+    return max(1, room(per_worker(use_gpu, resources), alive_nodes()) // workers)
 
 
 # ------------------------------------------------------------------------------- run
@@ -144,6 +139,8 @@ def run_sweep(sweep: SweepConfig, trainer_cls, callbacks: dict | None = None, dr
 
     base_args = get_cfg(None, base)
     connect_ray(base_args.journal)
+    check_room(sweep.workers_per_trial, per_worker(base_args.use_gpu, base_args.resources_per_worker),
+               f"workers_per_trial={sweep.workers_per_trial}")
     from callbacks.sinks import ObjectStore
     from callbacks.sinks.s3 import S3Setup
 

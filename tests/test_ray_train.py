@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from callbacks.sinks import read_event_log
 from callbacks.sinks.event_log import epoch_events
 from orchestrator import Model
+from orchestrator.capacity import check_room, per_worker, room
 from orchestrator.cli import main
 from trainers.data.shapes import generate_shapes
 from trainers.classify import ClassificationTrainer
@@ -151,7 +152,13 @@ def test_user_errors_on_workers_reach_the_cli_and_the_caller_as_raised(ray_sessi
         err = own_lines(capsys.readouterr().err)
         assert err[-1].startswith("error: ") and all(f in err[-1] for f in fragments), err[-5:]
         assert not any("Traceback" in line for line in err), err
+    assert main(["train", *common, "model=cls-n.yaml", "data=digits", "num_workers=7", "name=room"]) == 2  # > the Ray
+    assert own_lines(capsys.readouterr().err) == [
+        "error: num_workers=7 needs 7 Ray Train worker(s) of 1 CPU each, but the local Ray (1 node(s), 6 CPU in all) "
+        "has room for 6: use fewer workers, or smaller resources_per_worker"]
     client = MlflowClient(run_cfg(tmp_path, "done")["tracking_uri"])
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  filter_string="attributes.run_name = 'room'")  # refused before a run is made
     (finished,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
                    if r.info.run_name == "done"]
     assert finished.info.status == "FINISHED" and "orchestrator.end_reason" not in finished.data.tags
@@ -164,6 +171,23 @@ def test_user_errors_on_workers_reach_the_cli_and_the_caller_as_raised(ray_sessi
     assert run.info.status == "FAILED"
     assert run.data.tags["orchestrator.end_reason"] == f"UserError: {info.value}"
     assert "\n" not in str(info.value)
+
+
+def test_a_worker_group_the_ray_cannot_hold_is_refused_locally_and_awaited_on_a_cluster(ray_session, monkeypatch,
+                                                                                       warnings_seen):
+    assert room({"CPU": 2.0}, [{"CPU": 3.0}, {"CPU": 2.0, "GPU": 1.0}]) == 2  # each worker on one node
+    assert room({"CPU": 1.0, "GPU": 1.0}, [{"CPU": 3.0}, {"CPU": 2.0, "GPU": 1.0}]) == 1
+    assert per_worker(False, None) == {"CPU": 1.0} and per_worker(True, None) == {"GPU": 1.0}
+    assert per_worker(True, {"CPU": 2, "memory": 0}) == {"CPU": 2.0, "GPU": 1.0}  # as Ray Train's ScalingConfig
+    check_room(6, {"CPU": 1.0}, "num_workers=6")  # the session's Ray holds 6
+    with pytest.raises(UserError, match=r"^num_workers=7 needs 7 .* has room for 6: use fewer workers"):
+        check_room(7, {"CPU": 1.0}, "num_workers=7")
+    assert warnings_seen == []
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a cluster: an autoscaler may add nodes
+    check_room(1, {"CPU": 8.0}, "num_workers=1")
+    assert [r.getMessage() for r in warnings_seen] == [
+        "num_workers=1 needs 1 Ray Train worker(s) of 8 CPU each, but the Ray cluster (1 node(s), 6 CPU in all) "
+        "has room for 0: Ray Train waits until nodes join (an autoscaler's)"]
 
 
 def test_worker_sigkill_restarts_from_checkpoint_without_duplicates_and_patience_stops_every_rank(ray_session, tmp_path):

@@ -425,7 +425,11 @@ def test_objective_missing_fails_the_sweep_on_first_report(sweep_ray, tmp_path, 
     sweep.write_text(yaml.safe_dump({
         "base": {"model": "cls-n.yaml", "epochs": 2, **QUICK, **where(tmp_path)},
         "space": {"lr0": {"grid": [0.01, 0.02]}}, "objective": "metrics/mAP50(B)", "max_concurrent": 1}))
-    assert main(["sweep", str(sweep)]) == 2
+    assert main(["sweep", str(sweep), "workers_per_trial=7"]) == 2  # a trial the session's Ray cannot hold
+    assert own_lines(capsys.readouterr().err) == [
+        "error: workers_per_trial=7 needs 7 Ray Train worker(s) of 1 CPU each, but the local Ray (1 node(s), "
+        "6 CPU in all) has room for 6: use fewer workers, or smaller resources_per_worker"]
+    assert main(["sweep", str(sweep)]) == 2  # the one parent found below is this call's: the first made none
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and err[0].startswith("error: objective key 'metrics/mAP50(B)' is not among the reported")
     assert "metrics/accuracy_top1" in err[0] and "fitness" in err[0]
