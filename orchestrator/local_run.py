@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from callbacks.dispatcher import Dispatcher
 from callbacks.records import CLOSE_EVENT, FLUSH_EVENTS
 from orchestrator.console import print_lines
 from orchestrator.stops import RunStopped
+from trainers.engine.distributed import select_device
 from trainers.engine.preemption import Preempted
+from trainers.utils import UserError
 
 
 class LocalForwarder:
@@ -61,7 +65,12 @@ class LocalBackend:
         self.dispatcher = self.trainer = self.forwarder = None
 
     def connect(self, args) -> None:
-        """Nothing to reach: training runs in this process."""
+        """Nothing to reach: training runs in this process, whose devices are known now, before a
+        run is made."""
+        if args.use_gpu and not args.device and not torch.cuda.is_available():
+            raise UserError(f"config key 'use_gpu': this run trains in this process (num_workers=0), where "
+                            f"torch {torch.__version__} finds no cuda device; use_gpu=false trains on its CPU")
+        select_device(args.device)
 
     def start(self, session) -> None:
         self.dispatcher = Dispatcher(session.callbacks, journal=session.journal)

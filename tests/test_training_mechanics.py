@@ -319,9 +319,28 @@ def missing_device() -> str:
 
 
 @pytest.mark.parametrize("args, message", [
+    ([f"device={missing_device()}"], f"config key 'device': {missing_device()} is not available on"),
+    pytest.param(["use_gpu=true"], "config key 'use_gpu': this run trains in this process (num_workers=0), where "
+                 "torch", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a cuda device is here")),
+])
+def test_a_device_this_process_lacks_is_refused_before_a_run_is_made(tmp_path, capsys, args, message):
+    """A run in this process knows its devices before it starts: no MLflow run is made for one that
+    cannot train (on Ray, a worker's node is known only once the worker runs)."""
+    from mlflow import MlflowClient
+
+    tiny = ["model=cls-n.yaml", "data=digits", "epochs=1", "fraction=0.05", "imgsz=16", "verbose=False",
+            f"project={tmp_path}", f"tracking_uri={mlflow_store(tmp_path / 'mlflow.db')}", f"storage={tmp_path}/store",
+            f"journal={tmp_path}/journal"]
+    assert cli_main(["train", *tiny, *args]) == 2
+    (err,) = own_lines(capsys.readouterr().err)
+    assert err.startswith(f"error: {message}"), err
+    client = MlflowClient(mlflow_store(tmp_path / "mlflow.db"))
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+@pytest.mark.parametrize("args, message", [
     (["batch=1"], "config key 'batch': 1 over 1 worker(s) is one image a batch, too few for the model's "
                   "BatchNorm at imgsz=16: use batch >= 2"),
-    ([f"device={missing_device()}"], f"config key 'device': {missing_device()} is not available on"),
     (["imgsz=100000"], "config keys 'batch', 'imgsz': batch=16 at imgsz=100000 does not fit in the memory of cpu: "
                        "lower them"),  # digits are resized up front: 57 TB
     (["freeze=10"], "config key 'freeze': value 10 is not valid: every layer would be frozen, nothing trained "
@@ -330,8 +349,8 @@ def missing_device() -> str:
                       "layers, 0-9)"),
 ])
 def test_errors_the_run_meets_end_it_failed_in_one_line(tmp_path, capsys, args, message):
-    """Found by the trainer (its device when it is built, a batch BatchNorm cannot train on at its
-    first step): one line, and the MLflow run ends FAILED with it, not RUNNING."""
+    """Found by the trainer (a batch BatchNorm cannot train on at its first step, a model or batch
+    that does not fit): one line, and the MLflow run ends FAILED with it, not RUNNING."""
     from mlflow import MlflowClient
 
     tiny = ["model=cls-n.yaml", "data=digits", "epochs=1", "fraction=0.05", "imgsz=16", "verbose=False",
