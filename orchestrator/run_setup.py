@@ -75,11 +75,12 @@ def run_tags(args) -> dict:
 
 def source_tags(commit: str | None) -> dict:
     """MLflow's own tags for who ran what (the runs table's User and Source columns, the run page's
-    git commit), which ``mlflow.start_run`` sets and the client that makes our runs does not; the
-    commit is the working directory's, as ``git_commit``."""
+    git commit), which ``mlflow.start_run`` sets and the client that makes our runs does not. The
+    commit is the working directory's, as ``git_commit``: MLflow's git tags describe the repository of
+    the program run, here the installed ``orchestrator`` command's, so they are left out."""
     from mlflow.tracking.context.registry import resolve_tags
 
-    tags = resolve_tags()
+    tags = {key: value for key, value in resolve_tags().items() if not key.startswith("mlflow.source.git.")}
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
