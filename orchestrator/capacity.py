@@ -51,7 +51,13 @@ def check_room(workers: int, need: dict[str, float], what: str) -> None:
     if cluster:
         LOGGER.warning(f"{line}: Ray Train waits until nodes join (an autoscaler's)")
         return
-    raise UserError(f"{line}: use fewer workers, or smaller resources_per_worker")
+    raise UserError(f"{line}: {advice(need, have)}")
+
+
+def advice(need: dict[str, float], have: dict[str, float]) -> str:
+    if need.get("GPU") and not have.get("GPU"):
+        return "it has no GPU (use_gpu=false trains on CPUs)"
+    return "use fewer workers, or smaller resources_per_worker"
 
 
 def joined_a_cluster() -> bool:

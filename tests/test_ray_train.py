@@ -182,6 +182,9 @@ def test_a_worker_group_the_ray_cannot_hold_is_refused_locally_and_awaited_on_a_
     check_room(6, {"CPU": 1.0}, "num_workers=6")  # the session's Ray holds 6
     with pytest.raises(UserError, match=r"^num_workers=7 needs 7 .* has room for 6: use fewer workers"):
         check_room(7, {"CPU": 1.0}, "num_workers=7")
+    with pytest.raises(UserError, match=r"^num_workers=1 needs 1 Ray Train worker\(s\) of 1 GPU each, but the local "
+                                        r"Ray \(1 node\(s\), 0 GPU in all\) has room for 0: it has no GPU \(use_gpu=false"):
+        check_room(1, per_worker(True, None), "num_workers=1")
     assert warnings_seen == []
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a cluster: an autoscaler may add nodes
     check_room(1, {"CPU": 8.0}, "num_workers=1")
