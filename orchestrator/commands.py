@@ -74,7 +74,8 @@ def run_task_mode(mode: str, args, given: dict) -> int:
         for result in model.predict(stream=True, **kwargs):
             n += 1
             LOGGER.info(f"{result.path}: {result.verbose()}")
-        print(f"{n} images predicted")
+        folder = model.predictor.save_dir
+        print(f"{n} image(s) predicted" + (f"; annotated images in {folder}" if folder.is_dir() else ""))
     elif mode == "export":
         with details_shown(False):  # the exporter's own line would name the file the result names
             path = model.export(**kwargs)

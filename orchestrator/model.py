@@ -31,6 +31,7 @@ class Model:
         self.model = None
         self.metrics = None
         self.trainer = None
+        self.predictor = None  # the last predict()'s (its save_dir: where save=True put the images)
         self.mlflow_run_id: str | None = None  # the MLflow run of the last train()
         self.mlflow_model_id: str | None = None  # its best.pt as an MLflow logged model
         if str(model).endswith(".pt"):
@@ -113,8 +114,8 @@ class Model:
         args = self._args("predict", {"save": False, **kwargs})
         source = source if source is not None else args.source
         check_source(source)
-        predictor = task_class(self.task, "predictor")(args=args, _callbacks=copy_registry(self.callbacks))
-        return predictor(source=source, model=self._model_for(args), stream=stream)
+        self.predictor = task_class(self.task, "predictor")(args=args, _callbacks=copy_registry(self.callbacks))
+        return self.predictor(source=source, model=self._model_for(args), stream=stream)
 
     __call__ = predict
 

@@ -100,3 +100,22 @@ def test_export_names_its_file_once(tmp_path, capsys, monkeypatch):
     captured = capsys.readouterr()
     assert captured.out == "exported: runs/export/model.torchscript\n"
     assert "model.torchscript" not in captured.err and (tmp_path / "runs/export/model.torchscript").is_file()
+
+
+def test_predict_says_where_it_saved_the_images_in_a_new_folder_each_time(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from orchestrator.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()
+    for i in range(2):
+        Image.new("L", (16, 16), i * 100).save(tmp_path / "images" / f"{i}.png")
+    for folder in ("predict", "predict2"):  # numbered as training runs are
+        assert main(["predict", "model=cls-n.yaml", "source=images", "imgsz=16"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[-1] == f"2 image(s) predicted; annotated images in runs/classify/{folder}"
+        assert sorted(p.name for p in (tmp_path / "runs" / "classify" / folder).iterdir()) == ["0.png", "1.png"]
+    assert main(["predict", "model=cls-n.yaml", "source=images", "imgsz=16", "save=False"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "2 image(s) predicted"
+    assert sorted(p.name for p in (tmp_path / "runs" / "classify").iterdir()) == ["predict", "predict2"]

@@ -8,6 +8,7 @@ import torch
 from trainers.registry import CallbackMixin, new_registry
 from trainers.config import get_cfg
 from trainers.data.sources import iter_batches
+from trainers.engine.paths import increment_path, project_dir
 from trainers.utils import unwrap_model
 
 
@@ -22,7 +23,7 @@ class BasePredictor(CallbackMixin):
         self.batch = None
         self.results = None
         self.seen = 0
-        self.save_dir = Path(self.args.project or "runs/predict") / (self.args.name or "predict")
+        self.save_dir = increment_path(project_dir(self.args) / (self.args.name or "predict"), self.args.exist_ok)
 
     def __call__(self, source=None, model=None, stream: bool = False):
         gen = self.stream_inference(source, model)
