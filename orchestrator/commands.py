@@ -68,6 +68,8 @@ def run_task_mode(mode: str, args, given: dict) -> int:
         print("\n".join([summary_table(metrics), *where_the_run_is(args, model)]))
     elif mode == "val":
         print(summary_table({k: v for k, v in model.val(**kwargs).items()}))
+        if model.validator.save_dir.is_dir():
+            print(f"plots in {model.validator.save_dir}")
     elif mode == "predict":
         kwargs.setdefault("save", True)
         n = 0

@@ -31,6 +31,7 @@ class Model:
         self.model = None
         self.metrics = None
         self.trainer = None
+        self.validator = None  # the last val()'s (its save_dir: where its plots went)
         self.predictor = None  # the last predict()'s (its save_dir: where save=True put the images)
         self.mlflow_run_id: str | None = None  # the MLflow run of the last train()
         self.mlflow_model_id: str | None = None  # its best.pt as an MLflow logged model
@@ -105,9 +106,9 @@ class Model:
         """Validate on ``args.split``; returns the validator's metrics object (SPEC §6), which reads
         as the flat results dict too."""
         args = self._args("val", kwargs)
-        validator = task_class(self.task, "validator")(args=args, _callbacks=copy_registry(self.callbacks))
-        validator(model=self._model_for(args))
-        self.metrics = validator.metrics
+        self.validator = task_class(self.task, "validator")(args=args, _callbacks=copy_registry(self.callbacks))
+        self.validator(model=self._model_for(args))
+        self.metrics = self.validator.metrics
         return self.metrics
 
     def predict(self, source=None, stream: bool = False, **kwargs):

@@ -104,6 +104,17 @@ def test_val_save_json_agrees_with_pycocotools(work, trained):
     assert abs(coco["map50"] - metrics["metrics/mAP50(B)"]) < 0.005, (coco, metrics)
 
 
+def test_cli_val_says_where_its_plots_went_in_a_new_folder_each_time(work, trained, capsys):
+    from orchestrator.cli import main
+
+    model, _ = trained
+    argv = ["val", f"model={model.ckpt_path}", f"data={work['small']}", f"project={work['root']}", "name=cli-val"]
+    for folder in ("cli-val", "cli-val2"):  # numbered as runs are
+        assert main(argv) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == f"plots in {work['root'] / folder}"
+        assert (work["root"] / folder / "confusion_matrix_normalized.png").is_file()
+
+
 def _val_images(work):
     return sorted((work["small"].parent / "images" / "val").glob("*.png"))
 

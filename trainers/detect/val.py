@@ -27,8 +27,6 @@ class DetectionValidator(BaseValidator):
 
     def __init__(self, dataloader=None, save_dir=None, args=None, _callbacks=None):
         super().__init__(dataloader, save_dir, args, _callbacks)
-        if save_dir is None:  # standalone model.val(): project/name, like predict
-            self.save_dir = Path(self.args.project or "runs/detect") / (self.args.name or "val")
         self.names: dict[int, str] = {}
         self.confusion_matrix = None
         self.jdict: list[dict] = []
