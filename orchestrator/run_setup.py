@@ -66,14 +66,14 @@ def git_commit() -> str | None:
 
 
 def run_tags(args) -> dict:
-    commit = git_commit()
+    source = source_tags()
     tags = {"task": args.task, "model": args.model, "world_size": describe_workers(args.num_workers),
-            "git_commit": commit, "ray_job_id": job_submission_id(),
+            "git_commit": source.get("mlflow.source.git.commit"), "ray_job_id": job_submission_id(),
             "mlflow.note.content": run_description(args)}
-    return {**source_tags(commit), **{k: str(v) for k, v in tags.items() if v is not None}}
+    return {**source, **{k: str(v) for k, v in tags.items() if v is not None}}
 
 
-def source_tags(commit: str | None) -> dict:
+def source_tags() -> dict:
     """MLflow's own tags for who ran what (the runs table's User and Source columns, the run page's
     git commit), which ``mlflow.start_run`` sets and the client that makes our runs does not. The
     commit is the working directory's, as ``git_commit``: MLflow's git tags describe the repository of
@@ -81,6 +81,7 @@ def source_tags(commit: str | None) -> dict:
     from mlflow.tracking.context.registry import resolve_tags
 
     tags = {key: value for key, value in resolve_tags().items() if not key.startswith("mlflow.source.git.")}
+    commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags

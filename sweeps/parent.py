@@ -9,7 +9,7 @@ from callbacks.journal import Journal
 from callbacks.records import make_record
 from callbacks.sinks import MLflowSink
 from callbacks.sinks.mlflow_runs import RUN_ID_TAG
-from orchestrator.run_setup import git_commit, mlflow_run_of, run_description, source_tags
+from orchestrator.run_setup import mlflow_run_of, run_description, source_tags
 from sweeps.space import Objective
 from trainers.utils import UserError
 
@@ -43,7 +43,7 @@ class ParentRun:
     def __init__(self, tracking_uri: str, experiment: str, name: str, sweep_id: str, journal_root: str,
                  params: dict | None = None, description: str = ""):
         self.sweep_id, self.orch_id = sweep_id, parent_orch_id(sweep_id)
-        tags = {**source_tags(git_commit()), "sweep.id": sweep_id, "sweep.role": "parent", RUN_ID_TAG: self.orch_id}
+        tags = {**source_tags(), "sweep.id": sweep_id, "sweep.role": "parent", RUN_ID_TAG: self.orch_id}
         if description:
             tags["mlflow.note.content"] = description
         self._args = dict(tracking_uri=tracking_uri, experiment=experiment, run_name=name, params=params,

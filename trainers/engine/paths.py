@@ -13,9 +13,10 @@ def project_dir(args) -> Path:
     return Path(args.project or Path("runs") / (args.task or "train"))
 
 
-def run_dir(args) -> Path:
-    """``<project>/<name>``, numbered (``train2``, ``train3``, ...) unless ``exist_ok``."""
-    return increment_path(project_dir(args) / (args.name or "train"), args.exist_ok)
+def run_dir(args, default: str = "train") -> Path:
+    """``<project>/<name>`` (``name`` else ``default``: a standalone val's ``val``, a prediction's
+    ``predict``), numbered (``train2``, ``train3``, ...) unless ``exist_ok``."""
+    return increment_path(project_dir(args) / (args.name or default), args.exist_ok)
 
 
 def increment_path(path: Path, exist_ok: bool = False) -> Path:

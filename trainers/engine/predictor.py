@@ -8,7 +8,7 @@ import torch
 from trainers.registry import CallbackMixin, new_registry
 from trainers.config import get_cfg
 from trainers.data.sources import iter_batches
-from trainers.engine.paths import increment_path, project_dir
+from trainers.engine.paths import run_dir
 from trainers.utils import unwrap_model
 
 
@@ -23,7 +23,7 @@ class BasePredictor(CallbackMixin):
         self.batch = None
         self.results = None
         self.seen = 0
-        self.save_dir = increment_path(project_dir(self.args) / (self.args.name or "predict"), self.args.exist_ok)
+        self.save_dir = run_dir(self.args, "predict")
 
     def __call__(self, source=None, model=None, stream: bool = False):
         gen = self.stream_inference(source, model)

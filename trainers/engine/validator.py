@@ -8,7 +8,7 @@ import torch
 from trainers.registry import CallbackMixin, new_registry
 from trainers.config import get_cfg
 from trainers.engine.distributed import gather_objects, rank_and_world, select_device
-from trainers.engine.paths import increment_path, project_dir
+from trainers.engine.paths import run_dir
 from trainers.metrics.base import TaskMetrics
 from trainers.utils import unwrap_model
 
@@ -23,8 +23,7 @@ class BaseValidator(CallbackMixin):
         self.dataloader = dataloader
         # a trainer's validator writes in its run folder; a standalone one (model.val()) in
         # project/name, numbered as runs are: runs/detect/val, val2, ...
-        self.save_dir = Path(save_dir) if save_dir else increment_path(
-            project_dir(self.args) / (self.args.name or "val"), self.args.exist_ok)
+        self.save_dir = Path(save_dir) if save_dir else run_dir(self.args, "val")
         self.callbacks = _callbacks if _callbacks is not None else new_registry()
         self.trainer = None  # set while validating during training
         self.parent = None  # the trainer that owns this validator (also during final evaluation)
