@@ -4,16 +4,18 @@ time from a worker's emit to the durable acknowledgement.
 1. Throughput (no Ray): a ``Dispatcher`` with a journal and a counting sink takes batches of
    ``--batch`` rows of a detection run's per-step mix from K concurrent callers (``--callers``),
    threads as the actor's ``ingest`` concurrency group runs them, each a rank's stream sending its
-   batches one after another. Calls that wait for the journal together share one fsync (group
-   commit, ``callbacks/group_commit.py``), so the fsync's cost depends on how many calls overlap:
-   K=1 is one call at a time (every call pays its own fsync), K=8 what a 2-worker run offers at
-   saturation (2 ranks x up to 4 calls in flight per forwarder), K=16 the actor's thread count.
+   batches one after another as a saturated forwarder does: full batches that do not wait for the
+   fsync (their rows are acknowledged by later answers), then one call that waits until all its
+   rows are durable (``Dispatcher.durable``). The journal's syncer thread fsyncs what the calls
+   append (group commit, ``callbacks/group_commit.py``) while they go on: K=1 is one stream, K=8
+   what a 2-worker run offers at saturation (2 ranks x up to 4 calls in flight per forwarder),
+   K=16 the actor's thread count.
    For each K, rounds alternate fsync on / off (same process, fresh journals); the figures are the
    medians of the rounds. Goal: on / off >= 0.8, judged at K=8.
 2. Latency (Ray): a real ``EventForwarder`` in this process emits ``--rate`` rows/s for
    ``--seconds`` s to a real callback actor with a durable journal; for each row, the time from
    its emit to its journal append, measured in the actor; the fsync that makes it durable follows
-   in the same call, before the acknowledgement. It includes the forwarder's batching
+   (in the same call before its answer, or for a full batch in the syncer's next round). It includes the forwarder's batching
    (``--flush-interval``, the forwarder's default unless given).
 
     python benchmarks/journal.py [--rows N] [--batch B] [--rounds R] [--callers 1,2,8,16]
@@ -39,7 +41,7 @@ from callbacks.journal import Journal
 from trainers.events import TIME, wire_row
 
 GOAL = 0.8
-CALLERS_NOTE = {1: " - one call at a time: each pays its own fsync",
+CALLERS_NOTE = {1: " - one stream",
                 8: " - a 2-worker run at saturation", 16: " - as many as the actor's ingest threads"}
 GOAL_CALLERS = 8  # concurrent calls a 2-worker run can have in the actor: 2 ranks x max_inflight 4
 STEP_CYCLE = ("on_train_batch_start", "optimizer_step", "on_before_zero_grad", "on_params_update",
@@ -74,14 +76,17 @@ def cut(rows: list, batch: int) -> list[list]:
 
 
 def send_stream(dispatcher: Dispatcher, rank: int, batches: list[list], gate: threading.Barrier) -> int:
-    """One rank's calls, one after another on one of the actor's ingest threads; the ``gate``
-    starts every caller at once, so the clock measures only the calls. Rows acknowledged."""
+    """One rank's calls, one after another on one of the actor's ingest threads, then the wait
+    until they are durable; the ``gate`` starts every caller at once, so the clock measures only
+    the calls. Rows acknowledged."""
     stream, seq = ("bench", rank, 0), 0
     gate.wait()
     for chunk in batches:
-        ack = dispatcher.ingest_rows(stream, seq, chunk)
+        ack = dispatcher.ingest_rows(stream, seq, chunk, None, False)
         seq += len(chunk)
-    assert ack["next_seq"][stream] == seq, ack  # every row taken in order, none twice
+        assert ack["taken"][stream] == seq, ack  # every row taken in order, none twice
+    ack = dispatcher.durable(stream)
+    assert ack["next_seq"][stream] == seq, ack  # and every one durable
     return seq
 
 
@@ -143,7 +148,7 @@ def throughput(args, root: Path) -> None:
 
 class ArrivalSink(CountingSink):
     """In the actor: how long each row took from its emit (its time stamp) to the journal; the
-    fsync of the same call follows (part 1 gives its cost per batch)."""
+    fsync that makes it durable follows (part 1 gives its cost)."""
 
     def __init__(self):
         super().__init__()
@@ -188,7 +193,7 @@ def latency(args, root: Path) -> None:
     forwarder.close()
     waits = ray.get(actor.finish.remote())["sinks"]["ArrivalSink"]
     print(f"emit to journal: {waits['count']} records at {args.rate:,.0f}/s, p50 {waits['p50'] * 1000:.0f} ms, "
-          f"p99 {waits['p99'] * 1000:.0f} ms, then one fsync (forwarder flush interval {args.flush_interval} s)")
+          f"p99 {waits['p99'] * 1000:.0f} ms, then its fsync (forwarder flush interval {args.flush_interval} s)")
     ray.shutdown()
 
 

@@ -85,10 +85,16 @@ class CallbackActor(Dispatcher):
         return super().ingest(batch, floors)
 
     @ray.method(concurrency_group="ingest")
-    def ingest_rows(self, stream: tuple, first_seq: int, rows: list, floors: dict | None = None) -> dict:
+    def ingest_rows(self, stream: tuple, first_seq: int, rows: list, floors: dict | None = None,
+                    wait: bool = True) -> dict:
         self._freeze_once()
         self._heard = time.monotonic()
-        return super().ingest_rows(stream, first_seq, rows, floors)
+        return super().ingest_rows(stream, first_seq, rows, floors, wait)
+
+    @ray.method(concurrency_group="ingest")
+    def durable(self, stream: tuple) -> dict:
+        self._heard = time.monotonic()
+        return super().durable(stream)
 
     # ----------------------------------------------------------------- a stop, a lost driver
     def request_stop(self, reason: str) -> None:

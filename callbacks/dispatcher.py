@@ -13,7 +13,9 @@ after the journal holds the batch for good, and acknowledges the next expected `
 stream, so an acknowledged record has reached every callback and survives a crash. Calls may come
 on several threads: one lock lets one dispatch at a time (in journal order); a call waits for the
 disk after it has let go of the lock, and calls waiting together share one fsync
-(``callbacks/group_commit.py``). The actor is restartable
+(``callbacks/group_commit.py``). A saturated forwarder's calls do not wait (``wait=False``):
+they return at once, acknowledging what is durable by then, and the rest is acknowledged by a
+later call (its ``taken`` says what the actor holds meanwhile). The actor is restartable
 (``max_restarts=-1``): Ray rebuilds it from the same constructor arguments, the forwarders
 resend what was not acknowledged, and each batch's ``floors`` tell the new incarnation where each
 stream resumes.
@@ -116,10 +118,11 @@ class _Stream:
     """Where one stream is: records waiting behind a gap (``pending``, by seq), or whole batches
     that arrived ahead of the one before them (``early``, by first seq; never both at once)."""
 
-    __slots__ = ("key", "next_seq", "pending", "early")
+    __slots__ = ("key", "next_seq", "pending", "early", "floor")
 
     def __init__(self, key: tuple, next_seq: int = 0):
         self.key, self.next_seq = key, next_seq
+        self.floor = next_seq  # below it, durable without this journal's fsyncs (an earlier incarnation's)
         self.pending: dict[int, dict] = {}
         self.early: dict[int, list] = {}
 
@@ -152,6 +155,7 @@ class Dispatcher:
         self._busy = 0.0  # seconds spent inside ingest (dispatch included)
         self._sink_reports: dict = {}  # what each sink's close(status) returned
         self._restarted = _was_restarted()
+        self._incarnation = time.time_ns()  # a restarted actor's is larger: what an old one took may be gone
         if self._restarted:
             LOGGER.warning("callback actor restarted: workers resend what was not acknowledged")
         if journal is not None:  # sealed segments to the sinks that copy them (the event log's), weakly:
@@ -167,20 +171,42 @@ class Dispatcher:
         returned once every entry it names is durable."""
         return self._take(lambda: self._ingest(batch, floors))
 
-    def ingest_rows(self, stream: tuple, first_seq: int, rows: list, floors: dict | None = None) -> dict:
-        """``ingest`` for a forwarder's compact batch: consecutive rows of one stream."""
-        return self._take(lambda: self._ingest_rows(stream, first_seq, rows, floors))
+    def ingest_rows(self, stream: tuple, first_seq: int, rows: list, floors: dict | None = None,
+                    wait: bool = True) -> dict:
+        """``ingest`` for a forwarder's compact batch: consecutive rows of one stream. Without
+        ``wait`` it returns at once: ``next_seq`` names only rows already durable, ``taken`` what
+        the actor dispatched (the rest becomes durable within about an fsync)."""
+        return self._take(lambda: self._ingest_rows(stream, first_seq, rows, floors), wait)
 
-    def _take(self, append) -> dict:
+    def durable(self, stream: tuple) -> dict:
+        """The acknowledgement of every row of ``stream`` taken so far, once they are durable: what
+        a forwarder asks when calls that did not wait left rows unacknowledged and it has nothing
+        more to send."""
+        key = tuple(stream)
+        return self._take(lambda: {"received": 0, "duplicates": 0, "next_seq": {key: self._stream(key).next_seq}})
+
+    def _take(self, append, wait: bool = True) -> dict:
         """An ingest call: on its way (``GroupCommit.arrive``), ``append()`` under the lock, then
-        the acknowledgement it returns once what it names is durable."""
-        if self._group is not None:
+        the acknowledgement it returns once what it names is durable (or at once, naming only
+        what is, without ``wait``)."""
+        waits = wait and self._group is not None
+        if waits:
             self._group.arrive()
         with self._lock:
-            ack = self._appending(append)
-            ticket = self._appended()
+            ack = self._appending(append, waits)
+            ack["taken"], ack["incarnation"] = ack["next_seq"], self._incarnation
+            if not waits:
+                ack["next_seq"] = {key: self._durable_seq(key, seq) for key, seq in ack["taken"].items()}
+            ticket = self._appended(waits)
         self._durable(ticket)
         return ack
+
+    def _durable_seq(self, key: tuple, taken: int) -> int:
+        """Where ``key``'s durable rows end, ``taken`` being where its dispatched rows do."""
+        journal = self._journal
+        if journal is None or self._status is not None or journal.durable_entries >= journal.next_entry:
+            return taken
+        return min(taken, max(self._streams[key].floor, journal.durable_position(key)))
 
     def _ingest(self, batch: list[dict], floors: dict | None) -> dict:
         started = time.perf_counter()
@@ -238,7 +264,7 @@ class Dispatcher:
             for seq in [s for s in stream.pending if s < floor]:
                 del stream.pending[seq]
                 self._counts["duplicates"] += 1
-            stream.next_seq = floor
+            stream.next_seq = stream.floor = floor
             self._drain(stream)
         return stream
 
@@ -310,25 +336,30 @@ class Dispatcher:
         key = record_key(record)
         self._dispatch_rows(tuple(key[:3]), int(key[3]), [row_of(record)])
 
-    def _appending(self, append):
+    def _appending(self, append, arrived: bool):
         """Under the lock: ``append()``, then sinks that fell behind may catch up; the group commit
-        is told when that is done, or failed (``GroupCommit.arrive``)."""
+        is told when that is done, or failed, if the call ``arrived`` (``GroupCommit.arrive``)."""
         try:
             ack = append()
             self._feed_lagging()
         except BaseException:
-            if self._group is not None:
+            if arrived:
                 self._group.appended(failed=True)
             raise
-        if self._group is not None:
+        if arrived:
             self._group.appended()
         return ack
 
-    def _appended(self) -> tuple | None:
+    def _appended(self, waits: bool) -> tuple | None:
         """An ingest call's last step under the lock: it takes its place in the group commit
         (``GroupCommit.enter``) for every entry appended so far (its own, and those of calls
-        before it whose acknowledgements its own may repeat)."""
-        return self._group.enter(self._journal.next_entry) if self._group is not None else None
+        before it whose acknowledgements its own may repeat), or leaves them to its syncer."""
+        if self._group is None:
+            return None
+        if waits:
+            return self._group.enter(self._journal.next_entry)
+        self._group.owe(self._journal.next_entry)
+        return None
 
     def _durable(self, ticket: tuple | None) -> None:
         """Wait, the lock released, until the entries of ``ticket`` are durable, so the

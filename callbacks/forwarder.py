@@ -7,8 +7,11 @@ calls, and at most ``max_inflight`` calls are outstanding. Completion is checked
 microseconds and events can fire at tens of kHz.
 
 Delivery is at-least-once and ordered by ``seq``. A record stays in memory until the actor
-acknowledges it; the actor acknowledges only what it has dispatched, as the next expected
-``seq`` of the stream. If the actor dies (and Ray restarts it), the forwarder waits until it
+acknowledges it; the actor acknowledges only what it has dispatched and journaled for good, as
+the next expected ``seq`` of the stream. A full batch (the stream is saturated: more follow) does
+not wait for the journal's fsync: its answer acknowledges what is durable by then and says what
+the actor has *taken*, which is not sent again while that actor lives; later answers acknowledge
+the rest, and a stream with nothing more to send asks for it (``durable``). If the actor dies (and Ray restarts it), the forwarder waits until it
 answers a ping, then resends everything not acknowledged; the actor drops duplicates by
 ``record_key``. Each batch carries the stream's acknowledged floor so that a restarted actor,
 which has lost its state, knows where the stream resumes.
@@ -76,7 +79,9 @@ class EventForwarder:
         # all seq < _acked are done.
         self._records: list[list] = []
         self._seq0 = 0
-        self._acked = 0          # every seq below this was dispatched by the actor
+        self._acked = 0          # every seq below this was dispatched by the actor, and is durable
+        self._taken = 0          # every seq below this was dispatched by the actor ``_incarnation``
+        self._incarnation = 0
         self._sent = 0           # next seq to send
         self._inflight: list[tuple] = []  # (ref, first_seq, end_seq), oldest first
         self._suspect = False    # a call failed: hold sending until the actor answers a ping
@@ -140,7 +145,8 @@ class EventForwarder:
         sent (it has not emitted since), acknowledgements collected on the way."""
         while not self._closed.wait(self.flush_interval):
             with self._lock:
-                if time.time() >= self._next_flush and (self._sendable() > self._sent or self._inflight):
+                if time.time() >= self._next_flush and (self._sendable() > self._sent or self._inflight
+                                                        or self._acked < self._sent):
                     self._pump(force=True)
 
     # ----------------------------------------------------------------- sending
@@ -182,7 +188,8 @@ class EventForwarder:
     def _send(self, n: int) -> None:
         start = self._sent - self._seq0
         batch = self._records[start:start + n]
-        ref = self.actor.ingest_rows.remote(self.stream, self._sent, batch, {self.stream: self._acked})
+        ref = self.actor.ingest_rows.remote(self.stream, self._sent, batch, {self.stream: self._acked},
+                                            n < self.max_batch)  # a full batch: more follow, do not wait
         self._inflight.append((ref, self._sent, self._sent + n))
         self._sent += n
         self._counts["sent"] += n
@@ -210,6 +217,7 @@ class EventForwarder:
         except ACTOR_ERRORS:
             self._counts["failed_calls"] += 1
             self._suspect = True
+            self._taken = self._acked  # what it had not made durable may be gone with it
             return
         except RayError as exc:  # ingest itself raised: should not happen, never loop forever
             self._counts["failed_calls"] += 1
@@ -219,7 +227,17 @@ class EventForwarder:
                 self._give_up(end, f"ingest failed {self._task_errors} times")
             return
         self._task_errors = 0
+        self._note_taken(ack)
         self._advance(int(ack["next_seq"].get(self.stream, 0)))
+
+    def _note_taken(self, ack: dict) -> None:
+        """What the actor has dispatched, durable or not yet; an answer from a newer incarnation
+        (a restarted actor) replaces what the one before had taken."""
+        incarnation = ack.get("incarnation", 0)
+        if incarnation > self._incarnation:
+            self._incarnation, self._taken = incarnation, 0
+        if incarnation == self._incarnation:
+            self._taken = max(self._taken, int(ack.get("taken", ack["next_seq"]).get(self.stream, 0)))
 
     def _advance(self, watermark: int) -> None:
         """Forget records below the actor's dispatched watermark."""
@@ -245,16 +263,20 @@ class EventForwarder:
         self._task_errors = 0
 
     def _recover(self) -> None:
-        """Resend what was sent but not acknowledged once no call is outstanding."""
+        """Once no call is outstanding: resend what was sent but not taken, or ask for the
+        acknowledgement of what was taken but not acknowledged."""
         if self._inflight:
             return
         if self._suspect:
             if self._probe is None and time.monotonic() >= self._next_probe:
                 self._probe = self.actor.ping.remote()
             return
-        if self._sent > self._acked:
-            self._counts["resends"] += self._sent - self._acked
-            self._sent = self._acked
+        resume = max(self._acked, min(self._taken, self._sent))
+        if self._sent > resume:
+            self._counts["resends"] += self._sent - resume
+            self._sent = resume
+        elif self._sent > self._acked:
+            self._inflight.append((self.actor.durable.remote(self.stream), self._sent, self._sent))
 
     def _give_up(self, end: int, reason: str) -> None:
         lost = end - self._acked

@@ -24,6 +24,13 @@ what durability cost on 2 cores (``benchmarks/journal.py``: on / off ~0.71; now 
 ~0.79). Leaving none on its way (0) did no better (~0.73): the fsync then overlapped no append.
 A call alone never waits.
 
+A call that does not wait for its acknowledgement (a saturated forwarder's: a later call's
+acknowledgement names its rows, ``Dispatcher.ingest_rows``) is ``owe``d instead: a syncer thread
+claims the rounds nobody waits for, one after another while entries are owed, and its rounds end
+as any other. Such calls take no thread of the actor's while their fsync runs and wake nobody:
+calls that each waited cost ~6 context switches apiece, and the fsync then cost ~30% of what
+the actor took in (``benchmarks/journal.py``).
+
 Lock order: the dispatcher's lock, then this one; never the other way round. A round is claimed
 only with the dispatcher's lock held and its fsync needs only this object's lock to end, so
 ``drain`` may wait for it with the dispatcher's lock held. One round runs at a time, and only the
@@ -35,8 +42,10 @@ import threading
 import time
 
 from callbacks.journal import Journal
+from trainers.utils import LOGGER
 
 ARRIVING_AT_CLAIM = 1  # calls on their way to append that a claim leaves to the next round, at most
+SYNCER_LINGER = 0.05  # seconds the syncer thread waits for more owed entries before it ends
 
 
 class GroupCommit:
@@ -56,6 +65,9 @@ class GroupCommit:
         self._next = threading.Condition(self._mutex)  # sleepers for the round not claimed yet
         self.seconds = 0.0  # time spent in fsync, by all rounds
         self._arriving = 0  # calls between ``arrive`` and ``appended`` (durable journals only)
+        self._owed = 0  # entries appended by calls that do not wait: the syncer makes them durable
+        self._syncer: threading.Thread | None = None
+        self._kick = threading.Condition(self._mutex)  # the syncer, idle, waits here for owed entries
 
     def arrive(self) -> None:
         """Before the dispatcher's lock: a call is on its way to append (claims wait for it)."""
@@ -92,6 +104,39 @@ class GroupCommit:
                     return
             with self._appends:
                 staged = self._claim(entries)
+
+    def owe(self, entries: int) -> None:
+        """With the dispatcher's lock held: a call that does not wait appended up to ``entries``;
+        the syncer thread (started if none runs) syncs them in a round of its own or joins one."""
+        with self._mutex:
+            self._owed = max(self._owed, entries)
+            if self._syncer is None:
+                self._syncer = threading.Thread(target=self._sync_owed, name="journal-sync", daemon=True)
+                self._syncer.start()
+            else:
+                self._kick.notify()
+
+    def _sync_owed(self) -> None:
+        """The syncer: rounds for owed entries, as a waiting call claims them, until none are owed
+        for ``SYNCER_LINGER``. A failed fsync ends it (the next owed call starts another)."""
+        try:
+            while (entries := self._next_owed()) is not None:
+                self.wait((entries, None))
+        except OSError as exc:
+            LOGGER.warning(f"run journal: fsync failed ({exc}); it is tried again at the next call")
+        finally:
+            with self._mutex:
+                if self._syncer is threading.current_thread():
+                    self._syncer = None
+
+    def _next_owed(self) -> int | None:
+        with self._mutex:
+            if self._owed <= self._journal.durable_entries:
+                self._kick.wait(SYNCER_LINGER)
+            if self._owed <= self._journal.durable_entries:
+                self._syncer = None
+                return None
+            return self._owed
 
     def drain(self) -> None:
         """With the dispatcher's lock held: wait for the fsync under way, then sync what is left,

@@ -81,6 +81,7 @@ class Journal:
         self._segment_rows = 0
         self._dirty = False
         self.durable_entries = self.next_entry  # entries below this are on disk for good
+        self.durable_positions = dict(self.positions)  # per stream, the seq its durable entries end at
         self._watermarks: list[Progress] = []  # the sinks' (``progress``): saved as entries become durable
         self.syncs = 0  # fdatasync calls: with group commit, fewer than the calls acknowledged
 
@@ -127,8 +128,8 @@ class Journal:
         self.sync(self.stage())
 
     def stage(self) -> tuple:
-        """Hand the appended entries to the OS: ``(descriptor, entries)`` for ``sync``, which makes
-        the first ``entries`` durable. Called while appends are held off; ``sync`` need not be, so
+        """Hand the appended entries to the OS: ``(descriptor, entries, positions)`` for ``sync``,
+        which makes the first ``entries`` (each stream up to its position) durable. Called while appends are held off; ``sync`` need not be, so
         concurrent calls append during the fsync and their entries wait for the next one. Called
         while no ``sync`` runs either: a full segment is rolled first (``roll``)."""
         self.roll()
@@ -140,11 +141,11 @@ class Journal:
             self._file.flush()
             fd = self._fd
         self._dirty = False
-        return fd, self.next_entry
+        return fd, self.next_entry, dict(self.positions)
 
     def sync(self, staged: tuple) -> None:
         """Make what ``stage`` handed over durable; a failed fsync leaves it to sync again."""
-        fd, entries = staged
+        fd, entries, positions = staged
         if fd is not None and self.durable:
             try:
                 os.fdatasync(fd)  # the data and the size; not the timestamps
@@ -152,9 +153,14 @@ class Journal:
                 self._dirty = True
                 raise
             self.syncs += 1
-        self.durable_entries = max(self.durable_entries, entries)
+        if entries >= self.durable_entries:
+            self.durable_entries, self.durable_positions = entries, positions
         for progress in self._watermarks:  # marks a sink reached before this fsync may be saved now
             progress.settle()
+
+    def durable_position(self, stream: tuple) -> int:
+        """The seq up to which ``stream``'s entries are durable."""
+        return self.durable_positions.get((self.run_id, int(stream[1]), int(stream[2])), 0)
 
     def roll(self) -> None:
         """Seal the segment once it is full and start a new one at the next append. Called while

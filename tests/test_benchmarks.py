@@ -214,7 +214,7 @@ def test_journal_tiny(ray_session, tmp_path):
     goal = r"^goal at K=8 \(a 2-worker run .*\): ratio \S+ \(goal >= 0\.8\): (met|MISSED)$"
     assert re.search(goal, out, re.M), out
     count, rate, p50, p99 = figures(out, "emit to journal: {n} records at {n}/s, p50 {n} ms, p99 {n} ms, "
-                                         f"then one fsync (forwarder flush interval {FLUSH_INTERVAL} s)")
+                                         f"then its fsync (forwarder flush interval {FLUSH_INTERVAL} s)")
     assert count == 2_000 and p99 >= p50  # 1 s at 2,000 rows/s, each journaled once
 
 

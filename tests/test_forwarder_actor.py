@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -13,6 +14,7 @@ from ray import cloudpickle
 from callbacks.actor import start_callback_actor
 from callbacks.dispatcher import Dispatcher, listened_events
 from callbacks.forwarder import EventForwarder
+from callbacks.journal import Journal
 from callbacks.records import make_record, record_key
 from callbacks.sinks.base import Sink
 from trainers.registry import CallbackMixin, new_registry, run_callbacks
@@ -225,7 +227,6 @@ def test_backpressure_slow_sink_loses_nothing(ray_env, tmp_path, warnings_seen):
 def test_actor_killed_mid_stream_every_record_arrives(ray_env, tmp_path):
     """The actor dies mid-stream and Ray restarts it: the driver callback sees every record, and
     the event log (fed from the run's journal after the restart) holds each exactly once."""
-    from callbacks.journal import Journal
     from callbacks.sinks import EventLogSink, read_event_log
 
     sink_path, store = tmp_path / "sink.jsonl", str(tmp_path / "store")
@@ -286,7 +287,6 @@ def test_restarted_actor_hands_its_sinks_what_the_dead_one_acknowledged(ray_env,
     the actor by its constructor alone; the new one must hand the sink the journal's entries after
     its watermark before it takes the next batch, or the first batch never reaches the event log
     (and the sink's watermark counts the wrong entries, so the run is never delivered)."""
-    from callbacks.journal import Journal
     from callbacks.sinks import EventLogSink, read_event_log
     from trainers.events import make_row
 
@@ -307,11 +307,56 @@ def test_restarted_actor_hands_its_sinks_what_the_dead_one_acknowledged(ray_env,
     assert Journal(journal, "run-k").finished()["delivered"] is True
 
 
+class HeldJournal(Journal):
+    """Its entries stay in the process's buffer, not handed to the OS (``stage`` waits), while
+    the file ``hold`` exists: a process killed meanwhile takes them with it."""
+
+    def __init__(self, directory, run_id, hold):
+        super().__init__(directory, run_id)
+        self.hold = str(hold)
+
+    def __reduce__(self):
+        return HeldJournal, (str(self.dir), self.run_id, self.hold)
+
+    def stage(self) -> tuple:
+        while os.path.exists(self.hold):
+            time.sleep(0.01)
+        return super().stage()
+
+
+def test_rows_taken_but_not_durable_are_sent_again_to_a_restarted_actor(ray_env, tmp_path):
+    """A full batch does not wait for the fsync: its answer says the actor took the rows, and
+    acknowledges none. The actor dies before they reach the disk, between calls (no call fails),
+    and Ray restarts it without them: the forwarder learns so from the new actor's answer and
+    sends them again; the event log holds each once."""
+    from callbacks.sinks import EventLogSink, read_event_log
+
+    store, hold = str(tmp_path / "store"), tmp_path / "hold"
+    hold.touch()
+    actor = start_callback_actor([EventLogSink(store, "run-h", max_age=3600)],
+                                 journal=HeldJournal(tmp_path / "journal", "run-h", hold))
+    pid = ray.get(actor.__ray_call__.remote(lambda actor: os.getpid()))
+    registry, owner = new_registry(), StepSource()
+    forwarder = EventForwarder(actor, "run-h", 0, max_batch=10, flush_interval=60).attach(registry)
+    for owner.step in range(10):
+        run_callbacks(registry, "on_train_batch_end", owner)  # the tenth sends the full batch
+    time.sleep(1.0)  # answered: taken, not acknowledged; nothing asks again (the next flush is 60 s away)
+    os.kill(pid, signal.SIGKILL)  # ray.kill lets the process flush Arrow's buffer: not a crash
+    hold.unlink()
+    wait_restarted(actor)
+    assert forwarder.close(timeout=30) is True
+    stats = forwarder.stats()
+    assert stats["acked"] == 10 and stats["resends"] == 10 and stats["failed_calls"] == 0
+    ray.get(actor.finish.remote("FINISHED"))
+    ray.kill(actor)
+    raw = read_event_log(store, "run-h", dedup_rows=False)  # every stored row, duplicates included
+    assert sorted(raw.column("seq").to_pylist()) == list(range(10))
+
+
 def test_a_driver_record_is_journaled_once_through_an_actor_restart(ray_env, tmp_path):
     """``send_record``: a record the driver makes itself (``driver_record``) returns once journaled;
     the next one goes through the actor's restart, and one sent again to the new actor is dropped by seq."""
     from callbacks.actor import send_record
-    from callbacks.journal import Journal
     from callbacks.records import driver_record
     from callbacks.sinks import EventLogSink, read_event_log
 
@@ -428,7 +473,8 @@ def test_in_order_rows_go_whole_to_sinks_and_as_records_to_callbacks():
     dispatcher = Dispatcher([bulk, ("on_fit_epoch_end", seen.append), broken, epochs])
     stream = ("r", 1, 7)
     ack = dispatcher.ingest_rows(stream, 0, rows(0, 10))
-    assert ack == {"received": 10, "duplicates": 0, "next_seq": {stream: 10}}
+    assert ack.pop("incarnation") > 0
+    assert ack == {"received": 10, "duplicates": 0, "next_seq": {stream: 10}, "taken": {stream: 10}}
     assert dispatcher.ingest_rows(stream, 20, rows(20, 10))["next_seq"] == {stream: 10}  # a gap: waits
     assert dispatcher.ingest_rows(stream, 10, rows(10, 10))["next_seq"] == {stream: 30}
     assert dispatcher.ingest_rows(stream, 25, rows(25, 10))["duplicates"] == 5  # a resend overlapping
@@ -616,7 +662,6 @@ def test_an_orphaned_actor_ends_its_run_with_the_drivers_stop_reason_and_leaves(
     stop``'s SIGKILL after its grace): the detached actor, hearing nothing for ``orphan_after``,
     delivers the journal, ends the run KILLED with the stop's reason (not "the driver was lost")
     and leaves."""
-    from callbacks.journal import Journal
     from callbacks.sinks import EventLogSink, read_event_log
     from trainers.events import make_row
 

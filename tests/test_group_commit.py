@@ -141,6 +141,38 @@ def test_a_call_returns_only_once_an_fsync_covers_its_entries(tmp_path):
     assert dispatcher.finish("FINISHED")["dispatched"] == 20
 
 
+def test_a_call_that_does_not_wait_acknowledges_only_what_is_durable(tmp_path):
+    """A saturated forwarder's calls do not wait for the fsync: each returns at once, ``taken``
+    its rows and ``next_seq`` only rows an fsync has covered; the journal's syncer makes them
+    durable meanwhile, a round after another, and ``durable`` returns once all of them are."""
+    run_id = "unwaited"
+    journal = GatedJournal(tmp_path / "journal", run_id)
+    dispatcher = Dispatcher([], journal=journal)
+    stream = (run_id, 0, 0)
+    first = dispatcher.ingest_rows(stream, 0, step_rows(0, 0, 5), None, False)
+    assert first["taken"] == {stream: 5} and first["next_seq"] == {stream: 0}
+    until(lambda: len(journal.gates) == 1)  # the syncer's round for entry 0 waits at its gate
+    second = dispatcher.ingest_rows(stream, 5, step_rows(0, 5, 5), None, False)
+    assert second["taken"] == {stream: 10} and second["next_seq"] == {stream: 0}
+    journal.gates[0][1].set()
+    until(lambda: len(journal.gates) == 2)  # the next round, for entry 1
+    assert journal.gates[1][0] == 2
+    third = dispatcher.ingest_rows(stream, 10, step_rows(0, 10, 5), None, False)
+    assert third["taken"] == {stream: 15} and third["next_seq"] == {stream: 5}
+    acks = []
+    waiter = threading.Thread(target=lambda: acks.append(dispatcher.durable(stream)), daemon=True)
+    waiter.start()
+    time.sleep(0.05)
+    journal.gates[1][1].set()
+    until(lambda: len(journal.gates) == 3)
+    time.sleep(0.05)
+    assert acks == [] and journal.gates[2][0] == 3  # entry 2 is not durable yet
+    journal.gates[2][1].set()
+    waiter.join(10)
+    assert acks[0]["next_seq"] == {stream: 15} and acks[0]["taken"] == {stream: 15}
+    assert dispatcher.finish("FINISHED")["dispatched"] == 15
+
+
 def test_calls_on_their_way_share_the_round_of_the_call_before_them(tmp_path):
     """Three calls queue for the dispatcher's lock together: the first to append does not claim
     an fsync of its own entry while two others are on their way; the second claims one round for
