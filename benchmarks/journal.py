@@ -9,13 +9,15 @@ time from a worker's emit to the durable acknowledgement.
    rows are durable (``Dispatcher.durable``). The journal's syncer thread fsyncs what the calls
    append (group commit, ``callbacks/group_commit.py``) while they go on: K=1 is one stream, K=8
    what a 2-worker run offers at saturation (2 ranks x up to 4 calls in flight per forwarder),
-   K=16 the actor's thread count.
+   K=16 the actor's thread count. Then one more fsync-on round at K=8, each journal entry timed
+   from its append to the end of the fsync that makes it durable: how long a call that did not
+   wait leaves its rows unacknowledged.
    For each K, rounds alternate fsync on / off (same process, fresh journals); the figures are the
    medians of the rounds. Goal: on / off >= 0.8, judged at K=8.
 2. Latency (Ray): a real ``EventForwarder`` in this process emits ``--rate`` rows/s for
    ``--seconds`` s to a real callback actor with a durable journal; for each row, the time from
-   its emit to its journal append, measured in the actor; the fsync that makes it durable follows
-   (in the same call before its answer, or for a full batch in the syncer's next round). It includes the forwarder's batching
+   its emit to the end of the fsync that makes it durable, measured in the actor (a call that
+   waited answers right after; a full batch is acknowledged by the stream's next answer). It includes the forwarder's batching
    (``--flush-interval``, the forwarder's default unless given).
 
     python benchmarks/journal.py [--rows N] [--batch B] [--rounds R] [--callers 1,2,8,16]
@@ -26,6 +28,7 @@ time from a worker's emit to the durable acknowledgement.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import threading
@@ -90,10 +93,9 @@ def send_stream(dispatcher: Dispatcher, rank: int, batches: list[list], gate: th
     return seq
 
 
-def ingest_round(folder: Path, durable: bool, batches: list[list], callers: int) -> tuple[float, int, int]:
-    """Rows/s through a fresh journaled dispatcher from ``callers`` concurrent streams of
+def ingest_round(journal: Journal, batches: list[list], callers: int) -> tuple[float, int, int]:
+    """Rows/s through a dispatcher with a fresh ``journal`` from ``callers`` concurrent streams of
     ``batches`` each; also the calls made and the fsyncs that made them durable."""
-    journal = Journal(folder, "bench", durable=durable)
     sink = CountingSink()
     dispatcher = Dispatcher([sink], journal=journal)
     gate = threading.Barrier(callers + 1)
@@ -116,7 +118,8 @@ def throughput_at(args, root: Path, rows: list, callers: int) -> float:
     rates, calls, syncs = {True: [], False: []}, 0, 0
     for i in range(args.rounds):
         for durable in ((True, False) if i % 2 == 0 else (False, True)):
-            rate, n, synced = ingest_round(root / f"k{callers}-r{i}-{durable}", durable, batches, callers)
+            journal = Journal(root / f"k{callers}-r{i}-{durable}", "bench", durable=durable)
+            rate, n, synced = ingest_round(journal, batches, callers)
             rates[durable].append(rate)
             if durable:
                 calls, syncs = calls + n, syncs + synced
@@ -130,7 +133,54 @@ def warm_up(root: Path, batches: list[list]) -> None:
     """A round of each kind, not counted: the process's first round runs ~2x slower (Arrow's and
     the allocator's first use), which would fall on whichever kind went first."""
     for durable in (False, True):
-        ingest_round(root / f"warm-{durable}", durable, batches, 1)
+        ingest_round(Journal(root / f"warm-{durable}", "bench", durable=durable), batches, 1)
+
+
+class TimedJournal(Journal):
+    """Times what each fsync makes durable, as it ends: each entry from its append, each row from
+    its emit (its time stamp). With ``report`` (in the actor) it writes the rows' figures there as
+    it closes."""
+
+    def __init__(self, directory, run_id: str, report: str | None = None):
+        super().__init__(directory, run_id)
+        self.report = report
+        self._appended: list[tuple[float, list]] = []  # per entry: its append's time, its rows' emits
+        self.entry_delays: list[float] = []
+        self.row_delays: list[float] = []
+
+    def __reduce__(self):
+        return TimedJournal, (str(self.dir), self.run_id, self.report)
+
+    def append(self, stream: tuple, first_seq: int, rows: list) -> int:
+        self._appended.append((time.time(), [row[TIME] for row in rows]))
+        return super().append(stream, first_seq, rows)
+
+    def sync(self, staged: tuple) -> None:
+        super().sync(staged)
+        now = time.time()
+        for appended, emits in self._appended[len(self.entry_delays):staged[1]]:
+            self.entry_delays.append(now - appended)
+            self.row_delays.extend(now - emit for emit in emits)
+
+    def close(self) -> None:
+        super().close()
+        if self.report:
+            Path(self.report).write_text(json.dumps(summary(self.row_delays)))
+
+
+def summary(delays: list[float]) -> dict:
+    ordered = sorted(delays)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"count": len(ordered), "p50": pick(0.5), "p99": pick(0.99), "max": ordered[-1]}
+
+
+def durable_delay(root: Path, rows: list, batch: int, callers: int) -> None:
+    """One more fsync-on round at ``callers``, each entry timed from its append to durable."""
+    journal = TimedJournal(root / f"delay-k{callers}", "bench")
+    ingest_round(journal, cut(rows, batch), callers)
+    took = summary(journal.entry_delays)
+    print(f"append to durable at K={callers}: p50 {took['p50'] * 1000:.1f} ms, p99 {took['p99'] * 1000:.1f} ms, "
+          f"max {took['max'] * 1000:.1f} ms ({took['count']} entries)")
 
 
 def throughput(args, root: Path) -> None:
@@ -140,28 +190,12 @@ def throughput(args, root: Path) -> None:
     print(f"journal throughput: {args.rows:,} rows per round in batches of {args.batch}, split among K "
           f"concurrent callers (one stream each); median of {args.rounds} rounds, fsync on/off alternating")
     ratios = {k: throughput_at(args, root, rows, k) for k in callers}
+    k = GOAL_CALLERS if GOAL_CALLERS in ratios else max(callers)
+    durable_delay(root, rows[:max(1, args.rows // k)], args.batch, k)
     if GOAL_CALLERS in ratios:
         verdict = "met" if ratios[GOAL_CALLERS] >= GOAL else "MISSED"
         print(f"goal at K={GOAL_CALLERS} (a 2-worker run at saturation: 2 ranks x up to 4 calls in flight "
               f"each): ratio {ratios[GOAL_CALLERS]:.3f} (goal >= {GOAL}): {verdict}")
-
-
-class ArrivalSink(CountingSink):
-    """In the actor: how long each row took from its emit (its time stamp) to the journal; the
-    fsync that makes it durable follows (part 1 gives its cost)."""
-
-    def __init__(self):
-        super().__init__()
-        self.waits = []
-
-    def handle_rows(self, stream, first_seq, rows):
-        now = time.time()
-        self.waits.extend(now - row[TIME] for row in rows)
-
-    def close(self, status="FINISHED"):
-        waits = sorted(self.waits)
-        return {"count": len(waits), "p50": waits[len(waits) // 2],
-                "p99": waits[min(len(waits) - 1, int(len(waits) * 0.99))]}
 
 
 def latency(args, root: Path) -> None:
@@ -178,7 +212,8 @@ def latency(args, root: Path) -> None:
             return step_rows(self.step, 1)[0]
 
     start_ray(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    actor = start_callback_actor([ArrivalSink()], journal=Journal(root / "ray", "bench"))
+    report = root / "emit-to-durable.json"
+    actor = start_callback_actor([CountingSink()], journal=TimedJournal(root / "ray", "bench", str(report)))
     ray.get(actor.ping.remote())
     registry = new_registry()
     forwarder = EventForwarder(actor, "bench", 0, flush_interval=args.flush_interval).attach(registry)
@@ -191,9 +226,10 @@ def latency(args, root: Path) -> None:
         if pause > 0:
             time.sleep(pause)
     forwarder.close()
-    waits = ray.get(actor.finish.remote())["sinks"]["ArrivalSink"]
-    print(f"emit to journal: {waits['count']} records at {args.rate:,.0f}/s, p50 {waits['p50'] * 1000:.0f} ms, "
-          f"p99 {waits['p99'] * 1000:.0f} ms, then its fsync (forwarder flush interval {args.flush_interval} s)")
+    ray.get(actor.finish.remote())
+    took = json.loads(report.read_text())
+    print(f"emit to durable: {took['count']} records at {args.rate:,.0f}/s, p50 {took['p50'] * 1000:.0f} ms, "
+          f"p99 {took['p99'] * 1000:.0f} ms (forwarder flush interval {args.flush_interval} s)")
     ray.shutdown()
 
 
