@@ -17,8 +17,8 @@ time from a worker's emit to the durable acknowledgement.
 2. Latency (Ray): a real ``EventForwarder`` in this process emits ``--rate`` rows/s for
    ``--seconds`` s to a real callback actor with a durable journal; for each row, the time from
    its emit to the end of the fsync that makes it durable, measured in the actor (a call that
-   waited answers right after; a full batch is acknowledged by the stream's next answer). It includes the forwarder's batching
-   (``--flush-interval``, the forwarder's default unless given).
+   waited answers right after; a full batch is acknowledged by the stream's next answer). It
+   includes the forwarder's batching (``--flush-interval``, the forwarder's default unless given).
 
     python benchmarks/journal.py [--rows N] [--batch B] [--rounds R] [--callers 1,2,8,16]
                                  [--rate R] [--seconds S] [--flush-interval F]

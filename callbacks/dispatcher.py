@@ -118,11 +118,10 @@ class _Stream:
     """Where one stream is: records waiting behind a gap (``pending``, by seq), or whole batches
     that arrived ahead of the one before them (``early``, by first seq; never both at once)."""
 
-    __slots__ = ("key", "next_seq", "pending", "early", "floor")
+    __slots__ = ("key", "next_seq", "pending", "early")
 
     def __init__(self, key: tuple, next_seq: int = 0):
         self.key, self.next_seq = key, next_seq
-        self.floor = next_seq  # below it, durable without this journal's fsyncs (an earlier incarnation's)
         self.pending: dict[int, dict] = {}
         self.early: dict[int, list] = {}
 
@@ -202,11 +201,12 @@ class Dispatcher:
         return ack
 
     def _durable_seq(self, key: tuple, taken: int) -> int:
-        """Where ``key``'s durable rows end, ``taken`` being where its dispatched rows do."""
+        """Where ``key``'s durable rows end, ``taken`` being where its dispatched rows do (rows
+        below a floor its forwarder sent may be left out: that forwarder has them acknowledged)."""
         journal = self._journal
-        if journal is None or self._status is not None or journal.durable_entries >= journal.next_entry:
+        if journal is None or journal.durable_entries >= journal.next_entry:
             return taken
-        return min(taken, max(self._streams[key].floor, journal.durable_position(key)))
+        return min(taken, journal.durable_position(key))
 
     def _ingest(self, batch: list[dict], floors: dict | None) -> dict:
         started = time.perf_counter()
@@ -264,7 +264,7 @@ class Dispatcher:
             for seq in [s for s in stream.pending if s < floor]:
                 del stream.pending[seq]
                 self._counts["duplicates"] += 1
-            stream.next_seq = stream.floor = floor
+            stream.next_seq = floor
             self._drain(stream)
         return stream
 

@@ -11,10 +11,11 @@ acknowledges it; the actor acknowledges only what it has dispatched and journale
 the next expected ``seq`` of the stream. A full batch (the stream is saturated: more follow) does
 not wait for the journal's fsync: its answer acknowledges what is durable by then and says what
 the actor has *taken*, which is not sent again while that actor lives; later answers acknowledge
-the rest, and a stream with nothing more to send asks for it (``durable``). If the actor dies (and Ray restarts it), the forwarder waits until it
-answers a ping, then resends everything not acknowledged; the actor drops duplicates by
-``record_key``. Each batch carries the stream's acknowledged floor so that a restarted actor,
-which has lost its state, knows where the stream resumes.
+the rest, and a stream with nothing more to send asks for it (``durable``). If the actor dies
+(and Ray restarts it), the forwarder waits until it answers a ping, then resends everything not
+acknowledged; the actor drops duplicates by ``record_key``. Each batch carries the stream's
+acknowledged floor so that a restarted actor, which has lost its state, knows where the stream
+resumes.
 
 A sender thread sends, once their time is due, rows the training thread has not: the rows before
 a stall (a long step, a collective waiting on a dead peer) and rows whose files finished shipping
@@ -233,11 +234,11 @@ class EventForwarder:
     def _note_taken(self, ack: dict) -> None:
         """What the actor has dispatched, durable or not yet; an answer from a newer incarnation
         (a restarted actor) replaces what the one before had taken."""
-        incarnation = ack.get("incarnation", 0)
+        incarnation = ack["incarnation"]
         if incarnation > self._incarnation:
             self._incarnation, self._taken = incarnation, 0
         if incarnation == self._incarnation:
-            self._taken = max(self._taken, int(ack.get("taken", ack["next_seq"]).get(self.stream, 0)))
+            self._taken = max(self._taken, int(ack["taken"].get(self.stream, 0)))
 
     def _advance(self, watermark: int) -> None:
         """Forget records below the actor's dispatched watermark."""

@@ -129,9 +129,10 @@ class Journal:
 
     def stage(self) -> tuple:
         """Hand the appended entries to the OS: ``(descriptor, entries, positions)`` for ``sync``,
-        which makes the first ``entries`` (each stream up to its position) durable. Called while appends are held off; ``sync`` need not be, so
-        concurrent calls append during the fsync and their entries wait for the next one. Called
-        while no ``sync`` runs either: a full segment is rolled first (``roll``)."""
+        which makes the first ``entries`` (each stream up to its position) durable. Called while
+        appends are held off; ``sync`` need not be, so concurrent calls append during the fsync and
+        their entries wait for the next one. Called while no ``sync`` runs either: a full segment
+        is rolled first (``roll``)."""
         self.roll()
         return self._handover()
 
